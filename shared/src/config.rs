@@ -1,0 +1,287 @@
+//! Configuration: built-in defaults, then an optional TOML file, then the environment.
+//!
+//! Every key is named like its environment variable, lower-cased: `AMQP_URL` is `amqp_url` in the
+//! file. The binaries take what they need through the accessors below, which turn a missing or
+//! malformed setting into one [`ConfigError`] line naming the variable.
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+use crate::topology::Topology;
+
+/// A setting that is missing or malformed. Its `Display` is the one line the binary stops with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {variable} is required but not set")]
+    Missing { variable: &'static str },
+    #[error("configuration: {variable} is malformed: {reason}")]
+    Malformed {
+        variable: &'static str,
+        reason: String,
+    },
+    #[error("configuration: {0}")]
+    Load(String),
+}
+
+/// Every setting of both binaries, as loaded. Required ones are `Option` here and checked by the
+/// accessor the binary calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// `CLERK_WEBHOOK_SECRET`: one or more `whsec_…` signing secrets, separated by spaces or
+    /// commas (several during rotation). Required by the ingest.
+    pub clerk_webhook_secret: Option<SecretString>,
+    /// `AMQP_URL`: the RabbitMQ URL, `amqp://user:pass@host:5672/%2f`. Required by both.
+    pub amqp_url: Option<SecretString>,
+    /// `DATABASE_URL`: the Postgres URL, `postgres://user:pass@host:5432/db`. Required by the
+    /// worker and the migrations.
+    pub database_url: Option<SecretString>,
+    /// `LOG_FORMAT`: `pretty` (default) or `json`.
+    pub log_format: LogFormat,
+
+    /// `AMQP_EXCHANGE`: the topic exchange (default `clerk.events`).
+    pub amqp_exchange: String,
+    /// `AMQP_QUEUE`: the worker's quorum queue (default `clerk.events.worker`).
+    pub amqp_queue: String,
+    /// `AMQP_DEAD_QUEUE`: the dead-letter queue (default `clerk.events.dead`).
+    pub amqp_dead_queue: String,
+    /// `AMQP_DELIVERY_LIMIT`: deliveries after which the broker dead-letters a message (default 20).
+    pub amqp_delivery_limit: u32,
+
+    /// `INGEST_LISTEN`: the ingest's address (default `0.0.0.0:3000`).
+    pub ingest_listen: String,
+    /// `INGEST_BODY_LIMIT`: the largest accepted request body in bytes (default 1 MiB).
+    pub ingest_body_limit: usize,
+    /// `INGEST_CONFIRM_TIMEOUT_MS`: how long a request waits for the broker's confirm before it
+    /// is answered 503 (default 5000).
+    pub ingest_confirm_timeout_ms: u64,
+    /// `INGEST_PUBLISH_CHANNELS`: AMQP channels the ingest publishes on (default 4).
+    pub ingest_publish_channels: usize,
+    /// `INGEST_MAX_CONCURRENT_REQUESTS`: requests handled at once; beyond it the answer is 503
+    /// (default 1024).
+    pub ingest_max_concurrent_requests: usize,
+    /// `INGEST_CLIENT_TIMEOUT_MS`: how long a client may take to send its request head and body
+    /// before it is answered 408 (default 10000).
+    pub ingest_client_timeout_ms: u64,
+
+    /// `WORKER_LISTEN`: the worker's health and metrics address (default `0.0.0.0:3001`).
+    pub worker_listen: String,
+    /// `WORKER_PREFETCH`: unacknowledged deliveries the worker holds at once (default 64).
+    pub worker_prefetch: u16,
+    /// `WORKER_BATCH_SIZE`: deliveries applied in one database transaction at most (default 32).
+    pub worker_batch_size: usize,
+    /// `WORKER_MAX_ATTEMPTS`: attempts for a failure that belongs to the message before it is
+    /// dead-lettered as `exhausted` (default 5).
+    pub worker_max_attempts: u32,
+    /// `WORKER_RETRY_BASE_MS`: first back-off step, doubled on each retry (default 100).
+    pub worker_retry_base_ms: u64,
+    /// `WORKER_RETRY_MAX_MS`: the back-off cap (default 30000).
+    pub worker_retry_max_ms: u64,
+    /// `WORKER_RUN_MIGRATIONS`: apply pending migrations at start (default true).
+    pub worker_run_migrations: bool,
+    /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
+    pub worker_db_pool_size: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let topology = Topology::default();
+        Self {
+            clerk_webhook_secret: None,
+            amqp_url: None,
+            database_url: None,
+            log_format: LogFormat::Pretty,
+            amqp_exchange: topology.exchange,
+            amqp_queue: topology.queue,
+            amqp_dead_queue: topology.dead_queue,
+            amqp_delivery_limit: topology.delivery_limit,
+            ingest_listen: "0.0.0.0:3000".into(),
+            ingest_body_limit: 1024 * 1024,
+            ingest_confirm_timeout_ms: 5_000,
+            ingest_publish_channels: 4,
+            ingest_max_concurrent_requests: 1024,
+            ingest_client_timeout_ms: 10_000,
+            worker_listen: "0.0.0.0:3001".into(),
+            worker_prefetch: 64,
+            worker_batch_size: 32,
+            worker_max_attempts: 5,
+            worker_retry_base_ms: 100,
+            worker_retry_max_ms: 30_000,
+            worker_run_migrations: true,
+            worker_db_pool_size: 8,
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (TOML) if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder
+            .add_source(config::Environment::default().try_parsing(true))
+            .build()
+            .and_then(|config| config.try_deserialize::<Self>())
+            .map_err(|error| ConfigError::Load(error.to_string()))
+    }
+
+    /// The exchange and queue names and the delivery limit.
+    pub fn topology(&self) -> Result<Topology, ConfigError> {
+        for (variable, name) in [
+            ("AMQP_EXCHANGE", &self.amqp_exchange),
+            ("AMQP_QUEUE", &self.amqp_queue),
+            ("AMQP_DEAD_QUEUE", &self.amqp_dead_queue),
+        ] {
+            if name.trim().is_empty() || name.len() > 255 {
+                return Err(ConfigError::Malformed {
+                    variable,
+                    reason: "must be 1 to 255 characters".into(),
+                });
+            }
+        }
+        if self.amqp_delivery_limit == 0 {
+            return Err(ConfigError::Malformed {
+                variable: "AMQP_DELIVERY_LIMIT",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Topology {
+            exchange: self.amqp_exchange.clone(),
+            queue: self.amqp_queue.clone(),
+            dead_queue: self.amqp_dead_queue.clone(),
+            delivery_limit: self.amqp_delivery_limit,
+        })
+    }
+
+    /// `AMQP_URL`, checked to be an AMQP URL.
+    pub fn amqp_url(&self) -> Result<SecretString, ConfigError> {
+        let url = required(&self.amqp_url, "AMQP_URL")?;
+        url.expose_secret()
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|reason| ConfigError::Malformed {
+                variable: "AMQP_URL",
+                // The parser's message never repeats the URL, so no password can leak here.
+                reason: format!("not an amqp:// or amqps:// URL ({reason})"),
+            })?;
+        Ok(url)
+    }
+
+    /// `DATABASE_URL`, checked to be a Postgres URL.
+    pub fn database_url(&self) -> Result<SecretString, ConfigError> {
+        let url = required(&self.database_url, "DATABASE_URL")?;
+        let text = url.expose_secret();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err(ConfigError::Malformed {
+                variable: "DATABASE_URL",
+                reason: "not a postgres:// URL".into(),
+            });
+        }
+        Ok(url)
+    }
+
+    /// `CLERK_WEBHOOK_SECRET`, split into its secrets. Whether each one decodes is for the
+    /// verifier to say.
+    pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, ConfigError> {
+        let all = required(&self.clerk_webhook_secret, "CLERK_WEBHOOK_SECRET")?;
+        let secrets: Vec<SecretString> = all
+            .expose_secret()
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|part| !part.is_empty())
+            .map(SecretString::from)
+            .collect();
+        if secrets.is_empty() {
+            return Err(ConfigError::Missing {
+                variable: "CLERK_WEBHOOK_SECRET",
+            });
+        }
+        Ok(secrets)
+    }
+
+    /// `INGEST_CONFIRM_TIMEOUT_MS` as a duration.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest_confirm_timeout_ms)
+    }
+}
+
+fn required(
+    value: &Option<SecretString>,
+    variable: &'static str,
+) -> Result<SecretString, ConfigError> {
+    match value {
+        Some(value) if !value.expose_secret().trim().is_empty() => Ok(value.clone()),
+        _ => Err(ConfigError::Missing { variable }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(secret: &str) -> Settings {
+        Settings {
+            clerk_webhook_secret: Some(secret.into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn secrets_split_on_spaces_and_commas() {
+        let secrets = with("whsec_a, whsec_b whsec_c")
+            .webhook_secrets()
+            .expect("secrets");
+        let exposed: Vec<&str> = secrets.iter().map(|s| s.expose_secret()).collect();
+        assert_eq!(exposed, ["whsec_a", "whsec_b", "whsec_c"]);
+    }
+
+    #[test]
+    fn a_blank_secret_is_missing_and_named() {
+        let error = with(" , ").webhook_secrets().expect_err("blank");
+        assert_eq!(
+            error.to_string(),
+            "configuration: CLERK_WEBHOOK_SECRET is required but not set"
+        );
+    }
+
+    #[test]
+    fn a_malformed_amqp_url_is_named_without_its_password() {
+        let settings = Settings {
+            amqp_url: Some("http://user:hunter2@host".into()),
+            ..Settings::default()
+        };
+        let line = settings.amqp_url().expect_err("malformed").to_string();
+        assert!(
+            line.starts_with("configuration: AMQP_URL is malformed"),
+            "{line}"
+        );
+        assert!(!line.contains("hunter2"), "{line}");
+    }
+
+    #[test]
+    fn a_missing_database_url_is_named() {
+        let line = Settings::default()
+            .database_url()
+            .expect_err("missing")
+            .to_string();
+        assert_eq!(line, "configuration: DATABASE_URL is required but not set");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let settings = Settings {
+            clerk_webhook_secret: Some("whsec_topsecret".into()),
+            amqp_url: Some("amqp://guest:hunter2@localhost".into()),
+            ..Settings::default()
+        };
+        let debug = format!("{settings:?}");
+        assert!(
+            !debug.contains("topsecret") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,58 @@
+//! `worker`: applies Clerk user events to Postgres (`worker run`, the default), and inspects and
+//! replays dead letters (`worker dlq …`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML file with settings; the environment overrides it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume events and apply them to Postgres (the default).
+    Run,
+    /// Inspect, replay and purge dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match shared::Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    shared::telemetry::init(settings.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => worker::run(settings).await,
+            Command::Dlq(command) => dlq::execute(&settings, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
