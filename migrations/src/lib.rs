@@ -1,1 +1,22 @@
-//! Migrations (to be written).
+//! The clerk-sync database schema, one migration per change. Applied by the `migrations` binary
+//! and, unless told not to, by the worker at start.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_users;
+mod m20261127_000002_create_user_tombstones;
+mod m20261127_000003_create_processed_events;
+
+/// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261127_000001_create_users::Migration),
+            Box::new(m20261127_000002_create_user_tombstones::Migration),
+            Box::new(m20261127_000003_create_processed_events::Migration),
+        ]
+    }
+}

@@ -1,0 +1,137 @@
+//! The migrations against a real Postgres: each test gets a database of its own.
+
+use migrations::{Migrator, MigratorTrait};
+use sea_orm_migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbErr};
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh database, dropped again by [`TestDb::drop_now`].
+struct TestDb {
+    admin: DatabaseConnection,
+    name: String,
+    db: DatabaseConnection,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| ADMIN_URL.into());
+        let admin = Database::connect(&admin_url)
+            .await
+            .expect("admin connection");
+        let name = format!("mig_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
+        let (base, _) = admin_url.rsplit_once('/').expect("url has a database");
+        let db = Database::connect(format!("{base}/{name}"))
+            .await
+            .expect("test database connection");
+        Self { admin, name, db }
+    }
+
+    async fn drop_now(self) {
+        self.db.close().await.expect("close");
+        self.admin
+            .execute_unprepared(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
+            .await
+            .expect("drop database");
+    }
+}
+
+async fn insert_user(
+    db: &DatabaseConnection,
+    id: &str,
+    email: Option<&str>,
+    role: &str,
+) -> Result<(), DbErr> {
+    let email = email.map_or("NULL".to_owned(), |e| format!("'{e}'"));
+    db.execute_unprepared(&format!(
+        "INSERT INTO users (id, email, role, created_at, updated_at, synced_at) \
+         VALUES ('{id}', {email}, '{role}', now(), now(), now())"
+    ))
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn up_creates_the_tables_and_down_removes_them_again() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    for table in ["users", "user_tombstones", "processed_events"] {
+        test.db
+            .execute_unprepared(&format!("SELECT 1 FROM {table}"))
+            .await
+            .unwrap_or_else(|e| panic!("{table} missing after up: {e}"));
+    }
+    Migrator::down(&test.db, None).await.expect("down");
+    assert!(
+        test.db
+            .execute_unprepared("SELECT 1 FROM users")
+            .await
+            .is_err(),
+        "users still there after down"
+    );
+    // And up again, as `fresh` would.
+    Migrator::up(&test.db, None).await.expect("up after down");
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn users_reject_an_unknown_role_and_a_taken_email_but_allow_many_null_emails() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    insert_user(&test.db, "u1", Some("a@example.org"), "admin")
+        .await
+        .expect("admin");
+    insert_user(&test.db, "u2", None, "trainer")
+        .await
+        .expect("first null email");
+    insert_user(&test.db, "u3", None, "client")
+        .await
+        .expect("second null email");
+    assert!(
+        insert_user(&test.db, "u4", Some("a@example.org"), "client")
+            .await
+            .is_err(),
+        "a second user took a taken email"
+    );
+    assert!(
+        insert_user(&test.db, "u5", None, "superuser")
+            .await
+            .is_err(),
+        "an unknown role was accepted"
+    );
+    test.db
+        .execute_unprepared(
+            "INSERT INTO users (id, created_at, updated_at, synced_at) VALUES ('u6', now(), now(), now())",
+        )
+        .await
+        .expect("role defaults");
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn processed_events_accept_only_the_known_outcomes() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let insert = |id: &str, outcome: &str| {
+        format!(
+            "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
+             VALUES ('{id}', 'user.created', '{outcome}', now())"
+        )
+    };
+    for (id, outcome) in [("a", "applied"), ("b", "stale"), ("c", "ignored")] {
+        test.db
+            .execute_unprepared(&insert(id, outcome))
+            .await
+            .expect(outcome);
+    }
+    assert!(
+        test.db
+            .execute_unprepared(&insert("d", "done"))
+            .await
+            .is_err()
+    );
+    test.drop_now().await;
+}
