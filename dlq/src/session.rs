@@ -1,0 +1,350 @@
+//! The broker side: one connection per command, one channel per session.
+//!
+//! AMQP 0-9-1 cannot peek, so a session takes dead letters with `basic.get` without
+//! acknowledging them. The broker keeps every letter it handed out until the session either
+//! acknowledges it (replayed or purged) or gives it back: explicitly with `basic.nack(requeue)`
+//! in [`Session::release`], or implicitly when the channel or connection closes, whatever the
+//! reason (a crash included). So a letter leaves the queue only by an explicit acknowledgement.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
+use shared::{Topology, headers};
+
+use crate::error::DlqError;
+use crate::letter::DeadLetter;
+
+/// How long connecting may take before the command gives up (an unroutable host would otherwise
+/// hang for the operating system's TCP timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// AMQP reply code for a normal close.
+const REPLY_SUCCESS: u16 = 200;
+
+/// An open connection to the broker and the names to work on.
+pub struct Broker {
+    connection: Connection,
+    topology: Topology,
+}
+
+impl Broker {
+    /// Connects to `url`. The error names the host and port, never the credentials.
+    pub async fn connect(url: &str, topology: Topology) -> Result<Self, DlqError> {
+        let address = url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| format!("{}:{}", uri.authority.host, uri.authority.port))
+            .unwrap_or_else(|_| "the configured AMQP_URL".into());
+        // No automatic recovery: a command that loses its connection stops, and everything it
+        // had not acknowledged goes back to the queue.
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                return Err(DlqError::Connect {
+                    address,
+                    reason: error.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(DlqError::Connect {
+                    address,
+                    reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        };
+        Ok(Self {
+            connection,
+            topology,
+        })
+    }
+
+    /// The exchange and queue names this broker works on.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Opens a session on the dead-letter queue, failing clearly when the queue does not exist.
+    pub async fn session(&self) -> Result<Session, DlqError> {
+        let channel =
+            self.connection
+                .create_channel()
+                .await
+                .map_err(|source| DlqError::Broker {
+                    action: "opening a channel",
+                    source,
+                })?;
+        // Confirms on: a replayed copy counts only once the broker has taken responsibility.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| DlqError::Broker {
+                action: "enabling publisher confirms",
+                source,
+            })?;
+        let ready = self
+            .queue_length(&channel, &self.topology.dead_queue, "AMQP_DEAD_QUEUE")
+            .await?;
+        Ok(Session {
+            channel,
+            topology: self.topology.clone(),
+            ready,
+            fetched: 0,
+            held: Vec::new(),
+        })
+    }
+
+    /// Checks that the worker queue exists, so a replay fails before it takes anything.
+    pub async fn check_worker_queue(&self) -> Result<(), DlqError> {
+        // A failed passive declare closes the channel, so it gets a channel of its own.
+        let channel =
+            self.connection
+                .create_channel()
+                .await
+                .map_err(|source| DlqError::Broker {
+                    action: "opening a channel",
+                    source,
+                })?;
+        self.queue_length(&channel, &self.topology.queue, "AMQP_QUEUE")
+            .await?;
+        close_channel(&channel).await;
+        Ok(())
+    }
+
+    /// Deletes every ready message of the dead-letter queue and says how many.
+    pub async fn purge(&self) -> Result<u32, DlqError> {
+        let session = self.session().await?;
+        let purged = session
+            .channel
+            .queue_purge(
+                self.topology.dead_queue.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
+            .await
+            .map_err(|source| DlqError::Broker {
+                action: "purging the dead-letter queue",
+                source,
+            })?;
+        session.release().await?;
+        Ok(purged)
+    }
+
+    /// Closes the connection; anything still unacknowledged goes back to its queue.
+    pub async fn close(self) {
+        // The command's outcome is decided already; a failing close changes nothing for it.
+        let _ = self
+            .connection
+            .close(REPLY_SUCCESS, "dlq command done".into())
+            .await;
+    }
+
+    /// The ready messages of `queue`, by a passive declare (which creates nothing).
+    async fn queue_length(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        variable: &'static str,
+    ) -> Result<u32, DlqError> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(queue) => Ok(queue.message_count()),
+            Err(error) if is_not_found(&error) => Err(DlqError::QueueMissing {
+                queue: queue.to_string(),
+                variable,
+            }),
+            Err(source) => Err(DlqError::Broker {
+                action: "looking up a queue",
+                source,
+            }),
+        }
+    }
+}
+
+/// Why a copy was not taken by the worker queue. The dead letter stays where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum RepublishError {
+    #[error("the worker queue {queue} does not exist, so the broker returned the copy")]
+    Unroutable { queue: String },
+    #[error("the broker refused the copy (is the worker queue {queue} full?)")]
+    Refused { queue: String },
+    #[error("the broker did not confirm the copy")]
+    Unconfirmed,
+    #[error("publishing the copy failed: {0}")]
+    Broker(#[source] lapin::Error),
+}
+
+/// One channel on the dead-letter queue and the letters it holds unacknowledged.
+pub struct Session {
+    channel: Channel,
+    topology: Topology,
+    /// Ready messages when the session opened: fetching stops there, so letters that arrive
+    /// meanwhile (a replayed event failing again, say) are not taken twice in one command.
+    ready: u32,
+    fetched: u32,
+    held: Vec<DeadLetter>,
+}
+
+impl Session {
+    /// The dead-letter queue's name.
+    pub fn dead_queue(&self) -> &str {
+        &self.topology.dead_queue
+    }
+
+    /// Ready dead letters when the session opened.
+    pub fn ready(&self) -> u32 {
+        self.ready
+    }
+
+    /// Takes the next dead letter without acknowledging it, or `None` once the queue is empty or
+    /// every letter that was there at the start has been taken.
+    pub async fn fetch(&mut self) -> Result<Option<DeadLetter>, DlqError> {
+        if self.fetched >= self.ready {
+            return Ok(None);
+        }
+        let message = self
+            .channel
+            .basic_get(
+                self.topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(|source| DlqError::Broker {
+                action: "fetching a dead letter",
+                source,
+            })?;
+        if message.is_some() {
+            self.fetched += 1;
+        }
+        Ok(message.map(|message| DeadLetter::new(message.delivery)))
+    }
+
+    /// Keeps `letter` to be given back by [`Session::release`].
+    pub fn hold(&mut self, letter: DeadLetter) {
+        self.held.push(letter);
+    }
+
+    /// Republishes a copy of `letter` to the worker queue and waits for the broker's confirm. The
+    /// dead letter itself is left alone: acknowledge it with [`Session::acknowledge`] only after
+    /// this returned `Ok`.
+    ///
+    /// The copy goes through the default exchange with the worker queue's name as routing key,
+    /// so queues that someone else bound to the events exchange do not get the event twice. It
+    /// keeps the body and every property, and the headers except the dead-letter ones, so the
+    /// worker counts its attempts afresh.
+    pub async fn republish(&self, letter: &DeadLetter) -> Result<(), RepublishError> {
+        let queue = self.topology.queue.clone();
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    // Unroutable (the worker queue is gone) comes back instead of vanishing.
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                letter.body(),
+                replay_properties(letter.properties()),
+            )
+            .await
+            .map_err(RepublishError::Broker)?;
+        match confirm.await.map_err(RepublishError::Broker)? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(RepublishError::Unroutable { queue }),
+            Confirmation::Nack(_) => Err(RepublishError::Refused { queue }),
+            Confirmation::NotRequested => Err(RepublishError::Unconfirmed),
+        }
+    }
+
+    /// Removes `letter` from the dead-letter queue for good.
+    pub async fn acknowledge(&self, letter: DeadLetter) -> Result<(), DlqError> {
+        let acked = letter
+            .delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .map_err(|source| DlqError::Broker {
+                action: "acknowledging a dead letter",
+                source,
+            })?;
+        if acked {
+            Ok(())
+        } else {
+            Err(DlqError::AckLost)
+        }
+    }
+
+    /// Gives every held letter back to the queue and closes the channel.
+    pub async fn release(self) -> Result<(), DlqError> {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            // `nack`, not `reject`: RabbitMQ 4.3 and later count a rejected message as a failed
+            // delivery towards the quorum queue's delivery limit; a nack does not.
+            requeue: true,
+        };
+        let mut result = Ok(());
+        for letter in &self.held {
+            if let Err(source) = letter.delivery.acker.nack(requeue).await {
+                // Closing the channel below returns it anyway.
+                result = Err(DlqError::Broker {
+                    action: "returning a dead letter to the queue",
+                    source,
+                });
+                break;
+            }
+        }
+        close_channel(&self.channel).await;
+        result
+    }
+}
+
+/// The dead letter's properties for its replayed copy: everything kept (message id, type,
+/// timestamp, content type, the svix and received-at headers, …), persistent, minus the headers
+/// the worker and the broker add when they dead-letter or redeliver (`error`, `error-kind`,
+/// `attempts`, `failed-at` and every `x-` header such as `x-death` and `x-delivery-count`).
+pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let mut kept = FieldTable::default();
+    if let Some(headers) = original.headers() {
+        for (name, value) in headers {
+            let name_text = name.as_str();
+            let dead_letter_header = [
+                headers::ERROR,
+                headers::ERROR_KIND,
+                headers::ATTEMPTS,
+                headers::FAILED_AT,
+            ]
+            .contains(&name_text);
+            if !dead_letter_header && !name_text.starts_with("x-") {
+                kept.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    original
+        .clone()
+        .with_headers(kept)
+        // A replay must survive a broker restart whatever the original said.
+        .with_delivery_mode(2)
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => amqp.get_id() == 404,
+        _ => false,
+    }
+}
+
+async fn close_channel(channel: &Channel) {
+    // Closing returns whatever the channel still holds; if it is closed already, so much the
+    // better.
+    let _ = channel.close(REPLY_SUCCESS, "done".into()).await;
+}
