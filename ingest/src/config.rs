@@ -1,0 +1,165 @@
+//! The ingest's configuration: taken from [`shared::Settings`] once at start and validated, so a
+//! missing or malformed setting stops the binary with one line naming its variable.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use shared::{ConfigError, Settings, Topology};
+
+use crate::signature::Verifier;
+
+/// Everything the ingest needs, checked. Secrets stay in [`SecretString`], so `Debug` redacts them.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// `INGEST_LISTEN`: the address the HTTP server binds (port 0 picks a free port).
+    pub listen: String,
+    /// `CLERK_WEBHOOK_SECRET`: the signing secrets, each known to decode.
+    pub webhook_secrets: Vec<SecretString>,
+    /// `AMQP_URL`: the broker.
+    pub amqp_url: SecretString,
+    /// `AMQP_EXCHANGE`, `AMQP_QUEUE`, `AMQP_DEAD_QUEUE`, `AMQP_DELIVERY_LIMIT`.
+    pub topology: Topology,
+    /// `INGEST_BODY_LIMIT`: the largest accepted body in bytes; beyond it the answer is 413.
+    pub body_limit: usize,
+    /// `INGEST_CONFIRM_TIMEOUT_MS`: the longest a request waits for the broker.
+    pub confirm_timeout: Duration,
+    /// `INGEST_PUBLISH_CHANNELS`: AMQP channels publishing shares out over.
+    pub publish_channels: usize,
+    /// `INGEST_MAX_CONCURRENT_REQUESTS`: webhook requests handled at once; beyond it, 503.
+    pub max_concurrent_requests: usize,
+    /// `INGEST_CLIENT_TIMEOUT_MS`: how long a client may take to send its head and its body; 408
+    /// after that.
+    pub client_timeout: Duration,
+}
+
+impl IngestConfig {
+    /// Reads and checks the ingest's settings.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let webhook_secrets = settings.webhook_secrets()?;
+        // Decoding here, not at the first request, turns a mistyped secret into a start failure.
+        Verifier::new(&webhook_secrets)?;
+        let amqp_url = settings.amqp_url()?;
+        let topology = settings.topology()?;
+        for (variable, value) in [
+            ("INGEST_BODY_LIMIT", settings.ingest_body_limit as u64),
+            (
+                "INGEST_CONFIRM_TIMEOUT_MS",
+                settings.ingest_confirm_timeout_ms,
+            ),
+            (
+                "INGEST_PUBLISH_CHANNELS",
+                settings.ingest_publish_channels as u64,
+            ),
+            (
+                "INGEST_MAX_CONCURRENT_REQUESTS",
+                settings.ingest_max_concurrent_requests as u64,
+            ),
+            (
+                "INGEST_CLIENT_TIMEOUT_MS",
+                settings.ingest_client_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Malformed {
+                    variable,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        // One AMQP connection has at most 2047 channels on RabbitMQ's default settings.
+        if settings.ingest_publish_channels > 1024 {
+            return Err(ConfigError::Malformed {
+                variable: "INGEST_PUBLISH_CHANNELS",
+                reason: "must be at most 1024".into(),
+            });
+        }
+        Ok(Self {
+            listen: settings.ingest_listen.clone(),
+            webhook_secrets,
+            amqp_url,
+            topology,
+            body_limit: settings.ingest_body_limit,
+            confirm_timeout: settings.confirm_timeout(),
+            publish_channels: settings.ingest_publish_channels,
+            max_concurrent_requests: settings.ingest_max_concurrent_requests,
+            client_timeout: Duration::from_millis(settings.ingest_client_timeout_ms),
+        })
+    }
+
+    /// The first signing secret: the one `send-example` signs with.
+    pub fn signing_secret(&self) -> &str {
+        // `from_settings` guarantees at least one.
+        self.webhook_secrets
+            .first()
+            .map(|secret| secret.expose_secret())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(secret: &str) -> Settings {
+        Settings {
+            clerk_webhook_secret: Some(secret.into()),
+            amqp_url: Some("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_valid_configuration_keeps_every_secret() {
+        let config = IngestConfig::from_settings(&settings(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ))
+        .expect("valid");
+        assert_eq!(config.webhook_secrets.len(), 2);
+        assert_eq!(config.publish_channels, 4);
+    }
+
+    #[test]
+    fn an_undecodable_secret_stops_the_start_naming_the_variable_but_not_the_secret() {
+        let line = IngestConfig::from_settings(&settings(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD whsec_not*base64*secret",
+        ))
+        .expect_err("malformed")
+        .to_string();
+        assert!(
+            line.starts_with("configuration: CLERK_WEBHOOK_SECRET is malformed"),
+            "{line}"
+        );
+        assert!(!line.contains("not*base64"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn a_missing_amqp_url_is_named() {
+        let mut settings = settings("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        settings.amqp_url = None;
+        let line = IngestConfig::from_settings(&settings)
+            .expect_err("missing")
+            .to_string();
+        assert_eq!(line, "configuration: AMQP_URL is required but not set");
+    }
+
+    #[test]
+    fn zero_publish_channels_is_refused() {
+        let mut settings = settings("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        settings.ingest_publish_channels = 0;
+        let line = IngestConfig::from_settings(&settings)
+            .expect_err("zero")
+            .to_string();
+        assert!(line.contains("INGEST_PUBLISH_CHANNELS"), "{line}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let config =
+            IngestConfig::from_settings(&settings("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"))
+                .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("C2FVsBQI"), "{debug}");
+        assert!(!debug.contains("guest:guest"), "{debug}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics, in a registry owned by one application (not the global one), so several
+//! applications in one test process keep their counts apart.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The ingest's metrics. Cloning shares the same counters.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `ingest_requests_total{outcome}`: webhook requests by how they were answered.
+    pub requests: IntCounterVec,
+    /// `ingest_verification_failures_total{reason}`: rejected signatures by reason.
+    pub verification_failures: IntCounterVec,
+    /// `ingest_confirm_latency_seconds`: from publish to the broker's confirm (or failure).
+    pub confirm_latency: Histogram,
+    /// `ingest_broker_connected`: 1 while a connection with usable channels is up, else 0.
+    pub broker_connected: IntGauge,
+    /// `ingest_broker_reconnects_total`: connections established after the first one.
+    pub broker_reconnects: IntCounter,
+}
+
+/// How a webhook request was answered: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    BadRequest,
+    Unauthorized,
+    PayloadTooLarge,
+    RequestTimeout,
+    Overloaded,
+    BrokerUnavailable,
+}
+
+impl Outcome {
+    /// Every outcome, so each series exists from the start (at 0).
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Accepted,
+        Outcome::BadRequest,
+        Outcome::Unauthorized,
+        Outcome::PayloadTooLarge,
+        Outcome::RequestTimeout,
+        Outcome::Overloaded,
+        Outcome::BrokerUnavailable,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::BadRequest => "bad_request",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::PayloadTooLarge => "payload_too_large",
+            Outcome::RequestTimeout => "request_timeout",
+            Outcome::Overloaded => "overloaded",
+            Outcome::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "ingest_requests_total",
+                "Webhook requests by how they were answered.",
+            ),
+            &["outcome"],
+        )?;
+        let verification_failures = IntCounterVec::new(
+            Opts::new(
+                "ingest_verification_failures_total",
+                "Webhook requests whose signature was rejected, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let confirm_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "ingest_confirm_latency_seconds",
+                "Time from publishing a message to the broker's confirm.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let broker_connected = IntGauge::new(
+            "ingest_broker_connected",
+            "1 while the broker connection and its publishing channels are usable.",
+        )?;
+        let broker_reconnects = IntCounter::new(
+            "ingest_broker_reconnects_total",
+            "Broker connections established after the first one.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(verification_failures.clone()))?;
+        registry.register(Box::new(confirm_latency.clone()))?;
+        registry.register(Box::new(broker_connected.clone()))?;
+        registry.register(Box::new(broker_reconnects.clone()))?;
+        for outcome in Outcome::ALL {
+            requests.with_label_values(&[outcome.label()]);
+        }
+        Ok(Self {
+            registry,
+            requests,
+            verification_failures,
+            confirm_latency,
+            broker_connected,
+            broker_reconnects,
+        })
+    }
+
+    /// Counts one answered webhook request.
+    pub fn record(&self, outcome: Outcome) {
+        self.requests.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
+    }
+}

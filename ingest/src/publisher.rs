@@ -1,0 +1,459 @@
+//! Publishing to RabbitMQ with publisher confirms, over one connection and a pool of channels
+//! that a supervisor task keeps alive.
+//!
+//! The supervisor connects (retrying with capped exponential backoff while the broker is down),
+//! declares the topology, opens the channels in confirm mode and then watches: a lost connection
+//! is replaced whole, a channel the broker closed is replaced alone. Requests never wait for it:
+//! while nothing usable is connected, [`Publisher::publish`] fails at once, and every publish is
+//! bounded by the confirm timeout.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use actix_web::web::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use shared::Topology;
+use shared::headers::{RECEIVED_AT, SVIX_ID, SVIX_SIGNATURE, SVIX_TIMESTAMP};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::signature::SignedHeaders;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+/// First wait before reconnecting; doubled after each failed attempt up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A connection attempt that takes longer than this is abandoned and retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the supervisor looks at the channels even without a reported failure.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a verified event could not be made into an AMQP message (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("event type is longer than 255 bytes")]
+    TypeTooLong,
+    #[error("message id is longer than 255 bytes")]
+    IdTooLong,
+}
+
+/// Why the broker did not take a message. Every variant is answered 503: Svix retries.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not connected to the broker")]
+    NotConnected,
+    #[error("the broker refused the publish")]
+    Channel(#[source] lapin::Error),
+    #[error("the broker nacked the message")]
+    Nacked,
+    #[error("the broker returned the message as unroutable")]
+    Unroutable,
+    #[error("the channel is not in confirm mode")]
+    Unconfirmed,
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+}
+
+/// One event, ready to publish: routing key, properties and headers, and the body as received.
+#[derive(Debug, Clone)]
+pub struct Message {
+    routing_key: ShortString,
+    properties: BasicProperties,
+    body: Bytes,
+}
+
+impl Message {
+    /// Builds the message for a verified event: routing key = event type, `message_id` =
+    /// svix-id, `type` = event type, `timestamp` = svix-timestamp, persistent, JSON, and the
+    /// svix headers plus `received-at`.
+    pub fn new(
+        event_type: &str,
+        signed: &SignedHeaders,
+        body: Bytes,
+        received_at: DateTime<Utc>,
+    ) -> Result<Self, InvalidMessage> {
+        let routing_key =
+            ShortString::try_new(event_type).map_err(|_| InvalidMessage::TypeTooLong)?;
+        let message_id =
+            ShortString::try_new(signed.id.as_str()).map_err(|_| InvalidMessage::IdTooLong)?;
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            (SVIX_ID, signed.id.clone()),
+            (SVIX_TIMESTAMP, signed.timestamp.to_string()),
+            (SVIX_SIGNATURE, signed.signature.clone()),
+            (
+                RECEIVED_AT,
+                received_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        ] {
+            headers.insert(
+                ShortString::from(name),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(message_id)
+            .with_type(routing_key.clone())
+            // Verified to be within 5 minutes of now, so never negative.
+            .with_timestamp(u64::try_from(signed.timestamp).unwrap_or_default())
+            .with_headers(headers);
+        Ok(Self {
+            routing_key,
+            properties,
+            body,
+        })
+    }
+}
+
+/// The publishing side of the ingest. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+    supervisor: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+struct Shared {
+    amqp_url: SecretString,
+    topology: Topology,
+    channel_count: usize,
+    confirm_timeout: Duration,
+    metrics: Metrics,
+    /// The live connection and its channels; `None` while disconnected.
+    link: RwLock<Option<Arc<Link>>>,
+    /// Round-robin position in the channel pool.
+    next: AtomicUsize,
+    /// Wakes the supervisor when a request found a channel broken.
+    repair: Notify,
+    stopping: AtomicBool,
+    stop: Notify,
+}
+
+struct Link {
+    connection: Arc<Connection>,
+    channels: Vec<Channel>,
+}
+
+impl Publisher {
+    /// Starts the supervisor, which connects in the background: the ingest starts (and
+    /// answers 503) even while the broker is down. Must be called inside a Tokio runtime.
+    pub fn start(
+        amqp_url: SecretString,
+        topology: Topology,
+        channel_count: usize,
+        confirm_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            amqp_url,
+            topology,
+            channel_count: channel_count.max(1),
+            confirm_timeout,
+            metrics,
+            link: RwLock::new(None),
+            next: AtomicUsize::new(0),
+            repair: Notify::new(),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
+        Self {
+            shared,
+            supervisor: Arc::new(std::sync::Mutex::new(Some(supervisor))),
+        }
+    }
+
+    /// Publishes `message` and waits for the broker's confirm, at most the confirm timeout.
+    /// `Ok` only when the broker acknowledged the message and did not return it.
+    pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
+        let channel = self.channel().ok_or(PublishError::NotConnected)?;
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.shared.confirm_timeout, async {
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(self.shared.topology.exchange.as_str()),
+                    message.routing_key.clone(),
+                    BasicPublishOptions {
+                        // Unroutable messages come back (Ack + returned) instead of vanishing.
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &message.body,
+                    message.properties.clone(),
+                )
+                .await
+                .map_err(PublishError::Channel)?;
+            match confirm.await.map_err(PublishError::Channel)? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_returned)) => Err(PublishError::Unroutable),
+                Confirmation::Nack(_) => Err(PublishError::Nacked),
+                Confirmation::NotRequested => Err(PublishError::Unconfirmed),
+            }
+        })
+        .await
+        .unwrap_or(Err(PublishError::Timeout(self.shared.confirm_timeout)));
+        self.shared
+            .metrics
+            .confirm_latency
+            .observe(started.elapsed().as_secs_f64());
+        if matches!(
+            result,
+            Err(PublishError::Channel(_) | PublishError::Unconfirmed)
+        ) {
+            self.shared.repair.notify_one();
+        }
+        result
+    }
+
+    /// True when a connection is up with at least one channel that can publish.
+    pub fn is_ready(&self) -> bool {
+        self.shared.current().is_some_and(|link| link.is_usable())
+    }
+
+    /// Stops the supervisor and closes the connection. Called once the HTTP server has stopped,
+    /// so no request is still waiting for a confirm.
+    pub async fn close(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.stop.notify_one();
+        let supervisor = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(supervisor) = supervisor
+            && let Err(error) = supervisor.await
+        {
+            tracing::warn!(%error, "publisher supervisor ended abnormally");
+        }
+        if let Some(link) = self.shared.replace(None) {
+            link.close().await;
+        }
+        self.shared.metrics.broker_connected.set(0);
+    }
+
+    /// The next usable channel of the pool, round robin.
+    fn channel(&self) -> Option<Channel> {
+        let link = self.shared.current()?;
+        let count = link.channels.len();
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let found = (0..count)
+            .map(|offset| &link.channels[(start + offset) % count])
+            .find(|channel| channel.status().connected())
+            .cloned();
+        if found.is_none() || !link.connection.status().connected() {
+            self.shared.repair.notify_one();
+        }
+        found
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Link>> {
+        self.link
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, link: Option<Arc<Link>>) -> Option<Arc<Link>> {
+        let ready = link.as_ref().is_some_and(|link| link.is_usable());
+        let old = std::mem::replace(
+            &mut *self.link.write().unwrap_or_else(PoisonError::into_inner),
+            link,
+        );
+        self.metrics.broker_connected.set(i64::from(ready));
+        old
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+impl Link {
+    fn is_usable(&self) -> bool {
+        self.connection.status().connected()
+            && self
+                .channels
+                .iter()
+                .any(|channel| channel.status().connected())
+    }
+
+    async fn close(&self) {
+        if self.connection.status().connected()
+            && let Err(error) = self
+                .connection
+                .close(200, ShortString::from("ingest shutting down"))
+                .await
+        {
+            tracing::debug!(%error, "closing the broker connection");
+        }
+    }
+}
+
+/// Connects, watches, reconnects, until [`Publisher::close`].
+async fn supervise(shared: Arc<Shared>) {
+    let mut backoff = MIN_BACKOFF;
+    let mut connections = 0_u64;
+    while !shared.is_stopping() {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")));
+        match connected {
+            Ok(link) => {
+                backoff = MIN_BACKOFF;
+                if connections > 0 {
+                    shared.metrics.broker_reconnects.inc();
+                }
+                connections += 1;
+                tracing::info!(
+                    channels = link.channels.len(),
+                    exchange = %shared.topology.exchange,
+                    "connected to the broker"
+                );
+                let link = Arc::new(link);
+                shared.replace(Some(Arc::clone(&link)));
+                watch(&shared, link).await;
+                if let Some(old) = shared.replace(None) {
+                    old.close().await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot connect to the broker"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shared.stop.notified() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Opens the connection, declares the topology and opens the channels in confirm mode.
+async fn connect(shared: &Shared) -> anyhow::Result<Link> {
+    use anyhow::Context as _;
+    // No lapin auto-recovery: this task owns reconnecting, so there is one recovery path.
+    let connection = Connection::connect(
+        shared.amqp_url.expose_secret(),
+        ConnectionProperties::default().with_connection_name(LongString::from("clerk-sync ingest")),
+    )
+    .await
+    .context("connecting")?;
+    // Declared on a channel of its own: a mismatch closes that channel, not a publishing one.
+    let declaring = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    shared
+        .topology
+        .declare(&declaring)
+        .await
+        .context("declaring the topology")?;
+    if let Err(error) = declaring.close(200, ShortString::from("declared")).await {
+        tracing::debug!(%error, "closing the declaring channel");
+    }
+    let mut channels = Vec::with_capacity(shared.channel_count);
+    for _ in 0..shared.channel_count {
+        channels.push(open_channel(&connection).await?);
+    }
+    Ok(Link {
+        connection: Arc::new(connection),
+        channels,
+    })
+}
+
+async fn open_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    use anyhow::Context as _;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(channel)
+}
+
+/// Returns when the connection is lost or the publisher stops. Replaces channels the broker
+/// closed on their own while the connection stays up.
+async fn watch(shared: &Shared, mut link: Arc<Link>) {
+    let mut events = link.connection.events_listener();
+    let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shared.stop.notified() => return,
+            event = events.next() => {
+                if let Some(lapin::Event::Error(error)) = &event {
+                    tracing::warn!(%error, "broker connection error");
+                }
+                if event.is_none() {
+                    return;
+                }
+            }
+            () = shared.repair.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if shared.is_stopping() {
+            return;
+        }
+        if !link.connection.status().connected() {
+            tracing::warn!("lost the broker connection; reconnecting");
+            return;
+        }
+        if link
+            .channels
+            .iter()
+            .all(|channel| channel.status().connected())
+        {
+            continue;
+        }
+        match reopen_channels(&link).await {
+            Ok(repaired) => {
+                link = Arc::new(repaired);
+                shared.replace(Some(Arc::clone(&link)));
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot reopen channels; reconnecting"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// A copy of `link` with its closed channels replaced by fresh ones.
+async fn reopen_channels(link: &Link) -> anyhow::Result<Link> {
+    let mut channels = Vec::with_capacity(link.channels.len());
+    for channel in &link.channels {
+        if channel.status().connected() {
+            channels.push(channel.clone());
+        } else {
+            tracing::warn!(
+                channel = channel.id(),
+                "a publishing channel was closed; reopening it"
+            );
+            channels.push(open_channel(&link.connection).await?);
+        }
+    }
+    Ok(Link {
+        connection: Arc::clone(&link.connection),
+        channels,
+    })
+}

@@ -1,0 +1,278 @@
+//! The HTTP routes: the webhook intake, health, readiness and metrics.
+//!
+//! Every answer is a short JSON object. The webhook's order is fixed: take a concurrency slot,
+//! read the body (bounded in size and time), verify the signature over the raw bytes, and only
+//! then parse the JSON and publish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use crate::metrics::{Metrics, Outcome};
+use crate::publisher::{InvalidMessage, Message, PublishError, Publisher};
+use crate::signature::{Verifier, VerifyError};
+
+/// Seconds a client is asked to wait after a 503.
+const RETRY_AFTER_SECONDS: &str = "5";
+
+/// What the routes share.
+pub struct AppState {
+    pub verifier: Verifier,
+    pub publisher: Publisher,
+    pub metrics: Metrics,
+    /// Slots for webhook requests in progress; none free means 503.
+    pub slots: Arc<Semaphore>,
+    pub body_limit: usize,
+    pub client_timeout: Duration,
+}
+
+/// Why a webhook request was not accepted. Each variant maps to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("{0}")]
+    MalformedHeaders(VerifyError),
+    #[error("{0}")]
+    SignatureRejected(VerifyError),
+    #[error("body is not a JSON object with a string \"type\"")]
+    NotAnEvent,
+    #[error("{0}")]
+    InvalidMessage(#[from] InvalidMessage),
+    #[error("body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("body not received in time")]
+    BodyTimeout,
+    #[error("body could not be read")]
+    BodyUnreadable,
+    #[error("too many requests in progress")]
+    Overloaded,
+    #[error("broker unavailable")]
+    Unavailable(#[source] PublishError),
+}
+
+impl WebhookError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::MalformedHeaders(_)
+            | Self::NotAnEvent
+            | Self::InvalidMessage(_)
+            | Self::BodyUnreadable => Outcome::BadRequest,
+            Self::SignatureRejected(_) => Outcome::Unauthorized,
+            Self::TooLarge(_) => Outcome::PayloadTooLarge,
+            Self::BodyTimeout => Outcome::RequestTimeout,
+            Self::Overloaded => Outcome::Overloaded,
+            Self::Unavailable(_) => Outcome::BrokerUnavailable,
+        }
+    }
+}
+
+impl ResponseError for WebhookError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::MalformedHeaders(_)
+            | Self::NotAnEvent
+            | Self::InvalidMessage(_)
+            | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Self::SignatureRejected(_) => StatusCode::UNAUTHORIZED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Overloaded | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        // The Display texts name no secret and no internal detail (the 503 one is opaque).
+        response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+/// Only the envelope's `type` is read; serde skips the other fields without keeping them.
+#[derive(Deserialize)]
+struct EventType<'a> {
+    #[serde(rename = "type", borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+}
+
+/// `POST /api/webhooks`.
+pub async fn webhook(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebhookError> {
+    let result = accept(&request, payload, &state).await;
+    state.metrics.record(match &result {
+        Ok(()) => Outcome::Accepted,
+        Err(error) => error.outcome(),
+    });
+    result.map(|()| HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" })))
+}
+
+async fn accept(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<(), WebhookError> {
+    // Held until the answer: bounds the bodies in memory and the publishes in flight.
+    let _slot = state
+        .slots
+        .try_acquire()
+        .map_err(|_| WebhookError::Overloaded)?;
+    let received_at = chrono::Utc::now();
+    let body = read_body(request, payload, state.body_limit, state.client_timeout).await?;
+
+    let signed = state
+        .verifier
+        .verify(request.headers(), &body)
+        .map_err(|error| {
+            state
+                .metrics
+                .verification_failures
+                .with_label_values(&[error.reason()])
+                .inc();
+            tracing::info!(reason = error.reason(), "webhook signature rejected");
+            if error.is_malformed_request() {
+                WebhookError::MalformedHeaders(error)
+            } else {
+                WebhookError::SignatureRejected(error)
+            }
+        })?;
+
+    let event_type = parse_event_type(&body).ok_or_else(|| {
+        tracing::info!(svix_id = %signed.id, "signed body is not an event");
+        WebhookError::NotAnEvent
+    })?;
+    let message = Message::new(&event_type, &signed, body.clone(), received_at)?;
+    match state.publisher.publish(&message).await {
+        Ok(()) => {
+            tracing::debug!(svix_id = %signed.id, event_type = %event_type, "event accepted");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(
+                svix_id = %signed.id,
+                event_type = %event_type,
+                error = %error,
+                "event not accepted: broker trouble"
+            );
+            Err(WebhookError::Unavailable(error))
+        }
+    }
+}
+
+/// The event's `type`, if the body is a JSON object with a string `type`.
+fn parse_event_type(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<EventType<'_>>(body)
+        .ok()
+        .map(|event| event.event_type.into_owned())
+}
+
+/// Reads the whole body: 413 as soon as it is known to exceed `limit`, 408 if it does not
+/// arrive within `timeout`. (actix's own limit for `web::Bytes` is 256 KiB; this replaces it.)
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, WebhookError> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(WebhookError::TooLarge(limit));
+    }
+    let read = async {
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| WebhookError::BodyUnreadable)?;
+            if body.len() + chunk.len() > limit {
+                return Err(WebhookError::TooLarge(limit));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(WebhookError::BodyTimeout))
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 200 when the broker connection and a publishing channel are usable.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.publisher.is_ready() {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header((RETRY_AFTER, RETRY_AFTER_SECONDS))
+            .json(serde_json::json!({ "error": "broker unavailable" }))
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    match state.metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(text),
+        Err(error) => {
+            tracing::error!(%error, "cannot render metrics");
+            HttpResponse::InternalServerError()
+                .json(serde_json::json!({ "error": "metrics unavailable" }))
+        }
+    }
+}
+
+/// Any other path or method.
+pub async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({ "error": "not found" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_event_type;
+
+    #[test]
+    fn only_a_json_object_with_a_string_type_is_an_event() {
+        assert_eq!(
+            parse_event_type(br#"{"type":"user.created","data":{"id":"u"}}"#).as_deref(),
+            Some("user.created")
+        );
+        assert_eq!(
+            parse_event_type(br#"{"data":1,"type":"a\"b"}"#).as_deref(),
+            Some("a\"b")
+        );
+        for body in [
+            &b"not json"[..],
+            b"[]",
+            b"\"user.created\"",
+            b"{}",
+            br#"{"type":7}"#,
+            br#"{"type":null}"#,
+            br#"{"type":"x"} trailing"#,
+            b"",
+        ] {
+            assert_eq!(
+                parse_event_type(body),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
