@@ -1,6 +1,52 @@
-//! The worker: consumes Clerk events and applies them to Postgres.
+//! The worker: consumes Clerk events from RabbitMQ and applies them to Postgres, so the `users`
+//! table ends equal to what Clerk holds whatever the order and number of deliveries.
+//!
+//! [`Application::build`] returns a runnable worker (tests start several in one process);
+//! [`run`] is what the binary calls.
 
-/// Runs the worker until SIGTERM/SIGINT.
-pub async fn run(_settings: shared::Settings) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub mod apply;
+pub mod config;
+mod consumer;
+pub mod dead_letter;
+pub mod event;
+mod http;
+pub mod metrics;
+mod startup;
+pub mod storage;
+
+pub use apply::{ApplyError, Outcome};
+pub use config::WorkerConfig;
+pub use startup::{Application, StopHandle};
+
+use anyhow::Context as _;
+
+/// Runs the worker until SIGTERM or SIGINT, then stops consuming, finishes and acknowledges what
+/// is in flight, and returns.
+pub async fn run(settings: shared::Settings) -> anyhow::Result<()> {
+    let config = WorkerConfig::from_settings(&settings)?;
+    let app = Application::build(config).await?;
+    tracing::info!(port = app.port(), "worker started");
+    let stop = app.stop_handle();
+    let signals = wait_for_signal()
+        .await
+        .context("cannot listen for signals")?;
+    tokio::spawn(async move {
+        signals.await;
+        tracing::info!("stop requested");
+        stop.stop();
+    });
+    app.run_until_stopped().await
+}
+
+/// Registers SIGTERM and SIGINT now (so none is missed), returning a future of the first one.
+async fn wait_for_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }

@@ -1,0 +1,390 @@
+//! Applying events to Postgres: one event's rules in [`apply_event`], one delivery per call in
+//! [`apply`], and many deliveries in one transaction in [`apply_batch`].
+//!
+//! The rules, all inside one transaction:
+//! - the svix-id goes into `processed_events` first thing that writes; a conflict means the event
+//!   was handled before, and nothing else is written (`Duplicate`);
+//! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
+//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`;
+//! - `user.deleted` deletes the row and writes a tombstone;
+//! - an email held by another user goes to the newer version (by `updated_at`, then id): the older
+//!   holder's email becomes null, or, if the holder is newer, the incoming user is written with a
+//!   null email. In a real history two users never hold one address at the same moment, so the
+//!   loser is always a version that a later event of the same user supersedes.
+//!
+//! Every event takes a transaction-scoped advisory lock on its user id before reading, so events
+//! of one user never interleave, whichever worker or batch applies them. That is what makes a
+//! delete and a late update on two workers unable to resurrect a user.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, RuntimeErr, Set, Statement,
+    TransactionTrait, TryInsertResult,
+};
+use shared::events::{RoleSource, UserRecord};
+
+use crate::event::{Action, Event};
+use crate::metrics::Metrics;
+use crate::storage::{processed_events, user_tombstones};
+
+/// How often a transaction that lost a unique-constraint race is rerun before the failure is
+/// taken to belong to the message.
+const UNIQUE_RACE_RERUNS: u32 = 3;
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The database now holds what the event says.
+    Applied,
+    /// A newer version, or a tombstone, was already there; recorded, nothing else changed.
+    Stale,
+    /// A type the worker does not handle; recorded and acknowledged.
+    Ignored,
+    /// The svix-id was processed before; nothing changed.
+    Duplicate,
+}
+
+impl Outcome {
+    /// The label used in logs and metrics (and, except `duplicate`, in `processed_events`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Why an event did not apply. The kind decides the retry policy (see the crate README).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// Infrastructure trouble (database unreachable, serialization failure, deadlock, broker):
+    /// retried with back-off for as long as it lasts, never counted, never dead-lettered.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Something about this message (unusable user data, a constraint that does not resolve):
+    /// retried up to `WORKER_MAX_ATTEMPTS` times, then dead-lettered as `exhausted`.
+    #[error("{0}")]
+    Message(String),
+    /// The message can never apply (not JSON, no type, a delete without id): dead-lettered at
+    /// once as `permanent`.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ApplyError {
+    /// The reason as one line, for the `error` header of a dead letter.
+    pub fn one_line(&self) -> String {
+        self.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// How a database error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DbFailure {
+    /// Unreachable, shut down, serialization failure, deadlock, out of resources, …
+    Transient,
+    /// A unique violation: another transaction took the same key first; rerunning sees it.
+    Race,
+    /// A data or constraint error that will not go away by itself.
+    Message,
+}
+
+/// Sorts a database error by SQLSTATE class: 22 (data exception) and 23 (integrity constraint)
+/// belong to the message, 23505 is a race, and everything else (connection, 40001, 40P01,
+/// 53xxx, 57P01, 55000 "not accepting connections", …) is transient.
+pub(crate) fn classify(error: &DbErr) -> DbFailure {
+    match error {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            sea_orm::sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("23505") => DbFailure::Race,
+                Some(code) if code.starts_with("22") || code.starts_with("23") => {
+                    DbFailure::Message
+                }
+                _ => DbFailure::Transient,
+            },
+            _ => DbFailure::Transient,
+        },
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => DbFailure::Transient,
+        // Row decoding and the like: a fault with this data, not with the infrastructure.
+        _ => DbFailure::Message,
+    }
+}
+
+fn to_apply_error(error: &DbErr) -> ApplyError {
+    match classify(error) {
+        DbFailure::Transient => ApplyError::Transient(error.to_string()),
+        DbFailure::Race | DbFailure::Message => {
+            ApplyError::Message(format!("database rejected the event: {error}"))
+        }
+    }
+}
+
+/// Applies one event in a transaction of its own, rerunning it when it lost a unique race.
+pub async fn apply(db: &DatabaseConnection, event: &Event) -> Result<Outcome, ApplyError> {
+    let mut reruns = 0;
+    loop {
+        match apply_alone(db, event).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(error) if classify(&error) == DbFailure::Race && reruns < UNIQUE_RACE_RERUNS => {
+                reruns += 1;
+                tracing::debug!(%error, reruns, "unique race, rerunning the event");
+            }
+            Err(error) => return Err(to_apply_error(&error)),
+        }
+    }
+}
+
+async fn apply_alone(db: &DatabaseConnection, event: &Event) -> Result<Outcome, DbErr> {
+    let txn = db.begin().await?;
+    lock_users(&txn, event.action.user_id().into_iter()).await?;
+    let outcome = apply_event(&txn, event).await?;
+    txn.commit().await?;
+    Ok(outcome)
+}
+
+/// Why a batch did not commit.
+#[derive(Debug)]
+pub(crate) enum BatchFailure {
+    /// Retry the whole batch after a pause.
+    Transient(DbErr),
+    /// One of the events failed on its own account: apply them one by one instead, so only that
+    /// one is retried.
+    Event(DbErr),
+}
+
+/// Applies several events in one transaction, each with exactly the effect it would have alone.
+/// Commits all or nothing.
+pub(crate) async fn apply_batch(
+    db: &DatabaseConnection,
+    events: &[Event],
+) -> Result<Vec<Outcome>, BatchFailure> {
+    let sort = |error: DbErr| match classify(&error) {
+        DbFailure::Transient => BatchFailure::Transient(error),
+        DbFailure::Race | DbFailure::Message => BatchFailure::Event(error),
+    };
+    let txn = db.begin().await.map_err(sort)?;
+    // All of the batch's user locks up front and in one order, so two batches never deadlock
+    // on them.
+    lock_users(&txn, events.iter().filter_map(|e| e.action.user_id()))
+        .await
+        .map_err(sort)?;
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        outcomes.push(apply_event(&txn, event).await.map_err(sort)?);
+    }
+    txn.commit().await.map_err(sort)?;
+    Ok(outcomes)
+}
+
+/// Takes the transaction-scoped advisory lock of every user id given, in the order of the lock
+/// keys.
+async fn lock_users<'a, C: ConnectionTrait>(
+    db: &C,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<(), DbErr> {
+    let ids: Vec<String> = ids.map(str::to_owned).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock(key) FROM \
+           (SELECT DISTINCT hashtextextended(id, 0) AS key FROM unnest($1::text[]) AS ids(id) \
+            ORDER BY key) AS keys",
+        [ids.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Applies one event inside the caller's transaction. The caller holds the user's lock.
+pub(crate) async fn apply_event<C: ConnectionTrait>(
+    db: &C,
+    event: &Event,
+) -> Result<Outcome, DbErr> {
+    match &event.action {
+        Action::Ignore => {
+            let recorded = record(db, event, Outcome::Ignored).await?;
+            Ok(if recorded {
+                Outcome::Ignored
+            } else {
+                Outcome::Duplicate
+            })
+        }
+        Action::Delete { id } => {
+            if !record(db, event, Outcome::Applied).await? {
+                return Ok(Outcome::Duplicate);
+            }
+            db.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "DELETE FROM users WHERE id = $1",
+                [id.clone().into()],
+            ))
+            .await?;
+            let tombstone = user_tombstones::ActiveModel {
+                id: Set(id.clone()),
+                deleted_at: Set(Utc::now().into()),
+            };
+            // A second delete keeps the first deletion time.
+            user_tombstones::Entity::insert(tombstone)
+                .on_conflict_do_nothing()
+                .exec(db)
+                .await?;
+            Ok(Outcome::Applied)
+        }
+        Action::Upsert(record_in) => upsert(db, event, record_in).await,
+    }
+}
+
+/// Inserts the svix-id; false when it was there already.
+async fn record<C: ConnectionTrait>(
+    db: &C,
+    event: &Event,
+    outcome: Outcome,
+) -> Result<bool, DbErr> {
+    let row = processed_events::ActiveModel {
+        svix_id: Set(event.svix_id.clone()),
+        event_type: Set(event.event_type.clone()),
+        outcome: Set(outcome.as_str().to_owned()),
+        processed_at: Set(Utc::now().into()),
+    };
+    let result = processed_events::Entity::insert(row)
+        .on_conflict_do_nothing()
+        .exec(db)
+        .await?;
+    Ok(matches!(result, TryInsertResult::Inserted(_)))
+}
+
+/// What the database holds that decides an upsert.
+struct Standing {
+    tombstoned: bool,
+    stored_updated_at: Option<DateTime<Utc>>,
+    /// Another user holding the incoming email, with that user's version.
+    holder: Option<(String, DateTime<Utc>)>,
+}
+
+async fn standing<C: ConnectionTrait>(db: &C, record: &UserRecord) -> Result<Standing, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
+                    (SELECT updated_at FROM users WHERE id = $1) AS stored_updated_at, \
+                    holder.id AS holder_id, holder.updated_at AS holder_updated_at \
+             FROM (SELECT 1) AS one \
+             LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1",
+            [record.id.clone().into(), record.email.clone().into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("standing query returned no row".into()))?;
+    let holder_id: Option<String> = row.try_get("", "holder_id")?;
+    let holder_updated_at: Option<DateTime<Utc>> = row.try_get("", "holder_updated_at")?;
+    Ok(Standing {
+        tombstoned: row.try_get("", "tombstoned")?,
+        stored_updated_at: row.try_get("", "stored_updated_at")?,
+        holder: holder_id.zip(holder_updated_at),
+    })
+}
+
+async fn upsert<C: ConnectionTrait>(
+    db: &C,
+    event: &Event,
+    incoming: &UserRecord,
+) -> Result<Outcome, DbErr> {
+    let standing = standing(db, incoming).await?;
+    let newer = standing
+        .stored_updated_at
+        .is_none_or(|stored| stored < incoming.updated_at);
+    if standing.tombstoned || !newer {
+        return Ok(if record(db, event, Outcome::Stale).await? {
+            Outcome::Stale
+        } else {
+            Outcome::Duplicate
+        });
+    }
+    if !record(db, event, Outcome::Applied).await? {
+        return Ok(Outcome::Duplicate);
+    }
+    let mut email = incoming.email.clone();
+    if let (Some(address), Some((holder_id, holder_updated_at))) = (&email, &standing.holder) {
+        if (*holder_updated_at, holder_id.as_str()) < (incoming.updated_at, incoming.id.as_str()) {
+            // The condition is checked again under the row lock: if the holder moved on in the
+            // meantime, nothing is taken from it, and a remaining conflict shows up below as a
+            // unique violation, which reruns the event.
+            db.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE users SET email = NULL, synced_at = now() \
+                 WHERE id = $1 AND email = $2 AND (updated_at, id) < ($3, $4)",
+                [
+                    holder_id.clone().into(),
+                    address.clone().into(),
+                    incoming.updated_at.into(),
+                    incoming.id.clone().into(),
+                ],
+            ))
+            .await?;
+            tracing::warn!(
+                user_id = %incoming.id, previous_holder = %holder_id,
+                "email moved to a newer user version; the older holder's email is now null"
+            );
+        } else {
+            email = None;
+            tracing::warn!(
+                user_id = %incoming.id, holder = %holder_id,
+                "email held by a newer version of another user; stored with a null email"
+            );
+        }
+    }
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO users \
+           (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+         ON CONFLICT (id) DO UPDATE SET \
+           email = excluded.email, first_name = excluded.first_name, \
+           last_name = excluded.last_name, role = excluded.role, phone = excluded.phone, \
+           created_at = excluded.created_at, updated_at = excluded.updated_at, \
+           synced_at = excluded.synced_at \
+         WHERE users.updated_at < excluded.updated_at",
+        [
+            incoming.id.clone().into(),
+            email.into(),
+            incoming.first_name.clone().into(),
+            incoming.last_name.clone().into(),
+            incoming.role.as_str().into(),
+            incoming.phone.clone().into(),
+            incoming.created_at.into(),
+            incoming.updated_at.into(),
+        ],
+    ))
+    .await?;
+    Ok(Outcome::Applied)
+}
+
+/// Counts and logs what became of an event, once its transaction committed.
+pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome, started: Instant) {
+    metrics.event(&event.event_type, outcome.as_str());
+    if outcome == Outcome::Duplicate {
+        metrics.duplicates.inc();
+    }
+    if let Action::Upsert(record) = &event.action
+        && let RoleSource::Unknown(value) = &record.role_source
+        && outcome == Outcome::Applied
+    {
+        metrics.unknown_roles.inc();
+        tracing::warn!(user_id = %record.id, role = %value, "unknown role in public_metadata; stored as client");
+    }
+    tracing::info!(
+        outcome = outcome.as_str(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "event handled"
+    );
+}

@@ -1,0 +1,157 @@
+//! The worker's settings, taken once from [`shared::Settings`] and checked at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shared::{ConfigError, Settings, Topology};
+
+/// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
+/// or by hand in tests.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `DATABASE_URL`.
+    pub database_url: SecretString,
+    /// `AMQP_URL`.
+    pub amqp_url: SecretString,
+    /// `AMQP_EXCHANGE`, `AMQP_QUEUE`, `AMQP_DEAD_QUEUE`, `AMQP_DELIVERY_LIMIT`.
+    pub topology: Topology,
+    /// `WORKER_PREFETCH`: unacknowledged deliveries held at once.
+    pub prefetch: u16,
+    /// `WORKER_BATCH_SIZE`: deliveries applied in one transaction at most.
+    pub batch_size: usize,
+    /// `WORKER_MAX_ATTEMPTS`: attempts for a failure that belongs to the message before it is
+    /// dead-lettered as `exhausted`.
+    pub max_attempts: u32,
+    /// `WORKER_RETRY_BASE_MS` and `WORKER_RETRY_MAX_MS`.
+    pub backoff: Backoff,
+    /// `WORKER_RUN_MIGRATIONS`: apply pending migrations at start.
+    pub run_migrations: bool,
+    /// `WORKER_LISTEN`: the health and metrics address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
+    /// at once, so every batch in flight has a connection.
+    pub db_pool_size: u32,
+}
+
+impl WorkerConfig {
+    /// Checks and converts the loaded settings; the error names the offending variable.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let listen = settings
+            .worker_listen
+            .parse()
+            .map_err(|error| ConfigError::Malformed {
+                variable: "WORKER_LISTEN",
+                reason: format!("not an address like 0.0.0.0:3001 ({error})"),
+            })?;
+        let at_least_one = |variable: &'static str, value: u64| {
+            if value == 0 {
+                Err(ConfigError::Malformed {
+                    variable,
+                    reason: "must be at least 1".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("WORKER_PREFETCH", settings.worker_prefetch.into())?;
+        at_least_one("WORKER_BATCH_SIZE", settings.worker_batch_size as u64)?;
+        at_least_one("WORKER_MAX_ATTEMPTS", settings.worker_max_attempts.into())?;
+        at_least_one("WORKER_RETRY_BASE_MS", settings.worker_retry_base_ms)?;
+        at_least_one("WORKER_DB_POOL_SIZE", settings.worker_db_pool_size.into())?;
+        if settings.worker_retry_max_ms < settings.worker_retry_base_ms {
+            return Err(ConfigError::Malformed {
+                variable: "WORKER_RETRY_MAX_MS",
+                reason: "must not be below WORKER_RETRY_BASE_MS".into(),
+            });
+        }
+        Ok(Self {
+            database_url: settings.database_url()?,
+            amqp_url: settings.amqp_url()?,
+            topology: settings.topology()?,
+            prefetch: settings.worker_prefetch,
+            batch_size: settings.worker_batch_size,
+            max_attempts: settings.worker_max_attempts,
+            backoff: Backoff {
+                base: Duration::from_millis(settings.worker_retry_base_ms),
+                max: Duration::from_millis(settings.worker_retry_max_ms),
+            },
+            run_migrations: settings.worker_run_migrations,
+            listen,
+            db_pool_size: settings.worker_db_pool_size,
+        })
+    }
+}
+
+/// Exponential back-off: `base`, then doubled on every retry, never above `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The pause before retry number `retry` (1 for the first retry).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(retry.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            database_url: Some("postgres://localhost/db".into()),
+            amqp_url: Some("amqp://localhost:5672/%2f".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_stops_at_the_cap() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let delays: Vec<u128> = (1..=6).map(|n| backoff.delay(n).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff.delay(500), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn defaults_make_a_valid_config() {
+        let config = WorkerConfig::from_settings(&settings()).expect("config");
+        assert_eq!(config.max_attempts, 5);
+        assert!(config.run_migrations);
+        assert_eq!(config.listen.port(), 3001);
+    }
+
+    #[test]
+    fn a_zero_batch_size_is_named() {
+        let settings = Settings {
+            worker_batch_size: 0,
+            ..settings()
+        };
+        let line = WorkerConfig::from_settings(&settings)
+            .expect_err("zero")
+            .to_string();
+        assert!(line.contains("WORKER_BATCH_SIZE"), "{line}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_is_named() {
+        let settings = Settings {
+            worker_listen: "localhost".into(),
+            ..settings()
+        };
+        let line = WorkerConfig::from_settings(&settings)
+            .expect_err("bad")
+            .to_string();
+        assert!(line.contains("WORKER_LISTEN"), "{line}");
+    }
+}

@@ -1,0 +1,441 @@
+//! The consume loop and what happens to each delivery.
+//!
+//! The loop is dumb on purpose: it takes a free slot, waits for a delivery, adds whatever else is
+//! already waiting (up to `WORKER_BATCH_SIZE`), and hands the batch to a task. Prefetch bounds the
+//! deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the transactions in flight.
+//!
+//! Retry policy (also in the crate README):
+//! - transient failures (database or broker unusable, serialization failure, deadlock): the same
+//!   events are retried after an exponential, capped back-off, for as long as it takes; this is
+//!   not counted against the message and never dead-letters it;
+//! - a failure that belongs to the message: retried alone, up to `WORKER_MAX_ATTEMPTS` attempts in
+//!   all with the same back-off, then dead-lettered as `exhausted` with its attempt count;
+//! - a message that can never apply: dead-lettered at once as `permanent`.
+//!
+//! A delivery is acknowledged only after its transaction committed, or after its dead letter was
+//! confirmed. On shutdown, work in flight finishes; a delivery still waiting for a retry is left
+//! unacknowledged, so the broker hands it out again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use sea_orm::DatabaseConnection;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::Instrument;
+
+use crate::apply::{self, ApplyError, BatchFailure, Outcome};
+use crate::config::WorkerConfig;
+use crate::dead_letter::{DeadKind, DeadLetters};
+use crate::event::{Event, ReadError, text};
+use crate::metrics::Metrics;
+use shared::headers;
+
+/// A view of the stop signal that tasks can wait on.
+#[derive(Clone)]
+pub(crate) struct Stop(pub(crate) watch::Receiver<bool>);
+
+impl Stop {
+    pub(crate) fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        // An error means the sender is gone, which also means stop.
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// Sleeps for `delay`; false when a stop came first.
+    pub(crate) async fn sleep(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.wait() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// How consuming ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// A stop was requested and everything in flight is done.
+    Stopped,
+    /// The consumer broke (connection or channel lost); reconnect.
+    Lost(String),
+}
+
+/// Everything a delivery's task needs.
+pub(crate) struct Handler {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) metrics: Metrics,
+    pub(crate) config: WorkerConfig,
+    pub(crate) dead: DeadLetters,
+    pub(crate) stop: Stop,
+}
+
+/// Consumes from the worker queue on `channel` until a stop or until the consumer breaks, then
+/// waits for every task it started.
+pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
+    let mut stop = handler.stop.clone();
+    let batch_size = handler.config.batch_size;
+    let slots = Arc::new(Semaphore::new(handler.config.db_pool_size as usize));
+    let mut consumer = match channel
+        .basic_consume(
+            handler.config.topology.queue.as_str().into(),
+            // The broker picks a unique tag.
+            "".into(),
+            BasicConsumeOptions {
+                // Manual acknowledgement: only after the commit or the confirmed dead letter.
+                no_ack: false,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(consumer) => consumer,
+        Err(error) => return End::Lost(format!("cannot start consuming: {error}")),
+    };
+    let handler = Arc::new(handler);
+    // Every task holds a clone of `working`; when all are dropped, `idle` yields None.
+    let (working, mut idle) = mpsc::channel::<()>(1);
+    let end = loop {
+        let slot = tokio::select! {
+            biased;
+            _ = stop.wait() => break End::Stopped,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break End::Stopped,
+            },
+        };
+        let first = tokio::select! {
+            biased;
+            _ = stop.wait() => break End::Stopped,
+            next = consumer.next() => next,
+        };
+        let mut batch = match first {
+            Some(Ok(delivery)) => vec![delivery],
+            Some(Err(error)) => break End::Lost(error.to_string()),
+            None => break End::Lost("the broker cancelled the consumer".into()),
+        };
+        let mut broken = None;
+        while batch.len() < batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(error))) => {
+                    broken = Some(error.to_string());
+                    break;
+                }
+                Some(None) => {
+                    broken = Some("the broker cancelled the consumer".into());
+                    break;
+                }
+                // Nothing more waiting: go with what there is rather than wait for a full batch.
+                None => break,
+            }
+        }
+        let handler = handler.clone();
+        let working = working.clone();
+        tokio::spawn(async move {
+            handler.handle_batch(batch, &working).await;
+            drop(slot);
+        });
+        if let Some(reason) = broken {
+            break End::Lost(reason);
+        }
+    };
+    if channel.status().connected() {
+        // No new deliveries; those received but not started go back to the queue when the
+        // channel closes.
+        if let Err(error) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(%error, "cannot cancel the consumer");
+        }
+    }
+    drop(working);
+    let _ = idle.recv().await;
+    end
+}
+
+/// A span carrying the delivery's svix-id and type, read from its properties (so it exists even
+/// when the body is unreadable).
+fn span_for(delivery: &Delivery) -> tracing::Span {
+    let svix_id = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(headers::SVIX_ID))
+        .and_then(text)
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+        })
+        .unwrap_or_default();
+    let event_type = delivery
+        .properties
+        .kind()
+        .as_ref()
+        .map(|kind| kind.to_string())
+        .unwrap_or_else(|| delivery.routing_key.to_string());
+    tracing::info_span!("event", svix_id = %svix_id, r#type = %event_type)
+}
+
+impl Handler {
+    async fn handle_batch(self: &Arc<Self>, deliveries: Vec<Delivery>, working: &mpsc::Sender<()>) {
+        let mut held = Vec::with_capacity(deliveries.len());
+        let mut events = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let span = span_for(&delivery);
+            match Event::read(&delivery.data, &delivery.properties) {
+                Ok(event) => {
+                    held.push((delivery, span));
+                    events.push(event);
+                }
+                Err(ReadError::Permanent(reason)) => {
+                    self.dead_letter(&delivery, None, DeadKind::Permanent, &reason, 1)
+                        .instrument(span)
+                        .await;
+                }
+                Err(ReadError::Message(reason)) => {
+                    self.spawn_retry(delivery, reason, span, working);
+                }
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        let mut stop = self.stop.clone();
+        let mut retry = 0;
+        loop {
+            let started = Instant::now();
+            match apply::apply_batch(&self.db, &events).await {
+                Ok(outcomes) => {
+                    self.metrics
+                        .apply_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.batch_size.observe(events.len() as f64);
+                    for ((delivery, span), (event, outcome)) in
+                        held.iter().zip(events.iter().zip(outcomes))
+                    {
+                        let _entered = span.enter();
+                        apply::report(&self.metrics, event, outcome, started);
+                        drop(_entered);
+                        ack(delivery).instrument(span.clone()).await;
+                    }
+                    return;
+                }
+                Err(BatchFailure::Transient(error)) => {
+                    retry += 1;
+                    self.metrics.retries.with_label_values(&["transient"]).inc();
+                    tracing::warn!(
+                        %error, retry, events = events.len(),
+                        "database unavailable; retrying the batch after a pause"
+                    );
+                    if !stop.sleep(self.config.backoff.delay(retry)).await {
+                        return;
+                    }
+                }
+                Err(BatchFailure::Event(error)) => {
+                    tracing::debug!(%error, "an event of the batch failed; applying them one by one");
+                    for ((delivery, span), event) in held.into_iter().zip(events) {
+                        self.handle_alone(delivery, event, span.clone(), working)
+                            .instrument(span)
+                            .await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies one event in its own transaction; a message failure goes to the retry path.
+    async fn handle_alone(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        event: Event,
+        span: tracing::Span,
+        working: &mpsc::Sender<()>,
+    ) {
+        match self.apply_until_settled(&event).await {
+            None => {}
+            Some(Ok(outcome)) => self.settle(&delivery, &event, outcome).await,
+            Some(Err(ApplyError::Message(reason))) => {
+                self.spawn_retry(delivery, reason, span, working)
+            }
+            Some(Err(error)) => {
+                self.dead_letter(
+                    &delivery,
+                    Some(&event.event_type),
+                    DeadKind::Permanent,
+                    &error.one_line(),
+                    1,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn settle(&self, delivery: &Delivery, event: &Event, outcome: Outcome) {
+        apply::report(&self.metrics, event, outcome, Instant::now());
+        ack(delivery).await;
+    }
+
+    /// Applies `event` alone, waiting out transient failures. None when a stop came first.
+    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, ApplyError>> {
+        let mut stop = self.stop.clone();
+        let mut retry = 0;
+        loop {
+            let started = Instant::now();
+            match apply::apply(&self.db, event).await {
+                Err(ApplyError::Transient(error)) => {
+                    retry += 1;
+                    self.metrics.retries.with_label_values(&["transient"]).inc();
+                    tracing::warn!(%error, retry, "database unavailable; retrying after a pause");
+                    if !stop.sleep(self.config.backoff.delay(retry)).await {
+                        return None;
+                    }
+                }
+                result => {
+                    self.metrics
+                        .apply_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return Some(result);
+                }
+            }
+        }
+    }
+
+    /// Retries a delivery whose first attempt failed on its own account, in a task of its own so
+    /// its pauses hold up nothing else.
+    fn spawn_retry(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        reason: String,
+        span: tracing::Span,
+        working: &mpsc::Sender<()>,
+    ) {
+        let handler = self.clone();
+        let working = working.clone();
+        tokio::spawn(
+            async move {
+                handler.retry(delivery, reason).await;
+                drop(working);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn retry(&self, delivery: Delivery, mut reason: String) {
+        let mut stop = self.stop.clone();
+        let mut attempts: u32 = 1;
+        loop {
+            if attempts >= self.config.max_attempts {
+                self.dead_letter(&delivery, None, DeadKind::Exhausted, &reason, attempts)
+                    .await;
+                return;
+            }
+            self.metrics.retries.with_label_values(&["message"]).inc();
+            tracing::warn!(error = %reason, attempts, "event failed; retrying it alone after a pause");
+            if !stop.sleep(self.config.backoff.delay(attempts)).await {
+                return;
+            }
+            attempts += 1;
+            let event = match Event::read(&delivery.data, &delivery.properties) {
+                Ok(event) => event,
+                Err(ReadError::Message(again)) => {
+                    reason = again;
+                    continue;
+                }
+                Err(ReadError::Permanent(why)) => {
+                    self.dead_letter(&delivery, None, DeadKind::Permanent, &why, attempts)
+                        .await;
+                    return;
+                }
+            };
+            match self.apply_until_settled(&event).await {
+                None => return,
+                Some(Ok(outcome)) => {
+                    self.settle(&delivery, &event, outcome).await;
+                    return;
+                }
+                Some(Err(ApplyError::Message(again))) => reason = again,
+                Some(Err(error)) => {
+                    let why = error.one_line();
+                    self.dead_letter(&delivery, None, DeadKind::Permanent, &why, attempts)
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes the dead letter, waits for its confirm, then acknowledges the original. Broker
+    /// trouble is retried while the delivery's channel lives; once it is gone the broker
+    /// redelivers the message anyway.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        event_type: Option<&str>,
+        kind: DeadKind,
+        reason: &str,
+        attempts: u32,
+    ) {
+        let mut stop = self.stop.clone();
+        let mut retry = 0;
+        loop {
+            match self
+                .dead
+                .publish(&delivery.data, &delivery.properties, kind, reason, attempts)
+                .await
+            {
+                Ok(()) => {
+                    self.metrics
+                        .dead_lettered
+                        .with_label_values(&[kind.as_str()])
+                        .inc();
+                    let event_type = event_type
+                        .map(str::to_owned)
+                        .or_else(|| delivery.properties.kind().as_ref().map(|k| k.to_string()))
+                        .unwrap_or_else(|| "unknown".into());
+                    self.metrics.event(&event_type, "dead_lettered");
+                    tracing::error!(kind = kind.as_str(), attempts, error = %reason, "dead-lettered");
+                    ack(delivery).await;
+                    return;
+                }
+                Err(error) => {
+                    if delivery.acker.poisoned() {
+                        tracing::warn!(%error, "cannot dead-letter and the channel is gone; the broker will redeliver");
+                        return;
+                    }
+                    retry += 1;
+                    self.metrics.retries.with_label_values(&["transient"]).inc();
+                    tracing::warn!(%error, retry, "cannot dead-letter; retrying after a pause");
+                    if !stop.sleep(self.config.backoff.delay(retry)).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "cannot acknowledge: the channel is gone; the broker will redeliver and the svix-id makes that harmless"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot acknowledge; the broker will redeliver and the svix-id makes that harmless"
+        ),
+    }
+}

@@ -1,0 +1,167 @@
+//! A delivery read as an event: its svix-id, its type and what it asks of the database. Reading
+//! needs no I/O, so a whole batch is read before its transaction starts.
+
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
+use shared::headers;
+
+/// One event, ready to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The svix-id: the idempotency key, recorded in `processed_events`.
+    pub svix_id: String,
+    /// The envelope's `type`, e.g. `user.created`.
+    pub event_type: String,
+    pub action: Action,
+}
+
+/// What an event asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `user.created` / `user.updated`: this version of the user, if it is the newest.
+    Upsert(Box<UserRecord>),
+    /// `user.deleted`: remove the user for good.
+    Delete { id: String },
+    /// A type the worker does not handle: recorded as `ignored`.
+    Ignore,
+}
+
+impl Action {
+    /// The user the event is about, if any.
+    pub fn user_id(&self) -> Option<&str> {
+        match self {
+            Action::Upsert(record) => Some(&record.id),
+            Action::Delete { id } => Some(id),
+            Action::Ignore => None,
+        }
+    }
+}
+
+/// Why a delivery cannot be read as an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// It can never apply, however often it is tried: dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+    /// The event is recognisable but its data is not usable: retried, then dead-lettered.
+    #[error("{0}")]
+    Message(String),
+}
+
+impl Event {
+    /// Reads a delivery's body and properties, the way the ingest published them.
+    pub fn read(body: &[u8], properties: &BasicProperties) -> Result<Self, ReadError> {
+        let envelope = Envelope::parse(body).map_err(|e| ReadError::Permanent(e.to_string()))?;
+        let svix_id = svix_id(properties).ok_or_else(|| {
+            ReadError::Permanent("message has no svix-id header and no message id".into())
+        })?;
+        let action = match UserEventKind::from_type(&envelope.event_type) {
+            Some(UserEventKind::Created | UserEventKind::Updated) => {
+                let user: ClerkUser = serde_json::from_value(envelope.data)
+                    .map_err(|e| ReadError::Message(format!("user data: {e}")))?;
+                let record = user
+                    .to_record()
+                    .map_err(|e| ReadError::Message(format!("user data: {e}")))?;
+                Action::Upsert(Box::new(record))
+            }
+            Some(UserEventKind::Deleted) => {
+                let deleted: Option<DeletedObject> = serde_json::from_value(envelope.data).ok();
+                match deleted
+                    .and_then(|d| d.id)
+                    .filter(|id| !id.trim().is_empty())
+                {
+                    Some(id) => Action::Delete { id },
+                    None => {
+                        return Err(ReadError::Permanent("user.deleted without data.id".into()));
+                    }
+                }
+            }
+            None => Action::Ignore,
+        };
+        Ok(Self {
+            svix_id,
+            event_type: envelope.event_type,
+            action,
+        })
+    }
+}
+
+/// The `svix-id` header, else the message id (the ingest sets both to the same value).
+fn svix_id(properties: &BasicProperties) -> Option<String> {
+    let from_header = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(headers::SVIX_ID))
+        .and_then(text);
+    from_header
+        .or_else(|| properties.message_id().as_ref().map(|id| id.to_string()))
+        .filter(|id| !id.trim().is_empty())
+}
+
+/// A header's value as text, whichever string type the publisher chose.
+pub(crate) fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldTable, LongString};
+
+    fn properties(svix_id: Option<&str>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(id) = svix_id {
+            headers.insert(
+                headers::SVIX_ID.into(),
+                AMQPValue::LongString(LongString::from(id)),
+            );
+        }
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_permanent() {
+        let error = Event::read(b"{nope", &properties(Some("msg_1"))).expect_err("not json");
+        assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+    }
+
+    #[test]
+    fn a_body_without_type_is_permanent() {
+        let error =
+            Event::read(br#"{"data":{}}"#, &properties(Some("msg_1"))).expect_err("no type");
+        assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+    }
+
+    #[test]
+    fn a_delete_without_id_is_permanent() {
+        let body = br#"{"type":"user.deleted","data":{"deleted":true,"object":"user"}}"#;
+        let error = Event::read(body, &properties(Some("msg_1"))).expect_err("no id");
+        assert_eq!(
+            error,
+            ReadError::Permanent("user.deleted without data.id".into())
+        );
+    }
+
+    #[test]
+    fn a_user_without_updated_at_is_a_message_failure() {
+        let body = br#"{"type":"user.updated","data":{"id":"user_1","created_at":1}}"#;
+        let error = Event::read(body, &properties(Some("msg_1"))).expect_err("no updated_at");
+        assert!(matches!(error, ReadError::Message(_)), "{error:?}");
+    }
+
+    #[test]
+    fn the_message_id_stands_in_for_a_missing_svix_id_header() {
+        let body = br#"{"type":"session.created","data":{}}"#;
+        let props = properties(None).with_message_id("msg_2".into());
+        let event = Event::read(body, &props).expect("event");
+        assert_eq!(event.svix_id, "msg_2");
+        assert_eq!(event.action, Action::Ignore);
+        let error = Event::read(body, &properties(None)).expect_err("no id at all");
+        assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+    }
+}

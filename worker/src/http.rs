@@ -1,0 +1,93 @@
+//! Health and metrics on `WORKER_LISTEN`: `/healthz` (alive), `/readyz` (database and broker
+//! usable), `/metrics` (Prometheus text).
+
+use std::net::TcpListener;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use lapin::Channel;
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+
+use crate::metrics::Metrics;
+
+/// The consuming channel while there is one; `/readyz` asks it whether it is connected.
+#[derive(Default)]
+pub(crate) struct BrokerState(RwLock<Option<Channel>>);
+
+impl BrokerState {
+    pub(crate) fn set(&self, channel: Option<Channel>) {
+        match self.0.write() {
+            Ok(mut slot) => *slot = channel,
+            Err(poisoned) => *poisoned.into_inner() = channel,
+        }
+    }
+
+    fn usable(&self) -> bool {
+        let slot = match self.0.read() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slot.as_ref()
+            .is_some_and(|channel| channel.status().connected())
+    }
+}
+
+struct Probe {
+    db: DatabaseConnection,
+    broker: Arc<BrokerState>,
+    metrics: Metrics,
+}
+
+/// Starts the server on `listener` (bound by the caller, so tests can pass port 0). Signals are
+/// left to the worker, which stops the server itself.
+pub(crate) fn serve(
+    listener: TcpListener,
+    db: DatabaseConnection,
+    broker: Arc<BrokerState>,
+    metrics: Metrics,
+) -> std::io::Result<Server> {
+    let probe = web::Data::new(Probe {
+        db,
+        broker,
+        metrics,
+    });
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(probe.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(render_metrics))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)?
+    .run())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
+    let database = matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe.db.ping()).await,
+        Ok(Ok(()))
+    );
+    let broker = probe.broker.usable();
+    let body = json!({"database": database, "broker": broker});
+    if database && broker {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn render_metrics(probe: web::Data<Probe>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(probe.metrics.render())
+}
