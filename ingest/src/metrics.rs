@@ -103,6 +103,9 @@ impl Metrics {
         for outcome in Outcome::ALL {
             requests.with_label_values(&[outcome.label()]);
         }
+        for reason in crate::signature::VerifyError::REASONS {
+            verification_failures.with_label_values(&[reason]);
+        }
         Ok(Self {
             registry,
             requests,

@@ -35,6 +35,16 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// Every [`VerifyError::reason`], so each metric series exists from the start.
+    pub const REASONS: [&'static str; 6] = [
+        "missing_header",
+        "malformed_header",
+        "timestamp_too_old",
+        "timestamp_in_future",
+        "invalid_signature",
+        "body_not_text",
+    ];
+
     /// True for the sender's formatting mistakes (answered 400); false for a rejected signature
     /// or timestamp (answered 401).
     pub fn is_malformed_request(&self) -> bool {
@@ -547,6 +557,20 @@ mod tests {
             .sign("m", ts, b"{}")
             .expect("sign");
         assert_eq!(with, without);
+    }
+
+    #[test]
+    fn every_reason_is_listed_for_the_metrics() {
+        for error in [
+            VerifyError::MissingHeader("id"),
+            VerifyError::MalformedHeader("id"),
+            VerifyError::TimestampTooOld,
+            VerifyError::TimestampInFuture,
+            VerifyError::InvalidSignature,
+            VerifyError::BodyNotText,
+        ] {
+            assert!(VerifyError::REASONS.contains(&error.reason()), "{error:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,71 @@
+//! The broker going away and coming back, without restarting the ingest: a TCP proxy the test
+//! controls sits between the ingest and the broker.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Proxy, TestApp, broker_address, event_body, eventually, get, metric};
+
+#[actix_web::test]
+async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_returns() {
+    let proxy = Proxy::start(broker_address()).await;
+    let url = proxy.amqp_url();
+    let app = TestApp::spawn_with(|settings| {
+        settings.amqp_url = Some(url.into());
+        settings.ingest_confirm_timeout_ms = 1_000;
+    })
+    .await;
+    assert_eq!(
+        app.post_signed(&event_body("user.created", 300))
+            .await
+            .status,
+        200
+    );
+
+    proxy.cut();
+
+    let readyz = format!("{}/readyz", app.address);
+    eventually(
+        "readyz to report the broker gone",
+        Duration::from_secs(10),
+        || async { get(&readyz).await.0 == 503 },
+    )
+    .await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let answer = app.post_signed(&event_body("user.created", 300)).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.retry_after.as_deref(), Some("5"));
+        // Never longer than the confirm timeout (plus scheduling slack).
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        metric(&app.metrics_text().await, "ingest_broker_connected"),
+        Some(0.0)
+    );
+
+    proxy.restore();
+
+    eventually(
+        "readyz to report the broker back",
+        Duration::from_secs(30),
+        || async { get(&readyz).await.0 == 200 },
+    )
+    .await;
+    let answer = app.post_signed(&event_body("user.updated", 300)).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // The first event and the one after recovery; nothing from the outage.
+    assert_eq!(app.queue_depth().await, 2);
+    let text = app.metrics_text().await;
+    assert_eq!(metric(&text, "ingest_broker_connected"), Some(1.0));
+    assert!(
+        metric(&text, "ingest_broker_reconnects_total") >= Some(1.0),
+        "{text}"
+    );
+    app.stop().await;
+}
