@@ -1,0 +1,429 @@
+//! The scenarios: the whole pipeline under a steady load while one fault (or all of them, one
+//! after the other) strikes, then the count of what was lost.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine;
+use rand::RngCore;
+use shared::Topology;
+
+use crate::check::{self, Verdict};
+use crate::history;
+use crate::postgres::PgCluster;
+use crate::rabbit::RabbitNode;
+use crate::sender::{self, SenderConfig, SenderStats};
+use crate::service::Service;
+use crate::support;
+
+/// How long a broker or database outage lasts before the suite brings it back.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// How long the pipeline may take, after the load, to get every event acknowledged and applied.
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// A fault scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// RabbitMQ killed with SIGKILL and restarted.
+    RabbitmqKill,
+    /// Postgres stopped in immediate mode and restarted.
+    PostgresImmediate,
+    /// The worker killed with SIGKILL and restarted, twice.
+    WorkerKill,
+    /// The ingest sent SIGTERM and restarted.
+    IngestTerm,
+    /// A second worker joining and leaving midway.
+    SecondWorker,
+    /// All of the above, one after the other, in one run.
+    Combined,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::RabbitmqKill,
+        Scenario::PostgresImmediate,
+        Scenario::WorkerKill,
+        Scenario::IngestTerm,
+        Scenario::SecondWorker,
+        Scenario::Combined,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::RabbitmqKill => "rabbitmq-kill",
+            Scenario::PostgresImmediate => "postgres-immediate",
+            Scenario::WorkerKill => "worker-kill",
+            Scenario::IngestTerm => "ingest-term",
+            Scenario::SecondWorker => "second-worker",
+            Scenario::Combined => "combined",
+        }
+    }
+
+    /// The faults, each at a fraction of the load's duration.
+    fn faults(self) -> Vec<(f64, Fault)> {
+        match self {
+            Scenario::RabbitmqKill => vec![(0.33, Fault::KillRabbit)],
+            Scenario::PostgresImmediate => vec![(0.33, Fault::StopPostgres)],
+            Scenario::WorkerKill => vec![(0.3, Fault::KillWorker), (0.6, Fault::KillWorker)],
+            Scenario::IngestTerm => vec![(0.4, Fault::TerminateIngest)],
+            Scenario::SecondWorker => vec![(0.3, Fault::AddWorker), (0.65, Fault::RemoveWorker)],
+            Scenario::Combined => vec![
+                (0.1, Fault::KillRabbit),
+                (0.22, Fault::AddWorker),
+                (0.34, Fault::StopPostgres),
+                (0.46, Fault::KillWorker),
+                (0.58, Fault::TerminateIngest),
+                (0.7, Fault::KillWorker),
+                (0.82, Fault::RemoveWorker),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillRabbit,
+    StopPostgres,
+    KillWorker,
+    TerminateIngest,
+    AddWorker,
+    RemoveWorker,
+}
+
+/// The load of one scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Events started per second.
+    pub rate: u32,
+    /// How long events are started for.
+    pub seconds: u64,
+    /// Seed of the user histories.
+    pub seed: u64,
+}
+
+/// The binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub ingest: PathBuf,
+    pub worker: PathBuf,
+}
+
+/// The infrastructure the scenarios share; each scenario has its own database and queue names.
+pub struct Infrastructure<'a> {
+    pub rabbit: &'a mut RabbitNode,
+    pub postgres: &'a mut PgCluster,
+    pub binaries: &'a Binaries,
+    pub dir: &'a Path,
+}
+
+/// The queue names and the database of one scenario, its own so nothing carries over.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub topology: Topology,
+    pub database: String,
+}
+
+impl Names {
+    pub fn new(scenario: Scenario) -> Self {
+        let name = scenario.name();
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            topology: Topology::prefixed(&format!("faults-{name}-{}", &suffix[..8])),
+            database: format!("faults_{}_{}", name.replace('-', "_"), &suffix[..8]),
+        }
+    }
+}
+
+/// What one scenario did and found.
+pub struct Report {
+    pub scenario: Scenario,
+    pub stats: SenderStats,
+    /// Events still without a 2xx when the sender gave up.
+    pub undelivered: u64,
+    /// Deliveries the workers recognised as already processed (from their `/metrics`).
+    pub duplicates_absorbed: Option<u64>,
+    pub verdict: Verdict,
+    /// What happened when, for the log.
+    pub timeline: Vec<String>,
+    /// Why the scenario could not run to its end, if it could not.
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.error.is_none()
+            && self.undelivered == 0
+            && self.stats.other_status == 0
+            && self.verdict.passed()
+    }
+}
+
+/// Runs one scenario from a fresh database and fresh queue names to its verdict.
+pub async fn run(
+    infra: Infrastructure<'_>,
+    scenario: Scenario,
+    names: Names,
+    load: Load,
+) -> Report {
+    let mut run = Run {
+        scenario,
+        started: Instant::now(),
+        timeline: Vec::new(),
+        workers: Vec::new(),
+        ingest: None,
+        duplicates_seen: 0.0,
+        duplicates_metric_found: false,
+    };
+    let outcome = run.execute(infra, names, load).await;
+    let (stats, undelivered, verdict, error) = match outcome {
+        Ok((stats, undelivered, verdict)) => (stats, undelivered, verdict, None),
+        Err(error) => (
+            SenderStats::default(),
+            0,
+            Verdict::default(),
+            Some(format!("{error:#}")),
+        ),
+    };
+    let mut report = Report {
+        scenario,
+        stats,
+        undelivered,
+        duplicates_absorbed: run
+            .duplicates_metric_found
+            .then_some(run.duplicates_seen as u64),
+        verdict,
+        timeline: run.timeline,
+        error,
+    };
+    if !report.passed() {
+        for service in run.workers.iter().chain(run.ingest.iter()) {
+            report.timeline.push(format!(
+                "last lines of {}:\n{}",
+                service.name(),
+                service.log_tail(15)
+            ));
+        }
+    }
+    report
+}
+
+struct Run {
+    scenario: Scenario,
+    started: Instant,
+    timeline: Vec<String>,
+    /// The first worker, and the second while it is there.
+    workers: Vec<Service>,
+    ingest: Option<Service>,
+    /// Duplicates the workers reported, summed over the processes that have been stopped.
+    duplicates_seen: f64,
+    duplicates_metric_found: bool,
+}
+
+/// Everything a service of this scenario needs to be started again.
+struct Setup {
+    environment: Vec<(String, String)>,
+    dir: PathBuf,
+}
+
+impl Run {
+    async fn execute(
+        &mut self,
+        infra: Infrastructure<'_>,
+        names: Names,
+        load: Load,
+    ) -> anyhow::Result<(SenderStats, u64, Verdict)> {
+        let Infrastructure {
+            rabbit,
+            postgres,
+            binaries,
+            dir,
+        } = infra;
+        let Names { topology, database } = names;
+        postgres.create_database(&database).await?;
+        let secret = new_secret();
+        let setup = Setup {
+            environment: environment(&topology, &rabbit.amqp_url(), &postgres.url(&database)),
+            dir: dir.to_owned(),
+        };
+
+        // The worker first: it applies the migrations the database needs.
+        self.workers
+            .push(start_worker(binaries, &setup, "worker-1").await?);
+        let ingest_port = support::spare_port()?;
+        let mut ingest_environment = setup.environment.clone();
+        ingest_environment.extend([
+            ("CLERK_WEBHOOK_SECRET".to_owned(), secret.clone()),
+            (
+                "INGEST_LISTEN".to_owned(),
+                format!("127.0.0.1:{ingest_port}"),
+            ),
+        ]);
+        self.ingest = Some(
+            Service::start(
+                "ingest",
+                &binaries.ingest,
+                ingest_environment,
+                ingest_port,
+                dir,
+            )
+            .await?,
+        );
+        self.note("pipeline up");
+
+        let total = usize::try_from(u64::from(load.rate) * load.seconds)?;
+        let plan = history::plan(total, load.seed);
+        let sender = sender::start(
+            SenderConfig {
+                url: format!("http://127.0.0.1:{ingest_port}/api/webhooks").parse()?,
+                secret,
+                rate: load.rate,
+                retry_delay: Duration::from_millis(250),
+                duplicate_ratio: 0.02,
+            },
+            plan,
+        )?;
+
+        let load_start = Instant::now();
+        for (at, fault) in self.scenario.faults() {
+            let due = load_start + Duration::from_secs_f64(load.seconds as f64 * at);
+            tokio::time::sleep_until(due.into()).await;
+            self.inject(fault, rabbit, postgres, binaries, &setup)
+                .await
+                .with_context(|| format!("injecting {fault:?}"))?;
+        }
+
+        let outcome = sender
+            .finish(Duration::from_secs(load.seconds) + CATCH_UP)
+            .await;
+        self.note(&format!(
+            "load done: {} events, {} with a 2xx",
+            outcome.stats.sent, outcome.stats.accepted
+        ));
+        let db = check::connect(&postgres.url(&database)).await?;
+        check::wait_until_drained(rabbit, &topology, &db, &outcome.ledger, CATCH_UP).await?;
+        self.note("caught up");
+        for worker in &self.workers {
+            let seen = scrape_duplicates(worker).await;
+            self.duplicates_metric_found |= seen.is_some();
+            self.duplicates_seen += seen.unwrap_or(0.0);
+        }
+        let verdict = check::verify(rabbit, &topology, &db, &outcome.ledger).await?;
+        db.close().await?;
+
+        // The end of a scenario is a graceful stop, which must succeed too.
+        if let Some(mut ingest) = self.ingest.take() {
+            ingest.terminate().await?;
+        }
+        for mut worker in std::mem::take(&mut self.workers) {
+            worker.terminate().await?;
+        }
+        Ok((outcome.stats, outcome.undelivered, verdict))
+    }
+
+    async fn inject(
+        &mut self,
+        fault: Fault,
+        rabbit: &mut RabbitNode,
+        postgres: &mut PgCluster,
+        binaries: &Binaries,
+        setup: &Setup,
+    ) -> anyhow::Result<()> {
+        match fault {
+            Fault::KillRabbit => {
+                rabbit.kill().await?;
+                self.note("RabbitMQ killed (SIGKILL)");
+                tokio::time::sleep(OUTAGE).await;
+                rabbit.restart().await?;
+                self.note("RabbitMQ back");
+            }
+            Fault::StopPostgres => {
+                postgres.stop_immediate().await?;
+                self.note("Postgres stopped (immediate)");
+                tokio::time::sleep(OUTAGE).await;
+                postgres.start_server().await?;
+                self.note("Postgres back");
+            }
+            Fault::KillWorker => {
+                let worker = self.workers.first_mut().context("no worker running")?;
+                // Read its duplicate count just before it dies, as it dies with it.
+                let seen = scrape_duplicates(worker).await;
+                worker.kill().await?;
+                self.count_duplicates(seen);
+                self.note("worker-1 killed (SIGKILL)");
+                let worker = self.workers.first_mut().context("no worker running")?;
+                worker.restart().await?;
+                self.note("worker-1 back");
+            }
+            Fault::TerminateIngest => {
+                let ingest = self.ingest.as_mut().context("no ingest running")?;
+                ingest.terminate().await?;
+                self.note("ingest stopped (SIGTERM, exit 0)");
+                let ingest = self.ingest.as_mut().context("no ingest running")?;
+                ingest.restart().await?;
+                self.note("ingest back");
+            }
+            Fault::AddWorker => {
+                self.workers
+                    .push(start_worker(binaries, setup, "worker-2").await?);
+                self.note("worker-2 joined");
+            }
+            Fault::RemoveWorker => {
+                let mut worker = self.workers.pop().context("no second worker")?;
+                let seen = scrape_duplicates(&worker).await;
+                worker.terminate().await?;
+                self.count_duplicates(seen);
+                self.note("worker-2 left (SIGTERM, exit 0)");
+            }
+        }
+        Ok(())
+    }
+
+    fn count_duplicates(&mut self, seen: Option<f64>) {
+        self.duplicates_metric_found |= seen.is_some();
+        self.duplicates_seen += seen.unwrap_or(0.0);
+    }
+
+    fn note(&mut self, what: &str) {
+        self.timeline.push(format!(
+            "{:>7.1}s  {what}",
+            self.started.elapsed().as_secs_f64()
+        ));
+    }
+}
+
+async fn scrape_duplicates(worker: &Service) -> Option<f64> {
+    worker.metric_sum("duplicate").await
+}
+
+async fn start_worker(binaries: &Binaries, setup: &Setup, name: &str) -> anyhow::Result<Service> {
+    let port = support::spare_port()?;
+    let mut environment = setup.environment.clone();
+    environment.push(("WORKER_LISTEN".to_owned(), format!("127.0.0.1:{port}")));
+    Service::start(name, &binaries.worker, environment, port, &setup.dir).await
+}
+
+/// The settings both binaries get; nothing else of the suite's own environment is passed on.
+fn environment(topology: &Topology, amqp_url: &str, database_url: &str) -> Vec<(String, String)> {
+    let mut environment = vec![
+        ("AMQP_URL".to_owned(), amqp_url.to_owned()),
+        ("DATABASE_URL".to_owned(), database_url.to_owned()),
+        ("AMQP_EXCHANGE".to_owned(), topology.exchange.clone()),
+        ("AMQP_QUEUE".to_owned(), topology.queue.clone()),
+        ("AMQP_DEAD_QUEUE".to_owned(), topology.dead_queue.clone()),
+    ];
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        environment.push(("RUST_LOG".to_owned(), filter));
+    }
+    environment
+}
+
+/// A fresh signing secret: 24 random bytes, as Svix issues them.
+fn new_secret() -> String {
+    let mut key = [0_u8; 24];
+    rand::rng().fill_bytes(&mut key);
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
