@@ -1,0 +1,118 @@
+//! The `worker` binary as a process: killed with SIGKILL mid-stream it loses nothing, and on
+//! SIGTERM it finishes and acknowledges what it holds, then exits 0.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, amqp_url, clerk_user, eventually, svix_id};
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+fn spawn_worker(env: &TestEnv, batch_size: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("run")
+        .env("DATABASE_URL", &env.db_url)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", &env.topology.exchange)
+        .env("AMQP_QUEUE", &env.topology.queue)
+        .env("AMQP_DEAD_QUEUE", &env.topology.dead_queue)
+        .env("WORKER_LISTEN", "127.0.0.1:0")
+        .env("WORKER_BATCH_SIZE", batch_size.to_string())
+        .env("WORKER_PREFETCH", "50")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the worker binary")
+}
+
+async fn publish_users(env: &TestEnv, count: usize) {
+    for n in 0..count {
+        env.publish_event(
+            &svix_id(),
+            "user.created",
+            clerk_user(&format!("user_{n}"), Some(&format!("u{n}@example.org")), None, 100),
+        )
+        .await;
+    }
+}
+
+/// Waits for the process to exit on its own, failing after `within`.
+async fn wait_for_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the worker") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the worker did not exit");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_and_restarted_applies_every_event_exactly_once() {
+    const EVENTS: usize = 1500;
+    let env = TestEnv::new().await;
+    publish_users(&env, EVENTS).await;
+    // One event per transaction, so the kill lands while most of the queue is still to do.
+    let mut first = spawn_worker(&env, 1);
+    eventually(WITHIN, "the first worker well under way", || async {
+        env.processed_count().await >= 200
+    })
+    .await;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    let at_kill = env.processed_count().await;
+    assert!(
+        at_kill < EVENTS as u64,
+        "the kill came too late to test anything"
+    );
+
+    let second = env.start_worker(env.config()).await;
+    eventually(WITHIN, "every event processed", || async {
+        env.processed_count().await == EVENTS as u64
+    })
+    .await;
+    second.stop().await;
+    for n in 0..EVENTS {
+        let user = env.user(&format!("user_{n}")).await.expect("user");
+        assert_eq!(user.email, Some(format!("u{n}@example.org")));
+    }
+    assert_eq!(env.ready(&env.topology.queue).await, 0, "all acknowledged");
+    assert_eq!(
+        env.ready(&env.topology.dead_queue).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_the_worker_acknowledges_what_it_applied_and_exits_zero() {
+    const EVENTS: usize = 600;
+    let env = TestEnv::new().await;
+    publish_users(&env, EVENTS).await;
+    let mut child = spawn_worker(&env, 4);
+    eventually(WITHIN, "the worker under way", || async {
+        env.processed_count().await >= 50
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let exit = wait_for_exit(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+
+    // Everything the stopped worker committed was acknowledged: a fresh worker finishing the
+    // queue meets no event twice.
+    let second = env.start_worker(env.config()).await;
+    eventually(WITHIN, "every event processed", || async {
+        env.processed_count().await == EVENTS as u64
+    })
+    .await;
+    assert_eq!(second.metrics.duplicates.get(), 0, "redelivered after SIGTERM");
+    second.stop().await;
+    assert_eq!(env.ready(&env.topology.queue).await, 0);
+}
