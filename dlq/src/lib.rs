@@ -81,7 +81,7 @@ pub async fn run(
 
     let broker = Broker::connect(url.expose_secret(), topology).await?;
     let result = match plan {
-        Plan::List { json } => list(&broker, json, out).await,
+        Plan::List { json } => list(&broker, json, out, progress).await,
         Plan::Show { id } => show(&broker, &id, out).await,
         Plan::Replay(options) => replay_and_report(&broker, &options, out, progress).await,
         Plan::Purge => purge(&broker, out).await,
@@ -110,19 +110,29 @@ pub async fn summaries(broker: &Broker) -> Result<Vec<Summary>, DlqError> {
         Ok::<_, DlqError>(())
     }
     .await;
-    let released = session.release().await;
+    session.release().await;
     outcome?;
-    released?;
     Ok(summaries)
 }
 
-async fn list(broker: &Broker, json: bool, out: &mut impl Write) -> Result<(), DlqError> {
+async fn list(
+    broker: &Broker,
+    json: bool,
+    out: &mut impl Write,
+    progress: &mut impl Write,
+) -> Result<(), DlqError> {
     let summaries = summaries(broker).await?;
     if json {
         render::json(out, &summaries)?;
     } else {
         render::table(out, &summaries)?;
     }
+    writeln!(
+        progress,
+        "{} dead letter(s) in {}",
+        summaries.len(),
+        broker.topology().dead_queue
+    )?;
     Ok(())
 }
 
@@ -145,9 +155,8 @@ async fn show(broker: &Broker, id: &str, out: &mut impl Write) -> Result<(), Dlq
     }
     .await;
     let queue = session.dead_queue().to_string();
-    let released = session.release().await;
+    session.release().await;
     let found = outcome?;
-    released?;
     if found == 0 {
         return Err(DlqError::NotFound {
             id: id.to_string(),

@@ -135,12 +135,9 @@ pub async fn replay(
     broker.check_worker_queue().await?;
     let mut session = broker.session().await?;
     let outcome = select_and_replay(&mut session, options, progress).await;
-    // Whatever happened, the letters not acknowledged go back; closing the channel would do that
-    // too, so a failing release loses nothing.
-    let released = session.release().await;
-    let summary = outcome?;
-    released?;
-    Ok(summary)
+    // Whatever happened, the letters not acknowledged go back to the queue.
+    session.release().await;
+    outcome
 }
 
 async fn select_and_replay(
@@ -245,7 +242,9 @@ fn label(letter: &DeadLetter) -> String {
 }
 
 fn pacer(rate: NonZeroU32) -> Interval {
-    let mut interval = tokio::time::interval(Duration::from_secs(1) / rate.get());
+    // At least a microsecond: a zero period would panic, and no broker goes faster anyway.
+    let period = (Duration::from_secs(1) / rate.get()).max(Duration::from_micros(1));
+    let mut interval = tokio::time::interval(period);
     // After a slow publish, keep the spacing rather than bursting to catch up.
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     interval

@@ -129,7 +129,7 @@ impl Broker {
                 action: "purging the dead-letter queue",
                 source,
             })?;
-        session.release().await?;
+        session.release().await;
         Ok(purged)
     }
 
@@ -285,26 +285,23 @@ impl Session {
     }
 
     /// Gives every held letter back to the queue and closes the channel.
-    pub async fn release(self) -> Result<(), DlqError> {
+    ///
+    /// It cannot fail in a way that matters: if a `nack` does not get through, the channel is
+    /// broken, and the broker returns every letter the channel held when it closes.
+    pub async fn release(self) {
         let requeue = BasicNackOptions {
             multiple: false,
             // `nack`, not `reject`: RabbitMQ 4.3 and later count a rejected message as a failed
             // delivery towards the quorum queue's delivery limit; a nack does not.
             requeue: true,
         };
-        let mut result = Ok(());
         for letter in &self.held {
-            if let Err(source) = letter.delivery.acker.nack(requeue).await {
-                // Closing the channel below returns it anyway.
-                result = Err(DlqError::Broker {
-                    action: "returning a dead letter to the queue",
-                    source,
-                });
+            if let Err(error) = letter.delivery.acker.nack(requeue).await {
+                tracing::debug!(%error, "nack failed; closing the channel returns the letters");
                 break;
             }
         }
         close_channel(&self.channel).await;
-        result
     }
 }
 

@@ -19,9 +19,13 @@ async fn list_prints_one_table_row_per_dead_letter_and_leaves_them_all_in_the_qu
         ])
         .await;
 
-    let (result, out, _) = run(&fixture.settings(), &["list"]).await;
+    let (result, out, progress) = run(&fixture.settings(), &["list"]).await;
 
     result.expect("list succeeds");
+    assert_eq!(
+        progress,
+        format!("2 dead letter(s) in {}\n", fixture.topology.dead_queue)
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();

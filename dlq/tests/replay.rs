@@ -368,7 +368,7 @@ async fn a_copy_the_broker_cannot_route_fails_and_the_letter_stays() {
         "{error:?}"
     );
     session.hold(letter);
-    session.release().await.expect("release");
+    session.release().await;
     broker.close().await;
     fixture
         .wait_for_ready(&fixture.topology.dead_queue, 1)
