@@ -113,6 +113,11 @@ impl Message {
             body,
         })
     }
+
+    /// Routing key, properties and body, as they go on the wire.
+    pub fn parts(&self) -> (&ShortString, &BasicProperties, &[u8]) {
+        (&self.routing_key, &self.properties, &self.body)
+    }
 }
 
 /// The publishing side of the ingest. Cheap to clone.

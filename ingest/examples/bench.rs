@@ -1,0 +1,552 @@
+//! Throughput and latency of the ingest against a raw lapin publisher, in one run.
+//!
+//! For each channel arrangement (`--channels 1,4,8`), it measures first a raw publisher (one
+//! connection with that many channels, C tasks, each with one publish awaiting its confirm at a
+//! time) and then the release `ingest` binary started with `INGEST_PUBLISH_CHANNELS` set so,
+//! driven by C keep-alive HTTP clients sending unique, signed events of the same size. It prints
+//! req/s, p50 and p99 latency, the ratio ingest/raw and the ingest's peak RSS (VmHWM). Everything
+//! runs on its own exchange and queues, purged between runs and deleted at the end.
+//!
+//! ```text
+//! cargo build --release -p ingest --bin ingest --example bench
+//! target/release/examples/bench --concurrency 64 --seconds 10
+//! ```
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::Parser;
+use ingest::publisher::Message;
+use ingest::signature::{SignedHeaders, Verifier};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::{Channel, Connection, ConnectionProperties};
+use secrecy::SecretString;
+use shared::Topology;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the ingest against a raw lapin publisher")]
+struct Args {
+    /// Concurrent clients (HTTP) and publishing tasks (raw).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured seconds per run (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Event size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    size: usize,
+    /// Channel arrangements to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    channels: Vec<usize>,
+    /// The broker.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// The ingest binary (default: `ingest` beside this example's directory).
+    #[arg(long)]
+    ingest: Option<std::path::PathBuf>,
+}
+
+/// What one run measured.
+struct Figures {
+    completed: usize,
+    failed: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+
+    fn merge(parts: Vec<(usize, usize, Vec<u32>)>, elapsed: Duration) -> Self {
+        let mut latencies_us = Vec::new();
+        let (mut completed, mut failed) = (0, 0);
+        for (ok, bad, latencies) in parts {
+            completed += ok;
+            failed += bad;
+            latencies_us.extend(latencies);
+        }
+        latencies_us.sort_unstable();
+        Self {
+            completed,
+            failed,
+            elapsed,
+            latencies_us,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let ingest_binary = match &args.ingest {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .map(|dir| dir.join("ingest"))
+            .ok_or_else(|| anyhow!("cannot locate the ingest binary; pass --ingest"))?,
+    };
+    if !ingest_binary.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p ingest --bin ingest`",
+            ingest_binary.display()
+        );
+    }
+    let topology = Topology::prefixed(&format!("bench-{}", uuid::Uuid::new_v4().simple()));
+    let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+        .await
+        .context("connecting to the broker")?;
+    let admin = connection.create_channel().await?;
+    topology.declare(&admin).await.context("declaring")?;
+
+    println!(
+        "concurrency {}  seconds {}  event size {} B  broker {}",
+        args.concurrency,
+        args.seconds,
+        args.size,
+        redact(&args.amqp_url)
+    );
+    println!(
+        "{:>8} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} {:>6} | {:>6} {:>9}",
+        "channels",
+        "raw/s",
+        "p50 ms",
+        "p99 ms",
+        "ingest/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "ratio",
+        "peak RSS"
+    );
+    let result = run_all(&args, &ingest_binary, &topology, &connection, &admin).await;
+    cleanup(&admin, &topology).await;
+    let _ = connection.close(200, "bench done".into()).await;
+    result
+}
+
+async fn run_all(
+    args: &Args,
+    ingest_binary: &std::path::Path,
+    topology: &Topology,
+    connection: &Connection,
+    admin: &Channel,
+) -> anyhow::Result<()> {
+    for &channels in &args.channels {
+        let raw = raw_run(args, topology, connection, channels).await?;
+        purge(admin, topology).await?;
+        let (ingest, peak_rss_kib) = ingest_run(args, ingest_binary, topology, channels).await?;
+        purge(admin, topology).await?;
+        println!(
+            "{:>8} | {:>9.0} {:>8.2} {:>8.2} | {:>9.0} {:>8.2} {:>8.2} {:>6} | {:>6.2} {:>6.1} MiB",
+            channels,
+            raw.rate(),
+            raw.percentile_ms(0.50),
+            raw.percentile_ms(0.99),
+            ingest.rate(),
+            ingest.percentile_ms(0.50),
+            ingest.percentile_ms(0.99),
+            ingest.failed + raw.failed,
+            ingest.rate() / raw.rate(),
+            peak_rss_kib as f64 / 1024.0,
+        );
+    }
+    Ok(())
+}
+
+/// C tasks publishing straight to the exchange, each awaiting its confirm before the next.
+async fn raw_run(
+    args: &Args,
+    topology: &Topology,
+    connection: &Connection,
+    channel_count: usize,
+) -> anyhow::Result<Figures> {
+    let mut channels = Vec::new();
+    for _ in 0..channel_count {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channels.push(channel);
+    }
+    let verifier = Arc::new(verifier());
+    let exchange = topology.exchange.clone();
+    let (measuring, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut tasks = Vec::new();
+    for task in 0..args.concurrency {
+        let channel = channels[task % channels.len()].clone();
+        let (verifier, exchange) = (Arc::clone(&verifier), exchange.clone());
+        let (measuring, stop, size) = (Arc::clone(&measuring), Arc::clone(&stop), args.size);
+        tasks.push(tokio::spawn(async move {
+            let publisher = RawPublisher { channel, exchange };
+            let (mut ok, mut bad, mut latencies) = (0, 0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                // The same message the ingest would publish, built the same way.
+                let (body, signed) = signed_event(&verifier, size);
+                let started = Instant::now();
+                let message =
+                    Message::new("user.created", &signed, body.into(), chrono::Utc::now())
+                        .map_err(|error| anyhow!("{error}"));
+                let outcome = match message {
+                    Ok(message) => publisher.publish(&message).await,
+                    Err(error) => Err(error),
+                };
+                if measuring.load(Ordering::Relaxed) {
+                    match outcome {
+                        Ok(()) => {
+                            ok += 1;
+                            latencies.push(started.elapsed().as_micros() as u32);
+                        }
+                        Err(_) => bad += 1,
+                    }
+                }
+            }
+            (ok, bad, latencies)
+        }));
+    }
+    let elapsed = measure(args, &measuring, &stop).await;
+    let mut parts = Vec::new();
+    for task in tasks {
+        parts.push(task.await?);
+    }
+    for channel in channels {
+        let _ = channel.close(200, "done".into()).await;
+    }
+    Ok(Figures::merge(parts, elapsed))
+}
+
+struct RawPublisher {
+    channel: Channel,
+    exchange: String,
+}
+
+impl RawPublisher {
+    async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        let (routing_key, properties, body) = message.parts();
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.clone(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties.clone(),
+            )
+            .await?
+            .await?;
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            other => bail!("not confirmed: {other:?}"),
+        }
+    }
+}
+
+/// The release binary, driven over HTTP.
+async fn ingest_run(
+    args: &Args,
+    binary: &std::path::Path,
+    topology: &Topology,
+    channels: usize,
+) -> anyhow::Result<(Figures, u64)> {
+    let (mut child, port) = start_ingest(args, binary, topology, channels).await?;
+    let pid = child.id().ok_or_else(|| anyhow!("the ingest exited"))?;
+    let verifier = Arc::new(verifier());
+    let (measuring, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let verifier = Arc::clone(&verifier);
+        let (measuring, stop, size) = (Arc::clone(&measuring), Arc::clone(&stop), args.size);
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut bad, mut latencies) = (0, 0, Vec::new());
+            let mut client = HttpClient::connect(port).await?;
+            while !stop.load(Ordering::Relaxed) {
+                let (body, signed) = signed_event(&verifier, size);
+                let started = Instant::now();
+                let status = client.post(&body, &signed).await?;
+                if measuring.load(Ordering::Relaxed) {
+                    if status == 200 {
+                        ok += 1;
+                        latencies.push(started.elapsed().as_micros() as u32);
+                    } else {
+                        bad += 1;
+                    }
+                }
+            }
+            anyhow::Ok((ok, bad, latencies))
+        }));
+    }
+    let elapsed = measure(args, &measuring, &stop).await;
+    let mut parts = Vec::new();
+    for task in tasks {
+        parts.push(task.await??);
+    }
+    let peak = peak_rss_kib(pid).unwrap_or(0);
+    stop_ingest(&mut child, pid).await?;
+    Ok((Figures::merge(parts, elapsed), peak))
+}
+
+/// Warm-up of one second, then `--seconds` measured; returns the measured time.
+async fn measure(args: &Args, measuring: &AtomicBool, stop: &AtomicBool) -> Duration {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    started.elapsed()
+}
+
+async fn start_ingest(
+    args: &Args,
+    binary: &std::path::Path,
+    topology: &Topology,
+    channels: usize,
+) -> anyhow::Result<(Child, u16)> {
+    let mut child = Command::new(binary)
+        .env_clear()
+        .env("CLERK_WEBHOOK_SECRET", SECRET)
+        .env("AMQP_URL", &args.amqp_url)
+        .env("AMQP_EXCHANGE", &topology.exchange)
+        .env("AMQP_QUEUE", &topology.queue)
+        .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
+        .env("INGEST_LISTEN", "127.0.0.1:0")
+        .env("INGEST_PUBLISH_CHANNELS", channels.to_string())
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the ingest")?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let port = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("waiting for the ingest to listen")??
+            .ok_or_else(|| anyhow!("the ingest exited before listening"))?;
+        if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
+            && entry["message"] == "ingest listening"
+        {
+            break entry["port"].as_u64().context("port")? as u16;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = HttpClient::connect(port).await?;
+        if client.get("/readyz").await? == 200 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the ingest did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((child, port))
+}
+
+async fn stop_ingest(child: &mut Child, pid: u32) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    if !status.success() {
+        bail!("the ingest exited with {status}");
+    }
+    Ok(())
+}
+
+/// VmHWM: the peak resident set size, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn verifier() -> Verifier {
+    Verifier::new(&[SecretString::from(SECRET)]).expect("the benchmark's secret decodes")
+}
+
+/// A unique `user.created` event of `size` bytes and its signature.
+fn signed_event(verifier: &Verifier, size: usize) -> (String, SignedHeaders) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let head = format!(
+        r#"{{"type":"user.created","object":"event","data":{{"id":"user_{id}","padding":""#
+    );
+    let tail = r#""}}"#;
+    let padding = "x".repeat(size.saturating_sub(head.len() + tail.len()));
+    let body = format!("{head}{padding}{tail}");
+    let message_id = format!("msg_{id}");
+    let timestamp = chrono::Utc::now().timestamp();
+    let signature = verifier
+        .sign(&message_id, timestamp, body.as_bytes())
+        .expect("text bodies sign");
+    (
+        body,
+        SignedHeaders {
+            id: message_id,
+            timestamp,
+            signature,
+        },
+    )
+}
+
+/// A minimal HTTP/1.1 keep-alive client: the load generator shares two cores with the ingest
+/// and the broker, so it should cost as little as possible.
+struct HttpClient {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    request: Vec<u8>,
+}
+
+impl HttpClient {
+    async fn connect(port: u16) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buffer: Vec::with_capacity(4096),
+            request: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn post(&mut self, body: &str, signed: &SignedHeaders) -> anyhow::Result<u16> {
+        self.request.clear();
+        self.request.extend_from_slice(
+            format!(
+                "POST /api/webhooks HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nsvix-id: {}\r\nsvix-timestamp: {}\r\nsvix-signature: {}\r\n\r\n",
+                body.len(),
+                signed.id,
+                signed.timestamp,
+                signed.signature
+            )
+            .as_bytes(),
+        );
+        self.request.extend_from_slice(body.as_bytes());
+        self.stream.write_all(&self.request).await?;
+        self.read_response().await
+    }
+
+    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        self.stream.write_all(request.as_bytes()).await?;
+        self.read_response().await
+    }
+
+    /// Reads one response with a `content-length` body; returns its status.
+    async fn read_response(&mut self) -> anyhow::Result<u16> {
+        self.buffer.clear();
+        let head_end = loop {
+            if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buffer[..head_end])?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line"))?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while self.buffer.len() < head_end + length {
+            self.fill().await?;
+        }
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        let mut chunk = [0_u8; 4096];
+        let read = self.stream.read(&mut chunk).await?;
+        if read == 0 {
+            bail!("connection closed");
+        }
+        self.buffer.extend_from_slice(&chunk[..read]);
+        Ok(())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+async fn purge(channel: &Channel, topology: &Topology) -> anyhow::Result<()> {
+    channel
+        .queue_purge(topology.queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    Ok(())
+}
+
+async fn cleanup(channel: &Channel, topology: &Topology) {
+    for queue in [&topology.queue, &topology.dead_queue] {
+        if let Err(error) = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            eprintln!("deleting {queue}: {error}");
+        }
+    }
+    if let Err(error) = channel
+        .exchange_delete(
+            topology.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+    {
+        eprintln!("deleting {}: {error}", topology.exchange);
+    }
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
