@@ -2,8 +2,8 @@
 //! [`apply`], and many deliveries in one transaction in [`apply_batch`].
 //!
 //! The rules, all inside one transaction:
-//! - the svix-id goes into `processed_events` first thing that writes; a conflict means the event
-//!   was handled before, and nothing else is written (`Duplicate`);
+//! - the svix-id goes into `processed_events` before anything else is written; a conflict means
+//!   the event was handled before, and nothing else is written (`Duplicate`);
 //! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
 //!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`;
 //! - `user.deleted` deletes the row and writes a tombstone;
@@ -266,28 +266,47 @@ async fn record<C: ConnectionTrait>(
 
 /// What the database holds that decides an upsert.
 struct Standing {
+    /// False when the svix-id was recorded before: a duplicate.
+    fresh: bool,
     tombstoned: bool,
     stored_updated_at: Option<DateTime<Utc>>,
     /// Another user holding the incoming email, with that user's version.
     holder: Option<(String, DateTime<Utc>)>,
 }
 
-async fn standing<C: ConnectionTrait>(db: &C, record: &UserRecord) -> Result<Standing, DbErr> {
+/// Records the svix-id (as `applied`) and reads what decides the upsert, in one round trip. The
+/// reads see the database as it was before the statement, which the recording cannot change.
+async fn record_and_read<C: ConnectionTrait>(
+    db: &C,
+    event: &Event,
+    record: &UserRecord,
+) -> Result<Standing, DbErr> {
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
+            "WITH recorded AS ( \
+               INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
+               VALUES ($3, $4, 'applied', now()) \
+               ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id) \
+             SELECT EXISTS (SELECT 1 FROM recorded) AS fresh, \
+                    EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
                     (SELECT updated_at FROM users WHERE id = $1) AS stored_updated_at, \
                     holder.id AS holder_id, holder.updated_at AS holder_updated_at \
              FROM (SELECT 1) AS one \
              LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1",
-            [record.id.clone().into(), record.email.clone().into()],
+            [
+                record.id.clone().into(),
+                record.email.clone().into(),
+                event.svix_id.clone().into(),
+                event.event_type.clone().into(),
+            ],
         ))
         .await?
-        .ok_or_else(|| DbErr::RecordNotFound("standing query returned no row".into()))?;
+        .ok_or_else(|| DbErr::RecordNotFound("the standing query returned no row".into()))?;
     let holder_id: Option<String> = row.try_get("", "holder_id")?;
     let holder_updated_at: Option<DateTime<Utc>> = row.try_get("", "holder_updated_at")?;
     Ok(Standing {
+        fresh: row.try_get("", "fresh")?,
         tombstoned: row.try_get("", "tombstoned")?,
         stored_updated_at: row.try_get("", "stored_updated_at")?,
         holder: holder_id.zip(holder_updated_at),
@@ -299,19 +318,21 @@ async fn upsert<C: ConnectionTrait>(
     event: &Event,
     incoming: &UserRecord,
 ) -> Result<Outcome, DbErr> {
-    let standing = standing(db, incoming).await?;
+    let standing = record_and_read(db, event, incoming).await?;
+    if !standing.fresh {
+        return Ok(Outcome::Duplicate);
+    }
     let newer = standing
         .stored_updated_at
         .is_none_or(|stored| stored < incoming.updated_at);
     if standing.tombstoned || !newer {
-        return Ok(if record(db, event, Outcome::Stale).await? {
-            Outcome::Stale
-        } else {
-            Outcome::Duplicate
-        });
-    }
-    if !record(db, event, Outcome::Applied).await? {
-        return Ok(Outcome::Duplicate);
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE processed_events SET outcome = 'stale' WHERE svix_id = $1",
+            [event.svix_id.clone().into()],
+        ))
+        .await?;
+        return Ok(Outcome::Stale);
     }
     let mut email = incoming.email.clone();
     if let (Some(address), Some((holder_id, holder_updated_at))) = (&email, &standing.holder) {

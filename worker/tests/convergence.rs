@@ -150,9 +150,17 @@ async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
         env.publish_event(&event.svix_id, event.event_type, event.data.clone())
             .await;
     }
-    eventually(Duration::from_secs(60), "every event processed", || async {
-        env.processed_count().await == events.len() as u64
-    })
+    // Done when every event is recorded and every extra copy was met as a duplicate (so none
+    // is still waiting in a prefetch buffer when the workers stop).
+    let copies = (deliveries.len() - events.len()) as u64;
+    eventually(
+        Duration::from_secs(60),
+        "every delivery handled",
+        || async {
+            env.processed_count().await == events.len() as u64
+                && first.metrics.duplicates.get() + second.metrics.duplicates.get() >= copies
+        },
+    )
     .await;
     first.stop().await;
     second.stop().await;

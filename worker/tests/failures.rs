@@ -138,6 +138,10 @@ async fn one_event_the_database_rejects_is_dead_lettered_alone_and_the_rest_of_i
         env.ready(&env.topology.dead_queue).await == 1
     })
     .await;
+    eventually(WITHIN, "the five other users", || async {
+        env.processed_count().await == 5
+    })
+    .await;
     for n in [0, 1, 2, 4, 5] {
         assert!(env.user(&format!("user_{n}")).await.is_some(), "user_{n}");
     }

@@ -32,7 +32,12 @@ async fn publish_users(env: &TestEnv, count: usize) {
         env.publish_event(
             &svix_id(),
             "user.created",
-            clerk_user(&format!("user_{n}"), Some(&format!("u{n}@example.org")), None, 100),
+            clerk_user(
+                &format!("user_{n}"),
+                Some(&format!("u{n}@example.org")),
+                None,
+                100,
+            ),
         )
         .await;
     }
@@ -112,7 +117,11 @@ async fn on_sigterm_the_worker_acknowledges_what_it_applied_and_exits_zero() {
         env.processed_count().await == EVENTS as u64
     })
     .await;
-    assert_eq!(second.metrics.duplicates.get(), 0, "redelivered after SIGTERM");
+    assert_eq!(
+        second.metrics.duplicates.get(),
+        0,
+        "redelivered after SIGTERM"
+    );
     second.stop().await;
     assert_eq!(env.ready(&env.topology.queue).await, 0);
 }
