@@ -182,30 +182,45 @@ impl Publisher {
     pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
         let channel = self.channel().ok_or(PublishError::NotConnected)?;
         let started = Instant::now();
-        let result = tokio::time::timeout(self.shared.confirm_timeout, async {
-            let confirm = channel
-                .basic_publish(
-                    ShortString::from(self.shared.topology.exchange.as_str()),
-                    message.routing_key.clone(),
-                    BasicPublishOptions {
-                        // Unroutable messages come back (Ack + returned) instead of vanishing.
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &message.body,
-                    message.properties.clone(),
-                )
-                .await
-                .map_err(PublishError::Channel)?;
-            match confirm.await.map_err(PublishError::Channel)? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_returned)) => Err(PublishError::Unroutable),
-                Confirmation::Nack(_) => Err(PublishError::Nacked),
-                Confirmation::NotRequested => Err(PublishError::Unconfirmed),
-            }
-        })
-        .await
-        .unwrap_or(Err(PublishError::Timeout(self.shared.confirm_timeout)));
+        let deadline = tokio::time::Instant::from_std(started + self.shared.confirm_timeout);
+        let timeout = PublishError::Timeout(self.shared.confirm_timeout);
+        let publish = channel.basic_publish(
+            ShortString::from(self.shared.topology.exchange.as_str()),
+            message.routing_key.clone(),
+            BasicPublishOptions {
+                // Unroutable messages come back (Ack + returned) instead of vanishing.
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &message.body,
+            message.properties.clone(),
+        );
+        let result = match tokio::time::timeout_at(deadline, publish).await {
+            Err(_elapsed) => Err(timeout),
+            Ok(Err(error)) => Err(PublishError::Channel(error)),
+            Ok(Ok(mut confirm)) => match tokio::time::timeout_at(deadline, &mut confirm).await {
+                Ok(Err(error)) => Err(PublishError::Channel(error)),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable),
+                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unconfirmed),
+                Err(_elapsed) => {
+                    // A dropped confirm would be parked inside lapin until `wait_for_confirms`,
+                    // growing without bound while the broker stalls; await it here instead. It
+                    // ends with the broker's late answer or with the channel.
+                    let id = message.properties.message_id().clone();
+                    tokio::spawn(async move {
+                        let late = confirm.await;
+                        tracing::info!(
+                            svix_id = id.as_ref().map(ShortString::as_str).unwrap_or_default(),
+                            acked = matches!(late, Ok(Confirmation::Ack(None))),
+                            "late confirm for an event already answered 503"
+                        );
+                    });
+                    Err(timeout)
+                }
+            },
+        };
         self.shared
             .metrics
             .confirm_latency

@@ -69,3 +69,52 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
     );
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
+    let proxy = Proxy::start(broker_address()).await;
+    let url = proxy.amqp_url();
+    let app = TestApp::spawn_with(|settings| {
+        settings.amqp_url = Some(url.into());
+        settings.ingest_confirm_timeout_ms = 1_000;
+    })
+    .await;
+    assert_eq!(
+        app.post_signed(&event_body("user.created", 300))
+            .await
+            .status,
+        200
+    );
+
+    proxy.freeze();
+
+    let started = Instant::now();
+    let answer = app.post_signed(&event_body("user.created", 300)).await;
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.retry_after.as_deref(), Some("5"));
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_millis(1_500), "{waited:?}");
+    let text = app.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"ingest_requests_total{outcome="broker_unavailable"}"#
+        ),
+        Some(1.0)
+    );
+
+    proxy.restore();
+
+    let answer = app.post_signed(&event_body("user.updated", 300)).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // The event answered 503 reached the broker late; Svix's retry would make it a duplicate,
+    // which the worker absorbs. Nothing is lost either way.
+    eventually(
+        "all three events on the queue",
+        Duration::from_secs(10),
+        || async { app.queue_depth().await == 3 },
+    )
+    .await;
+    app.stop().await;
+}

@@ -331,54 +331,99 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 /// A TCP proxy in front of the broker that the test can cut (dropping every connection and
-/// refusing new ones) and restore.
+/// refusing new ones), freeze (keeping connections open but forwarding nothing, like a broker
+/// that stopped answering), and restore.
 pub struct Proxy {
     pub port: u16,
-    cut: watch::Sender<bool>,
+    state: watch::Sender<ProxyState>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyState {
+    Open,
+    Frozen,
+    Cut,
 }
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("proxy address").port();
-        let (cut, cut_state) = watch::channel(false);
+        let (state, watcher) = watch::channel(ProxyState::Open);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if *cut_state.borrow() {
+                if *watcher.borrow() == ProxyState::Cut {
                     drop(inbound);
                     continue;
                 }
-                let mut cut_state = cut_state.clone();
+                let watcher = watcher.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_broker, to_broker) = outbound.into_split();
+                    let mut cut = watcher.clone();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_state.wait_for(|cut| *cut) => {}
+                        () = pump(from_client, to_broker, watcher.clone()) => {}
+                        () = pump(from_broker, to_client, watcher) => {}
+                        _ = cut.wait_for(|state| *state == ProxyState::Cut) => {}
                     }
                 });
             }
         });
-        Self { port, cut, task }
+        Self { port, state, task }
     }
 
     /// Drops every proxied connection and refuses new ones.
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.state.send_replace(ProxyState::Cut);
+    }
+
+    /// Keeps the connections but forwards nothing until restored.
+    pub fn freeze(&self) {
+        self.state.send_replace(ProxyState::Frozen);
     }
 
     pub fn restore(&self) {
-        self.cut.send_replace(false);
+        self.state.send_replace(ProxyState::Open);
     }
 
     /// An AMQP URL through this proxy.
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// Copies one direction, holding the data back while frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut state: watch::Receiver<ProxyState>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0_u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 {
+            return;
+        }
+        if state
+            .wait_for(|state| *state == ProxyState::Open)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }
 
