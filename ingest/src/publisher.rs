@@ -301,7 +301,11 @@ impl Shared {
 
 impl Link {
     fn is_usable(&self) -> bool {
-        self.connection.status().connected()
+        let status = self.connection.status();
+        // A blocked connection (broker memory or disk alarm) takes publishes but confirms none
+        // until the alarm clears.
+        status.connected()
+            && !status.blocked()
             && self
                 .channels
                 .iter()
