@@ -8,8 +8,8 @@
 //! runs on its own exchange and queues, purged between runs and deleted at the end.
 //!
 //! ```text
-//! cargo build --release -p ingest --bin ingest --example bench
-//! target/release/examples/bench --concurrency 64 --seconds 10
+//! cargo build --release -p ingest --bin ingest --example ingest-bench
+//! target/release/examples/ingest-bench --concurrency 64 --seconds 10
 //! ```
 
 use std::process::Stdio;

@@ -151,7 +151,7 @@ async fn accept(
         tracing::info!(svix_id = %signed.id, "signed body is not an event");
         WebhookError::NotAnEvent
     })?;
-    let message = Message::new(&event_type, &signed, body.clone(), received_at)?;
+    let message = Message::new(&event_type, &signed, body, received_at)?;
     match state.publisher.publish(&message).await {
         Ok(()) => {
             tracing::debug!(svix_id = %signed.id, event_type = %event_type, "event accepted");
