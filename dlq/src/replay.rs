@@ -17,7 +17,10 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::error::DlqError;
 use crate::letter::DeadLetter;
-use crate::session::{Broker, Session};
+use crate::session::{Broker, RepublishError, Session};
+
+/// Copies in flight at once: enough to let the broker batch its disk writes.
+const WINDOW: usize = 64;
 
 /// `replay` as typed on the command line.
 #[derive(Debug, Clone, Default, Args)]
@@ -173,6 +176,8 @@ async fn select_and_replay(
             break;
         }
     }
+    // Acknowledging replayed letters frees prefetch room: stop deliveries before that.
+    session.stop_consuming().await;
     if let Selector::Ids(ids) = &options.selector {
         let unknown: Vec<String> = ids.difference(&seen_ids).cloned().collect();
         if !unknown.is_empty() {
@@ -192,40 +197,92 @@ async fn select_and_replay(
         session.ready()
     )?;
 
-    // Phase 2: replay them one by one, at the requested pace.
     let total = selected.len();
-    let mut pace = options.rate.map(pacer);
-    let mut letters = selected.into_iter().enumerate();
-    for (index, letter) in letters.by_ref() {
-        let label = label(&letter);
-        let position = index + 1;
-        if options.dry_run {
-            writeln!(progress, "[{position}/{total}] would replay {label}")?;
+    if options.dry_run {
+        for (index, letter) in selected.into_iter().enumerate() {
+            let position = index + 1;
+            writeln!(
+                progress,
+                "[{position}/{total}] would replay {}",
+                label(&letter)
+            )?;
             summary.replayed += 1;
             session.hold(letter);
-            continue;
         }
-        if let Some(pace) = pace.as_mut() {
-            pace.tick().await;
+        return Ok(summary);
+    }
+
+    // Phase 2: publish the copies a window at a time, then acknowledge each dead letter whose
+    // copy the broker confirmed. With a rate, at most a second's worth is in flight, so letters
+    // leave the dead-letter queue as they go.
+    let window = options
+        .rate
+        .map_or(WINDOW, |rate| (rate.get() as usize).clamp(1, WINDOW));
+    let mut pace = options.rate.map(pacer);
+    let mut letters = selected.into_iter().enumerate();
+    let mut stopped = false;
+    while !stopped {
+        let mut in_flight = Vec::with_capacity(window);
+        for (index, letter) in letters.by_ref().take(window) {
+            if let Some(pace) = pace.as_mut() {
+                pace.tick().await;
+            }
+            match session.publish_copy(&letter).await {
+                Ok(pending) => in_flight.push((index + 1, letter, pending)),
+                Err(error) => {
+                    failure(&mut summary, progress, index + 1, total, &letter, &error)?;
+                    session.hold(letter);
+                    stopped = true;
+                    break;
+                }
+            }
         }
-        if let Err(error) = session.republish(&letter).await {
-            writeln!(progress, "[{position}/{total}] failed {label}: {error}")?;
-            summary.failed += 1;
-            summary.first_failure = Some(error.to_string());
-            session.hold(letter);
-            // The next ones would fail the same way (the queue is gone or full, the broker is
-            // away): stop, leaving them where they are.
+        if in_flight.is_empty() {
             break;
         }
-        session.acknowledge(letter).await?;
-        summary.replayed += 1;
-        writeln!(progress, "[{position}/{total}] replayed {label}")?;
+        let mut confirmed = Vec::with_capacity(in_flight.len());
+        for (position, letter, pending) in in_flight {
+            match pending.confirmed().await {
+                Ok(()) => {
+                    writeln!(progress, "[{position}/{total}] replayed {}", label(&letter))?;
+                    confirmed.push(letter);
+                }
+                Err(error) => {
+                    failure(&mut summary, progress, position, total, &letter, &error)?;
+                    session.hold(letter);
+                    // The next ones would fail the same way (the queue is gone or full, the
+                    // broker is away): no new window, the rest stays where it is.
+                    stopped = true;
+                }
+            }
+        }
+        summary.replayed += confirmed.len();
+        session.acknowledge_all(confirmed).await?;
     }
     for (_, letter) in letters {
         summary.failed += 1;
         session.hold(letter);
     }
     Ok(summary)
+}
+
+fn failure(
+    summary: &mut ReplaySummary,
+    progress: &mut impl Write,
+    position: usize,
+    total: usize,
+    letter: &DeadLetter,
+    error: &RepublishError,
+) -> std::io::Result<()> {
+    summary.failed += 1;
+    summary
+        .first_failure
+        .get_or_insert_with(|| error.to_string());
+    writeln!(
+        progress,
+        "[{position}/{total}] failed {}: {error}",
+        label(letter)
+    )
 }
 
 fn session_queue(session: &Session) -> String {

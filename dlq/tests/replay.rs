@@ -171,6 +171,51 @@ async fn replay_all_empties_the_dead_letter_queue_into_the_worker_queue() {
 }
 
 #[tokio::test]
+async fn replay_all_of_more_letters_than_fit_in_flight_at_once_moves_every_one() {
+    let fixture = Fixture::new().await;
+    let letters: Vec<Letter> = (0..150)
+        .map(|n| Letter::new(&format!("msg_{n:03}"), "user.created"))
+        .collect();
+    fixture.dead_letters(&letters).await;
+
+    let (result, out, _) = run(&fixture.settings(), &["replay", "--all"]).await;
+
+    result.expect("replay succeeds");
+    assert_eq!(out, "replayed 150, skipped 0, failed 0\n");
+    fixture
+        .wait_for_ready(&fixture.topology.dead_queue, 0)
+        .await;
+    let expected: Vec<String> = letters.iter().map(|letter| letter.id.clone()).collect();
+    assert_eq!(fixture.ids_in(&fixture.topology.queue).await, expected);
+}
+
+#[tokio::test]
+async fn copies_the_broker_refuses_leave_their_letters_in_the_queue_and_fail_the_command() {
+    let mut fixture = Fixture::new().await;
+    let letters: Vec<Letter> = (0..5)
+        .map(|n| Letter::new(&format!("msg_{n}"), "user.created"))
+        .collect();
+    fixture.dead_letters(&letters).await;
+    // A worker queue that takes two messages and refuses the rest.
+    let mut settings = fixture.settings();
+    settings.amqp_queue = fixture.declare_full_after(2).await;
+
+    let (result, out, progress) = run(&settings, &["replay", "--all"]).await;
+
+    assert_eq!(out, "replayed 2, skipped 0, failed 3\n");
+    let error = result.expect_err("incomplete");
+    assert!(
+        matches!(error, DlqError::ReplayIncomplete { failed: 3, .. }),
+        "{error}"
+    );
+    assert!(progress.contains("failed msg_"), "{progress}");
+    fixture.wait_for_ready(&settings.amqp_queue, 2).await;
+    fixture
+        .wait_for_ready(&fixture.topology.dead_queue, 3)
+        .await;
+}
+
+#[tokio::test]
 async fn replay_with_a_limit_takes_at_most_that_many_and_leaves_the_rest() {
     let fixture = Fixture::new().await;
     let letters: Vec<Letter> = (0..5)

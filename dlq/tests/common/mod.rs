@@ -113,6 +113,8 @@ pub struct Fixture {
     pub topology: Topology,
     connection: Connection,
     pub channel: Channel,
+    /// Queues a test declared besides the topology, deleted with it.
+    extra_queues: Vec<String>,
 }
 
 impl Fixture {
@@ -138,7 +140,27 @@ impl Fixture {
             topology,
             connection,
             channel,
+            extra_queues: Vec::new(),
         }
+    }
+
+    /// Declares a classic queue that holds at most `length` messages and refuses (nacks) the
+    /// publishes beyond, returning its name.
+    pub async fn declare_full_after(&mut self, length: i64) -> String {
+        let name = format!("{}.limited", self.topology.queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(length));
+        arguments.insert("x-overflow".into(), long("reject-publish"));
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .expect("declare the limited queue");
+        self.extra_queues.push(name.clone());
+        name
     }
 
     /// Settings pointing the commands at this fixture's topology.
@@ -270,6 +292,7 @@ impl Drop for Fixture {
         // Async clean-up cannot run in `drop`, and the test's runtime may be unwinding, so a
         // thread of its own deletes the queues and the exchange over a fresh connection.
         let topology = self.topology.clone();
+        let extra_queues = self.extra_queues.clone();
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -280,7 +303,10 @@ impl Drop for Fixture {
                     .await
                     .expect("clean-up connection");
                 let channel = connection.create_channel().await.expect("channel");
-                for queue in [&topology.queue, &topology.dead_queue] {
+                for queue in [&topology.queue, &topology.dead_queue]
+                    .into_iter()
+                    .chain(&extra_queues)
+                {
                     channel
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await
