@@ -392,6 +392,44 @@ async fn a_replay_to_a_missing_worker_queue_is_refused_and_every_letter_stays() 
 }
 
 #[tokio::test]
+async fn a_session_takes_only_the_letters_present_when_it_started() {
+    let fixture = Fixture::new().await;
+    fixture
+        .dead_letters(&[
+            Letter::new("msg_a", "user.created"),
+            Letter::new("msg_b", "user.created"),
+        ])
+        .await;
+    let broker = Broker::connect(&amqp_url(), fixture.topology.clone())
+        .await
+        .expect("connect");
+    let mut session = broker.session().await.expect("session");
+    // Dead-lettered while the command runs (a replayed event failing again, say).
+    fixture
+        .publish(
+            "",
+            &fixture.topology.dead_queue,
+            b"{}",
+            Letter::new("msg_late", "user.created").event_properties(),
+        )
+        .await;
+
+    let mut taken = Vec::new();
+    while let Some(letter) = session.fetch().await.expect("fetch") {
+        taken.push(letter.summary().id.clone().expect("an id"));
+        session.hold(letter);
+    }
+
+    taken.sort();
+    assert_eq!(taken, ["msg_a", "msg_b"]);
+    session.release().await;
+    broker.close().await;
+    fixture
+        .wait_for_ready(&fixture.topology.dead_queue, 3)
+        .await;
+}
+
+#[tokio::test]
 async fn a_copy_the_broker_cannot_route_fails_and_the_letter_stays() {
     let fixture = Fixture::new().await;
     fixture
