@@ -33,6 +33,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A connection attempt that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing waits for the supervisor before abandoning a connection attempt.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 /// How often the supervisor looks at the channels even without a reported failure.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -249,10 +251,14 @@ impl Publisher {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(supervisor) = supervisor
-            && let Err(error) = supervisor.await
-        {
-            tracing::warn!(%error, "publisher supervisor ended abnormally");
+        if let Some(mut supervisor) = supervisor {
+            // It stops at once unless a connection attempt is under way; that one need not
+            // finish (it could take CONNECT_TIMEOUT against an unreachable broker).
+            match tokio::time::timeout(STOP_GRACE, &mut supervisor).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "publisher supervisor ended abnormally"),
+                Err(_elapsed) => supervisor.abort(),
+            }
         }
         if let Some(link) = self.shared.replace(None) {
             link.close().await;

@@ -118,3 +118,23 @@ async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
     .await;
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn stopping_does_not_wait_for_a_connection_attempt_that_hangs() {
+    let proxy = Proxy::start(broker_address()).await;
+    // Connections are accepted but the AMQP handshake never gets an answer.
+    proxy.freeze();
+    let url = proxy.amqp_url();
+    let app = TestApp::spawn_unready(|settings| settings.amqp_url = Some(url.into())).await;
+    let (status, _) = get(&format!("{}/readyz", app.address)).await;
+    assert_eq!(status, 503);
+
+    let started = Instant::now();
+    app.stop().await;
+
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
