@@ -136,6 +136,12 @@ pub fn plan(total: usize, seed: u64) -> Vec<PlannedEvent> {
     interleave(&mut rng, histories)
 }
 
+/// An endless supply of planned events, `chunk` at a time, each chunk with users of its own, so a
+/// load can last as long as its faults take without planning everything up front.
+pub fn endless(chunk: usize, seed: u64) -> impl Iterator<Item = PlannedEvent> {
+    (0_u64..).flat_map(move |round| plan(chunk, seed.wrapping_add(round)))
+}
+
 /// Merges the histories in a random order that keeps each user's own order.
 fn interleave(rng: &mut StdRng, histories: Vec<Vec<PlannedEvent>>) -> Vec<PlannedEvent> {
     let total = histories.iter().map(Vec::len).sum();

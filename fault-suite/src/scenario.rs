@@ -271,31 +271,37 @@ impl Run {
         );
         self.note("pipeline up");
 
-        let total = usize::try_from(u64::from(load.rate) * load.seconds)?;
-        let plan = history::plan(total, load.seed);
+        // Users are planned ten seconds' worth at a time; the load lasts as long as it must.
+        let chunk = usize::try_from(load.rate)?.max(1) * 10;
         let sender = sender::start(
             SenderConfig {
                 url: format!("http://127.0.0.1:{ingest_port}/api/webhooks").parse()?,
                 secret,
                 rate: load.rate,
                 retry_delay: Duration::from_millis(250),
+                max_retry_delay: Duration::from_secs(2),
                 duplicate_ratio: 0.02,
             },
-            plan,
+            history::endless(chunk, load.seed),
         )?;
 
-        let load_start = Instant::now();
+        // The faults come at their share of the load's duration, measured between the end of
+        // one fault and the start of the next: a slow recovery (RabbitMQ can take half a minute
+        // to replay its logs) delays what follows instead of bunching it up, and the load goes on
+        // throughout.
+        let seconds = load.seconds as f64;
+        let mut previous = (Instant::now(), 0.0);
         for (at, fault) in self.scenario.faults() {
-            let due = load_start + Duration::from_secs_f64(load.seconds as f64 * at);
+            let due = previous.0 + Duration::from_secs_f64(seconds * (at - previous.1));
             tokio::time::sleep_until(due.into()).await;
             self.inject(fault, rabbit, postgres, binaries, &setup)
                 .await
                 .with_context(|| format!("injecting {fault:?}"))?;
+            previous = (Instant::now(), at);
         }
-
-        let outcome = sender
-            .finish(Duration::from_secs(load.seconds) + CATCH_UP)
-            .await;
+        let end = previous.0 + Duration::from_secs_f64(seconds * (1.0 - previous.1));
+        tokio::time::sleep_until(end.into()).await;
+        let outcome = sender.finish(CATCH_UP).await;
         self.note(&format!(
             "load done: {} events, {} with a 2xx",
             outcome.stats.sent, outcome.stats.accepted
@@ -393,7 +399,7 @@ impl Run {
 }
 
 async fn scrape_duplicates(worker: &Service) -> Option<f64> {
-    worker.metric_sum("duplicate").await
+    worker.metric_sum("duplicates_total").await
 }
 
 async fn start_worker(binaries: &Binaries, setup: &Setup, name: &str) -> anyhow::Result<Service> {

@@ -1,10 +1,11 @@
 //! A sender that behaves like Svix delivering Clerk's events: every event has its own svix-id,
 //! each attempt is signed afresh with the time of the attempt, events go out at a steady rate,
 //! and every answer that is not a 2xx (or no answer at all) is retried after a short delay until
-//! a 2xx comes. Like Svix it sometimes delivers an event again after a 2xx. It keeps a ledger of
+//! a 2xx comes (Svix waits 5 s, then minutes to hours; the suite waits 250 ms, doubling up to
+//! 2 s, so a scenario stays short). Like Svix it sometimes delivers an event again after a 2xx. It keeps a ledger of
 //! every event that got a 2xx: the events the pipeline has promised never to lose.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +33,10 @@ pub struct SenderConfig {
     pub secret: String,
     /// Events started per second.
     pub rate: u32,
-    /// Pause before an attempt is repeated.
+    /// Pause before the first repeat of an attempt; it doubles with each further repeat.
     pub retry_delay: Duration,
+    /// The longest pause between attempts.
+    pub max_retry_delay: Duration,
     /// Share of acknowledged events delivered a second time, as Svix's at-least-once does.
     pub duplicate_ratio: f64,
 }
@@ -103,10 +106,16 @@ struct Shared {
     webhook: Webhook,
     counters: Counters,
     ledger: Mutex<Vec<Arc<PlannedEvent>>>,
+    /// Set when no new event is to be started; those already started still get their 2xx.
+    stopping: AtomicBool,
 }
 
-/// Starts delivering `plan` at the configured rate.
-pub fn start(config: SenderConfig, plan: Vec<PlannedEvent>) -> anyhow::Result<RunningSender> {
+/// Starts delivering `events` at the configured rate, until they run out or
+/// [`RunningSender::stop_starting`] is called.
+pub fn start(
+    config: SenderConfig,
+    events: impl Iterator<Item = PlannedEvent> + Send + 'static,
+) -> anyhow::Result<RunningSender> {
     let webhook = Webhook::new(&config.secret).context("the signing secret does not decode")?;
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
@@ -116,16 +125,24 @@ pub fn start(config: SenderConfig, plan: Vec<PlannedEvent>) -> anyhow::Result<Ru
         config,
         webhook,
         counters: Counters::default(),
-        ledger: Mutex::new(Vec::with_capacity(plan.len())),
+        ledger: Mutex::new(Vec::new()),
+        stopping: AtomicBool::new(false),
     });
-    let driver = tokio::spawn(drive(Arc::clone(&shared), plan));
+    let driver = tokio::spawn(drive(Arc::clone(&shared), events));
     Ok(RunningSender { driver, shared })
 }
 
 impl RunningSender {
-    /// Waits until every event has been sent and has got its 2xx, or until `deadline` has
-    /// passed; whatever is still retrying then is stopped and counted as undelivered.
+    /// Starts no new events from now on.
+    pub fn stop_starting(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops starting new events and waits until every event started has got its 2xx, or until
+    /// `deadline` has passed; whatever is still retrying then is stopped and counted as
+    /// undelivered.
     pub async fn finish(self, deadline: Duration) -> SenderOutcome {
+        self.stop_starting();
         let mut driver = self.driver;
         if tokio::time::timeout(deadline, &mut driver).await.is_err() {
             // Dropping the driver's task set aborts the deliveries still retrying.
@@ -146,14 +163,17 @@ impl RunningSender {
 }
 
 /// Starts one event per tick and then waits for all of them.
-async fn drive(shared: Arc<Shared>, plan: Vec<PlannedEvent>) {
+async fn drive(shared: Arc<Shared>, events: impl Iterator<Item = PlannedEvent>) {
     let period = Duration::from_secs(1) / shared.config.rate.max(1);
     let mut ticks = tokio::time::interval(period);
     // After a stall, catch up gradually rather than in one burst, like a steady producer would.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deliveries = JoinSet::new();
-    for event in plan {
+    for event in events {
         ticks.tick().await;
+        if shared.stopping.load(Ordering::Relaxed) {
+            break;
+        }
         let shared = Arc::clone(&shared);
         deliveries.spawn(async move { deliver_event(&shared, Arc::new(event)).await });
         // Reap finished deliveries as we go so the set stays small.
@@ -185,6 +205,7 @@ async fn deliver_event(shared: &Shared, event: Arc<PlannedEvent>) {
 
 /// One delivery as Svix makes it: attempts until a 2xx, each signed with its own timestamp.
 async fn deliver_until_accepted(shared: &Shared, event: &PlannedEvent) {
+    let mut pause = shared.config.retry_delay;
     loop {
         match attempt(shared, event).await {
             Ok(status) if status.is_success() => return,
@@ -202,7 +223,8 @@ async fn deliver_until_accepted(shared: &Shared, event: &PlannedEvent) {
             }
         }
         shared.counters.retried.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(shared.config.retry_delay).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(shared.config.max_retry_delay);
     }
 }
 
