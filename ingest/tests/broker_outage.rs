@@ -37,9 +37,9 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
         let answer = app.post_signed(&event_body("user.created", 300)).await;
         assert_eq!(answer.status, 503, "{answer:?}");
         assert_eq!(answer.retry_after.as_deref(), Some("5"));
-        // Never longer than the confirm timeout (plus scheduling slack).
+        // Never longer than the confirm timeout (plus slack for a busy machine).
         assert!(
-            started.elapsed() < Duration::from_millis(1_500),
+            started.elapsed() < Duration::from_millis(2_500),
             "{:?}",
             started.elapsed()
         );
@@ -94,7 +94,8 @@ async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
     assert_eq!(answer.status, 503, "{answer:?}");
     assert_eq!(answer.retry_after.as_deref(), Some("5"));
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
-    assert!(waited < Duration::from_millis(1_500), "{waited:?}");
+    // The confirm timeout, plus slack for a busy machine: the frozen broker would never answer.
+    assert!(waited < Duration::from_millis(2_500), "{waited:?}");
     let text = app.metrics_text().await;
     assert_eq!(
         metric(
