@@ -45,6 +45,9 @@ struct Args {
     /// Event size in bytes.
     #[arg(long, default_value_t = 2048)]
     size: usize,
+    /// Rounds per arrangement, raw and ingest alternating; a summary row combines them.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Channel arrangements to compare, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     channels: Vec<usize>,
@@ -79,6 +82,16 @@ impl Figures {
         }
         let index = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
         f64::from(self.latencies_us[index]) / 1000.0
+    }
+
+    /// Several rounds as one: total count over total time, all latencies.
+    fn combine(rounds: Vec<Figures>) -> Self {
+        let elapsed = rounds.iter().map(|round| round.elapsed).sum();
+        let parts = rounds
+            .into_iter()
+            .map(|round| (round.completed, round.failed, round.latencies_us))
+            .collect();
+        Self::merge(parts, elapsed)
     }
 
     fn merge(parts: Vec<(usize, usize, Vec<u32>)>, elapsed: Duration) -> Self {
@@ -157,25 +170,47 @@ async fn run_all(
     admin: &Channel,
 ) -> anyhow::Result<()> {
     for &channels in &args.channels {
-        let raw = raw_run(args, topology, connection, channels).await?;
-        purge(admin, topology).await?;
-        let (ingest, peak_rss_kib) = ingest_run(args, ingest_binary, topology, channels).await?;
-        purge(admin, topology).await?;
-        println!(
-            "{:>8} | {:>9.0} {:>8.2} {:>8.2} | {:>9.0} {:>8.2} {:>8.2} {:>6} | {:>6.2} {:>6.1} MiB",
-            channels,
-            raw.rate(),
-            raw.percentile_ms(0.50),
-            raw.percentile_ms(0.99),
-            ingest.rate(),
-            ingest.percentile_ms(0.50),
-            ingest.percentile_ms(0.99),
-            ingest.failed + raw.failed,
-            ingest.rate() / raw.rate(),
-            peak_rss_kib as f64 / 1024.0,
-        );
+        // Raw and ingest alternate, so a burst of other load on the machine hits both sides.
+        let mut rounds = Vec::new();
+        for round in 1..=args.rounds {
+            let raw = raw_run(args, topology, connection, channels).await?;
+            purge(admin, topology).await?;
+            let (ingest, peak) = ingest_run(args, ingest_binary, topology, channels).await?;
+            purge(admin, topology).await?;
+            print_row(&format!("{channels} #{round}"), &raw, &ingest, peak);
+            rounds.push((raw, ingest, peak));
+        }
+        if args.rounds > 1 {
+            let peak = rounds.iter().map(|(_, _, peak)| *peak).max().unwrap_or(0);
+            let (raw, ingest): (Vec<Figures>, Vec<Figures>) = rounds
+                .into_iter()
+                .map(|(raw, ingest, _)| (raw, ingest))
+                .unzip();
+            print_row(
+                &format!("{channels} all"),
+                &Figures::combine(raw),
+                &Figures::combine(ingest),
+                peak,
+            );
+        }
     }
     Ok(())
+}
+
+fn print_row(label: &str, raw: &Figures, ingest: &Figures, peak_rss_kib: u64) {
+    println!(
+        "{:>8} | {:>9.0} {:>8.2} {:>8.2} | {:>9.0} {:>8.2} {:>8.2} {:>6} | {:>6.2} {:>6.1} MiB",
+        label,
+        raw.rate(),
+        raw.percentile_ms(0.50),
+        raw.percentile_ms(0.99),
+        ingest.rate(),
+        ingest.percentile_ms(0.50),
+        ingest.percentile_ms(0.99),
+        ingest.failed + raw.failed,
+        ingest.rate() / raw.rate(),
+        peak_rss_kib as f64 / 1024.0,
+    );
 }
 
 /// C tasks publishing straight to the exchange, each awaiting its confirm before the next.
