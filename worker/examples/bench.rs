@@ -152,6 +152,7 @@ async fn measure(
         db_pool_size: args.connections,
     };
     let app = Application::build(config).await?;
+    let metrics = app.metrics().clone();
     let stop = app.stop_handle();
     let started = Instant::now();
     let running = tokio::spawn(app.run_until_stopped());
@@ -175,6 +176,13 @@ async fn measure(
         args.events,
         worker.as_secs_f64(),
         worker_rate
+    );
+    println!(
+        "worker transactions: {}, mean batch {:.1} events, mean {:.1} ms each",
+        metrics.batch_size.get_sample_count(),
+        metrics.batch_size.get_sample_sum() / metrics.batch_size.get_sample_count().max(1) as f64,
+        1000.0 * metrics.apply_seconds.get_sample_sum()
+            / metrics.apply_seconds.get_sample_count().max(1) as f64,
     );
     println!("ratio worker/baseline: {:.2}", worker_rate / baseline_rate);
     db.close().await?;

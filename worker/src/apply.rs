@@ -264,53 +264,60 @@ async fn record<C: ConnectionTrait>(
     Ok(matches!(result, TryInsertResult::Inserted(_)))
 }
 
-/// What the database holds that decides an upsert.
-struct Standing {
-    /// False when the svix-id was recorded before: a duplicate.
-    fresh: bool,
-    tombstoned: bool,
-    stored_updated_at: Option<DateTime<Utc>>,
-    /// Another user holding the incoming email, with that user's version.
-    holder: Option<(String, DateTime<Utc>)>,
-}
+/// The common case in one statement: read what decides the upsert, record the svix-id with its
+/// outcome, and write the user when it is newer, not tombstoned and its email is free. All parts
+/// see the database as it was before the statement. `$1`–`$8` are the user's columns, `$9` the
+/// svix-id, `$10` the type.
+const RECORD_AND_UPSERT: &str = "\
+WITH decision AS ( \
+  SELECT *, NOT tombstoned AND (stored_updated_at IS NULL OR stored_updated_at < $8) AS newer \
+  FROM (SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
+               (SELECT updated_at FROM users WHERE id = $1) AS stored_updated_at, \
+               holder.id AS holder_id, holder.updated_at AS holder_updated_at \
+        FROM (SELECT 1) AS one \
+        LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1) AS standing), \
+recorded AS ( \
+  INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
+  SELECT $9, $10, CASE WHEN newer THEN 'applied' ELSE 'stale' END, now() FROM decision \
+  ON CONFLICT (svix_id) DO NOTHING \
+  RETURNING outcome), \
+written AS ( \
+  INSERT INTO users \
+    (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
+  SELECT $1, $2, $3, $4, $5, $6, $7, $8, now() FROM decision, recorded \
+  WHERE recorded.outcome = 'applied' AND decision.holder_id IS NULL \
+  ON CONFLICT (id) DO UPDATE SET \
+    email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
+    role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
+    updated_at = excluded.updated_at, synced_at = excluded.synced_at \
+  WHERE users.updated_at < excluded.updated_at \
+  RETURNING id) \
+SELECT (SELECT outcome FROM recorded) AS recorded_outcome, \
+       EXISTS (SELECT 1 FROM written) AS written, holder_id, holder_updated_at \
+FROM decision";
 
-/// Records the svix-id (as `applied`) and reads what decides the upsert, in one round trip. The
-/// reads see the database as it was before the statement, which the recording cannot change.
-async fn record_and_read<C: ConnectionTrait>(
-    db: &C,
-    event: &Event,
-    record: &UserRecord,
-) -> Result<Standing, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "WITH recorded AS ( \
-               INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-               VALUES ($3, $4, 'applied', now()) \
-               ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id) \
-             SELECT EXISTS (SELECT 1 FROM recorded) AS fresh, \
-                    EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
-                    (SELECT updated_at FROM users WHERE id = $1) AS stored_updated_at, \
-                    holder.id AS holder_id, holder.updated_at AS holder_updated_at \
-             FROM (SELECT 1) AS one \
-             LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1",
-            [
-                record.id.clone().into(),
-                record.email.clone().into(),
-                event.svix_id.clone().into(),
-                event.event_type.clone().into(),
-            ],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("the standing query returned no row".into()))?;
-    let holder_id: Option<String> = row.try_get("", "holder_id")?;
-    let holder_updated_at: Option<DateTime<Utc>> = row.try_get("", "holder_updated_at")?;
-    Ok(Standing {
-        fresh: row.try_get("", "fresh")?,
-        tombstoned: row.try_get("", "tombstoned")?,
-        stored_updated_at: row.try_get("", "stored_updated_at")?,
-        holder: holder_id.zip(holder_updated_at),
-    })
+/// The conditional upsert alone, for when the email had to be settled first.
+const UPSERT: &str = "\
+INSERT INTO users \
+  (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+ON CONFLICT (id) DO UPDATE SET \
+  email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
+  role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
+  updated_at = excluded.updated_at, synced_at = excluded.synced_at \
+WHERE users.updated_at < excluded.updated_at";
+
+fn user_values(record: &UserRecord, email: Option<String>) -> Vec<sea_orm::Value> {
+    vec![
+        record.id.clone().into(),
+        email.into(),
+        record.first_name.clone().into(),
+        record.last_name.clone().into(),
+        record.role.as_str().into(),
+        record.phone.clone().into(),
+        record.created_at.into(),
+        record.updated_at.into(),
+    ]
 }
 
 async fn upsert<C: ConnectionTrait>(
@@ -318,76 +325,78 @@ async fn upsert<C: ConnectionTrait>(
     event: &Event,
     incoming: &UserRecord,
 ) -> Result<Outcome, DbErr> {
-    let standing = record_and_read(db, event, incoming).await?;
-    if !standing.fresh {
-        return Ok(Outcome::Duplicate);
+    let mut values = user_values(incoming, incoming.email.clone());
+    values.push(event.svix_id.clone().into());
+    values.push(event.event_type.clone().into());
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            RECORD_AND_UPSERT,
+            values,
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("the upsert statement returned no row".into()))?;
+    let recorded: Option<String> = row.try_get("", "recorded_outcome")?;
+    match recorded.as_deref() {
+        None => return Ok(Outcome::Duplicate),
+        Some("stale") => return Ok(Outcome::Stale),
+        _ => {}
     }
-    let newer = standing
-        .stored_updated_at
-        .is_none_or(|stored| stored < incoming.updated_at);
-    if standing.tombstoned || !newer {
+    let written: bool = row.try_get("", "written")?;
+    let holder_id: Option<String> = row.try_get("", "holder_id")?;
+    let holder_updated_at: Option<DateTime<Utc>> = row.try_get("", "holder_updated_at")?;
+    if let (false, Some(holder_id), Some(holder_updated_at), Some(address)) =
+        (written, holder_id, holder_updated_at, &incoming.email)
+    {
+        settle_email(db, incoming, address, &holder_id, holder_updated_at).await?;
+    }
+    Ok(Outcome::Applied)
+}
+
+/// The incoming email is held by another user: the newer version wins it. Then the user is
+/// written, with or without the address.
+async fn settle_email<C: ConnectionTrait>(
+    db: &C,
+    incoming: &UserRecord,
+    address: &str,
+    holder_id: &str,
+    holder_updated_at: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let mut email = Some(address.to_owned());
+    if (holder_updated_at, holder_id) < (incoming.updated_at, incoming.id.as_str()) {
+        // The condition is checked again under the row lock: if the holder moved on in the
+        // meantime, nothing is taken from it, and a remaining conflict shows up below as a
+        // unique violation, which reruns the event.
         db.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE processed_events SET outcome = 'stale' WHERE svix_id = $1",
-            [event.svix_id.clone().into()],
+            "UPDATE users SET email = NULL, synced_at = now() \
+             WHERE id = $1 AND email = $2 AND (updated_at, id) < ($3, $4)",
+            [
+                holder_id.into(),
+                address.into(),
+                incoming.updated_at.into(),
+                incoming.id.clone().into(),
+            ],
         ))
         .await?;
-        return Ok(Outcome::Stale);
-    }
-    let mut email = incoming.email.clone();
-    if let (Some(address), Some((holder_id, holder_updated_at))) = (&email, &standing.holder) {
-        if (*holder_updated_at, holder_id.as_str()) < (incoming.updated_at, incoming.id.as_str()) {
-            // The condition is checked again under the row lock: if the holder moved on in the
-            // meantime, nothing is taken from it, and a remaining conflict shows up below as a
-            // unique violation, which reruns the event.
-            db.execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "UPDATE users SET email = NULL, synced_at = now() \
-                 WHERE id = $1 AND email = $2 AND (updated_at, id) < ($3, $4)",
-                [
-                    holder_id.clone().into(),
-                    address.clone().into(),
-                    incoming.updated_at.into(),
-                    incoming.id.clone().into(),
-                ],
-            ))
-            .await?;
-            tracing::warn!(
-                user_id = %incoming.id, previous_holder = %holder_id,
-                "email moved to a newer user version; the older holder's email is now null"
-            );
-        } else {
-            email = None;
-            tracing::warn!(
-                user_id = %incoming.id, holder = %holder_id,
-                "email held by a newer version of another user; stored with a null email"
-            );
-        }
+        tracing::warn!(
+            user_id = %incoming.id, previous_holder = %holder_id,
+            "email moved to a newer user version; the older holder's email is now null"
+        );
+    } else {
+        email = None;
+        tracing::warn!(
+            user_id = %incoming.id, holder = %holder_id,
+            "email held by a newer version of another user; stored with a null email"
+        );
     }
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO users \
-           (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
-         ON CONFLICT (id) DO UPDATE SET \
-           email = excluded.email, first_name = excluded.first_name, \
-           last_name = excluded.last_name, role = excluded.role, phone = excluded.phone, \
-           created_at = excluded.created_at, updated_at = excluded.updated_at, \
-           synced_at = excluded.synced_at \
-         WHERE users.updated_at < excluded.updated_at",
-        [
-            incoming.id.clone().into(),
-            email.into(),
-            incoming.first_name.clone().into(),
-            incoming.last_name.clone().into(),
-            incoming.role.as_str().into(),
-            incoming.phone.clone().into(),
-            incoming.created_at.into(),
-            incoming.updated_at.into(),
-        ],
+        UPSERT,
+        user_values(incoming, email),
     ))
     .await?;
-    Ok(Outcome::Applied)
+    Ok(())
 }
 
 /// Counts and logs what became of an event, once its transaction committed.
