@@ -115,3 +115,61 @@ pub fn details(report: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Verdict;
+    use crate::scenario::Scenario;
+    use crate::sender::SenderStats;
+
+    fn report(verdict: Verdict) -> Report {
+        Report {
+            scenario: Scenario::WorkerKill,
+            stats: SenderStats {
+                sent: 10,
+                accepted: 10,
+                ..SenderStats::default()
+            },
+            undelivered: 0,
+            duplicates_absorbed: Some(2),
+            verdict,
+            timeline: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_report_passes_and_its_row_says_ok() {
+        let clean = report(Verdict {
+            applied: 10,
+            ..Verdict::default()
+        });
+        assert!(clean.passed());
+        let table = table(&[&clean]);
+        assert!(
+            table.lines().nth(2).is_some_and(
+                |row| row.starts_with("| worker-kill") && row.trim_end().ends_with("ok |")
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn one_lost_event_or_one_dead_letter_fails_the_scenario() {
+        let lost = report(Verdict {
+            applied: 9,
+            lost: 1,
+            ..Verdict::default()
+        });
+        let dead = report(Verdict {
+            applied: 10,
+            dead_lettered: 1,
+            ..Verdict::default()
+        });
+        for failed in [&lost, &dead] {
+            assert!(!failed.passed());
+            assert!(table(&[failed]).contains("FAILED"));
+        }
+    }
+}
