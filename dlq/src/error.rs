@@ -25,11 +25,12 @@ pub enum DlqError {
 
     /// The broker failed in the middle of a command. Whatever was not acknowledged is back in the
     /// dead-letter queue.
-    #[error("RabbitMQ failed while {action}: {source}")]
+    // The cause is in the message rather than a `source`, so a printed error chain does not
+    // repeat it.
+    #[error("RabbitMQ failed while {action}: {error}")]
     Broker {
         action: &'static str,
-        #[source]
-        source: lapin::Error,
+        error: lapin::Error,
     },
 
     /// The channel closed between a replayed copy's confirm and the dead letter's

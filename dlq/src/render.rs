@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use serde_json::Value;
 
-use crate::letter::{DeadLetter, Summary, rfc3339, table_to_json};
+use crate::letter::{DeadLetter, Summary, rfc3339};
 
 /// The widest a reason gets in the table; `--json` and `show` print it whole.
 const REASON_WIDTH: usize = 60;
@@ -125,15 +125,6 @@ pub fn letter(out: &mut impl Write, letter: &DeadLetter) -> io::Result<()> {
             writeln!(out, "{}", String::from_utf8_lossy(body))
         }
     }
-}
-
-/// Every header of a letter as one JSON object (for tests and scripts).
-pub fn headers_json(letter: &DeadLetter) -> Value {
-    letter
-        .properties()
-        .headers()
-        .as_ref()
-        .map_or(Value::Null, table_to_json)
 }
 
 fn or_dash(value: Option<&str>) -> String {

@@ -77,21 +77,21 @@ impl Broker {
 
     /// Opens a session on the dead-letter queue, failing clearly when the queue does not exist.
     pub async fn session(&self) -> Result<Session, DlqError> {
-        let channel =
-            self.connection
-                .create_channel()
-                .await
-                .map_err(|source| DlqError::Broker {
-                    action: "opening a channel",
-                    source,
-                })?;
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|error| DlqError::Broker {
+                action: "opening a channel",
+                error,
+            })?;
         // Confirms on: a replayed copy counts only once the broker has taken responsibility.
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|source| DlqError::Broker {
+            .map_err(|error| DlqError::Broker {
                 action: "enabling publisher confirms",
-                source,
+                error,
             })?;
         let ready = self
             .queue_length(&channel, &self.topology.dead_queue, "AMQP_DEAD_QUEUE")
@@ -109,14 +109,14 @@ impl Broker {
     /// Checks that the worker queue exists, so a replay fails before it takes anything.
     pub async fn check_worker_queue(&self) -> Result<(), DlqError> {
         // A failed passive declare closes the channel, so it gets a channel of its own.
-        let channel =
-            self.connection
-                .create_channel()
-                .await
-                .map_err(|source| DlqError::Broker {
-                    action: "opening a channel",
-                    source,
-                })?;
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|error| DlqError::Broker {
+                action: "opening a channel",
+                error,
+            })?;
         self.queue_length(&channel, &self.topology.queue, "AMQP_QUEUE")
             .await?;
         close_channel(&channel).await;
@@ -133,9 +133,9 @@ impl Broker {
                 lapin::options::QueuePurgeOptions::default(),
             )
             .await
-            .map_err(|source| DlqError::Broker {
+            .map_err(|error| DlqError::Broker {
                 action: "purging the dead-letter queue",
-                source,
+                error,
             })?;
         session.release().await;
         Ok(purged)
@@ -163,9 +163,9 @@ impl Broker {
                 queue: queue.to_string(),
                 variable,
             }),
-            Err(source) => Err(DlqError::Broker {
+            Err(error) => Err(DlqError::Broker {
                 action: "looking up a queue",
-                source,
+                error,
             }),
         }
     }
@@ -181,7 +181,7 @@ pub enum RepublishError {
     #[error("the broker did not confirm the copy")]
     Unconfirmed,
     #[error("publishing the copy failed: {0}")]
-    Broker(#[source] lapin::Error),
+    Broker(lapin::Error),
 }
 
 /// A published copy whose confirm has not been awaited yet.
@@ -237,9 +237,9 @@ impl Session {
             self.stop_consuming().await;
             return Ok(None);
         }
-        let fetching = |source| DlqError::Broker {
+        let fetching = |error| DlqError::Broker {
             action: "fetching a dead letter",
-            source,
+            error,
         };
         let mut consumer = match self.consumer.take() {
             Some(consumer) => consumer,
@@ -264,7 +264,7 @@ impl Session {
                 self.fetched += 1;
                 Ok(Some(DeadLetter::new(delivery)))
             }
-            Some(Err(source)) => Err(fetching(source)),
+            Some(Err(error)) => Err(fetching(error)),
             None => {
                 self.stop_consuming().await;
                 Ok(None)
@@ -364,10 +364,10 @@ impl Session {
             match acked {
                 Ok(true) => {}
                 Ok(false) => return Err(DlqError::AckLost),
-                Err(source) => {
+                Err(error) => {
                     return Err(DlqError::Broker {
                         action: "acknowledging a dead letter",
-                        source,
+                        error,
                     });
                 }
             }
