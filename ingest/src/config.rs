@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use shared::{ConfigError, Settings, Topology};
 
 use crate::signature::Verifier;
@@ -84,15 +84,6 @@ impl IngestConfig {
             max_concurrent_requests: settings.ingest_max_concurrent_requests,
             client_timeout: Duration::from_millis(settings.ingest_client_timeout_ms),
         })
-    }
-
-    /// The first signing secret: the one `send-example` signs with.
-    pub fn signing_secret(&self) -> &str {
-        // `from_settings` guarantees at least one.
-        self.webhook_secrets
-            .first()
-            .map(|secret| secret.expose_secret())
-            .unwrap_or_default()
     }
 }
 

@@ -70,8 +70,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             url,
             user_id,
         } => {
-            let secrets = settings.webhook_secrets()?;
-            let verifier = Verifier::new(&secrets[..1])?;
+            // The first secret signs; the ingest accepts any of them.
+            let first: Vec<_> = settings.webhook_secrets()?.into_iter().take(1).collect();
+            let verifier = Verifier::new(&first)?;
             let user_id = user_id.unwrap_or_else(example::fresh_user_id);
             let signed = example::build(event, &user_id, &verifier)?;
             let (status, body) = example::send(&url, &signed)
