@@ -16,8 +16,6 @@
 //! of one user never interleave, whichever worker or batch applies them. That is what makes a
 //! delete and a late update on two workers unable to resurrect a user.
 
-use std::time::Instant;
-
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, RuntimeErr, Set, Statement,
@@ -400,7 +398,7 @@ async fn settle_email<C: ConnectionTrait>(
 }
 
 /// Counts and logs what became of an event, once its transaction committed.
-pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome, started: Instant) {
+pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
     metrics.event(&event.event_type, outcome.as_str());
     if outcome == Outcome::Duplicate {
         metrics.duplicates.inc();
@@ -412,9 +410,5 @@ pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome, started
         metrics.unknown_roles.inc();
         tracing::warn!(user_id = %record.id, role = %value, "unknown role in public_metadata; stored as client");
     }
-    tracing::info!(
-        outcome = outcome.as_str(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "event handled"
-    );
+    tracing::info!(outcome = outcome.as_str(), "event handled");
 }

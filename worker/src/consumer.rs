@@ -225,9 +225,7 @@ impl Handler {
                     for ((delivery, span), (event, outcome)) in
                         held.iter().zip(events.iter().zip(outcomes))
                     {
-                        let _entered = span.enter();
-                        apply::report(&self.metrics, event, outcome, started);
-                        drop(_entered);
+                        span.in_scope(|| apply::report(&self.metrics, event, outcome));
                         ack(delivery).instrument(span.clone()).await;
                     }
                     return;
@@ -284,7 +282,7 @@ impl Handler {
     }
 
     async fn settle(&self, delivery: &Delivery, event: &Event, outcome: Outcome) {
-        apply::report(&self.metrics, event, outcome, Instant::now());
+        apply::report(&self.metrics, event, outcome);
         ack(delivery).await;
     }
 
