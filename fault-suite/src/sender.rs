@@ -96,7 +96,9 @@ pub struct SenderOutcome {
 
 /// A sender at work in the background.
 pub struct RunningSender {
-    driver: tokio::task::JoinHandle<()>,
+    /// `None` once finished; aborted when the sender is dropped unfinished (a scenario that
+    /// failed half-way must not leave deliveries retrying behind it).
+    driver: Option<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
@@ -129,7 +131,10 @@ pub fn start(
         stopping: AtomicBool::new(false),
     });
     let driver = tokio::spawn(drive(Arc::clone(&shared), events));
-    Ok(RunningSender { driver, shared })
+    Ok(RunningSender {
+        driver: Some(driver),
+        shared,
+    })
 }
 
 impl RunningSender {
@@ -141,10 +146,11 @@ impl RunningSender {
     /// Stops starting new events and waits until every event started has got its 2xx, or until
     /// `deadline` has passed; whatever is still retrying then is stopped and counted as
     /// undelivered.
-    pub async fn finish(self, deadline: Duration) -> SenderOutcome {
+    pub async fn finish(mut self, deadline: Duration) -> SenderOutcome {
         self.stop_starting();
-        let mut driver = self.driver;
-        if tokio::time::timeout(deadline, &mut driver).await.is_err() {
+        if let Some(mut driver) = self.driver.take()
+            && tokio::time::timeout(deadline, &mut driver).await.is_err()
+        {
             // Dropping the driver's task set aborts the deliveries still retrying.
             driver.abort();
             let _ = driver.await;
@@ -158,6 +164,14 @@ impl RunningSender {
             undelivered: stats.sent.saturating_sub(stats.accepted),
             ledger,
             stats,
+        }
+    }
+}
+
+impl Drop for RunningSender {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            driver.abort();
         }
     }
 }
