@@ -67,7 +67,7 @@ impl Topology {
             .queue_declare(
                 self.dead_queue.as_str().into(),
                 durable(),
-                quorum_arguments(),
+                Self::dead_queue_arguments(),
             )
             .await?;
         channel
@@ -114,6 +114,25 @@ impl Topology {
         arguments
     }
 }
+
+impl Topology {
+    /// The dead-letter queue has no dead-letter target of its own, so its delivery limit must
+    /// never be reached: `worker dlq` takes and returns letters, and on RabbitMQ 4 each return
+    /// counts as a delivery, with a default limit of 20 that would drop the letter. An explicit,
+    /// practically unreachable limit keeps them (3.x has no default limit; `-1` there would
+    /// drop a letter at its first return).
+    fn dead_queue_arguments() -> FieldTable {
+        let mut arguments = quorum_arguments();
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DEAD_QUEUE_DELIVERY_LIMIT),
+        );
+        arguments
+    }
+}
+
+/// See [`Topology::dead_queue_arguments`].
+pub const DEAD_QUEUE_DELIVERY_LIMIT: i64 = 1_000_000_000;
 
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {

@@ -1,0 +1,128 @@
+//! The topology against the real RabbitMQ (`AMQP_URL`, default the local broker): declaring it
+//! twice is harmless, every event type reaches the worker queue, and the worker queue hands a
+//! message that reached its delivery limit to the dead-letter queue instead of dropping it.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use shared::Topology;
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn channel() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable at AMQP_URL");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (connection, channel)
+}
+
+async fn delete(channel: &Channel, topology: &Topology) {
+    for queue in [&topology.queue, &topology.dead_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            topology.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
+async fn publish(channel: &Channel, topology: &Topology, event_type: &str) {
+    let confirmation = channel
+        .basic_publish(
+            topology.exchange.as_str().into(),
+            event_type.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            event_type.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirmation.is_ack() && confirmation.take_message().is_none(),
+        "{event_type} routed"
+    );
+}
+
+/// Polls `queue` with basic.get until a message arrives or `wait` passes.
+async fn get(
+    channel: &Channel,
+    queue: &str,
+    wait: Duration,
+) -> Option<lapin::message::BasicGetMessage> {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get");
+        if message.is_some() {
+            return message;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn declaring_twice_routes_every_type_and_dead_letters_at_the_delivery_limit() {
+    let (connection, channel) = channel().await;
+    let topology = Topology {
+        delivery_limit: 2,
+        ..Topology::prefixed(&format!("test-{}", uuid::Uuid::new_v4()))
+    };
+    topology.declare(&channel).await.expect("first declaration");
+    topology
+        .declare(&channel)
+        .await
+        .expect("second declaration is idempotent");
+
+    publish(&channel, &topology, "user.created").await;
+    // Returned again and again, the message passes the delivery limit of 2 and must land in the
+    // dead-letter queue rather than vanish.
+    let mut returns = 0;
+    while let Some(message) = get(&channel, &topology.queue, Duration::from_secs(2)).await {
+        assert_eq!(message.data, b"user.created");
+        message
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .expect("nack");
+        returns += 1;
+        assert!(returns <= 10, "the delivery limit never took effect");
+    }
+    let dead = get(&channel, &topology.dead_queue, Duration::from_secs(10))
+        .await
+        .expect("dead-lettered, not dropped");
+    assert_eq!(dead.data, b"user.created");
+
+    publish(&channel, &topology, "organization.created").await;
+    let other = get(&channel, &topology.queue, Duration::from_secs(10))
+        .await
+        .expect("a type the worker ignores is kept too");
+    assert_eq!(other.data, b"organization.created");
+
+    delete(&channel, &topology).await;
+    connection.close(200, "done".into()).await.expect("close");
+}
