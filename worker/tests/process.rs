@@ -125,3 +125,19 @@ async fn on_sigterm_the_worker_acknowledges_what_it_applied_and_exits_zero() {
     second.stop().await;
     assert_eq!(env.ready(&env.topology.queue).await, 0);
 }
+
+#[test]
+fn a_missing_database_url_stops_the_worker_with_one_line_naming_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("run")
+        .env_remove("DATABASE_URL")
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .expect("run the worker binary");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "configuration: DATABASE_URL is required but not set"
+    );
+}
