@@ -116,3 +116,32 @@ async fn send_example_exits_non_zero_when_the_ingest_rejects_it() {
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("401 "));
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn settings_can_come_from_a_toml_file() {
+    let app = TestApp::spawn().await;
+    let file = std::env::temp_dir().join(format!("ingest-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, format!("clerk_webhook_secret = \"{SECRET}\"\n")).expect("write");
+    let path = file.to_string_lossy().into_owned();
+
+    let output = ingest(
+        &[
+            "--config",
+            &path,
+            "send-example",
+            "user.created",
+            "--url",
+            &app.webhook_url(),
+        ],
+        &[],
+    )
+    .await;
+
+    std::fs::remove_file(&file).expect("remove");
+    assert!(output.status.success(), "{:?}", output);
+    assert_eq!(
+        app.next_message().await.delivery.routing_key.as_str(),
+        "user.created"
+    );
+    app.stop().await;
+}
