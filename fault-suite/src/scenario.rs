@@ -109,6 +109,24 @@ pub struct Binaries {
     pub worker: PathBuf,
 }
 
+impl Binaries {
+    /// Copies both binaries into `dir` and returns the copies. A run lasts many minutes, and a
+    /// build in the same target directory meanwhile must not swap the binaries under it.
+    pub fn snapshot(&self, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let copy = |binary: &Path, name: &str| -> anyhow::Result<PathBuf> {
+            let target = dir.join(name);
+            std::fs::copy(binary, &target)
+                .with_context(|| format!("copying {}", binary.display()))?;
+            Ok(target)
+        };
+        Ok(Self {
+            ingest: copy(&self.ingest, "ingest")?,
+            worker: copy(&self.worker, "worker")?,
+        })
+    }
+}
+
 /// The infrastructure the scenarios share; each scenario has its own database and queue names.
 pub struct Infrastructure<'a> {
     pub rabbit: &'a mut RabbitNode,
@@ -301,6 +319,7 @@ impl Run {
         }
         let end = previous.0 + Duration::from_secs_f64(seconds * (1.0 - previous.1));
         tokio::time::sleep_until(end.into()).await;
+        sender.stop_starting();
         let outcome = sender.finish(CATCH_UP).await;
         self.note(&format!(
             "load done: {} events, {} with a 2xx",

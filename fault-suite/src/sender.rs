@@ -143,11 +143,10 @@ impl RunningSender {
         self.shared.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// Stops starting new events and waits until every event started has got its 2xx, or until
-    /// `deadline` has passed; whatever is still retrying then is stopped and counted as
-    /// undelivered.
+    /// Waits until the events have run out (or [`RunningSender::stop_starting`] was called) and
+    /// every event started has got its 2xx, or until `deadline` has passed; whatever is still
+    /// retrying then is stopped and counted as undelivered.
     pub async fn finish(mut self, deadline: Duration) -> SenderOutcome {
-        self.stop_starting();
         if let Some(mut driver) = self.driver.take()
             && tokio::time::timeout(deadline, &mut driver).await.is_err()
         {

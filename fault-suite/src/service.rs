@@ -161,7 +161,13 @@ impl Service {
             {
                 return Ok(());
             }
-            deadline.check(|| format!("{} to become ready at {url}", self.name))?;
+            if deadline.passed() {
+                bail!(
+                    "{} did not become ready at {url} within {READY_TIMEOUT:?}:\n{}",
+                    self.name,
+                    self.log_tail(10)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

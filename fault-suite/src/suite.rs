@@ -138,6 +138,8 @@ async fn run_scenarios(
     // When running as root, the cluster runs as the postgres user, who must be able to pass
     // through the working directory to reach the cluster's own.
     std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(0o711))?;
+    let binaries = binaries.snapshot(&workdir.join("bin"))?;
+    let binaries = &binaries;
     let mut postgres = PgCluster::start(pg_bin, &workdir.join("postgres")).await?;
     let mut rabbit = RabbitNode::start(server, &workdir.join("rabbitmq")).await?;
     println!(
