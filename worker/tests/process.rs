@@ -11,7 +11,16 @@ use common::{TestEnv, amqp_url, clerk_user, eventually, svix_id};
 const WITHIN: Duration = Duration::from_secs(60);
 
 fn spawn_worker(env: &TestEnv, batch_size: usize) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
+    worker_command(env, batch_size)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the worker binary")
+}
+
+fn worker_command(env: &TestEnv, batch_size: usize) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    command
         .arg("run")
         .env("DATABASE_URL", &env.db_url)
         .env("AMQP_URL", amqp_url())
@@ -20,11 +29,8 @@ fn spawn_worker(env: &TestEnv, batch_size: usize) -> Child {
         .env("AMQP_DEAD_QUEUE", &env.topology.dead_queue)
         .env("WORKER_LISTEN", "127.0.0.1:0")
         .env("WORKER_BATCH_SIZE", batch_size.to_string())
-        .env("WORKER_PREFETCH", "50")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the worker binary")
+        .env("WORKER_PREFETCH", "50");
+    command
 }
 
 async fn publish_users(env: &TestEnv, count: usize) {
@@ -140,4 +146,62 @@ fn a_missing_database_url_stops_the_worker_with_one_line_naming_it() {
         stderr.trim(),
         "configuration: DATABASE_URL is required but not set"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_svix_id_and_type_and_never_an_email() {
+    let env = TestEnv::new().await;
+    let mut child = worker_command(&env, 4)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker binary");
+    let first = svix_id();
+    let second = svix_id();
+    // The second event takes the first one's address: a warning about two users, no address.
+    env.publish_event(
+        &first,
+        "user.created",
+        clerk_user("user_a", Some("private-address@example.org"), None, 100),
+    )
+    .await;
+    env.publish_event(
+        &second,
+        "user.created",
+        clerk_user(
+            "user_b",
+            Some("private-address@example.org"),
+            Some("owner"),
+            200,
+        ),
+    )
+    .await;
+    eventually(WITHIN, "both events processed", || async {
+        env.processed_count().await == 2
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    let exit = wait_for_exit(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(exit.code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut logs)
+        .expect("read logs");
+    assert!(
+        !logs.contains("private-address"),
+        "an email was logged:\n{logs}"
+    );
+    for id in [&first, &second] {
+        let line = logs
+            .lines()
+            .find(|line| line.contains("event handled") && line.contains(id.as_str()))
+            .unwrap_or_else(|| panic!("no line for {id}:\n{logs}"));
+        let json: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert!(line.contains("user.created"), "{json}");
+    }
+    assert!(logs.contains("email moved"), "the move is logged:\n{logs}");
 }
