@@ -59,7 +59,8 @@ pub struct Settings {
     /// `INGEST_CONFIRM_TIMEOUT_MS`: how long a request waits for the broker's confirm before it
     /// is answered 503 (default 5000).
     pub ingest_confirm_timeout_ms: u64,
-    /// `INGEST_PUBLISH_CHANNELS`: AMQP channels the ingest publishes on (default 4).
+    /// `INGEST_PUBLISH_CHANNELS`: AMQP channels the ingest publishes on (default 1, the fastest
+    /// arrangement in the ingest's benchmark; see ingest/README.md).
     pub ingest_publish_channels: usize,
     /// `INGEST_MAX_CONCURRENT_REQUESTS`: requests handled at once; beyond it the answer is 503
     /// (default 1024).
@@ -70,7 +71,8 @@ pub struct Settings {
 
     /// `WORKER_LISTEN`: the worker's health and metrics address (default `0.0.0.0:3001`).
     pub worker_listen: String,
-    /// `WORKER_PREFETCH`: unacknowledged deliveries the worker holds at once (default 64).
+    /// `WORKER_PREFETCH`: unacknowledged deliveries the worker holds at once (default 256:
+    /// enough to fill `WORKER_DB_POOL_SIZE` batches of `WORKER_BATCH_SIZE`).
     pub worker_prefetch: u16,
     /// `WORKER_BATCH_SIZE`: deliveries applied in one database transaction at most (default 32).
     pub worker_batch_size: usize,
@@ -102,11 +104,11 @@ impl Default for Settings {
             ingest_listen: "0.0.0.0:3000".into(),
             ingest_body_limit: 1024 * 1024,
             ingest_confirm_timeout_ms: 5_000,
-            ingest_publish_channels: 4,
+            ingest_publish_channels: 1,
             ingest_max_concurrent_requests: 1024,
             ingest_client_timeout_ms: 10_000,
             worker_listen: "0.0.0.0:3001".into(),
-            worker_prefetch: 64,
+            worker_prefetch: 256,
             worker_batch_size: 32,
             worker_max_attempts: 5,
             worker_retry_base_ms: 100,
