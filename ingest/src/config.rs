@@ -106,7 +106,7 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(config.webhook_secrets.len(), 2);
-        assert_eq!(config.publish_channels, 4);
+        assert_eq!(config.publish_channels, 1);
     }
 
     #[test]
