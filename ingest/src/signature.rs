@@ -560,6 +560,30 @@ mod tests {
     }
 
     #[test]
+    fn when_both_header_families_are_present_the_svix_ones_count() {
+        let ts = now();
+        let (_, valid) = signed(ts);
+        let junk = "v1,R3PTzyfHASBKHH98a7yexTwaJ4yNIcGhFQc1yuN+BPU=";
+        let ts = ts.to_string();
+        let both = |svix_signature: &str, webhook_signature: &str| {
+            headers(&[
+                (SVIX_ID, K1_ID),
+                (SVIX_TIMESTAMP, &ts),
+                (SVIX_SIGNATURE, svix_signature),
+                (WEBHOOK_ID, K1_ID),
+                (WEBHOOK_TIMESTAMP, &ts),
+                (WEBHOOK_SIGNATURE, webhook_signature),
+            ])
+        };
+        let v = verifier(&[K1_SECRET]);
+        assert!(v.verify(&both(&valid, junk), K1_BODY).is_ok());
+        assert_eq!(
+            v.verify(&both(junk, &valid), K1_BODY),
+            Err(VerifyError::InvalidSignature)
+        );
+    }
+
+    #[test]
     fn every_reason_is_listed_for_the_metrics() {
         for error in [
             VerifyError::MissingHeader("id"),
