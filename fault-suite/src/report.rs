@@ -100,6 +100,18 @@ pub fn details(report: &Report) -> String {
          redeliveries, {} events never acknowledged",
         stats.connection_errors, stats.other_status, stats.redelivered, report.undelivered
     );
+    if !report.other_statuses.is_empty() {
+        let codes: Vec<String> = report
+            .other_statuses
+            .iter()
+            .map(|(code, count)| format!("{count} x {code}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  other answers (retried; a 4xx other than 408/429 fails the scenario): {}",
+            codes.join(", ")
+        );
+    }
     if report.verdict.left_in_queue > 0 || report.verdict.wrong_outcome > 0 {
         let _ = writeln!(
             out,
@@ -122,6 +134,7 @@ mod tests {
     use crate::check::Verdict;
     use crate::scenario::Scenario;
     use crate::sender::SenderStats;
+    use std::collections::BTreeMap;
 
     fn report(verdict: Verdict) -> Report {
         Report {
@@ -131,6 +144,7 @@ mod tests {
                 accepted: 10,
                 ..SenderStats::default()
             },
+            other_statuses: BTreeMap::new(),
             undelivered: 0,
             duplicates_absorbed: Some(2),
             verdict,

@@ -1,6 +1,7 @@
 //! The scenarios: the whole pipeline under a steady load while one fault (or all of them, one
 //! after the other) strikes, then the count of what was lost.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use crate::check::{self, Verdict};
 use crate::history;
 use crate::postgres::PgCluster;
 use crate::rabbit::RabbitNode;
-use crate::sender::{self, SenderConfig, SenderStats};
+use crate::sender::{self, SenderConfig, SenderOutcome, SenderStats};
 use crate::service::Service;
 use crate::support;
 
@@ -157,6 +158,8 @@ impl Names {
 pub struct Report {
     pub scenario: Scenario,
     pub stats: SenderStats,
+    /// Answers other than 2xx and 503, by status code.
+    pub other_statuses: BTreeMap<u16, u64>,
     /// Events still without a 2xx when the sender gave up.
     pub undelivered: u64,
     /// Deliveries the workers recognised as already processed (from their `/metrics`).
@@ -172,7 +175,7 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.error.is_none()
             && self.undelivered == 0
-            && self.stats.other_status == 0
+            && self.stats.rejected == 0
             && self.verdict.passed()
     }
 }
@@ -194,19 +197,18 @@ pub async fn run(
         duplicates_metric_found: false,
     };
     let outcome = run.execute(infra, names, load).await;
-    let (stats, undelivered, verdict, error) = match outcome {
-        Ok((stats, undelivered, verdict)) => (stats, undelivered, verdict, None),
-        Err(error) => (
-            SenderStats::default(),
-            0,
-            Verdict::default(),
-            Some(format!("{error:#}")),
-        ),
+    let (sent, verdict, error) = match outcome {
+        Ok((sent, verdict)) => (Some(sent), verdict, None),
+        Err(error) => (None, Verdict::default(), Some(format!("{error:#}"))),
     };
     let mut report = Report {
         scenario,
-        stats,
-        undelivered,
+        stats: sent.as_ref().map(|s| s.stats).unwrap_or_default(),
+        other_statuses: sent
+            .as_ref()
+            .map(|s| s.other_statuses.clone())
+            .unwrap_or_default(),
+        undelivered: sent.as_ref().map_or(0, |s| s.undelivered),
         duplicates_absorbed: run
             .duplicates_metric_found
             .then_some(run.duplicates_seen as u64),
@@ -250,7 +252,7 @@ impl Run {
         infra: Infrastructure<'_>,
         names: Names,
         load: Load,
-    ) -> anyhow::Result<(SenderStats, u64, Verdict)> {
+    ) -> anyhow::Result<(SenderOutcome, Verdict)> {
         let Infrastructure {
             rabbit,
             postgres,
@@ -297,7 +299,7 @@ impl Run {
                 secret,
                 rate: load.rate,
                 retry_delay: Duration::from_millis(250),
-                max_retry_delay: Duration::from_secs(2),
+                max_retry_delay: Duration::from_secs(5),
                 duplicate_ratio: 0.02,
             },
             history::endless(chunk, load.seed),
@@ -343,7 +345,7 @@ impl Run {
         for mut worker in std::mem::take(&mut self.workers) {
             worker.terminate().await?;
         }
-        Ok((outcome.stats, outcome.undelivered, verdict))
+        Ok((outcome, verdict))
     }
 
     async fn inject(

@@ -1,10 +1,12 @@
 //! A sender that behaves like Svix delivering Clerk's events: every event has its own svix-id,
 //! each attempt is signed afresh with the time of the attempt, events go out at a steady rate,
 //! and every answer that is not a 2xx (or no answer at all) is retried after a short delay until
-//! a 2xx comes (Svix waits 5 s, then minutes to hours; the suite waits 250 ms, doubling up to
-//! 2 s, so a scenario stays short). Like Svix it sometimes delivers an event again after a 2xx. It keeps a ledger of
-//! every event that got a 2xx: the events the pipeline has promised never to lose.
+//! a 2xx comes (Svix waits 5 s, then minutes to hours; the suite waits from 250 ms up to a few
+//! seconds, so a scenario stays short). Like Svix it sometimes delivers an event again after a
+//! 2xx. It keeps a ledger of every event that got a 2xx: the events the pipeline has promised
+//! never to lose.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,8 +52,11 @@ pub struct SenderStats {
     pub accepted: u64,
     /// Answers `503 Service Unavailable`, over all attempts.
     pub unavailable: u64,
-    /// Other answers that were not a 2xx (a 4xx here means a bug: the events are valid).
+    /// Other answers that were not a 2xx, by status code in [`SenderOutcome::other_statuses`].
     pub other_status: u64,
+    /// Of those, the ones that refuse the event itself: a 4xx other than 408 and 429. The events
+    /// are valid and correctly signed, so each one is a bug in the ingest.
+    pub rejected: u64,
     /// Attempts without an answer: connection refused or reset, or no answer in time.
     pub connection_errors: u64,
     /// Attempts repeated after a non-2xx answer or a connection error.
@@ -66,6 +71,7 @@ struct Counters {
     accepted: AtomicU64,
     unavailable: AtomicU64,
     other_status: AtomicU64,
+    rejected: AtomicU64,
     connection_errors: AtomicU64,
     retried: AtomicU64,
     redelivered: AtomicU64,
@@ -78,6 +84,7 @@ impl Counters {
             accepted: self.accepted.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
             other_status: self.other_status.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
             connection_errors: self.connection_errors.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
             redelivered: self.redelivered.load(Ordering::Relaxed),
@@ -90,6 +97,8 @@ pub struct SenderOutcome {
     /// Every event that got a 2xx.
     pub ledger: Vec<Arc<PlannedEvent>>,
     pub stats: SenderStats,
+    /// Answers other than 2xx and 503, counted by status code.
+    pub other_statuses: BTreeMap<u16, u64>,
     /// Events still without a 2xx when the sender had to stop.
     pub undelivered: u64,
 }
@@ -108,6 +117,7 @@ struct Shared {
     webhook: Webhook,
     counters: Counters,
     ledger: Mutex<Vec<Arc<PlannedEvent>>>,
+    other_statuses: Mutex<BTreeMap<u16, u64>>,
     /// Set when no new event is to be started; those already started still get their 2xx.
     stopping: AtomicBool,
 }
@@ -128,6 +138,7 @@ pub fn start(
         webhook,
         counters: Counters::default(),
         ledger: Mutex::new(Vec::new()),
+        other_statuses: Mutex::new(BTreeMap::new()),
         stopping: AtomicBool::new(false),
     });
     let driver = tokio::spawn(drive(Arc::clone(&shared), events));
@@ -159,8 +170,13 @@ impl RunningSender {
             Ok(ledger) => ledger.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
+        let other_statuses = match self.shared.other_statuses.lock() {
+            Ok(statuses) => statuses.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
         SenderOutcome {
             undelivered: stats.sent.saturating_sub(stats.accepted),
+            other_statuses,
             ledger,
             stats,
         }
@@ -225,8 +241,19 @@ async fn deliver_until_accepted(shared: &Shared, event: &PlannedEvent) {
             Ok(hyper::StatusCode::SERVICE_UNAVAILABLE) => {
                 shared.counters.unavailable.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(_) => {
+            Ok(status) => {
                 shared.counters.other_status.fetch_add(1, Ordering::Relaxed);
+                let refused = status.is_client_error()
+                    && status != hyper::StatusCode::REQUEST_TIMEOUT
+                    && status != hyper::StatusCode::TOO_MANY_REQUESTS;
+                if refused {
+                    shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut statuses = match shared.other_statuses.lock() {
+                    Ok(statuses) => statuses,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                *statuses.entry(status.as_u16()).or_default() += 1;
             }
             Err(_) => {
                 shared
