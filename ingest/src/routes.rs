@@ -187,6 +187,11 @@ fn claimed_id(request: &HttpRequest) -> &str {
 
 /// The event's `type`, if the body is a JSON object with a string `type`.
 fn parse_event_type(body: &[u8]) -> Option<String> {
+    // serde reads a struct from a JSON array as well (`["user.created"]`), so check that the
+    // body is an object before letting it fill the struct.
+    if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
     serde_json::from_slice::<EventType<'_>>(body)
         .ok()
         .map(|event| event.event_type.into_owned())
