@@ -10,15 +10,15 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `ingest_requests_total{outcome}`: webhook requests by how they were answered.
+    /// `clerk_sync_ingest_requests_total{outcome}`: webhook requests by how they were answered.
     pub requests: IntCounterVec,
-    /// `ingest_verification_failures_total{reason}`: rejected signatures by reason.
+    /// `clerk_sync_ingest_verification_failures_total{reason}`: rejected signatures by reason.
     pub verification_failures: IntCounterVec,
-    /// `ingest_confirm_latency_seconds`: from publish to the broker's confirm (or failure).
+    /// `clerk_sync_ingest_confirm_latency_seconds`: from publish to the broker's confirm (or failure).
     pub confirm_latency: Histogram,
-    /// `ingest_broker_connected`: 1 while a connection with usable channels is up, else 0.
+    /// `clerk_sync_ingest_broker_connected`: 1 while a connection with usable channels is up, else 0.
     pub broker_connected: IntGauge,
-    /// `ingest_broker_reconnects_total`: connections established after the first one.
+    /// `clerk_sync_ingest_broker_reconnects_total`: connections established after the first one.
     pub broker_reconnects: IntCounter,
 }
 
@@ -66,21 +66,21 @@ impl Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
-                "ingest_requests_total",
+                "clerk_sync_ingest_requests_total",
                 "Webhook requests by how they were answered.",
             ),
             &["outcome"],
         )?;
         let verification_failures = IntCounterVec::new(
             Opts::new(
-                "ingest_verification_failures_total",
+                "clerk_sync_ingest_verification_failures_total",
                 "Webhook requests whose signature was rejected, by reason.",
             ),
             &["reason"],
         )?;
         let confirm_latency = Histogram::with_opts(
             HistogramOpts::new(
-                "ingest_confirm_latency_seconds",
+                "clerk_sync_ingest_confirm_latency_seconds",
                 "Time from publishing a message to the broker's confirm.",
             )
             .buckets(vec![
@@ -88,11 +88,11 @@ impl Metrics {
             ]),
         )?;
         let broker_connected = IntGauge::new(
-            "ingest_broker_connected",
+            "clerk_sync_ingest_broker_connected",
             "1 while the broker connection and its publishing channels are usable.",
         )?;
         let broker_reconnects = IntCounter::new(
-            "ingest_broker_reconnects_total",
+            "clerk_sync_ingest_broker_reconnects_total",
             "Broker connections established after the first one.",
         )?;
         registry.register(Box::new(requests.clone()))?;

@@ -45,7 +45,10 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
         );
     }
     assert_eq!(
-        metric(&app.metrics_text().await, "ingest_broker_connected"),
+        metric(
+            &app.metrics_text().await,
+            "clerk_sync_ingest_broker_connected"
+        ),
         Some(0.0)
     );
 
@@ -62,9 +65,12 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
     // The first event and the one after recovery; nothing from the outage.
     assert_eq!(app.queue_depth().await, 2);
     let text = app.metrics_text().await;
-    assert_eq!(metric(&text, "ingest_broker_connected"), Some(1.0));
+    assert_eq!(
+        metric(&text, "clerk_sync_ingest_broker_connected"),
+        Some(1.0)
+    );
     assert!(
-        metric(&text, "ingest_broker_reconnects_total") >= Some(1.0),
+        metric(&text, "clerk_sync_ingest_broker_reconnects_total") >= Some(1.0),
         "{text}"
     );
     app.stop().await;
@@ -100,7 +106,7 @@ async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
     assert_eq!(
         metric(
             &text,
-            r#"ingest_requests_total{outcome="broker_unavailable"}"#
+            r#"clerk_sync_ingest_requests_total{outcome="broker_unavailable"}"#
         ),
         Some(1.0)
     );

@@ -73,14 +73,20 @@ async fn a_signed_event_is_accepted_and_lands_on_the_queue_byte_for_byte() {
     assert!(received_at >= before - chrono::Duration::seconds(1));
     let text = app.metrics_text().await;
     assert_eq!(
-        metric(&text, r#"ingest_requests_total{outcome="accepted"}"#),
+        metric(
+            &text,
+            r#"clerk_sync_ingest_requests_total{outcome="accepted"}"#
+        ),
         Some(1.0)
     );
     assert_eq!(
-        metric(&text, "ingest_confirm_latency_seconds_count"),
+        metric(&text, "clerk_sync_ingest_confirm_latency_seconds_count"),
         Some(1.0)
     );
-    assert_eq!(metric(&text, "ingest_broker_connected"), Some(1.0));
+    assert_eq!(
+        metric(&text, "clerk_sync_ingest_broker_connected"),
+        Some(1.0)
+    );
     app.stop().await;
 }
 
@@ -156,12 +162,15 @@ async fn missing_or_malformed_signature_headers_are_answered_400() {
     assert_eq!(
         metric(
             &text,
-            r#"ingest_verification_failures_total{reason="missing_header"}"#
+            r#"clerk_sync_ingest_verification_failures_total{reason="missing_header"}"#
         ),
         Some(3.0)
     );
     assert_eq!(
-        metric(&text, r#"ingest_requests_total{outcome="bad_request"}"#),
+        metric(
+            &text,
+            r#"clerk_sync_ingest_requests_total{outcome="bad_request"}"#
+        ),
         Some(4.0)
     );
     app.stop().await;
@@ -211,7 +220,8 @@ async fn bad_signatures_stale_or_future_timestamps_and_tampered_bodies_are_answe
         ("timestamp_in_future", 1.0),
         ("invalid_signature", 2.0),
     ] {
-        let series = format!(r#"ingest_verification_failures_total{{reason="{reason}"}}"#);
+        let series =
+            format!(r#"clerk_sync_ingest_verification_failures_total{{reason="{reason}"}}"#);
         assert_eq!(metric(&text, &series), Some(count), "{reason}");
     }
     app.stop().await;
@@ -325,12 +335,15 @@ async fn an_unroutable_event_is_answered_503_never_200() {
     assert_eq!(
         metric(
             &text,
-            r#"ingest_requests_total{outcome="broker_unavailable"}"#
+            r#"clerk_sync_ingest_requests_total{outcome="broker_unavailable"}"#
         ),
         Some(1.0)
     );
     assert_eq!(
-        metric(&text, r#"ingest_requests_total{outcome="accepted"}"#),
+        metric(
+            &text,
+            r#"clerk_sync_ingest_requests_total{outcome="accepted"}"#
+        ),
         Some(0.0)
     );
     app.stop().await;
@@ -403,9 +416,17 @@ async fn requests_beyond_the_concurrency_cap_are_answered_503_and_slow_bodies_40
         200,
     );
     let text = app.metrics_text().await;
-    assert!(metric(&text, r#"ingest_requests_total{outcome="overloaded"}"#) >= Some(1.0));
+    assert!(
+        metric(
+            &text,
+            r#"clerk_sync_ingest_requests_total{outcome="overloaded"}"#
+        ) >= Some(1.0)
+    );
     assert_eq!(
-        metric(&text, r#"ingest_requests_total{outcome="request_timeout"}"#),
+        metric(
+            &text,
+            r#"clerk_sync_ingest_requests_total{outcome="request_timeout"}"#
+        ),
         Some(1.0)
     );
     app.stop().await;
@@ -442,10 +463,10 @@ async fn health_readiness_and_metrics_answer() {
     let (status, body) = get(&format!("{}/metrics", app.address)).await;
     assert_eq!(status, 200);
     for name in [
-        "ingest_requests_total",
-        "ingest_verification_failures_total",
-        "ingest_confirm_latency_seconds",
-        "ingest_broker_connected",
+        "clerk_sync_ingest_requests_total",
+        "clerk_sync_ingest_verification_failures_total",
+        "clerk_sync_ingest_confirm_latency_seconds",
+        "clerk_sync_ingest_broker_connected",
     ] {
         assert!(body.contains(name), "{name} missing from {body}");
     }
@@ -475,7 +496,10 @@ async fn the_ingest_starts_without_a_broker_and_answers_503_until_it_can_connect
         started.elapsed()
     );
     assert_eq!(
-        metric(&app.metrics_text().await, "ingest_broker_connected"),
+        metric(
+            &app.metrics_text().await,
+            "clerk_sync_ingest_broker_connected"
+        ),
         Some(0.0)
     );
     app.stop().await;

@@ -324,7 +324,7 @@ where
     }
 }
 
-/// The value of a metric line such as `ingest_requests_total{outcome="accepted"}`.
+/// The value of a metric line such as `clerk_sync_ingest_requests_total{outcome="accepted"}`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
