@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use shared::{ConfigError, Settings, Topology};
 
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
@@ -65,8 +65,20 @@ impl WorkerConfig {
                 reason: "must not be below WORKER_RETRY_BASE_MS".into(),
             });
         }
+        let database_url = settings.database_url()?;
+        // Checked here rather than at the first connection, which the worker waits for.
+        if let Err(error) = database_url
+            .expose_secret()
+            .parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
+        {
+            return Err(ConfigError::Malformed {
+                variable: "DATABASE_URL",
+                // The parser's message never repeats the URL, so no password can leak here.
+                reason: error.to_string(),
+            });
+        }
         Ok(Self {
-            database_url: settings.database_url()?,
+            database_url,
             amqp_url: settings.amqp_url()?,
             topology: settings.topology()?,
             prefetch: settings.worker_prefetch,
@@ -141,6 +153,19 @@ mod tests {
             .expect_err("zero")
             .to_string();
         assert!(line.contains("WORKER_BATCH_SIZE"), "{line}");
+    }
+
+    #[test]
+    fn a_database_url_that_does_not_parse_is_named() {
+        let settings = Settings {
+            database_url: Some("postgres://user:secret-password@localhost:notaport/db".into()),
+            ..settings()
+        };
+        let line = WorkerConfig::from_settings(&settings)
+            .expect_err("bad port")
+            .to_string();
+        assert!(line.contains("DATABASE_URL is malformed"), "{line}");
+        assert!(!line.contains("secret-password"), "{line}");
     }
 
     #[test]

@@ -51,9 +51,18 @@ impl Stop {
 
     /// Sleeps for `delay`; false when a stop came first.
     pub(crate) async fn sleep(&mut self, delay: Duration) -> bool {
+        self.unless_stopped(tokio::time::sleep(delay))
+            .await
+            .is_some()
+    }
+
+    /// Runs `work` to its end, or gives it up (None) as soon as a stop is requested: a
+    /// connection attempt to an unresponsive host must not hold up a shutdown.
+    pub(crate) async fn unless_stopped<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
         tokio::select! {
-            _ = self.wait() => false,
-            _ = tokio::time::sleep(delay) => true,
+            biased;
+            _ = self.wait() => None,
+            output = work => Some(output),
         }
     }
 }

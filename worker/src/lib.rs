@@ -21,15 +21,18 @@ pub use startup::{Application, StopHandle};
 use anyhow::Context as _;
 
 /// Runs the worker until SIGTERM or SIGINT, then stops consuming, finishes and acknowledges what
-/// is in flight, and returns.
+/// is in flight, and returns. While the database or the broker is unreachable it waits for them
+/// (a signal meanwhile returns at once); a malformed setting returns an error before anything.
 pub async fn run(settings: shared::Settings) -> anyhow::Result<()> {
     let config = WorkerConfig::from_settings(&settings)?;
-    let app = Application::build(config).await?;
-    tracing::info!(port = app.port(), "worker started");
-    let stop = app.stop_handle();
+    // Listening before anything else, so a signal while the worker waits for the database or the
+    // broker ends it at once.
     let signals = wait_for_signal()
         .await
         .context("cannot listen for signals")?;
+    let app = Application::build(config).await?;
+    tracing::info!(port = app.port(), "worker started");
+    let stop = app.stop_handle();
     tokio::spawn(async move {
         signals.await;
         tracing::info!("stop requested");

@@ -1,5 +1,11 @@
-//! Wiring: [`Application::build`] connects, migrates and binds; [`Application::run_until_stopped`]
-//! consumes until [`StopHandle::stop`] is called, reconnecting to the broker whenever it is lost.
+//! Wiring: [`Application::build`] binds the health server; [`Application::run_until_stopped`]
+//! waits for the database (and migrates it), then consumes until [`StopHandle::stop`] is called,
+//! reconnecting to the broker whenever it is lost.
+//!
+//! A service started alongside its database and broker must not die because it came up first:
+//! every wait uses the worker's back-off (`WORKER_RETRY_BASE_MS`, `WORKER_RETRY_MAX_MS`), logs
+//! each failed attempt at warn with the next delay, and gives way to a stop at once. Only what
+//! waiting cannot fix (a setting, a refused login, a failing migration) ends the process.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -9,7 +15,7 @@ use anyhow::Context as _;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
 
@@ -33,7 +39,7 @@ impl StopHandle {
     }
 }
 
-/// A worker, connected to the database, migrated, with its health server bound.
+/// A worker with its health server bound, ready to run.
 pub struct Application {
     config: WorkerConfig,
     db: DatabaseConnection,
@@ -45,19 +51,15 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to the database, applies pending migrations (unless configured not to) and binds
-    /// the health server. The broker is connected by [`Application::run_until_stopped`], which
-    /// keeps retrying while it is down.
+    /// Binds the health server and sets up the database pool, which connects on first use; it
+    /// fails only on what waiting cannot fix. The database and the broker are waited for by
+    /// [`Application::run_until_stopped`], with `/healthz` answering 200 and `/readyz` 503
+    /// meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("cannot register the metrics")?;
         let db = connect_database(&config, config.db_pool_size + 1)
             .await
-            .context("cannot connect to the database (DATABASE_URL)")?;
-        if config.run_migrations {
-            migrate(&config)
-                .await
-                .context("cannot apply the migrations")?;
-        }
+            .context("cannot set up the database pool (DATABASE_URL)")?;
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
@@ -91,56 +93,140 @@ impl Application {
         StopHandle(self.stop.clone())
     }
 
-    /// Consumes until stopped: connects to the broker (retrying with back-off while it is down),
-    /// declares the topology and consumes; when the connection is lost, waits for the work in
-    /// flight and connects again.
+    /// Runs until stopped: waits for the database and applies pending migrations (unless
+    /// configured not to), then connects to the broker, declares the topology and consumes. Both
+    /// are retried with back-off while they are unreachable; when the broker connection is lost,
+    /// the work in flight finishes and the worker connects again.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let server = self.server.handle();
         let server_task = tokio::spawn(self.server);
         let mut stop = Stop(self.stop.subscribe());
-        let mut failures = 0;
-        while !stop.requested() {
-            match open_broker(&self.config).await {
-                Ok((connection, channel, dead)) => {
-                    failures = 0;
-                    self.broker.set(Some(channel.clone()));
-                    tracing::info!(queue = %self.config.topology.queue, "consuming");
-                    let handler = Handler {
-                        db: self.db.clone(),
-                        metrics: self.metrics.clone(),
-                        config: self.config.clone(),
-                        dead,
-                        stop: stop.clone(),
-                    };
-                    let end = consumer::consume(&channel, handler).await;
-                    self.broker.set(None);
-                    if let Err(error) = connection.close(200, "worker stopping".into()).await {
-                        tracing::debug!(%error, "closing the broker connection");
-                    }
-                    match end {
-                        End::Stopped => break,
-                        End::Lost(reason) => {
-                            tracing::warn!(%reason, "lost the broker; reconnecting");
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "cannot use the broker; retrying"
-                    );
-                }
-            }
-            failures += 1;
-            if !stop.sleep(self.config.backoff.delay(failures)).await {
-                break;
-            }
+        let database = wait_for_database(&self.config, &self.db, &mut stop).await;
+        if matches!(database, Ok(true)) {
+            consume_until_stopped(&self.config, &self.db, &self.metrics, &self.broker, stop).await;
         }
-        tracing::info!("stopped consuming; everything in flight is done");
         server.stop(true).await;
         let _ = server_task.await;
         self.db.close().await.context("closing the database pool")?;
-        Ok(())
+        database.map(|_| ())
+    }
+}
+
+/// Consumes until a stop, reconnecting to the broker (with back-off) whenever it is unusable.
+async fn consume_until_stopped(
+    config: &WorkerConfig,
+    db: &DatabaseConnection,
+    metrics: &Metrics,
+    broker: &BrokerState,
+    mut stop: Stop,
+) {
+    let mut failures = 0;
+    while !stop.requested() {
+        let error = match stop.unless_stopped(open_broker(config)).await {
+            None => break,
+            Some(Err(error)) => format!("{error:#}"),
+            Some(Ok((connection, channel, dead))) => {
+                failures = 0;
+                broker.set(Some(channel.clone()));
+                tracing::info!(queue = %config.topology.queue, "consuming");
+                let handler = Handler {
+                    db: db.clone(),
+                    metrics: metrics.clone(),
+                    config: config.clone(),
+                    dead,
+                    stop: stop.clone(),
+                };
+                let end = consumer::consume(&channel, handler).await;
+                broker.set(None);
+                if let Err(error) = connection.close(200, "worker stopping".into()).await {
+                    tracing::debug!(%error, "closing the broker connection");
+                }
+                match end {
+                    End::Stopped => break,
+                    End::Lost(reason) => format!("lost the broker: {reason}"),
+                }
+            }
+        };
+        failures += 1;
+        let delay = config.backoff.delay(failures);
+        tracing::warn!(
+            %error,
+            attempt = failures,
+            next_attempt_in = ?delay,
+            "waiting for the broker"
+        );
+        if !stop.sleep(delay).await {
+            break;
+        }
+    }
+    tracing::info!("stopped consuming; everything in flight is done");
+}
+
+/// Waits until the database is usable: applies pending migrations (or, with migrations off,
+/// pings it), retrying with back-off while the server is unreachable. `Ok(false)` when a stop
+/// came first; an error when the failure is not one that waiting fixes.
+async fn wait_for_database(
+    config: &WorkerConfig,
+    db: &DatabaseConnection,
+    stop: &mut Stop,
+) -> anyhow::Result<bool> {
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            if config.run_migrations {
+                migrate(config).await
+            } else {
+                db.ping().await
+            }
+        };
+        let error = match stop.unless_stopped(attempt).await {
+            None => return Ok(false),
+            Some(Ok(())) => return Ok(true),
+            Some(Err(error)) if worth_waiting_for(&error) => error,
+            Some(Err(error)) => {
+                return Err(anyhow::Error::new(error).context(if config.run_migrations {
+                    "cannot apply the migrations (DATABASE_URL)"
+                } else {
+                    "cannot use the database (DATABASE_URL)"
+                }));
+            }
+        };
+        failures += 1;
+        let delay = config.backoff.delay(failures);
+        tracing::warn!(
+            %error,
+            attempt = failures,
+            next_attempt_in = ?delay,
+            "waiting for the database"
+        );
+        if !stop.sleep(delay).await {
+            return Ok(false);
+        }
+    }
+}
+
+/// Whether a database failure at start is worth waiting out: the server unreachable, starting
+/// up, shutting down, out of connections or not accepting them. A refused login, a missing
+/// database or a failing migration is a mistake to fix, not to wait for.
+fn worth_waiting_for(error: &DbErr) -> bool {
+    match error {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            // SQLSTATE classes 08 (connection exception), 53 (insufficient resources), 57
+            // (operator intervention, e.g. "the database system is starting up") and 55000
+            // ("database is not currently accepting connections").
+            sea_orm::sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code == "55000"
+            }),
+            // Refused, reset, timed out, TLS or protocol trouble, the pool's own timeout.
+            _ => true,
+        },
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        _ => false,
     }
 }
 
@@ -155,12 +241,14 @@ async fn connect_database(
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         // Statements are not logged one by one; errors are logged where they are handled.
-        .sqlx_logging(false);
+        .sqlx_logging(false)
+        // No connection at start: the worker waits for the database in `run_until_stopped`.
+        .connect_lazy(true);
     Database::connect(options).await
 }
 
 /// Applies pending migrations under a session advisory lock, on a connection of its own.
-async fn migrate(config: &WorkerConfig) -> anyhow::Result<()> {
+async fn migrate(config: &WorkerConfig) -> Result<(), DbErr> {
     let db = connect_database(config, 1).await?;
     db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
         .await?;

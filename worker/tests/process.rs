@@ -1,12 +1,13 @@
-//! The `worker` binary as a process: killed with SIGKILL mid-stream it loses nothing, and on
-//! SIGTERM it finishes and acknowledges what it holds, then exits 0.
+//! The `worker` binary as a process: killed with SIGKILL mid-stream it loses nothing; on SIGTERM
+//! it finishes and acknowledges what it holds, then exits 0; it waits for an unreachable database
+//! and a SIGTERM meanwhile ends it at once; a bad setting stops it with one line.
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, amqp_url, clerk_user, eventually, svix_id};
+use common::{CuttableProxy, TestEnv, amqp_url, clerk_user, eventually, http_get, svix_id};
 
 const WITHIN: Duration = Duration::from_secs(60);
 
@@ -203,5 +204,113 @@ async fn json_logs_carry_the_svix_id_and_type_and_never_an_email() {
         let json: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
         assert!(line.contains("user.created"), "{json}");
     }
-    assert!(logs.contains("email moved"), "the move is logged:\n{logs}");
+    // The two events may be applied in either order: either way a warning names both users.
+    assert!(
+        logs.lines().any(|line| line.contains("WARN")
+            && line.contains("email")
+            && line.contains("user_a")
+            && line.contains("user_b")),
+        "the contested address is logged:\n{logs}"
+    );
+}
+
+#[test]
+fn a_database_url_that_does_not_parse_stops_the_worker_at_once_with_one_line_naming_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("run")
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:notaport/test",
+        )
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .expect("run the worker binary");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("configuration: DATABASE_URL is malformed"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waiting_for_its_database_logs_each_attempt_and_exits_zero_on_sigterm() {
+    let env = TestEnv::new().await;
+    let proxy = CuttableProxy::to_database(&env.db_url).await;
+    proxy.cut();
+    let mut child = worker_command(&env, 4)
+        .env("DATABASE_URL", proxy.database_url(&env.db_url))
+        .env("WORKER_RETRY_BASE_MS", "20")
+        .env("WORKER_RETRY_MAX_MS", "200")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker binary");
+    let lines = log_lines(&mut child);
+
+    // The port comes from the start line; then at least three waits, each with its next delay.
+    let mut port = None;
+    let mut waits = Vec::new();
+    let deadline = Instant::now() + WITHIN;
+    while port.is_none() || waits.len() < 3 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(remaining)
+            .expect("the worker logs its start and its waits");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        match json["message"].as_str() {
+            Some("worker started") => port = json["port"].as_u64(),
+            Some("waiting for the database") => waits.push(json),
+            _ => {}
+        }
+    }
+    for (n, wait) in waits.iter().enumerate() {
+        assert_eq!(wait["level"], "WARN", "{wait}");
+        assert_eq!(wait["attempt"], n as u64 + 1, "{wait}");
+        assert!(wait["next_attempt_in"].is_string(), "{wait}");
+        assert!(wait["error"].is_string(), "{wait}");
+    }
+    let port = u16::try_from(port.expect("port")).expect("a port number");
+    assert_eq!(
+        http_get(port, "/healthz").await.0,
+        200,
+        "alive while waiting"
+    );
+    assert_eq!(
+        http_get(port, "/readyz").await.0,
+        503,
+        "not ready while waiting"
+    );
+
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    let exit = wait_for_exit(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "took {:?} to stop",
+        sent.elapsed()
+    );
+}
+
+/// The child's stderr, line by line, read on a thread of its own.
+fn log_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
 }

@@ -133,22 +133,7 @@ impl TestEnv {
 
     /// Publishes an event the way the ingest does, and waits for the broker's confirm.
     pub async fn publish(&self, svix_id: &str, event_type: &str, body: &[u8]) {
-        let mut table = FieldTable::default();
-        let now = chrono::Utc::now();
-        table.insert(headers::SVIX_ID.into(), long(svix_id));
-        table.insert(
-            headers::SVIX_TIMESTAMP.into(),
-            long(&now.timestamp().to_string()),
-        );
-        table.insert(headers::SVIX_SIGNATURE.into(), long("v1,dGVzdA=="));
-        table.insert(headers::RECEIVED_AT.into(), long(&now.to_rfc3339()));
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(svix_id.into())
-            .with_type(event_type.into())
-            .with_timestamp(u64::try_from(now.timestamp()).unwrap_or_default())
-            .with_headers(table);
+        let properties = event_properties(svix_id, event_type);
         let confirm = self
             .channel
             .basic_publish(
@@ -308,33 +293,58 @@ impl RunningWorker {
 
     /// GET a path of the health server, returning the status code and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .expect("connect to health server");
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .expect("send request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .await
-            .expect("read response");
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .expect("status line");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_get(self.port, path).await
     }
+}
+
+/// GET a path of the health server on `port`, returning the status code and body.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to health server");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The properties and headers the ingest gives an event.
+pub fn event_properties(svix_id: &str, event_type: &str) -> BasicProperties {
+    let mut table = FieldTable::default();
+    let now = chrono::Utc::now();
+    table.insert(headers::SVIX_ID.into(), long(svix_id));
+    table.insert(
+        headers::SVIX_TIMESTAMP.into(),
+        long(&now.timestamp().to_string()),
+    );
+    table.insert(headers::SVIX_SIGNATURE.into(), long("v1,dGVzdA=="));
+    table.insert(headers::RECEIVED_AT.into(), long(&now.to_rfc3339()));
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(svix_id.into())
+        .with_type(event_type.into())
+        .with_timestamp(u64::try_from(now.timestamp()).unwrap_or_default())
+        .with_headers(table)
 }
 
 fn long(text: &str) -> AMQPValue {
@@ -380,11 +390,12 @@ pub fn svix_id() -> String {
     format!("msg_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// A TCP proxy to the broker that a test can cut (every connection dropped, new ones refused)
-/// and restore, to simulate a broker outage without touching the shared broker.
+/// A TCP proxy to the broker or the database that a test can cut (every connection dropped, new
+/// ones refused) and restore, to simulate an outage without touching the shared services.
 pub struct CuttableProxy {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -398,13 +409,16 @@ impl CuttableProxy {
             .expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let accept = {
             let cut = cut.clone();
+            let refused = refused.clone();
             let connections = connections.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
+                        refused.fetch_add(1, Ordering::SeqCst);
                         drop(client);
                         continue;
                     }
@@ -423,9 +437,32 @@ impl CuttableProxy {
         Self {
             port,
             cut,
+            refused,
             connections,
             accept,
         }
+    }
+
+    /// Proxies 127.0.0.1:{port} to the host and port of a `postgres://` URL.
+    pub async fn to_database(database_url: &str) -> Self {
+        use std::net::ToSocketAddrs;
+        let (_, host_port, _) = split_database_url(database_url);
+        let host_port = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        let upstream = host_port
+            .to_socket_addrs()
+            .expect("database address")
+            .next()
+            .expect("database address");
+        Self::start(upstream).await
+    }
+
+    /// How many connections were refused while cut.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drops every proxied connection and refuses new ones until [`CuttableProxy::restore`].
@@ -449,6 +486,12 @@ impl CuttableProxy {
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
+
+    /// `database_url` with its host and port replaced by this proxy's.
+    pub fn database_url(&self, database_url: &str) -> String {
+        let (start, _, rest) = split_database_url(database_url);
+        format!("{start}127.0.0.1:{}{rest}", self.port)
+    }
 }
 
 impl Drop for CuttableProxy {
@@ -456,4 +499,20 @@ impl Drop for CuttableProxy {
         self.cut();
         self.accept.abort();
     }
+}
+
+/// Splits `postgres://user@host:port/db?x` into `postgres://user@`, `host:port` and `/db?x`.
+fn split_database_url(url: &str) -> (&str, &str, &str) {
+    let scheme_end = url.find("://").expect("a URL with a scheme") + 3;
+    let path_start = url[scheme_end..]
+        .find('/')
+        .map_or(url.len(), |at| scheme_end + at);
+    let host_start = url[scheme_end..path_start]
+        .rfind('@')
+        .map_or(scheme_end, |at| scheme_end + at + 1);
+    (
+        &url[..host_start],
+        &url[host_start..path_start],
+        &url[path_start..],
+    )
 }
