@@ -25,7 +25,7 @@ use shared::events::{RoleSource, UserRecord};
 
 use crate::event::{Action, Event};
 use crate::metrics::Metrics;
-use crate::storage::{processed_events, user_tombstones};
+use crate::storage::processed_events;
 
 /// How often a transaction that lost a unique-constraint race is rerun before the failure is
 /// taken to belong to the message.
@@ -219,25 +219,22 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
             })
         }
         Action::Delete { id } => {
-            if !record(db, event, Outcome::Applied).await? {
-                return Ok(Outcome::Duplicate);
-            }
-            db.execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "DELETE FROM users WHERE id = $1",
-                [id.clone().into()],
-            ))
-            .await?;
-            let tombstone = user_tombstones::ActiveModel {
-                id: Set(id.clone()),
-                deleted_at: Set(Utc::now().into()),
-            };
-            // A second delete keeps the first deletion time.
-            user_tombstones::Entity::insert(tombstone)
-                .on_conflict_do_nothing()
-                .exec(db)
+            let recorded = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    RECORD_AND_DELETE,
+                    [
+                        id.clone().into(),
+                        event.svix_id.clone().into(),
+                        event.event_type.clone().into(),
+                    ],
+                ))
                 .await?;
-            Ok(Outcome::Applied)
+            Ok(if recorded.is_some() {
+                Outcome::Applied
+            } else {
+                Outcome::Duplicate
+            })
         }
         Action::Upsert(record_in) => upsert(db, event, record_in).await,
     }
@@ -261,6 +258,21 @@ async fn record<C: ConnectionTrait>(
         .await?;
     Ok(matches!(result, TryInsertResult::Inserted(_)))
 }
+
+/// `user.deleted` in one statement: record the svix-id and, only if it was new, delete the row
+/// (cascading) and write the tombstone; a second delete keeps the first deletion time. Returns a
+/// row only when the svix-id was new. `$1` is the user id, `$2` the svix-id, `$3` the type.
+const RECORD_AND_DELETE: &str = "\
+WITH recorded AS ( \
+  INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
+  VALUES ($2, $3, 'applied', now()) \
+  ON CONFLICT (svix_id) DO NOTHING \
+  RETURNING svix_id), \
+deleted AS (DELETE FROM users WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)), \
+buried AS ( \
+  INSERT INTO user_tombstones (id, deleted_at) SELECT $1, now() FROM recorded \
+  ON CONFLICT (id) DO NOTHING) \
+SELECT svix_id FROM recorded";
 
 /// The common case in one statement: read what decides the upsert, record the svix-id with its
 /// outcome, and write the user when it is newer, not tombstoned and its email is free. All parts

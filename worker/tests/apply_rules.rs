@@ -240,6 +240,72 @@ async fn a_late_update_after_a_delete_does_not_bring_the_user_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_before_the_create_and_repeated_deletes_keep_one_tombstone_from_the_first() {
+    use sea_orm::EntityTrait;
+    use worker::storage::user_tombstones;
+    let env = TestEnv::new().await;
+    let worker = env.start_worker(env.config()).await;
+    let deleted = json!({"deleted": true, "id": "user_1", "object": "user"});
+    let first = svix_id();
+    env.publish_event(&first, "user.deleted", deleted.clone())
+        .await;
+    eventually(WITHIN, "the tombstone", || async {
+        env.tombstoned("user_1").await
+    })
+    .await;
+    let tombstone = || async {
+        user_tombstones::Entity::find_by_id("user_1".to_owned())
+            .one(&env.db)
+            .await
+            .expect("read tombstone")
+            .expect("tombstone")
+    };
+    let buried_at = tombstone().await.deleted_at;
+
+    let (again, create) = (svix_id(), svix_id());
+    env.publish_event(&first, "user.deleted", deleted.clone())
+        .await;
+    env.publish_event(&again, "user.deleted", deleted).await;
+    env.publish_event(
+        &create,
+        "user.created",
+        clerk_user("user_1", Some("a@example.org"), None, 100),
+    )
+    .await;
+    eventually(WITHIN, "the second delete and the create", || async {
+        env.processed(&again).await.is_some() && env.processed(&create).await.is_some()
+    })
+    .await;
+    eventually(WITHIN, "the redelivered delete counted", || async {
+        worker.metrics.duplicates.get() == 1
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        env.processed(&first).await.expect("first").outcome,
+        "applied"
+    );
+    assert_eq!(
+        env.processed(&again).await.expect("again").outcome,
+        "applied"
+    );
+    assert_eq!(
+        env.processed(&create).await.expect("create").outcome,
+        "stale"
+    );
+    assert_eq!(
+        tombstone().await.deleted_at,
+        buried_at,
+        "first deletion time kept"
+    );
+    assert!(
+        env.user("user_1").await.is_none(),
+        "the create did not resurrect"
+    );
+    assert_eq!(env.processed_count().await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_email_moving_between_users_delivered_in_the_wrong_order_ends_with_its_new_owner() {
     // Truth: A held the address at t=100, gave it up at t=200; B took it at t=300.
     // Delivered: B's event first, then A's old one, then A's newer one.
