@@ -314,3 +314,33 @@ fn log_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     });
     receive
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_not_waited_for_and_stops_the_worker_with_one_line() {
+    let env = TestEnv::new().await;
+    // The database exists, but no such role does: Postgres refuses the login (SQLSTATE 28000).
+    let (scheme, rest) = env.db_url.split_once("://").expect("a URL");
+    let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let url = format!(
+        "{scheme}://no_such_role_{}@{host_and_path}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut child = worker_command(&env, 4)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker binary");
+    let exit = wait_for_exit(&mut child, Duration::from_secs(20)).await;
+    assert!(!exit.success(), "exit status {exit:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(
+        stderr.contains("no_such_role"),
+        "the cause is given: {stderr}"
+    );
+}
