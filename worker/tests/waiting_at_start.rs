@@ -1,11 +1,12 @@
-//! A worker started while the database is unreachable waits for it (alive, not ready, consuming
-//! nothing), then becomes ready and applies what waited in the queue.
+//! A worker started while the database or the broker is unreachable waits for it (alive, not
+//! ready, consuming nothing), then becomes ready and applies what waited in the queue.
 
 mod common;
 
+use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use common::{CuttableProxy, TestEnv, clerk_user, eventually, svix_id};
+use common::{CuttableProxy, TestEnv, amqp_url, clerk_user, eventually, svix_id};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -53,6 +54,56 @@ async fn a_worker_started_before_its_database_waits_then_becomes_ready_and_appli
         env.processed(&event).await.expect("processed").outcome,
         "applied"
     );
+    assert!(env.user("user_a").await.is_some(), "the user is stored");
+    assert_eq!(
+        env.ready(&env.topology.dead_queue).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_broker_waits_then_becomes_ready_and_applies_the_queue() {
+    let env = TestEnv::new().await;
+    let broker = amqp_url().parse::<lapin::uri::AMQPUri>().expect("AMQP_URL");
+    let upstream = (broker.authority.host.as_str(), broker.authority.port)
+        .to_socket_addrs()
+        .expect("broker address")
+        .next()
+        .expect("broker address");
+    let proxy = CuttableProxy::start(upstream).await;
+    proxy.cut();
+    let mut config = env.config();
+    config.amqp_url = proxy.amqp_url().into();
+    let event = svix_id();
+    env.publish_event(
+        &event,
+        "user.created",
+        clerk_user("user_a", None, None, 100),
+    )
+    .await;
+
+    let worker = env.start_worker(config).await;
+    eventually(WITHIN, "the worker retrying the broker", || async {
+        proxy.refused() >= 3
+    })
+    .await;
+    assert_eq!(worker.get("/healthz").await.0, 200, "alive while waiting");
+    let (status, body) = worker.get("/readyz").await;
+    assert_eq!(status, 503, "not ready while waiting: {body}");
+    assert!(body.contains(r#""broker":false"#), "{body}");
+    assert_eq!(env.ready(&env.topology.queue).await, 1, "nothing consumed");
+
+    proxy.restore();
+    eventually(WITHIN, "ready once the broker is reachable", || async {
+        worker.get("/readyz").await.0 == 200
+    })
+    .await;
+    eventually(WITHIN, "the waiting event applied", || async {
+        env.processed(&event).await.is_some()
+    })
+    .await;
+    worker.stop().await;
     assert!(env.user("user_a").await.is_some(), "the user is stored");
     assert_eq!(
         env.ready(&env.topology.dead_queue).await,
