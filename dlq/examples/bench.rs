@@ -7,7 +7,7 @@
 //!   least a replay that acknowledges only confirmed copies does, before fetching and
 //!   acknowledging).
 //!
-//! `cargo run -p dlq --example bench -- --letters 2000` (AMQP_URL or the local default). The
+//! `cargo run -p dlq --example dlq-bench -- --letters 2000` (AMQP_URL or the local default). The
 //! work is the broker's, so the debug build measures the same as a release build.
 //! It works on queues of its own and deletes them afterwards.
 

@@ -1,7 +1,7 @@
 //! Throughput of the worker against a baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p worker --example bench -- --events 20000
+//! cargo run --release -p worker --example worker-bench -- --events 20000
 //! ```
 //!
 //! - Baseline: the same N user rows upserted straight into Postgres, one transaction per row,
