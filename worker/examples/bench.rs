@@ -185,6 +185,15 @@ async fn measure(
             / metrics.apply_seconds.get_sample_count().max(1) as f64,
     );
     println!("ratio worker/baseline: {:.2}", worker_rate / baseline_rate);
+    // The worker runs in this process, beside the pre-fill publisher and the baseline's pool, so
+    // the process's peak is an upper bound for the worker's.
+    match peak_rss_kib() {
+        Some(kib) => println!(
+            "peak RSS of this process (worker + bench driver): {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("peak RSS: not available (no /proc/self/status)"),
+    }
     db.close().await?;
     Ok(())
 }
@@ -290,4 +299,13 @@ async fn prefill(amqp_url: &str, topology: &Topology, events: usize) -> anyhow::
     );
     let _ = connection.close(200, "prefilled".into()).await;
     Ok(())
+}
+
+/// `VmHWM` of this process, in KiB: the most resident memory it has held so far.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
