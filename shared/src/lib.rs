@@ -4,8 +4,10 @@
 pub mod config;
 pub mod events;
 pub mod headers;
+pub mod roles;
 pub mod telemetry;
 pub mod topology;
 
 pub use config::{ConfigError, Settings};
+pub use roles::Roles;
 pub use topology::Topology;

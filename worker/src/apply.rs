@@ -21,7 +21,8 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, RuntimeErr, Set, Statement,
     TransactionTrait, TryInsertResult,
 };
-use shared::events::{RoleSource, UserRecord};
+use shared::events::UserRecord;
+use shared::roles::RoleSource;
 
 use crate::event::{Action, Event};
 use crate::metrics::Metrics;
@@ -276,8 +277,8 @@ SELECT svix_id FROM recorded";
 
 /// The common case in one statement: read what decides the upsert, record the svix-id with its
 /// outcome, and write the user when it is newer, not tombstoned and its email is free. All parts
-/// see the database as it was before the statement. `$1`–`$8` are the user's columns, `$9` the
-/// svix-id, `$10` the type.
+/// see the database as it was before the statement. `$1`–`$15` are the user's columns (as in
+/// [`user_values`]), `$16` the svix-id, `$17` the type.
 const RECORD_AND_UPSERT: &str = "\
 WITH decision AS ( \
   SELECT *, NOT tombstoned AND (stored_updated_at IS NULL OR stored_updated_at < $8) AS newer \
@@ -288,18 +289,25 @@ WITH decision AS ( \
         LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1) AS standing), \
 recorded AS ( \
   INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-  SELECT $9, $10, CASE WHEN newer THEN 'applied' ELSE 'stale' END, now() FROM decision \
+  SELECT $16, $17, CASE WHEN newer THEN 'applied' ELSE 'stale' END, now() FROM decision \
   ON CONFLICT (svix_id) DO NOTHING \
   RETURNING outcome), \
 written AS ( \
   INSERT INTO users \
-    (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-  SELECT $1, $2, $3, $4, $5, $6, $7, $8, now() FROM decision, recorded \
+    (id, email, first_name, last_name, role, phone, created_at, updated_at, \
+     username, image_url, external_id, public_metadata, private_metadata, last_sign_in_at, \
+     clerk_data, synced_at) \
+  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now() \
+  FROM decision, recorded \
   WHERE recorded.outcome = 'applied' AND decision.holder_id IS NULL \
   ON CONFLICT (id) DO UPDATE SET \
     email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
     role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
-    updated_at = excluded.updated_at, synced_at = excluded.synced_at \
+    updated_at = excluded.updated_at, username = excluded.username, \
+    image_url = excluded.image_url, external_id = excluded.external_id, \
+    public_metadata = excluded.public_metadata, private_metadata = excluded.private_metadata, \
+    last_sign_in_at = excluded.last_sign_in_at, clerk_data = excluded.clerk_data, \
+    synced_at = excluded.synced_at \
   WHERE users.updated_at < excluded.updated_at \
   RETURNING id) \
 SELECT (SELECT outcome FROM recorded) AS recorded_outcome, \
@@ -309,24 +317,38 @@ FROM decision";
 /// The conditional upsert alone, for when the email had to be settled first.
 const UPSERT: &str = "\
 INSERT INTO users \
-  (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+  (id, email, first_name, last_name, role, phone, created_at, updated_at, \
+   username, image_url, external_id, public_metadata, private_metadata, last_sign_in_at, \
+   clerk_data, synced_at) \
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now()) \
 ON CONFLICT (id) DO UPDATE SET \
   email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
   role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
-  updated_at = excluded.updated_at, synced_at = excluded.synced_at \
+  updated_at = excluded.updated_at, username = excluded.username, \
+  image_url = excluded.image_url, external_id = excluded.external_id, \
+  public_metadata = excluded.public_metadata, private_metadata = excluded.private_metadata, \
+  last_sign_in_at = excluded.last_sign_in_at, clerk_data = excluded.clerk_data, \
+  synced_at = excluded.synced_at \
 WHERE users.updated_at < excluded.updated_at";
 
+/// The user's columns in the order of the statements' `$1`–`$15`.
 fn user_values(record: &UserRecord, email: Option<String>) -> Vec<sea_orm::Value> {
     vec![
         record.id.clone().into(),
         email.into(),
         record.first_name.clone().into(),
         record.last_name.clone().into(),
-        record.role.as_str().into(),
+        record.role.clone().into(),
         record.phone.clone().into(),
         record.created_at.into(),
         record.updated_at.into(),
+        record.username.clone().into(),
+        record.image_url.clone().into(),
+        record.external_id.clone().into(),
+        record.public_metadata.clone().into(),
+        record.private_metadata.clone().into(),
+        record.last_sign_in_at.into(),
+        record.clerk_data.clone().into(),
     ]
 }
 
@@ -420,7 +442,10 @@ pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
         && outcome == Outcome::Applied
     {
         metrics.unknown_roles.inc();
-        tracing::warn!(user_id = %record.id, role = %value, "unknown role in public_metadata; stored as client");
+        tracing::warn!(
+            user_id = %record.id, role = %value, stored_as = %record.role,
+            "unknown role in public_metadata; stored as the default role"
+        );
     }
     tracing::info!(outcome = outcome.as_str(), "event handled");
 }

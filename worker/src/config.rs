@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{ConfigError, Settings, Topology};
+use shared::{ConfigError, Roles, Settings, Topology};
 
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
 /// or by hand in tests.
@@ -32,6 +32,9 @@ pub struct WorkerConfig {
     /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
     /// at once, so every batch in flight has a connection.
     pub db_pool_size: u32,
+    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: the roles a user's `public_metadata.role` may
+    /// name, and the one stored otherwise.
+    pub roles: Roles,
 }
 
 impl WorkerConfig {
@@ -91,6 +94,7 @@ impl WorkerConfig {
             run_migrations: settings.worker_run_migrations,
             listen,
             db_pool_size: settings.worker_db_pool_size,
+            roles: settings.roles()?,
         })
     }
 }
