@@ -56,7 +56,13 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        5 => (0..USERS, prop::bool::weighted(0.12), 0..=EMAILS, 0..ROLES.len(), any::<bool>())
+        4 => (
+            0..USERS,
+            prop::bool::weighted(0.12),
+            0..=EMAILS,
+            0..ROLES.len(),
+            prop::bool::weighted(0.3),
+        )
             .prop_map(|(user, delete, email, role, announce)| Step::User {
                 user,
                 delete,
@@ -64,14 +70,15 @@ fn step() -> impl Strategy<Value = Step> {
                 role,
                 announce,
             }),
-        2 => (0..ORGANIZATIONS, prop::bool::weighted(0.15), any::<bool>()).prop_map(
+        // Deletes often enough that late memberships of deleted organizations are common.
+        3 => (0..ORGANIZATIONS, prop::bool::weighted(0.25), prop::bool::weighted(0.3)).prop_map(
             |(organization, delete, announce)| Step::Organization {
                 organization,
                 delete,
                 announce,
             }
         ),
-        4 => (0..ORGANIZATIONS, 0..USERS, prop::bool::weighted(0.3), 0..MEMBER_ROLES.len())
+        5 => (0..ORGANIZATIONS, 0..USERS, prop::bool::weighted(0.3), 0..MEMBER_ROLES.len())
             .prop_map(|(organization, user, remove, role)| Step::Membership {
                 organization,
                 user,
