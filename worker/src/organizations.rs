@@ -320,3 +320,67 @@ pub async fn upsert_membership<C: ConnectionTrait>(
     .await?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn membership(public_user_data: Value) -> Value {
+        json!({
+            "id": "orgmem_1", "role": "org:member", "public_user_data": public_user_data,
+            "organization": {"id": "org_1", "name": "N", "created_at": 1, "updated_at": 2},
+            "created_at": 1, "updated_at": 2
+        })
+    }
+
+    #[test]
+    fn a_membership_change_locks_its_organization_its_user_and_itself() {
+        let change = Change::read(
+            OrganizationEventKind::MembershipUpdated,
+            membership(json!({"user_id": "user_1"})),
+        )
+        .expect("change");
+        assert_eq!(change.lock_ids(), ["org_1", "user_1", "orgmem_1"]);
+        // A delete without a member still locks what it names.
+        let change = Change::read(
+            OrganizationEventKind::MembershipDeleted,
+            membership(Value::Null),
+        )
+        .expect("change");
+        assert_eq!(change.lock_ids(), ["org_1", "orgmem_1"]);
+    }
+
+    #[test]
+    fn unusable_data_is_retried_and_data_naming_nothing_is_permanent() {
+        let read = |kind, data| Change::read(kind, data).expect_err("unusable");
+        assert!(matches!(
+            read(
+                OrganizationEventKind::OrganizationUpdated,
+                json!({"id": "org_1"})
+            ),
+            ReadError::Message(_)
+        ));
+        assert!(matches!(
+            read(
+                OrganizationEventKind::MembershipCreated,
+                membership(Value::Null)
+            ),
+            ReadError::Permanent(_)
+        ));
+        assert!(matches!(
+            read(
+                OrganizationEventKind::OrganizationDeleted,
+                json!({"deleted": true})
+            ),
+            ReadError::Permanent(_)
+        ));
+        assert!(matches!(
+            read(
+                OrganizationEventKind::MembershipDeleted,
+                json!({"role": "x"})
+            ),
+            ReadError::Permanent(_)
+        ));
+    }
+}
