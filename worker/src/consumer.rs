@@ -263,7 +263,7 @@ impl Handler {
         }
     }
 
-    /// Applies one event in its own transaction; a message failure goes to the retry path.
+    /// Applies one event in its own transaction; a failure goes to the retry path.
     async fn handle_alone(
         self: &Arc<Self>,
         delivery: Delivery,
@@ -274,19 +274,7 @@ impl Handler {
         match self.apply_until_settled(&event).await {
             None => {}
             Some(Ok(outcome)) => self.settle(&delivery, &event, outcome).await,
-            Some(Err(ApplyError::Message(reason))) => {
-                self.spawn_retry(delivery, reason, span, working)
-            }
-            Some(Err(error)) => {
-                self.dead_letter(
-                    &delivery,
-                    Some(&event.event_type),
-                    DeadKind::Permanent,
-                    &error.one_line(),
-                    1,
-                )
-                .await
-            }
+            Some(Err(reason)) => self.spawn_retry(delivery, reason, span, working),
         }
     }
 
@@ -295,8 +283,9 @@ impl Handler {
         ack(delivery).await;
     }
 
-    /// Applies `event` alone, waiting out transient failures. None when a stop came first.
-    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, ApplyError>> {
+    /// Applies `event` alone, waiting out transient failures. None when a stop came first; the
+    /// error is the reason of a failure that counts against the message.
+    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, String>> {
         let mut stop = self.stop.clone();
         let mut retry = 0;
         loop {
@@ -310,11 +299,12 @@ impl Handler {
                         return None;
                     }
                 }
-                result => {
+                Err(ApplyError::Message(reason)) => return Some(Err(reason)),
+                Ok(outcome) => {
                     self.metrics
                         .apply_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    return Some(result);
+                    return Some(Ok(outcome));
                 }
             }
         }
@@ -373,13 +363,7 @@ impl Handler {
                     self.settle(&delivery, &event, outcome).await;
                     return;
                 }
-                Some(Err(ApplyError::Message(again))) => reason = again,
-                Some(Err(error)) => {
-                    let why = error.one_line();
-                    self.dead_letter(&delivery, None, DeadKind::Permanent, &why, attempts)
-                        .await;
-                    return;
-                }
+                Some(Err(again)) => reason = again,
             }
         }
     }
