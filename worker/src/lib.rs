@@ -8,9 +8,11 @@ pub mod apply;
 pub mod config;
 mod consumer;
 pub mod dead_letter;
+mod depth;
 pub mod event;
 mod http;
 pub mod metrics;
+mod prune;
 mod startup;
 pub mod storage;
 
