@@ -135,3 +135,25 @@ async fn processed_events_accept_only_the_known_outcomes() {
     );
     test.drop_now().await;
 }
+
+#[tokio::test]
+async fn processed_at_is_indexed_for_pruning_and_the_index_goes_with_down() {
+    use sea_orm_migration::sea_orm::{DbBackend, Statement};
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let definition = |db: DatabaseConnection| async move {
+        db.query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes \
+             WHERE indexname = 'processed_events_processed_at_idx'",
+        ))
+        .await
+        .expect("pg_indexes")
+        .map(|row| row.try_get::<String>("", "indexdef").expect("indexdef"))
+    };
+    let index = definition(test.db.clone()).await.expect("index after up");
+    assert!(index.contains("(processed_at)"), "{index}");
+    Migrator::down(&test.db, Some(1)).await.expect("down one");
+    assert_eq!(definition(test.db.clone()).await, None, "index after down");
+    test.drop_now().await;
+}
