@@ -37,7 +37,8 @@ pub struct Metrics {
     /// `clerk_sync_worker_oldest_unacked_seconds`: how long the oldest delivery the worker holds
     /// has waited for its acknowledgement (0 when it holds none); set from [`Metrics::held`].
     oldest_unacked: Gauge,
-    /// `clerk_sync_worker_retry_waiting`: messages waiting for their next attempt.
+    /// `clerk_sync_worker_retry_waiting`: messages waiting alone for their next attempt after a
+    /// failure of their own (transient waits show in `retries_total{reason="transient"}`).
     pub retry_waiting: IntGauge,
     /// `clerk_sync_worker_processed_events_pruned_total`: rows pruned after
     /// `WORKER_PROCESSED_RETENTION`.
@@ -108,7 +109,7 @@ impl Metrics {
         )?;
         let retry_waiting = IntGauge::new(
             "clerk_sync_worker_retry_waiting",
-            "Messages waiting for their next attempt.",
+            "Messages waiting alone for their next attempt after a failure of their own.",
         )?;
         let pruned = IntCounter::new(
             "clerk_sync_worker_processed_events_pruned_total",
