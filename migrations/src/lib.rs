@@ -8,6 +8,7 @@ mod m20261127_000002_create_user_tombstones;
 mod m20261127_000003_create_processed_events;
 mod m20261130_000001_add_user_profile_columns;
 mod m20261130_000002_drop_users_role_check;
+mod m20261130_000003_index_processed_events_processed_at;
 mod m20261130_000004_create_organizations;
 
 /// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_create_processed_events::Migration),
             Box::new(m20261130_000001_add_user_profile_columns::Migration),
             Box::new(m20261130_000002_drop_users_role_check::Migration),
+            Box::new(m20261130_000003_index_processed_events_processed_at::Migration),
             Box::new(m20261130_000004_create_organizations::Migration),
         ]
     }
