@@ -164,3 +164,28 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_listed_at_its_own_index() {
+        // `record` indexes the looked-up counters by the variant's number.
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn recording_counts_under_the_outcome_label() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.record(Outcome::BodyBudgetExhausted);
+        metrics.record(Outcome::BodyBudgetExhausted);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(r#"clerk_sync_ingest_requests_total{outcome="body_budget_exhausted"} 2"#),
+            "{text}"
+        );
+    }
+}
