@@ -1,6 +1,9 @@
 //! The promise, as a property: for random histories of several users (creates, updates, emails
 //! moving between them, role changes, deletes), delivered shuffled and with duplicates through
 //! RabbitMQ to two workers at once, the `users` table ends equal to each user's last true state.
+//! Batch sizes range from one event to more than a whole history, and the workers start either
+//! before the events (small batches as they trickle in) or after (full batches from a backlog,
+//! with several versions of one user, duplicates and deletes in one batch).
 //!
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
@@ -124,7 +127,16 @@ fn history(steps: &[Step]) -> (Vec<Published>, BTreeMap<String, Expected>) {
     (events, live)
 }
 
-async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
+/// Batch sizes in the mix (`WORKER_BATCH_SIZE`); prefetch is twice the batch.
+const BATCH_SIZES: [usize; 4] = [1, 4, 16, 64];
+
+async fn run_case(
+    steps: Vec<Step>,
+    order: Vec<u32>,
+    duplicates: Vec<usize>,
+    batch_size: usize,
+    backlog: bool,
+) {
     let (events, truth) = history(&steps);
     // Delivery order: sorted by a random key per event, with some events sent twice.
     let mut deliveries: Vec<(u32, usize)> = events
@@ -141,14 +153,22 @@ async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
 
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.batch_size = 4;
-    config.prefetch = 8;
+    config.batch_size = batch_size;
+    config.prefetch = u16::try_from(2 * batch_size).expect("small prefetch");
+    let publish_all = || async {
+        for (_, i) in &deliveries {
+            let event = &events[*i];
+            env.publish_event(&event.svix_id, event.event_type, event.data.clone())
+                .await;
+        }
+    };
+    if backlog {
+        publish_all().await;
+    }
     let first = env.start_worker(config.clone()).await;
     let second = env.start_worker(config).await;
-    for (_, i) in &deliveries {
-        let event = &events[*i];
-        env.publish_event(&event.svix_id, event.event_type, event.data.clone())
-            .await;
+    if !backlog {
+        publish_all().await;
     }
     // Done when every event is recorded and every extra copy was met as a duplicate (so none
     // is still waiting in a prefetch buffer when the workers stop).
@@ -207,12 +227,14 @@ proptest! {
         steps in prop::collection::vec(step(), 1..40),
         order in prop::collection::vec(any::<u32>(), 40),
         duplicates in prop::collection::vec(0usize..40, 0..12),
+        batch_size in prop::sample::select(BATCH_SIZES.to_vec()),
+        backlog in any::<bool>(),
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(run_case(steps, order, duplicates));
+        runtime.block_on(run_case(steps, order, duplicates, batch_size, backlog));
     }
 }
