@@ -9,8 +9,11 @@
 //!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
 //!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
 //!   exactly as if the newest had been applied first;
-//! - `user.deleted` deletes the row and writes a tombstone; a version of the same user in the
-//!   same batch is `Stale`, as if the delete had come first;
+//! - `user.deleted` deletes the row and the user's organization memberships and writes a
+//!   tombstone; a version of the same user in the same batch is `Stale`, as if the delete had
+//!   come first;
+//! - organization and membership events follow their own rules (`crate::organizations`), one at
+//!   a time after the batch's user events, in the same transaction;
 //! - an email held by another user goes to the newer version (by `updated_at`, then id): the older
 //!   holder's email becomes null, or, if the holder is newer, the incoming user is written with a
 //!   null email. In a real history two users never hold one address at the same moment, so the
@@ -18,7 +21,7 @@
 //!
 //! The statements of a batch: the user locks; recording and deciding (with the deletes); settling
 //! the emails the winners want; writing the winners. Every batch first takes a
-//! transaction-scoped advisory lock on each of its user ids, so events of one user never
+//! transaction-scoped advisory lock on each id its events name, so events of one user never
 //! interleave, whichever worker or batch applies them. That is what makes a delete and a late
 //! update on two workers unable to resurrect a user, and what keeps the decision, read after the
 //! locks, true until the commit.
@@ -188,27 +191,32 @@ pub async fn apply_batch(
     Ok(outcomes)
 }
 
-/// Applies the events inside the caller's transaction in at most four statements, however many
-/// there are: lock, record and decide (with the deletes), settle the emails, write the users.
-/// The outcomes are those of applying the events one at a time in this order: the deletes, then
-/// each user's newest version, then the rest (`stale`); a svix-id seen before, in the database
-/// or earlier in the slice, is a `Duplicate`.
+/// Applies the events inside the caller's transaction. The user and ignored events take at most
+/// four statements, however many there are: lock, record and decide (with the deletes), settle
+/// the emails, write the users. Their outcomes are those of applying them one at a time in this
+/// order: the deletes, then each user's newest version, then the rest (`stale`); a svix-id seen
+/// before, in the database or earlier in the slice, is a `Duplicate`. Organization and
+/// membership events are applied after them, one at a time, in their order.
 async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Vec<Outcome>, DbErr> {
-    // All of the batch's user locks up front and in one order, so two batches never deadlock
-    // on them. Everything below reads the users' rows after the locks are held.
-    lock_users(db, events.iter().filter_map(|e| e.action.user_id())).await?;
+    // All of the batch's locks up front and in one order, so two batches never deadlock on
+    // them. Everything below reads the rows after the locks are held.
+    lock_keys(db, events.iter().flat_map(|e| e.action.lock_ids())).await?;
+    // The first copy of each user or ignored event is decided together; organization and
+    // membership events follow their own rules afterwards (`crate::organizations`).
     let mut seen = HashSet::with_capacity(events.len());
-    let first: Vec<bool> = events
+    let together: Vec<bool> = events
         .iter()
-        .map(|event| seen.insert(event.svix_id.as_str()))
+        .map(|event| {
+            seen.insert(event.svix_id.as_str()) && !matches!(event.action, Action::Organization(_))
+        })
         .collect();
-    let recorded = record_and_decide(db, events, &first).await?;
-    let outcomes: Vec<Outcome> = events
+    let recorded = record_and_decide(db, events, &together).await?;
+    let mut outcomes: Vec<Outcome> = events
         .iter()
-        .zip(&first)
+        .zip(&together)
         .map(
-            |(event, &first)| match recorded.get(event.svix_id.as_str()) {
-                Some(&outcome) if first => outcome,
+            |(event, &together)| match recorded.get(event.svix_id.as_str()) {
+                Some(&outcome) if together => outcome,
                 _ => Outcome::Duplicate,
             },
         )
@@ -225,12 +233,17 @@ async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Ve
         let without_email = settle_emails(db, &writers).await?;
         write_users(db, &writers, &without_email).await?;
     }
+    for (event, outcome) in events.iter().zip(outcomes.iter_mut()) {
+        if let Action::Organization(change) = &event.action {
+            *outcome = crate::organizations::apply_event(db, event, change).await?;
+        }
+    }
     Ok(outcomes)
 }
 
-/// Takes the transaction-scoped advisory lock of every user id given, in the order of the lock
-/// keys.
-async fn lock_users<'a, C: ConnectionTrait>(
+/// Takes the transaction-scoped advisory lock of every id given (user, organization and
+/// membership ids never collide: Clerk prefixes them), in the order of the lock keys.
+pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
     db: &C,
     ids: impl Iterator<Item = &'a str>,
 ) -> Result<(), DbErr> {
@@ -254,18 +267,18 @@ async fn lock_users<'a, C: ConnectionTrait>(
 async fn record_and_decide<C: ConnectionTrait>(
     db: &C,
     events: &[Event],
-    first: &[bool],
+    together: &[bool],
 ) -> Result<HashMap<String, Outcome>, DbErr> {
     let batch: Vec<serde_json::Value> = events
         .iter()
-        .zip(first)
+        .zip(together)
         .enumerate()
-        .filter(|(_, (_, first))| **first)
+        .filter(|(_, (_, together))| **together)
         .map(|(ordinal, (event, _))| {
             let (user_id, updated_at, deletes) = match &event.action {
                 Action::Upsert(record) => (Some(&record.id), Some(record.updated_at), false),
                 Action::Delete { id } => (Some(id), None, true),
-                Action::Ignore => (None, None, false),
+                Action::Organization(_) | Action::Ignore => (None, None, false),
             };
             json!({
                 "ordinal": ordinal, "svix_id": event.svix_id, "event_type": event.event_type,
@@ -296,14 +309,15 @@ async fn record_and_decide<C: ConnectionTrait>(
 }
 
 /// One statement for the whole batch (`$1`: a JSON array of `{ordinal, svix_id, event_type,
-/// user_id, updated_at, deletes}`, one per new-looking svix-id):
+/// user_id, updated_at, deletes}`, one per user or ignored event, first copies only):
 /// - an upsert is `applied` when it is its user's newest in the batch (then the earliest), no
 ///   tombstone exists and no delete of the user is in the batch, and the stored row is older;
 ///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
 ///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
 ///   part in the ranking changes no outcome;
-/// - a delete is `applied`; if its svix-id is new, the row goes (cascading) and a tombstone is
-///   written (a second delete keeps the first deletion time);
+/// - a delete is `applied`; if its svix-id is new, the row goes (cascading), and so do the
+///   user's organization memberships, and a tombstone is written (a second delete keeps the
+///   first deletion time);
 /// - any other type is `ignored`.
 ///
 /// Raw SQL: sea-query builds neither data-modifying CTEs nor window functions. The batch comes
@@ -336,6 +350,8 @@ recorded AS ( \
 gone AS ( \
   SELECT DISTINCT b.user_id FROM batch b JOIN recorded r USING (svix_id) WHERE b.deletes), \
 deleted AS (DELETE FROM users WHERE id IN (SELECT user_id FROM gone)), \
+memberships AS ( \
+  DELETE FROM organization_memberships WHERE user_id IN (SELECT user_id FROM gone)), \
 buried AS ( \
   INSERT INTO user_tombstones (id, deleted_at) SELECT user_id, now() FROM gone \
   ON CONFLICT (id) DO NOTHING) \
