@@ -175,8 +175,9 @@ pub enum BatchFailure {
     Event(DbErr),
 }
 
-/// Applies several events in one transaction, each with exactly the effect it would have alone,
-/// in a number of statements that does not grow with their number. Commits all or nothing.
+/// Applies several events in one transaction, each with exactly the effect it would have alone;
+/// user events take a number of statements that does not grow with their number (see
+/// `apply_events`). Commits all or nothing.
 pub async fn apply_batch(
     db: &DatabaseConnection,
     events: &[Event],
