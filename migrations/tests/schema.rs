@@ -58,20 +58,27 @@ async fn insert_user(
 async fn up_creates_the_tables_and_down_removes_them_again() {
     let test = TestDb::create().await;
     Migrator::up(&test.db, None).await.expect("up");
-    for table in ["users", "user_tombstones", "processed_events"] {
+    for table in [
+        "users",
+        "user_tombstones",
+        "processed_events",
+        "reconcile_runs",
+    ] {
         test.db
             .execute_unprepared(&format!("SELECT 1 FROM {table}"))
             .await
             .unwrap_or_else(|e| panic!("{table} missing after up: {e}"));
     }
     Migrator::down(&test.db, None).await.expect("down");
-    assert!(
-        test.db
-            .execute_unprepared("SELECT 1 FROM users")
-            .await
-            .is_err(),
-        "users still there after down"
-    );
+    for table in ["users", "reconcile_runs"] {
+        assert!(
+            test.db
+                .execute_unprepared(&format!("SELECT 1 FROM {table}"))
+                .await
+                .is_err(),
+            "{table} still there after down"
+        );
+    }
     // And up again, as `fresh` would.
     Migrator::up(&test.db, None).await.expect("up after down");
     test.drop_now().await;
