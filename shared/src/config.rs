@@ -87,6 +87,20 @@ pub struct Settings {
     pub worker_run_migrations: bool,
     /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
     pub worker_db_pool_size: u32,
+    /// `WORKER_RECONCILE_INTERVAL`: how often a running worker reconciles from Clerk's Backend
+    /// API, e.g. `24h` (humantime; unset or empty: never). Needs `CLERK_SECRET_KEY`.
+    pub worker_reconcile_interval: Option<String>,
+
+    /// `CLERK_SECRET_KEY`: the Backend API key of the Clerk instance (`sk_live_…`/`sk_test_…`).
+    /// Required by `worker reconcile` and by a scheduled reconcile only.
+    pub clerk_secret_key: Option<SecretString>,
+    /// `CLERK_API_URL`: the Backend API's base URL (default `https://api.clerk.com`).
+    pub clerk_api_url: String,
+    /// `CLERK_API_RATE_LIMIT`: Backend API requests per 10 seconds at most (default 90, under
+    /// the 100 of a development instance; production instances allow 1000).
+    pub clerk_api_rate_limit: u32,
+    /// `CLERK_API_TIMEOUT_MS`: how long one Backend API request may take (default 30000).
+    pub clerk_api_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -115,6 +129,11 @@ impl Default for Settings {
             worker_retry_max_ms: 30_000,
             worker_run_migrations: true,
             worker_db_pool_size: 8,
+            worker_reconcile_interval: None,
+            clerk_secret_key: None,
+            clerk_api_url: "https://api.clerk.com".into(),
+            clerk_api_rate_limit: 90,
+            clerk_api_timeout_ms: 30_000,
         }
     }
 }
@@ -203,6 +222,11 @@ impl Settings {
             });
         }
         Ok(secrets)
+    }
+
+    /// `CLERK_SECRET_KEY`, required.
+    pub fn clerk_secret_key(&self) -> Result<SecretString, ConfigError> {
+        required(&self.clerk_secret_key, "CLERK_SECRET_KEY")
     }
 
     /// `INGEST_CONFIRM_TIMEOUT_MS` as a duration.
