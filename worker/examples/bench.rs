@@ -150,6 +150,7 @@ async fn measure(
         run_migrations: false,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db_pool_size: args.connections,
+        reconcile: None,
     };
     let app = Application::build(config).await?;
     let metrics = app.metrics().clone();

@@ -6,6 +6,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use shared::{ConfigError, Settings, Topology};
 
+use crate::reconcile::ScheduledReconcile;
+
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
 /// or by hand in tests.
 #[derive(Debug, Clone)]
@@ -32,6 +34,9 @@ pub struct WorkerConfig {
     /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
     /// at once, so every batch in flight has a connection.
     pub db_pool_size: u32,
+    /// `WORKER_RECONCILE_INTERVAL` (with the `CLERK_*` settings): a reconcile on that period, or
+    /// `None` (the default) for never.
+    pub reconcile: Option<ScheduledReconcile>,
 }
 
 impl WorkerConfig {
@@ -91,6 +96,7 @@ impl WorkerConfig {
             run_migrations: settings.worker_run_migrations,
             listen,
             db_pool_size: settings.worker_db_pool_size,
+            reconcile: ScheduledReconcile::from_settings(settings)?,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! table ends equal to what Clerk holds whatever the order and number of deliveries.
 //!
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
-//! [`run`] is what the binary calls.
+//! [`run`] is what the binary calls; [`reconcile::execute`] is `worker reconcile`.
 
 pub mod apply;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod dead_letter;
 pub mod event;
 mod http;
 pub mod metrics;
+pub mod reconcile;
 mod startup;
 pub mod storage;
 

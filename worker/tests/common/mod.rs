@@ -113,6 +113,7 @@ impl TestEnv {
             run_migrations: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             db_pool_size: 3,
+            reconcile: None,
         }
     }
 
