@@ -495,7 +495,8 @@ impl RateLimiter {
         Self {
             limit,
             window,
-            sent: Mutex::new(VecDeque::with_capacity(limit)),
+            // Capped: a limit set very high for a benchmark must not allocate it all up front.
+            sent: Mutex::new(VecDeque::with_capacity(limit.min(1024))),
         }
     }
 

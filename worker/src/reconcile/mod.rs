@@ -10,7 +10,8 @@
 //!    listed version or a tombstoned user is `stale`. The rest go through
 //!    [`apply_batch`](crate::apply::apply_batch) as `user.updated` events, read from the listed
 //!    JSON by [`Event::read`] like any delivery (so the same mapping and the same rules apply),
-//!    with a svix-id of their own per run and user, one transaction per page.
+//!    with a svix-id of their own per run and user, a page split into [`WRITERS`] transactions
+//!    applied at once.
 //! 3. Only after a complete listing: every stored user that was not listed is confirmed with
 //!    `GET /v1/users/{id}`. A 404 makes a `user.deleted` event (row deleted, tombstone written);
 //!    a user still there is applied instead. When more users would be deleted than
@@ -54,7 +55,11 @@ pub const PAGE_SIZE: u32 = clerk::MAX_PAGE;
 const UPSERT_TYPE: &str = "user.updated";
 const DELETE_TYPE: &str = "user.deleted";
 
-/// How often a page whose transaction failed on the database's account is tried again.
+/// Transactions a page is split into and applied at once: like the worker's batches in flight.
+/// The command's pool has one connection more, for the reads.
+pub const WRITERS: usize = 8;
+
+/// How often a batch whose transaction failed on the database's account is tried again.
 const DATABASE_RETRIES: u32 = 5;
 
 /// `worker reconcile [--dry-run] [--json] [--no-delete] [--max-delete N|P%]`.
@@ -239,7 +244,7 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
     let clerk = ClerkConfig::from_settings(settings)?;
     let database_url = settings.database_url()?;
     let client = ClerkClient::new(clerk).context("cannot set up the Backend API client")?;
-    let db = crate::startup::connect_database(&database_url, 4)
+    let db = crate::startup::connect_database(&database_url, WRITERS as u32 + 1)
         .await
         .context("cannot set up the database pool (DATABASE_URL)")?;
     if settings.worker_run_migrations {
@@ -557,44 +562,24 @@ impl UsersPass<'_> {
         Ok(stored)
     }
 
-    /// Applies events in one transaction, retrying it while the database fails on its own
-    /// account; when one event fails on its own, the events are applied one by one so only
-    /// that one fails. `None` for an event that failed.
+    /// Applies events in [`WRITERS`] transactions at once (a page's users are distinct, so they
+    /// do not wait on each other's locks), keeping their order in the outcomes. `None` for an
+    /// event that failed on its own account.
     async fn write(&mut self, events: &[Event]) -> Result<Vec<Option<Outcome>>, String> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut retries = 0;
-        loop {
-            match apply::apply_batch(self.db, events).await {
-                Ok(outcomes) => return Ok(outcomes.into_iter().map(Some).collect()),
-                Err(BatchFailure::Transient(error)) if retries < DATABASE_RETRIES => {
-                    retries += 1;
-                    let delay = Duration::from_millis(200) * 2u32.pow(retries);
-                    tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure, retrying the page");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(BatchFailure::Transient(error)) => {
-                    return Err(format!("the database kept failing: {error}"));
-                }
-                Err(BatchFailure::Event(error)) => {
-                    tracing::warn!(%error, "an event of the page failed; applying them one by one");
-                    let mut outcomes = Vec::with_capacity(events.len());
-                    for event in events {
-                        match apply::apply(self.db, event).await {
-                            Ok(outcome) => outcomes.push(Some(outcome)),
-                            Err(error) => {
-                                let user = event.action.user_id().unwrap_or_default();
-                                tracing::error!(user_id = %user, %error, "cannot write a user");
-                                self.failed.push(format!("{user}: {error}"));
-                                outcomes.push(None);
-                            }
-                        }
-                    }
-                    return Ok(outcomes);
-                }
-            }
+        let size = events.len().div_ceil(WRITERS);
+        let written =
+            futures_util::future::join_all(events.chunks(size).map(|chunk| write(self.db, chunk)))
+                .await;
+        let mut outcomes = Vec::with_capacity(events.len());
+        for chunk in written {
+            let (chunk_outcomes, failed) = chunk?;
+            outcomes.extend(chunk_outcomes);
+            self.failed.extend(failed);
         }
+        Ok(outcomes)
     }
 
     /// The deletion phase: every stored user that was not listed is asked for on its own; the
@@ -677,6 +662,47 @@ impl UsersPass<'_> {
                 .count() as u64;
         }
         Ok(())
+    }
+}
+
+/// Applies events in one transaction, retrying it while the database fails on its own account;
+/// when one event fails on its own, the events are applied one by one so only that one fails
+/// (and is named in the second list).
+async fn write(
+    db: &DatabaseConnection,
+    events: &[Event],
+) -> Result<(Vec<Option<Outcome>>, Vec<String>), String> {
+    let mut retries = 0;
+    loop {
+        match apply::apply_batch(db, events).await {
+            Ok(outcomes) => return Ok((outcomes.into_iter().map(Some).collect(), Vec::new())),
+            Err(BatchFailure::Transient(error)) if retries < DATABASE_RETRIES => {
+                retries += 1;
+                let delay = Duration::from_millis(200) * 2u32.pow(retries);
+                tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure, retrying the batch");
+                tokio::time::sleep(delay).await;
+            }
+            Err(BatchFailure::Transient(error)) => {
+                return Err(format!("the database kept failing: {error}"));
+            }
+            Err(BatchFailure::Event(error)) => {
+                tracing::warn!(%error, "an event of the batch failed; applying them one by one");
+                let mut outcomes = Vec::with_capacity(events.len());
+                let mut failed = Vec::new();
+                for event in events {
+                    match apply::apply(db, event).await {
+                        Ok(outcome) => outcomes.push(Some(outcome)),
+                        Err(error) => {
+                            let user = event.action.user_id().unwrap_or_default();
+                            tracing::error!(user_id = %user, %error, "cannot write a user");
+                            failed.push(format!("{user}: {error}"));
+                            outcomes.push(None);
+                        }
+                    }
+                }
+                return Ok((outcomes, failed));
+            }
+        }
     }
 }
 
