@@ -63,6 +63,10 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
         "user_tombstones",
         "processed_events",
         "reconcile_runs",
+        "organizations",
+        "organization_memberships",
+        "organization_tombstones",
+        "membership_tombstones",
     ] {
         test.db
             .execute_unprepared(&format!("SELECT 1 FROM {table}"))
@@ -70,7 +74,7 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
             .unwrap_or_else(|e| panic!("{table} missing after up: {e}"));
     }
     Migrator::down(&test.db, None).await.expect("down");
-    for table in ["users", "reconcile_runs"] {
+    for table in ["users", "organization_memberships", "reconcile_runs"] {
         assert!(
             test.db
                 .execute_unprepared(&format!("SELECT 1 FROM {table}"))
@@ -139,6 +143,91 @@ async fn processed_events_accept_only_the_known_outcomes() {
             .execute_unprepared(&insert("d", "done"))
             .await
             .is_err()
+    );
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn processed_at_is_indexed_for_pruning_and_the_index_goes_with_down() {
+    use sea_orm_migration::sea_orm::{DbBackend, Statement};
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let definition = |db: DatabaseConnection| async move {
+        db.query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes \
+             WHERE indexname = 'processed_events_processed_at_idx'",
+        ))
+        .await
+        .expect("pg_indexes")
+        .map(|row| row.try_get::<String>("", "indexdef").expect("indexdef"))
+    };
+    let index = definition(test.db.clone()).await.expect("index after up");
+    assert!(index.contains("(processed_at)"), "{index}");
+    // Down to just before this migration, whatever came after it.
+    let names: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let at = names
+        .iter()
+        .position(|name| name == "m20261130_000003_index_processed_events_processed_at")
+        .expect("the index migration");
+    let steps = u32::try_from(names.len() - at).expect("few migrations");
+    Migrator::down(&test.db, Some(steps))
+        .await
+        .expect("down past the index");
+    test.db
+        .execute_unprepared("SELECT 1 FROM processed_events")
+        .await
+        .expect("the table stays");
+    assert_eq!(definition(test.db.clone()).await, None, "index after down");
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn memberships_are_unique_per_member_and_organization_slugs_are_not_unique() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let organization = |id: &str, slug: &str| {
+        format!(
+            "INSERT INTO organizations (id, name, slug, clerk_data, created_at, updated_at, \
+               synced_at) VALUES ('{id}', 'N', {slug}, '{{}}', now(), now(), now())"
+        )
+    };
+    for (id, slug) in [
+        ("o1", "'same'"),
+        ("o2", "'same'"),
+        ("o3", "NULL"),
+        ("o4", "NULL"),
+    ] {
+        test.db
+            .execute_unprepared(&organization(id, slug))
+            .await
+            .unwrap_or_else(|e| panic!("organization {id}: {e}"));
+    }
+    let membership = |id: &str, organization: &str, user: &str| {
+        format!(
+            "INSERT INTO organization_memberships (id, organization_id, user_id, role, \
+               clerk_data, created_at, updated_at, synced_at) \
+             VALUES ('{id}', '{organization}', '{user}', 'org:member', '{{}}', now(), now(), now())"
+        )
+    };
+    // No foreign keys: neither the organization nor the user has to exist.
+    test.db
+        .execute_unprepared(&membership("m1", "o_missing", "u1"))
+        .await
+        .expect("a membership before its organization and user");
+    test.db
+        .execute_unprepared(&membership("m2", "o_missing", "u2"))
+        .await
+        .expect("another member");
+    assert!(
+        test.db
+            .execute_unprepared(&membership("m3", "o_missing", "u1"))
+            .await
+            .is_err(),
+        "a second membership for one member of one organization"
     );
     test.drop_now().await;
 }

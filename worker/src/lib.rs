@@ -1,5 +1,6 @@
-//! The worker: consumes Clerk events from RabbitMQ and applies them to Postgres, so the `users`
-//! table ends equal to what Clerk holds whatever the order and number of deliveries.
+//! The worker: consumes Clerk events from RabbitMQ and applies them to Postgres, so the `users`,
+//! `organizations` and `organization_memberships` tables end equal to what Clerk holds whatever
+//! the order and number of deliveries.
 //!
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
 //! [`run`] is what the binary calls; [`reconcile::execute`] is `worker reconcile`.
@@ -8,9 +9,12 @@ pub mod apply;
 pub mod config;
 mod consumer;
 pub mod dead_letter;
+mod depth;
 pub mod event;
 mod http;
 pub mod metrics;
+pub mod organizations;
+mod prune;
 pub mod reconcile;
 mod startup;
 pub mod storage;
