@@ -10,6 +10,7 @@ mod m20261130_000001_add_user_profile_columns;
 mod m20261130_000002_drop_users_role_check;
 mod m20261130_000003_index_processed_events_processed_at;
 mod m20261130_000004_create_organizations;
+mod m20261130_000005_create_reconcile_runs;
 
 /// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000002_drop_users_role_check::Migration),
             Box::new(m20261130_000003_index_processed_events_processed_at::Migration),
             Box::new(m20261130_000004_create_organizations::Migration),
+            Box::new(m20261130_000005_create_reconcile_runs::Migration),
         ]
     }
 }

@@ -64,6 +64,7 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
         "users",
         "user_tombstones",
         "processed_events",
+        "reconcile_runs",
         "organizations",
         "organization_memberships",
         "organization_tombstones",
@@ -75,20 +76,15 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
             .unwrap_or_else(|e| panic!("{table} missing after up: {e}"));
     }
     Migrator::down(&test.db, None).await.expect("down");
-    assert!(
-        test.db
-            .execute_unprepared("SELECT 1 FROM users")
-            .await
-            .is_err(),
-        "users still there after down"
-    );
-    assert!(
-        test.db
-            .execute_unprepared("SELECT 1 FROM organization_memberships")
-            .await
-            .is_err(),
-        "organization_memberships still there after down"
-    );
+    for table in ["users", "organization_memberships", "reconcile_runs"] {
+        assert!(
+            test.db
+                .execute_unprepared(&format!("SELECT 1 FROM {table}"))
+                .await
+                .is_err(),
+            "{table} still there after down"
+        );
+    }
     // And up again, as `fresh` would.
     Migrator::up(&test.db, None).await.expect("up after down");
     test.drop_now().await;

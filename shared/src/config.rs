@@ -104,6 +104,20 @@ pub struct Settings {
     /// `WORKER_DEFAULT_ROLE`: the role of a user whose `public_metadata.role` is missing or not
     /// one of `WORKER_ROLES` (default `client`; must be one of them).
     pub worker_default_role: String,
+    /// `WORKER_RECONCILE_INTERVAL`: how often a running worker reconciles from Clerk's Backend
+    /// API, e.g. `24h` (humantime; unset or empty: never). Needs `CLERK_SECRET_KEY`.
+    pub worker_reconcile_interval: Option<String>,
+
+    /// `CLERK_SECRET_KEY`: the Backend API key of the Clerk instance (`sk_live_…`/`sk_test_…`).
+    /// Required by `worker reconcile` and by a scheduled reconcile only.
+    pub clerk_secret_key: Option<SecretString>,
+    /// `CLERK_API_URL`: the Backend API's base URL (default `https://api.clerk.com`).
+    pub clerk_api_url: String,
+    /// `CLERK_API_RATE_LIMIT`: Backend API requests per 10 seconds at most (default 90, under
+    /// the 100 of a development instance; production instances allow 1000).
+    pub clerk_api_rate_limit: u32,
+    /// `CLERK_API_TIMEOUT_MS`: how long one Backend API request may take (default 30000).
+    pub clerk_api_timeout_ms: u64,
     /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
     /// prunes it, as a human-readable duration like `30d` or `72h` (default `30d`).
     pub worker_processed_retention: String,
@@ -147,6 +161,11 @@ impl Default for Settings {
             worker_db_pool_size: 8,
             worker_roles: "admin,trainer,client".into(),
             worker_default_role: "client".into(),
+            worker_reconcile_interval: None,
+            clerk_secret_key: None,
+            clerk_api_url: "https://api.clerk.com".into(),
+            clerk_api_rate_limit: 90,
+            clerk_api_timeout_ms: 30_000,
             worker_processed_retention: "30d".into(),
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
@@ -257,6 +276,11 @@ impl Settings {
                 reason: format!("must be one of WORKER_ROLES: {error}"),
             },
         })
+    }
+
+    /// `CLERK_SECRET_KEY`, required.
+    pub fn clerk_secret_key(&self) -> Result<SecretString, ConfigError> {
+        required(&self.clerk_secret_key, "CLERK_SECRET_KEY")
     }
 
     /// `INGEST_CONFIRM_TIMEOUT_MS` as a duration.

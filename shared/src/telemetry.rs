@@ -15,14 +15,19 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter, which keeps the
 /// database driver's per-statement lines and the AMQP client's chatter out of the info level.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,sea_orm_migration=warn"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stderr);
     // `try_init`: a second call (tests start several apps in one process) is harmless.
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The filter every binary logs with: `RUST_LOG`, else info without the database driver's
+/// per-statement lines and the AMQP client's chatter.
+pub fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,sea_orm_migration=warn"))
 }

@@ -195,6 +195,7 @@ async fn measure(
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db_pool_size: args.connections,
         roles: shared::Roles::default(),
+        reconcile: None,
         processed_retention: Duration::from_secs(30 * 24 * 3600),
         stalled_after: Duration::from_secs(300),
         broker_timeout: Duration::from_secs(10),

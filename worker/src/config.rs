@@ -6,6 +6,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use shared::{ConfigError, Roles, Settings, Topology};
 
+use crate::reconcile::ScheduledReconcile;
+
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
 /// or by hand in tests.
 #[derive(Debug, Clone)]
@@ -35,6 +37,9 @@ pub struct WorkerConfig {
     /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: the roles a user's `public_metadata.role` may
     /// name, and the one stored otherwise.
     pub roles: Roles,
+    /// `WORKER_RECONCILE_INTERVAL` (with the `CLERK_*` settings): a reconcile on that period, or
+    /// `None` (the default) for never.
+    pub reconcile: Option<ScheduledReconcile>,
     /// `WORKER_PROCESSED_RETENTION`: `processed_events` rows older than this are pruned.
     pub processed_retention: Duration,
     /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 while a delivery has been held longer.
@@ -110,6 +115,7 @@ impl WorkerConfig {
             listen,
             db_pool_size: settings.worker_db_pool_size,
             roles: settings.roles()?,
+            reconcile: ScheduledReconcile::from_settings(settings)?,
             processed_retention,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),

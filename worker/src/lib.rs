@@ -3,7 +3,7 @@
 //! the order and number of deliveries.
 //!
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
-//! [`run`] is what the binary calls.
+//! [`run`] is what the binary calls; [`reconcile::execute`] is `worker reconcile`.
 
 pub mod apply;
 pub mod config;
@@ -15,6 +15,7 @@ mod http;
 pub mod metrics;
 pub mod organizations;
 mod prune;
+pub mod reconcile;
 mod startup;
 pub mod storage;
 

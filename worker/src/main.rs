@@ -1,5 +1,6 @@
-//! `worker`: applies Clerk user events to Postgres (`worker run`, the default), and inspects and
-//! replays dead letters (`worker dlq …`).
+//! `worker`: applies Clerk user events to Postgres (`worker run`, the default), inspects and
+//! replays dead letters (`worker dlq …`), and converges the tables from Clerk's Backend API
+//! (`worker reconcile`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ enum Command {
     /// Inspect, replay and purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Bring the tables to what Clerk's Backend API holds (needs CLERK_SECRET_KEY).
+    Reconcile(worker::reconcile::ReconcileArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +37,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shared::telemetry::init(settings.log_format);
+    if matches!(&cli.command, Some(Command::Reconcile(args)) if args.shows_bar(&settings)) {
+        worker::reconcile::progress::init_telemetry_with_bar();
+    } else {
+        shared::telemetry::init(settings.log_format);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -46,6 +53,7 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => worker::run(settings).await,
             Command::Dlq(command) => dlq::execute(&settings, command).await,
+            Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
         }
     });
     match result {

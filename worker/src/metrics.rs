@@ -31,6 +31,12 @@ pub struct Metrics {
     /// `clerk_sync_worker_unknown_roles_total`: users whose `public_metadata.role` was not one of
     /// `WORKER_ROLES` (stored as `WORKER_DEFAULT_ROLE`).
     pub unknown_roles: IntCounter,
+    /// `clerk_sync_worker_reconcile_runs_total{outcome}`: scheduled reconciles, `succeeded` or
+    /// `failed`.
+    reconcile_runs: IntCounterVec,
+    /// `clerk_sync_worker_reconcile_changes_total{kind, change}`: what scheduled reconciles
+    /// changed, by kind (`users`) and change (`created`, `updated`, `deleted`).
+    reconcile_changes: IntCounterVec,
     /// `clerk_sync_worker_queue_depth{queue}`: ready messages in the `worker` and the `dead`
     /// queue, polled by passive declares.
     pub queue_depth: IntGaugeVec,
@@ -96,6 +102,22 @@ impl Metrics {
             "clerk_sync_worker_unknown_roles_total",
             "Users with a public_metadata.role outside WORKER_ROLES, stored as the default role.",
         )?;
+        let reconcile_runs = IntCounterVec::new(
+            Opts::new(
+                "clerk_sync_worker_reconcile_runs_total",
+                "Scheduled reconciles, by outcome: succeeded or failed.",
+            ),
+            &["outcome"],
+        )?;
+        let reconcile_changes = IntCounterVec::new(
+            Opts::new(
+                "clerk_sync_worker_reconcile_changes_total",
+                "Rows scheduled reconciles changed, by kind and change: created, updated, deleted.",
+            ),
+            &["kind", "change"],
+        )?;
+        registry.register(Box::new(reconcile_runs.clone()))?;
+        registry.register(Box::new(reconcile_changes.clone()))?;
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "clerk_sync_worker_queue_depth",
@@ -135,12 +157,34 @@ impl Metrics {
             dead_lettered,
             duplicates,
             unknown_roles,
+            reconcile_runs,
+            reconcile_changes,
             queue_depth,
             oldest_unacked,
             retry_waiting,
             pruned,
             held: Held::default(),
         })
+    }
+
+    /// Counts a finished reconcile and what it changed.
+    pub fn reconcile_run(&self, report: &crate::reconcile::Report) {
+        let outcome = if report.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        self.reconcile_runs.with_label_values(&[outcome]).inc();
+        let users = &report.summary.users;
+        for (change, count) in [
+            ("created", users.created),
+            ("updated", users.updated),
+            ("deleted", users.deleted),
+        ] {
+            self.reconcile_changes
+                .with_label_values(&["users", change])
+                .inc_by(count);
+        }
     }
 
     /// Counts one event. Types outside Clerk's shape are counted as `other`, so a stream of junk

@@ -19,7 +19,7 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
     Statement,
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use shared::Roles;
 use tokio::sync::watch;
 
@@ -28,6 +28,7 @@ use crate::consumer::{self, End, Handler, Stop};
 use crate::dead_letter::DeadLetters;
 use crate::http::{self, BrokerState};
 use crate::metrics::Metrics;
+use crate::reconcile;
 use crate::{depth, prune};
 
 /// Any number fixed for the project: the advisory lock that keeps two workers starting at once
@@ -62,7 +63,7 @@ impl Application {
     /// meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("cannot register the metrics")?;
-        let db = connect_database(&config, config.db_pool_size + 1)
+        let db = connect_database(&config.database_url, config.db_pool_size + 1)
             .await
             .context("cannot set up the database pool (DATABASE_URL)")?;
         let listener = TcpListener::bind(config.listen)
@@ -121,8 +122,21 @@ impl Application {
                 self.metrics.clone(),
                 stop.clone(),
             ));
+            let scheduled = self.config.reconcile.clone().map(|schedule| {
+                tokio::spawn(reconcile::schedule::run(
+                    schedule,
+                    self.db.clone(),
+                    self.config.database_url.clone(),
+                    self.metrics.clone(),
+                    Stop(self.stop.subscribe()),
+                ))
+            });
             consume_until_stopped(&self.config, &self.db, &self.metrics, &self.broker, stop).await;
             let _ = pruning.await;
+            if let Some(task) = scheduled {
+                // It gives up a run in progress as soon as the stop is requested.
+                let _ = task.await;
+            }
         }
         server.stop(true).await;
         let _ = server_task.await;
@@ -204,7 +218,7 @@ async fn wait_for_database(
     loop {
         let attempt = async {
             if config.run_migrations {
-                migrate(config).await
+                migrate(&config.database_url).await
             } else {
                 db.ping().await
             }
@@ -303,11 +317,11 @@ fn worth_waiting_for(error: &DbErr) -> bool {
     }
 }
 
-async fn connect_database(
-    config: &WorkerConfig,
+pub(crate) async fn connect_database(
+    database_url: &SecretString,
     pool_size: u32,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
-    let mut options = ConnectOptions::new(config.database_url.expose_secret());
+    let mut options = ConnectOptions::new(database_url.expose_secret());
     options
         .max_connections(pool_size)
         .min_connections(0)
@@ -321,8 +335,8 @@ async fn connect_database(
 }
 
 /// Applies pending migrations under a session advisory lock, on a connection of its own.
-async fn migrate(config: &WorkerConfig) -> Result<(), DbErr> {
-    let db = connect_database(config, 1).await?;
+pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
+    let db = connect_database(database_url, 1).await?;
     db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
         .await?;
     let result = Migrator::up(&db, None).await;

@@ -1,0 +1,105 @@
+//! Progress of a reconcile: one bar on a terminal (through `tracing-indicatif`, so log lines are
+//! printed above it instead of tearing it), plain progress log lines otherwise.
+
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressStyle;
+use tracing::Span;
+use tracing_indicatif::IndicatifLayer;
+use tracing_indicatif::filter::{IndicatifFilter, hide_indicatif_span_fields};
+use tracing_indicatif::span_ext::IndicatifSpanExt;
+use tracing_subscriber::fmt::format::DefaultFields;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// How often a progress line is logged when there is no bar.
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the global subscriber of `worker reconcile` on a terminal: the usual human-readable
+/// lines, written through the bar's writer, and the bar of the one span that asks for it.
+pub fn init_telemetry_with_bar() {
+    let bars = IndicatifLayer::new()
+        .with_span_field_formatter(hide_indicatif_span_fields(DefaultFields::new()));
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(bars.get_stderr_writer())
+        .with_filter(shared::telemetry::filter());
+    // `try_init`: harmless when a subscriber is already set.
+    let _ = tracing_subscriber::registry()
+        .with(lines)
+        .with(bars.with_filter(IndicatifFilter::new(false)))
+        .try_init();
+}
+
+/// Reports how far a pass is.
+pub struct Progress {
+    bar: Option<Span>,
+    what: &'static str,
+    total: u64,
+    done: u64,
+    last_line: Instant,
+}
+
+impl Progress {
+    /// A bar when `bar` is set (and a bar layer is installed), log lines otherwise. `what` names
+    /// the objects counted, e.g. `users`.
+    pub fn new(bar: bool, what: &'static str, total: u64) -> Self {
+        let bar = bar.then(|| {
+            let span = tracing::info_span!("reconcile", indicatif.pb_show = tracing::field::Empty);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} ({per_sec}, about {eta} left)",
+            ) {
+                span.pb_set_style(&style.progress_chars("=> "));
+            }
+            span.pb_set_length(total);
+            span.pb_set_message(what);
+            span.pb_start();
+            span
+        });
+        tracing::info!(total, "reconciling {what}");
+        Self {
+            bar,
+            what,
+            total,
+            done: 0,
+            last_line: Instant::now(),
+        }
+    }
+
+    /// `count` more objects handled.
+    pub fn advance(&mut self, count: u64) {
+        self.done += count;
+        match &self.bar {
+            Some(span) => {
+                // Clerk's count can be behind the listing while users sign up.
+                if self.done > self.total {
+                    self.total = self.done;
+                    span.pb_set_length(self.total);
+                }
+                span.pb_set_position(self.done);
+            }
+            None if self.last_line.elapsed() >= LINE_EVERY => {
+                self.last_line = Instant::now();
+                tracing::info!(
+                    done = self.done,
+                    total = self.total,
+                    "listing {}",
+                    self.what
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// A new phase with its own length, e.g. confirming the users missing from the listing.
+    pub fn phase(&mut self, message: &'static str, total: u64) {
+        self.done = 0;
+        self.total = total;
+        self.last_line = Instant::now();
+        if let Some(span) = &self.bar {
+            span.pb_set_message(message);
+            span.pb_set_length(total);
+            span.pb_set_position(0);
+        }
+        tracing::info!(total, "{message}");
+    }
+}
