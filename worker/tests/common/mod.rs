@@ -17,8 +17,7 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
 };
 use serde_json::{Value, json};
-use shared::{Topology, headers};
-use worker::config::Backoff;
+use shared::Backoff;
 use worker::storage::{processed_events, user_tombstones, users};
 use worker::{Application, StopHandle, WorkerConfig};
 
