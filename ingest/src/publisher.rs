@@ -45,8 +45,6 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub enum InvalidMessage {
     #[error("event type is longer than 255 bytes")]
     TypeTooLong,
-    #[error("message id is longer than 255 bytes")]
-    IdTooLong,
 }
 
 /// Why the broker did not take a message. Every variant is answered 503: Svix retries.
@@ -86,11 +84,9 @@ impl Message {
     ) -> Result<Self, InvalidMessage> {
         let routing_key =
             ShortString::try_new(event_type).map_err(|_| InvalidMessage::TypeTooLong)?;
-        let message_id =
-            ShortString::try_new(signed.id.as_str()).map_err(|_| InvalidMessage::IdTooLong)?;
         let mut headers = FieldTable::default();
         for (name, value) in [
-            (SVIX_ID, signed.id.clone()),
+            (SVIX_ID, signed.id.to_string()),
             (SVIX_TIMESTAMP, signed.timestamp.to_string()),
             (SVIX_SIGNATURE, signed.signature.clone()),
             (
@@ -106,7 +102,7 @@ impl Message {
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type(ShortString::from("application/json"))
-            .with_message_id(message_id)
+            .with_message_id(signed.id.clone())
             .with_type(routing_key.clone())
             // Verified to be within 5 minutes of now, so never negative.
             .with_timestamp(u64::try_from(signed.timestamp).unwrap_or_default())

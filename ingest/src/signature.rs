@@ -6,15 +6,13 @@
 //! ones that are the sender's formatting (400) and the ones that are a rejected signature (401).
 
 use actix_web::http::header::HeaderMap;
+use lapin::types::ShortString;
 use secrecy::{ExposeSecret, SecretString};
 use shared::ConfigError;
 use shared::headers::{
     SVIX_ID, SVIX_SIGNATURE, SVIX_TIMESTAMP, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
 };
 use svix::webhooks::{Webhook, WebhookError};
-
-/// The longest message id accepted: it becomes the AMQP `message_id`, a short string.
-const MAX_ID_LEN: usize = 255;
 
 /// Why a request's signature was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,8 +65,9 @@ impl VerifyError {
 /// The signature headers of a verified request, as the message carries them on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedHeaders {
-    /// `svix-id`: the message id, the same on every retry of one event.
-    pub id: String,
+    /// `svix-id`: the message id, the same on every retry of one event. An AMQP short string
+    /// (1 to 255 bytes), so that any verified event can become a message.
+    pub id: ShortString,
     /// `svix-timestamp`: Unix seconds of this delivery attempt.
     pub timestamp: i64,
     /// `svix-signature`: the space-separated `v1,…` list, as received.
@@ -123,9 +122,11 @@ impl Verifier {
         let id = header(headers, SVIX_ID, WEBHOOK_ID, "id")?;
         let timestamp = header(headers, SVIX_TIMESTAMP, WEBHOOK_TIMESTAMP, "timestamp")?;
         let signature = header(headers, SVIX_SIGNATURE, WEBHOOK_SIGNATURE, "signature")?;
-        if id.is_empty() || id.len() > MAX_ID_LEN {
-            return Err(VerifyError::MalformedHeader("id"));
-        }
+        // The id becomes the AMQP `message_id`, a short string: at most 255 bytes.
+        let message_id = match ShortString::try_new(id) {
+            Ok(message_id) if !id.is_empty() => message_id,
+            _ => return Err(VerifyError::MalformedHeader("id")),
+        };
         let timestamp_value: i64 = timestamp
             .parse()
             .map_err(|_| VerifyError::MalformedHeader("timestamp"))?;
@@ -146,7 +147,7 @@ impl Verifier {
             match secret.verify(body, &svix_headers) {
                 Ok(()) => {
                     return Ok(SignedHeaders {
-                        id: id.to_owned(),
+                        id: message_id,
                         timestamp: timestamp_value,
                         signature: signature.to_owned(),
                     });
