@@ -10,10 +10,9 @@ use fault_suite::history;
 use fault_suite::sender::{self, SenderConfig};
 use shared::Backoff;
 use svix::webhooks::Webhook;
+use test_support::signing::SECRET;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// What the receiver saw: attempts per svix-id, and how many were not correctly signed.
 #[derive(Default)]

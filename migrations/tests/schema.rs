@@ -1,43 +1,8 @@
-//! The migrations against a real Postgres: each test gets a database of its own.
+//! The migrations against a real Postgres: each test gets a database of its own, dropped with it.
 
 use migrations::{Migrator, MigratorTrait};
-use sea_orm_migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbErr};
-
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// A fresh database, dropped again by [`TestDb::drop_now`].
-struct TestDb {
-    admin: DatabaseConnection,
-    name: String,
-    db: DatabaseConnection,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| ADMIN_URL.into());
-        let admin = Database::connect(&admin_url)
-            .await
-            .expect("admin connection");
-        let name = format!("mig_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let (base, _) = admin_url.rsplit_once('/').expect("url has a database");
-        let db = Database::connect(format!("{base}/{name}"))
-            .await
-            .expect("test database connection");
-        Self { admin, name, db }
-    }
-
-    async fn drop_now(self) {
-        self.db.close().await.expect("close");
-        self.admin
-            .execute_unprepared(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
-            .await
-            .expect("drop database");
-    }
-}
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use test_support::TestDatabase;
 
 async fn insert_user(
     db: &DatabaseConnection,
@@ -56,7 +21,7 @@ async fn insert_user(
 
 #[tokio::test]
 async fn up_creates_the_tables_and_down_removes_them_again() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     for table in ["users", "user_tombstones", "processed_events"] {
         test.db
@@ -74,12 +39,11 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
     );
     // And up again, as `fresh` would.
     Migrator::up(&test.db, None).await.expect("up after down");
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn users_reject_an_unknown_role_and_a_taken_email_but_allow_many_null_emails() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     insert_user(&test.db, "u1", Some("a@example.org"), "admin")
         .await
@@ -108,12 +72,11 @@ async fn users_reject_an_unknown_role_and_a_taken_email_but_allow_many_null_emai
         )
         .await
         .expect("role defaults");
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn processed_events_accept_only_the_known_outcomes() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     let insert = |id: &str, outcome: &str| {
         format!(
@@ -133,5 +96,4 @@ async fn processed_events_accept_only_the_known_outcomes() {
             .await
             .is_err()
     );
-    test.drop_now().await;
 }

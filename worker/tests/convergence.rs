@@ -5,16 +5,16 @@
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{TestEnv, clerk_user, eventually, svix_id};
 use proptest::prelude::*;
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
-use worker::storage::users;
+use test_support::events::clerk_user;
+use test_support::rows::users;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 
 const USERS: usize = 4;
 const EMAILS: usize = 3;
@@ -166,7 +166,7 @@ async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
     second.stop().await;
 
     let rows: BTreeMap<String, Expected> = users::Entity::find()
-        .all(&env.db)
+        .all(env.db())
         .await
         .expect("users")
         .into_iter()
