@@ -1,8 +1,10 @@
 //! Prometheus metrics, in a registry owned by one application (not the global one), so several
 //! applications in one test process keep their counts apart.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -20,6 +22,10 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     /// `clerk_sync_ingest_broker_reconnects_total`: connections established after the first one.
     pub broker_reconnects: IntCounter,
+    /// `clerk_sync_ingest_last_accepted_timestamp_seconds`: Unix time of the last accepted event,
+    /// the start of the process until one is accepted (so a fresh ingest is not taken for one
+    /// that Clerk stopped reaching hours ago).
+    pub last_accepted: Gauge,
 }
 
 /// How a webhook request was answered: the `outcome` label.
@@ -95,11 +101,17 @@ impl Metrics {
             "clerk_sync_ingest_broker_reconnects_total",
             "Broker connections established after the first one.",
         )?;
+        let last_accepted = Gauge::new(
+            "clerk_sync_ingest_last_accepted_timestamp_seconds",
+            "Unix time of the last accepted event (the start of the process until one is).",
+        )?;
+        last_accepted.set(unix_now());
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(verification_failures.clone()))?;
         registry.register(Box::new(confirm_latency.clone()))?;
         registry.register(Box::new(broker_connected.clone()))?;
         registry.register(Box::new(broker_reconnects.clone()))?;
+        registry.register(Box::new(last_accepted.clone()))?;
         for outcome in Outcome::ALL {
             requests.with_label_values(&[outcome.label()]);
         }
@@ -113,12 +125,16 @@ impl Metrics {
             confirm_latency,
             broker_connected,
             broker_reconnects,
+            last_accepted,
         })
     }
 
-    /// Counts one answered webhook request.
+    /// Counts one answered webhook request; an accepted one also sets the last accepted time.
     pub fn record(&self, outcome: Outcome) {
         self.requests.with_label_values(&[outcome.label()]).inc();
+        if outcome == Outcome::Accepted {
+            self.last_accepted.set(unix_now());
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -127,4 +143,11 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
     }
+}
+
+/// Seconds since the Unix epoch, with the fraction.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }

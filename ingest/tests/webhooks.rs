@@ -82,6 +82,41 @@ async fn a_signed_event_is_accepted_and_lands_on_the_queue_byte_for_byte() {
 }
 
 #[actix_web::test]
+async fn the_last_accepted_time_starts_at_the_start_and_moves_only_on_an_accepted_event() {
+    const SERIES: &str = "clerk_sync_ingest_last_accepted_timestamp_seconds";
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs_f64()
+    };
+    let app = TestIngest::spawn().await;
+    let started = metric(&app.metrics_text().await, SERIES).expect("the gauge is exported");
+    assert!(started > 0.0 && started <= now(), "{started}");
+
+    // Signed with a secret the ingest does not hold.
+    let body = event_body("user.created", 200);
+    let headers = signed_headers_with(
+        OTHER_SECRET,
+        ["svix-id", "svix-timestamp", "svix-signature"],
+        &body,
+    );
+    let rejected = post(&app.webhook_url(), &headers, body.as_bytes()).await;
+    assert_status(&rejected, 401);
+    assert_eq!(metric(&app.metrics_text().await, SERIES), Some(started));
+
+    let before = now();
+    let accepted = app.post_signed(&event_body("user.created", 200)).await;
+    assert_status(&accepted, 200);
+    let moved = metric(&app.metrics_text().await, SERIES).expect("the gauge is exported");
+    assert!(
+        moved >= before && moved > started && moved <= now(),
+        "started {started}, before the post {before}, after it {moved}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn webhook_header_names_are_accepted_and_published_under_svix_names() {
     let app = TestIngest::spawn().await;
     let body = &event_body("user.updated", 300);
