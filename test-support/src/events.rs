@@ -30,6 +30,40 @@ pub fn clerk_user(id: &str, email: Option<&str>, role: Option<&str>, updated_at:
     })
 }
 
+/// Clerk's Organization JSON, shaped like the documented payload; `created_at` is 1000.
+pub fn clerk_organization(id: &str, name: &str, updated_at: i64) -> Value {
+    json!({
+        "object": "organization", "id": id, "name": name,
+        "slug": name.to_lowercase().replace(' ', "-"),
+        "image_url": "https://img.clerk.com/x", "has_image": false, "members_count": 1,
+        "max_allowed_memberships": 5, "admin_delete_enabled": true,
+        "public_metadata": {}, "private_metadata": {}, "created_by": "user_creator",
+        "created_at": 1000, "updated_at": updated_at, "role_set_key": null
+    })
+}
+
+/// Clerk's OrganizationMembership JSON, with `organization` as its snapshot.
+pub fn clerk_membership(
+    id: &str,
+    organization: &Value,
+    user_id: &str,
+    role: &str,
+    created_at: i64,
+    updated_at: i64,
+) -> Value {
+    json!({
+        "object": "organization_membership", "id": id, "role": role, "role_name": role,
+        "permissions": ["org:sys_profile:read"], "public_metadata": {}, "private_metadata": {},
+        "organization": organization,
+        "public_user_data": {
+            "user_id": user_id, "first_name": "First", "last_name": "Last",
+            "identifier": format!("{user_id}@example.org"), "image_url": "https://img.clerk.com/y",
+            "has_image": false, "profile_image_url": null, "username": null
+        },
+        "created_at": created_at, "updated_at": updated_at
+    })
+}
+
 /// A documented Clerk payload from `fixtures/clerk`, by file name without `.json`.
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = format!(

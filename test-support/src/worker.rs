@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lapin::types::FieldTable;
-use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
+};
 use serde_json::{Value, json};
 use shared::Backoff;
 use worker::{StopHandle, WorkerConfig};
@@ -14,7 +16,9 @@ use crate::broker::{BrokerChannel, TestTopology};
 use crate::database::TestDatabase;
 use crate::events::event_properties;
 use crate::http::get;
-use crate::rows::{processed_events, user_tombstones, users};
+use crate::rows::{
+    organization_memberships, organizations, processed_events, user_tombstones, users,
+};
 use crate::services::amqp_url;
 
 /// One test's database and declared topology, and a confirming channel on the broker. Dropped,
@@ -96,6 +100,35 @@ impl TestEnv {
             .one(self.db())
             .await
             .expect("read user")
+    }
+
+    /// The stored organization `id`.
+    pub async fn organization(&self, id: &str) -> Option<organizations::Model> {
+        organizations::Entity::find_by_id(id.to_owned())
+            .one(self.db())
+            .await
+            .expect("read organization")
+    }
+
+    /// The stored membership `id`.
+    pub async fn membership(&self, id: &str) -> Option<organization_memberships::Model> {
+        organization_memberships::Entity::find_by_id(id.to_owned())
+            .one(self.db())
+            .await
+            .expect("read membership")
+    }
+
+    /// Whether `table` (a tombstone table) holds `id`.
+    pub async fn has_tombstone(&self, table: &str, id: &str) -> bool {
+        self.db()
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                format!("SELECT 1 FROM {table} WHERE id = $1"),
+                [id.into()],
+            ))
+            .await
+            .expect("read tombstone")
+            .is_some()
     }
 
     /// The `processed_events` row of `svix_id`.

@@ -1,4 +1,5 @@
-//! The SeaORM entity the worker writes through. (Users and tombstones are written in SQL.)
+//! The SeaORM entity the worker writes through. (Users, organizations, memberships and their
+//! tombstones are written in SQL; tests read them through `test-support`.)
 
 /// `processed_events`: every svix-id handled, with its outcome.
 pub mod processed_events {
