@@ -147,6 +147,36 @@ impl RabbitNode {
         Ok(declared.message_count())
     }
 
+    /// Sets the node's memory high watermark as a fraction of the machine's memory
+    /// (`rabbitmqctl set_vm_memory_high_watermark`). A tiny one raises the memory alarm, under
+    /// which the node blocks every connection that publishes; 0.4 is the default again.
+    pub async fn set_memory_high_watermark(&self, fraction: f64) -> anyhow::Result<()> {
+        // The control script lies next to the start script (or on PATH, like it).
+        let ctl = self.server.with_file_name("rabbitmqctl");
+        let output = Command::new(&ctl)
+            .env_clear()
+            .env("PATH", support::path_env())
+            // The node's own Erlang cookie and port mapper.
+            .env("HOME", &self.dir)
+            .env("LANG", "C.UTF-8")
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
+            .args(["-n", &self.node_name, "set_vm_memory_high_watermark"])
+            .arg(fraction.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", ctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl set_vm_memory_high_watermark failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     async fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -87,6 +87,16 @@ pub struct Settings {
     pub worker_run_migrations: bool,
     /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
     pub worker_db_pool_size: u32,
+    /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
+    /// prunes it, as a human-readable duration like `30d` or `72h` (default `30d`).
+    pub worker_processed_retention: String,
+    /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 once a delivery has been held unacknowledged
+    /// this long, as a human-readable duration (default `5m`).
+    pub worker_stalled_after: String,
+    /// `WORKER_BROKER_TIMEOUT_MS`: the longest the worker waits for the broker in any one step (a
+    /// dead letter's publish and confirm, an acknowledgement, a cancel or close) before it counts
+    /// as broker trouble (default 10000).
+    pub worker_broker_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -115,6 +125,9 @@ impl Default for Settings {
             worker_retry_max_ms: 30_000,
             worker_run_migrations: true,
             worker_db_pool_size: 8,
+            worker_processed_retention: "30d".into(),
+            worker_stalled_after: "5m".into(),
+            worker_broker_timeout_ms: 10_000,
         }
     }
 }
