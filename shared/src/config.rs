@@ -68,6 +68,15 @@ pub struct Settings {
     /// `INGEST_CLIENT_TIMEOUT_MS`: how long a client may take to send its request head and body
     /// before it is answered 408 (default 10000).
     pub ingest_client_timeout_ms: u64,
+    /// `INGEST_BODY_BUDGET`: bytes of request bodies all requests together may hold while they
+    /// are read and published; a request that would go past it is answered 503 (default 32 MiB).
+    pub ingest_body_budget: usize,
+    /// `INGEST_WORKERS`: HTTP worker threads (default 1: on a few cores one worker and the
+    /// broker client's thread beat more workers; see BENCHMARKS.md).
+    pub ingest_workers: usize,
+    /// `INGEST_MAX_CONNECTIONS`: open HTTP connections each worker serves at once; more wait in
+    /// the listen backlog (default 256). Each open connection may buffer up to ~160 KiB.
+    pub ingest_max_connections: usize,
 
     /// `WORKER_LISTEN`: the worker's health and metrics address (default `0.0.0.0:3001`).
     pub worker_listen: String,
@@ -117,6 +126,9 @@ impl Default for Settings {
             ingest_publish_channels: 1,
             ingest_max_concurrent_requests: 1024,
             ingest_client_timeout_ms: 10_000,
+            ingest_body_budget: 32 * 1024 * 1024,
+            ingest_workers: 1,
+            ingest_max_connections: 256,
             worker_listen: "0.0.0.0:3001".into(),
             worker_prefetch: 256,
             worker_batch_size: 32,
