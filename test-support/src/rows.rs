@@ -1,30 +1,6 @@
 //! Read-only SeaORM entities for the tables the worker writes, so tests can look at them. The
-//! worker itself writes `processed_events` through `worker::storage`, and the rest in SQL.
-
-/// `users`: one row per Clerk user.
-pub mod users {
-    use sea_orm::entity::prelude::*;
-
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
-    #[sea_orm(table_name = "users")]
-    pub struct Model {
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub id: String,
-        pub email: Option<String>,
-        pub first_name: Option<String>,
-        pub last_name: Option<String>,
-        pub role: String,
-        pub phone: Option<String>,
-        pub created_at: DateTimeWithTimeZone,
-        pub updated_at: DateTimeWithTimeZone,
-        pub synced_at: DateTimeWithTimeZone,
-    }
-
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
+//! worker itself writes `processed_events` and `users` through `worker::storage`, and the rest in
+//! SQL.
 
 /// `user_tombstones`: ids of deleted users.
 pub mod user_tombstones {
@@ -140,4 +116,4 @@ pub mod membership_tombstones {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub use worker::storage::processed_events;
+pub use worker::storage::{processed_events, users};

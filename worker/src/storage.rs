@@ -1,5 +1,30 @@
-//! The SeaORM entity the worker writes through. (Users, organizations, memberships and their
-//! tombstones are written in SQL; tests read them through `test-support`.)
+//! The SeaORM entities the worker writes through. (Organizations, memberships and the tombstones
+//! are written in SQL; tests read them through `test-support`.)
+
+/// `users`: one row per Clerk user.
+pub mod users {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "users")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub email: Option<String>,
+        pub first_name: Option<String>,
+        pub last_name: Option<String>,
+        pub role: String,
+        pub phone: Option<String>,
+        pub created_at: DateTimeWithTimeZone,
+        pub updated_at: DateTimeWithTimeZone,
+        pub synced_at: DateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
 
 /// `processed_events`: every svix-id handled, with its outcome.
 pub mod processed_events {
