@@ -68,6 +68,7 @@ impl TestEnv {
             processed_retention: Duration::from_secs(30 * 24 * 3600),
             stalled_after: Duration::from_secs(300),
             broker_timeout: Duration::from_secs(5),
+            roles: shared::Roles::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `apply_batch`, each with the outcome and effect it would have had alone.
 
 use serde_json::{Value, json};
+use shared::Roles;
 use test_support::TestEnv;
 use test_support::events::{clerk_user, event_properties};
 use test_support::signing::svix_id;
@@ -14,6 +15,7 @@ fn event(svix_id: &str, event_type: &str, data: Value) -> Event {
     Event::read(
         body.to_string().as_bytes(),
         &event_properties(svix_id, event_type),
+        &Roles::default(),
     )
     .expect("a readable event")
 }
