@@ -302,14 +302,6 @@ impl Session {
         self.held.push(letter);
     }
 
-    /// Republishes a copy of `letter` to the worker queue and waits for the broker's confirm. The
-    /// dead letter itself is left alone: acknowledge it with [`Session::acknowledge`] only after
-    /// this returned `Ok`.
-    pub async fn republish(&self, letter: &DeadLetter) -> Result<(), RepublishError> {
-        let pending = self.publish_copy(letter).await?;
-        pending.confirmed().await
-    }
-
     /// Publishes a copy of `letter` to the worker queue without waiting for the confirm, so
     /// several copies can be in flight; [`PendingCopy::confirmed`] waits for it.
     ///
@@ -335,11 +327,6 @@ impl Session {
             .map_err(|_| RepublishError::Timeout)?
             .map_err(RepublishError::Broker)?;
         Ok(PendingCopy { confirm, queue })
-    }
-
-    /// Removes `letter` from the dead-letter queue for good.
-    pub async fn acknowledge(&self, letter: DeadLetter) -> Result<(), DlqError> {
-        self.acknowledge_all(vec![letter]).await
     }
 
     /// Removes `letters` from the dead-letter queue for good, one acknowledgement each (never

@@ -6,68 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, Letter, run};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
-
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string())
-}
-
-/// A database of its own, dropped (with its sessions) when the guard is.
-struct TestDatabase {
-    name: String,
-    url: String,
-}
-
-impl TestDatabase {
-    async fn create() -> Self {
-        let name = format!("dlq_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(admin_url())
-            .await
-            .expect("admin database");
-        admin
-            .execute_unprepared(&format!(r#"CREATE DATABASE "{name}""#))
-            .await
-            .expect("create the test database");
-        let _ = admin.close().await;
-        let base = admin_url();
-        let prefix = base
-            .rsplit_once('/')
-            .map_or(base.as_str(), |(prefix, _)| prefix);
-        Self {
-            url: format!("{prefix}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("clean-up runtime");
-            runtime.block_on(async move {
-                let admin = Database::connect(admin_url())
-                    .await
-                    .expect("admin database");
-                admin
-                    .execute_unprepared(&format!(
-                        r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
-                    ))
-                    .await
-                    .expect("drop the test database");
-                let _ = admin.close().await;
-            });
-        });
-        if dropped.join().is_err() && !std::thread::panicking() {
-            panic!("dropping database {} failed", self.name);
-        }
-    }
-}
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use test_support::TestDatabase;
+use test_support::signing::svix_id;
 
 async fn stored_email(db: &DatabaseConnection, user_id: &str) -> Option<Option<String>> {
     let row = db
@@ -84,13 +25,10 @@ async fn stored_email(db: &DatabaseConnection, user_id: &str) -> Option<Option<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_dead_letter_is_applied_by_the_worker_and_lands_in_postgres() {
     let fixture = Fixture::new().await;
-    let database = TestDatabase::create().await;
-    let body = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../fixtures/clerk/user.created.json"
-    ))
-    .expect("the Clerk fixture");
-    let svix_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    // Empty: the worker applies the migrations at start.
+    let database = TestDatabase::empty().await;
+    let body = test_support::events::fixture("user.created");
+    let svix_id = svix_id();
     fixture
         .dead_letters(&[Letter::new(&svix_id, "user.created")
             .body(&body)
@@ -111,13 +49,11 @@ async fn a_replayed_dead_letter_is_applied_by_the_worker_and_lands_in_postgres()
     result.expect("replay succeeds");
     assert_eq!(out, "replayed 1, skipped 0, failed 0\n");
 
-    let db = Database::connect(database.url.as_str())
-        .await
-        .expect("test database");
+    let db = &database.db;
     let user_id = "user_29w83sxmDNGwOuEthce5gg56FcC";
     let deadline = Instant::now() + Duration::from_secs(20);
     let email = loop {
-        if let Some(email) = stored_email(&db, user_id).await {
+        if let Some(email) = stored_email(db, user_id).await {
             break email;
         }
         assert!(
@@ -136,5 +72,4 @@ async fn a_replayed_dead_letter_is_applied_by_the_worker_and_lands_in_postgres()
         .await
         .expect("the worker task")
         .expect("the worker stops cleanly");
-    let _ = db.close().await;
 }

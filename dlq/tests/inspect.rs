@@ -4,10 +4,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fixture, Letter, amqp_url, run};
+use common::{Fixture, Letter, run};
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use serde_json::Value;
-use shared::{Settings, Topology};
+use shared::Settings;
+use test_support::amqp_url;
 
 #[tokio::test]
 async fn list_prints_one_table_row_per_dead_letter_and_leaves_them_all_in_the_queue() {
@@ -102,11 +103,7 @@ async fn list_of_an_empty_queue_prints_only_the_header_or_an_empty_array() {
 
 #[tokio::test]
 async fn a_message_the_broker_dead_lettered_at_its_delivery_limit_is_listed_as_delivery_limit() {
-    let topology = Topology {
-        delivery_limit: 1,
-        ..Topology::prefixed(&format!("dlq-test-{}", uuid::Uuid::new_v4()))
-    };
-    let fixture = Fixture::with_topology(topology).await;
+    let fixture = Fixture::with_delivery_limit(1).await;
     let letter = Letter::new("msg_limit", "user.created");
     fixture
         .publish(

@@ -4,12 +4,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fixture, Letter, amqp_url, run};
+use common::{Fixture, Letter, run};
 use dlq::session::RepublishError;
 use dlq::{Broker, DlqError};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use shared::Topology;
+use test_support::amqp_url;
 
 #[tokio::test]
 async fn replay_by_id_republishes_only_that_letter_with_its_original_body_properties_and_svix_headers()
@@ -345,7 +346,13 @@ async fn a_crash_between_the_confirmed_copy_and_the_acknowledgement_duplicates_a
         .expect("connect");
     let mut session = broker.session().await.expect("session");
     let letter = session.fetch().await.expect("fetch").expect("a letter");
-    session.republish(&letter).await.expect("confirmed copy");
+    session
+        .publish_copy(&letter)
+        .await
+        .expect("published copy")
+        .confirmed()
+        .await
+        .expect("confirmed copy");
     drop(letter);
     drop(session);
     broker.close().await;
@@ -444,7 +451,13 @@ async fn a_copy_the_broker_cannot_route_fails_and_the_letter_stays() {
     let mut session = broker.session().await.expect("session");
     let letter = session.fetch().await.expect("fetch").expect("a letter");
 
-    let error = session.republish(&letter).await.expect_err("unroutable");
+    let error = session
+        .publish_copy(&letter)
+        .await
+        .expect("published copy")
+        .confirmed()
+        .await
+        .expect_err("unroutable");
 
     assert!(
         matches!(error, RepublishError::Unroutable { .. }),

@@ -16,6 +16,22 @@ use tokio::process::{Child, Command};
 
 use crate::support::{self, Deadline};
 
+/// Debian's `/usr/sbin/rabbitmq-server` is a wrapper that switches to the system node's user
+/// and directory, so the script it wraps is preferred. `explicit` (a command-line option) wins.
+pub fn find_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    let debian = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if debian.is_file() {
+        return Ok(debian.to_owned());
+    }
+    std::env::split_paths(&support::path_env())
+        .map(|dir| dir.join("rabbitmq-server"))
+        .find(|path| path.is_file())
+        .context("no rabbitmq-server found; install RabbitMQ or pass --rabbitmq-server")
+}
+
 /// How long a node may take to start; Erlang boots slowly on a busy machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 

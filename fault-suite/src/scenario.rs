@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine;
 use rand::RngCore;
-use shared::Topology;
+use shared::{Backoff, Topology};
 
 use crate::check::{self, Verdict};
 use crate::history;
@@ -298,8 +298,10 @@ impl Run {
                 url: format!("http://127.0.0.1:{ingest_port}/api/webhooks").parse()?,
                 secret,
                 rate: load.rate,
-                retry_delay: Duration::from_millis(250),
-                max_retry_delay: Duration::from_secs(5),
+                retry: Backoff {
+                    base: Duration::from_millis(250),
+                    max: Duration::from_secs(5),
+                },
                 duplicate_ratio: 0.02,
             },
             history::endless(chunk, load.seed),

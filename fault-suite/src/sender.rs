@@ -18,6 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
+use shared::Backoff;
 use svix::webhooks::Webhook;
 use tokio::task::JoinSet;
 
@@ -35,10 +36,9 @@ pub struct SenderConfig {
     pub secret: String,
     /// Events started per second.
     pub rate: u32,
-    /// Pause before the first repeat of an attempt; it doubles with each further repeat.
-    pub retry_delay: Duration,
-    /// The longest pause between attempts.
-    pub max_retry_delay: Duration,
+    /// Pauses between attempts: `base` before the first repeat, doubled with each further
+    /// repeat, at most `max`.
+    pub retry: Backoff,
     /// Share of acknowledged events delivered a second time, as Svix's at-least-once does.
     pub duplicate_ratio: f64,
 }
@@ -234,7 +234,7 @@ async fn deliver_event(shared: &Shared, event: Arc<PlannedEvent>) {
 
 /// One delivery as Svix makes it: attempts until a 2xx, each signed with its own timestamp.
 async fn deliver_until_accepted(shared: &Shared, event: &PlannedEvent) {
-    let mut pause = shared.config.retry_delay;
+    let mut retry = 0_u32;
     loop {
         match attempt(shared, event).await {
             Ok(status) if status.is_success() => return,
@@ -263,8 +263,8 @@ async fn deliver_until_accepted(shared: &Shared, event: &PlannedEvent) {
             }
         }
         shared.counters.retried.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(shared.config.max_retry_delay);
+        retry = retry.saturating_add(1);
+        tokio::time::sleep(shared.config.retry.delay(retry)).await;
     }
 }
 

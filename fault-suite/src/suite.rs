@@ -1,16 +1,16 @@
 //! The command line and the run of the chosen scenarios on one RabbitMQ node and one Postgres
 //! cluster, both started here and removed at the end.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::postgres::{self, PgCluster};
-use crate::rabbit::RabbitNode;
+use crate::rabbit::{self, RabbitNode};
 use crate::report;
 use crate::scenario::{self, Binaries, Infrastructure, Load, Names, Scenario};
+use crate::support;
 
 /// Runs the pipeline under faults and counts what was lost.
 #[derive(Debug, clap::Parser)]
@@ -82,7 +82,7 @@ impl Options {
 /// Runs the selected scenarios; `Ok(false)` when any of them failed.
 pub async fn run(options: Options) -> anyhow::Result<bool> {
     let binaries = binaries(options.bin_dir.as_deref())?;
-    let server = rabbitmq_server(options.rabbitmq_server.as_deref())?;
+    let server = rabbit::find_server(options.rabbitmq_server.as_deref())?;
     let pg_bin = match &options.pg_bin {
         Some(dir) => dir.clone(),
         None => postgres::find_bin_dir()?,
@@ -93,10 +93,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         Selection::One(scenario) => vec![scenario],
     };
 
-    let workdir = tempfile::Builder::new()
-        .prefix("fault-suite-")
-        .tempdir()
-        .context("creating the working directory")?;
+    let workdir = support::workdir("fault-suite-").context("creating the working directory")?;
     println!(
         "fault-suite: {} scenario(s), {} events/s for {} s each, seed {}; working in {}",
         scenarios.len(),
@@ -135,9 +132,6 @@ async fn run_scenarios(
     scenarios: &[Scenario],
     load: Load,
 ) -> anyhow::Result<Vec<scenario::Report>> {
-    // When running as root, the cluster runs as the postgres user, who must be able to pass
-    // through the working directory to reach the cluster's own.
-    std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(0o711))?;
     let binaries = binaries.snapshot(&workdir.join("bin"))?;
     let binaries = &binaries;
     let mut postgres = PgCluster::start(pg_bin, &workdir.join("postgres")).await?;
@@ -211,20 +205,4 @@ fn binaries(dir: Option<&Path>) -> anyhow::Result<Binaries> {
         }
     }
     Ok(binaries)
-}
-
-/// Debian's `/usr/sbin/rabbitmq-server` is a wrapper that switches to the system node's user
-/// and directory, so the script it wraps is preferred.
-fn rabbitmq_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = explicit {
-        return Ok(path.to_owned());
-    }
-    let debian = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-    if debian.is_file() {
-        return Ok(debian.to_owned());
-    }
-    std::env::split_paths(&crate::support::path_env())
-        .map(|dir| dir.join("rabbitmq-server"))
-        .find(|path| path.is_file())
-        .context("no rabbitmq-server found; install RabbitMQ or pass --rabbitmq-server")
 }

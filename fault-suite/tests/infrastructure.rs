@@ -3,35 +3,21 @@
 //! hold, a scenario's "lost" count would measure the harness, not the pipeline.
 
 use fault_suite::postgres::{self, PgCluster};
-use fault_suite::rabbit::RabbitNode;
-use fault_suite::support::Deadline;
+use fault_suite::rabbit::{self, RabbitNode};
+use fault_suite::support;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use std::time::Duration;
+use test_support::eventually;
 
 fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("fault-suite-test-")
-        .tempdir()
-        .expect("temp dir");
-    // The cluster may run as the postgres user, who must pass through this directory.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .expect("permissions");
-    dir
+    support::workdir("fault-suite-test-").expect("temp dir")
 }
 
 fn rabbitmq_server() -> std::path::PathBuf {
-    let debian = std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-    if debian.is_file() {
-        debian.to_owned()
-    } else {
-        "rabbitmq-server".into()
-    }
+    rabbit::find_server(None).expect("rabbitmq-server")
 }
 
 #[tokio::test]
@@ -101,13 +87,12 @@ async fn a_killed_rabbitmq_node_restarts_with_the_messages_it_confirmed() {
     );
     node.restart().await.expect("restart");
     // A quorum queue reports its depth once it has recovered its log, shortly after the start.
-    let deadline = Deadline::after(Duration::from_secs(30));
-    let mut depth = 0;
-    while depth != 3 && !deadline.passed() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        depth = node.ready_messages("kept").await.expect("depth");
-    }
-    assert_eq!(depth, 3);
+    eventually(
+        Duration::from_secs(30),
+        "the three messages back",
+        || async { node.ready_messages("kept").await.expect("depth") == 3 },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use fault_suite::history;
 use fault_suite::sender::{self, SenderConfig};
+use shared::Backoff;
 use svix::webhooks::Webhook;
+use test_support::signing::SECRET;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// What the receiver saw: attempts per svix-id, and how many were not correctly signed.
 #[derive(Default)]
@@ -104,8 +104,10 @@ async fn refused_events_are_retried_until_accepted_and_every_attempt_is_signed()
                 .expect("url"),
             secret: SECRET.to_owned(),
             rate: 200,
-            retry_delay: Duration::from_millis(10),
-            max_retry_delay: Duration::from_millis(40),
+            retry: Backoff {
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(40),
+            },
             duplicate_ratio: 0.0,
         },
         events.clone().into_iter(),
@@ -145,8 +147,10 @@ async fn an_event_never_accepted_is_reported_undelivered_and_kept_out_of_the_led
                 .expect("url"),
             secret: SECRET.to_owned(),
             rate: 100,
-            retry_delay: Duration::from_millis(10),
-            max_retry_delay: Duration::from_millis(20),
+            retry: Backoff {
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(20),
+            },
             duplicate_ratio: 0.0,
         },
         history::plan(3, 2).into_iter(),

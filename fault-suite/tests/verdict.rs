@@ -7,7 +7,8 @@ use std::sync::Arc;
 use fault_suite::check;
 use fault_suite::history::{self, ExpectedState};
 use fault_suite::postgres::{self, PgCluster};
-use fault_suite::rabbit::RabbitNode;
+use fault_suite::rabbit::{self, RabbitNode};
+use fault_suite::support;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
@@ -21,27 +22,14 @@ fn millis(ms: i64) -> chrono::DateTime<chrono::Utc> {
 #[tokio::test]
 async fn the_verdict_passes_a_faithful_copy_and_counts_a_lost_event_a_wrong_row_and_a_dead_letter()
 {
-    let dir = tempfile::Builder::new()
-        .prefix("fault-suite-test-")
-        .tempdir()
-        .expect("temp dir");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .expect("permissions");
+    let dir = support::workdir("fault-suite-test-").expect("temp dir");
     let cluster = PgCluster::start(
         &postgres::find_bin_dir().expect("postgres binaries"),
         &dir.path().join("postgres"),
     )
     .await
     .expect("cluster");
-    let debian = std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-    let server = if debian.is_file() {
-        debian.to_owned()
-    } else {
-        "rabbitmq-server".into()
-    };
+    let server = rabbit::find_server(None).expect("rabbitmq-server");
     let node = RabbitNode::start(&server, &dir.path().join("rabbitmq"))
         .await
         .expect("node");

@@ -660,7 +660,7 @@ fn signed_event(verifier: &Verifier, size: usize) -> (String, SignedHeaders) {
     (
         body,
         SignedHeaders {
-            id: message_id,
+            id: message_id.into(),
             timestamp,
             signature,
         },

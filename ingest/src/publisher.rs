@@ -1,7 +1,7 @@
 //! Publishing to RabbitMQ with publisher confirms, over one connection and a pool of channels
 //! that a supervisor task keeps alive.
 //!
-//! The supervisor connects (retrying with capped exponential backoff while the broker is down),
+//! The supervisor connects (retrying with capped exponential back-off while the broker is down),
 //! declares the topology, opens the channels in confirm mode and then watches: a lost connection
 //! is replaced whole, a channel the broker closed is replaced alone. Requests never wait for it:
 //! while nothing usable is connected, [`Publisher::publish`] fails at once, and every publish is
@@ -18,8 +18,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
-use shared::Topology;
 use shared::headers::{RECEIVED_AT, SVIX_ID, SVIX_SIGNATURE, SVIX_TIMESTAMP};
+use shared::{Backoff, Topology};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -28,9 +28,11 @@ use crate::signature::SignedHeaders;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
-/// First wait before reconnecting; doubled after each failed attempt up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The pause before reconnecting: 100 ms, doubled after each failed attempt, at most 10 s.
+const RECONNECT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(10),
+};
 /// A connection attempt that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing waits for the supervisor before abandoning a connection attempt.
@@ -43,8 +45,6 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub enum InvalidMessage {
     #[error("event type is longer than 255 bytes")]
     TypeTooLong,
-    #[error("message id is longer than 255 bytes")]
-    IdTooLong,
 }
 
 /// Why the broker did not take a message. Every variant is answered 503: Svix retries.
@@ -84,11 +84,9 @@ impl Message {
     ) -> Result<Self, InvalidMessage> {
         let routing_key =
             ShortString::try_new(event_type).map_err(|_| InvalidMessage::TypeTooLong)?;
-        let message_id =
-            ShortString::try_new(signed.id.as_str()).map_err(|_| InvalidMessage::IdTooLong)?;
         let mut headers = FieldTable::default();
         for (name, value) in [
-            (SVIX_ID, signed.id.clone()),
+            (SVIX_ID, signed.id.to_string()),
             (SVIX_TIMESTAMP, signed.timestamp.to_string()),
             (SVIX_SIGNATURE, signed.signature.clone()),
             (
@@ -104,7 +102,7 @@ impl Message {
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type(ShortString::from("application/json"))
-            .with_message_id(message_id)
+            .with_message_id(signed.id.clone())
             .with_type(routing_key.clone())
             // Verified to be within 5 minutes of now, so never negative.
             .with_timestamp(u64::try_from(signed.timestamp).unwrap_or_default())
@@ -346,7 +344,8 @@ impl Link {
 
 /// Connects, watches, reconnects, until [`Publisher::close`].
 async fn supervise(shared: Arc<Shared>) {
-    let mut backoff = MIN_BACKOFF;
+    // Failed attempts since the last connection.
+    let mut retry = 0_u32;
     let mut connections = 0_u64;
     while !shared.is_stopping() {
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared))
@@ -354,7 +353,7 @@ async fn supervise(shared: Arc<Shared>) {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")));
         match connected {
             Ok(link) => {
-                backoff = MIN_BACKOFF;
+                retry = 0;
                 if connections > 0 {
                     shared.metrics.broker_reconnects.inc();
                 }
@@ -372,16 +371,17 @@ async fn supervise(shared: Arc<Shared>) {
                 }
             }
             Err(error) => {
+                retry = retry.saturating_add(1);
+                let pause = RECONNECT_BACKOFF.delay(retry);
                 tracing::warn!(
                     error = format!("{error:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = pause.as_millis() as u64,
                     "cannot connect to the broker"
                 );
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = shared.stop.notified() => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -17,6 +17,7 @@ use actix_web::http::header::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac as _};
+use lapin::types::ShortString;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 use shared::ConfigError;
@@ -26,8 +27,6 @@ use shared::headers::{
 use subtle::ConstantTimeEq as _;
 use svix::webhooks::{Webhook, WebhookError};
 
-/// The longest message id accepted: it becomes the AMQP `message_id`, a short string.
-const MAX_ID_LEN: usize = 255;
 /// How far the signed timestamp may be from now, either way (svix's tolerance).
 const TOLERANCE_SECONDS: i64 = 5 * 60;
 /// The only signature scheme Svix sends; other versions in the header are skipped.
@@ -86,8 +85,9 @@ impl VerifyError {
 /// The signature headers of a verified request, as the message carries them on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedHeaders {
-    /// `svix-id`: the message id, the same on every retry of one event.
-    pub id: String,
+    /// `svix-id`: the message id, the same on every retry of one event. An AMQP short string
+    /// (1 to 255 bytes), so that any verified event can become a message.
+    pub id: ShortString,
     /// `svix-timestamp`: Unix seconds of this delivery attempt.
     pub timestamp: i64,
     /// `svix-signature`: the space-separated `v1,…` list, as received.
@@ -153,9 +153,11 @@ impl Verifier {
         let id = header(headers, SVIX_ID, WEBHOOK_ID, "id")?;
         let timestamp = header(headers, SVIX_TIMESTAMP, WEBHOOK_TIMESTAMP, "timestamp")?;
         let signature = header(headers, SVIX_SIGNATURE, WEBHOOK_SIGNATURE, "signature")?;
-        if id.is_empty() || id.len() > MAX_ID_LEN {
-            return Err(VerifyError::MalformedHeader("id"));
-        }
+        // The id becomes the AMQP `message_id`, a short string: at most 255 bytes.
+        let message_id = match ShortString::try_new(id) {
+            Ok(message_id) if !id.is_empty() => message_id,
+            _ => return Err(VerifyError::MalformedHeader("id")),
+        };
         let timestamp_value: i64 = timestamp
             .parse()
             .map_err(|_| VerifyError::MalformedHeader("timestamp"))?;
@@ -183,7 +185,7 @@ impl Verifier {
                 .any(|(_, candidate)| bool::from(candidate.as_bytes().ct_eq(expected)));
             if matched {
                 return Ok(SignedHeaders {
-                    id: id.to_owned(),
+                    id: message_id,
                     timestamp: timestamp_value,
                     signature: signature.to_owned(),
                 });

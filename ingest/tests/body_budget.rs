@@ -3,19 +3,18 @@
 //! valid events from another client are still answered (200, or 503 with Retry-After; every 200
 //! is on the queue).
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{
-    Cleanup, SECRET, amqp_url, event_body, fresh_topology, get, metric, post, signed_headers,
-};
 use lapin::options::QueueDeclareOptions;
 use lapin::{Connection, ConnectionProperties};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Command;
+
+use test_support::http::{get, metric, post};
+use test_support::signing::{SECRET, event_body, signed_headers};
+use test_support::{TestTopology, amqp_url, eventually};
 
 /// Stalled uploads in this test (the benchmark runs 1,000).
 const STALLED: usize = 100;
@@ -27,8 +26,7 @@ const PEAK_RSS_LIMIT_MIB: f64 = 64.0;
 
 #[actix_web::test]
 async fn stalled_uploads_hold_at_most_the_body_budget_and_valid_events_are_still_answered() {
-    let topology = fresh_topology();
-    let _cleanup = Cleanup(topology.clone());
+    let topology = TestTopology::names();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
         .env_clear()
         .env("CLERK_WEBHOOK_SECRET", SECRET)
@@ -62,9 +60,9 @@ async fn stalled_uploads_hold_at_most_the_body_budget_and_valid_events_are_still
     .expect("the ingest to log its port");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(
-        "the ingest to be ready",
+    eventually(
         Duration::from_secs(20),
+        "the ingest to be ready",
         || async { get(&format!("{base}/readyz")).await.0 == 200 },
     )
     .await;

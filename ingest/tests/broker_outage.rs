@@ -1,18 +1,18 @@
 //! The broker going away and coming back, without restarting the ingest: a TCP proxy the test
 //! controls sits between the ingest and the broker.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Proxy, TestApp, broker_address, event_body, eventually, get, metric};
+use test_support::http::{get, metric};
+use test_support::signing::event_body;
+use test_support::{CuttableProxy, TestIngest, eventually};
 
 /// An ingest whose broker connection runs through a proxy the test controls, with a confirm
 /// timeout of 1 s, shown to accept an event before the test breaks anything.
-async fn spawn_behind_proxy() -> (Proxy, TestApp) {
-    let proxy = Proxy::start(broker_address()).await;
+async fn spawn_behind_proxy() -> (CuttableProxy, TestIngest) {
+    let proxy = CuttableProxy::to_broker().await;
     let url = proxy.amqp_url();
-    let app = TestApp::spawn_with(|settings| {
+    let app = TestIngest::spawn_with(|settings| {
         settings.amqp_url = Some(url.into());
         settings.ingest_confirm_timeout_ms = 1_000;
     })
@@ -34,8 +34,8 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
 
     let readyz = format!("{}/readyz", app.address);
     eventually(
-        "readyz to report the broker gone",
         Duration::from_secs(10),
+        "readyz to report the broker gone",
         || async { get(&readyz).await.0 == 503 },
     )
     .await;
@@ -62,8 +62,8 @@ async fn a_lost_broker_makes_readyz_and_webhooks_503_and_both_recover_when_it_re
     proxy.restore();
 
     eventually(
-        "readyz to report the broker back",
         Duration::from_secs(30),
+        "readyz to report the broker back",
         || async { get(&readyz).await.0 == 200 },
     )
     .await;
@@ -113,8 +113,8 @@ async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
     // The event answered 503 reached the broker late; Svix's retry would make it a duplicate,
     // which the worker absorbs. Nothing is lost either way.
     eventually(
-        "all three events on the queue",
         Duration::from_secs(10),
+        "all three events on the queue",
         || async { app.queue_depth().await == 3 },
     )
     .await;
@@ -123,11 +123,11 @@ async fn a_broker_that_stops_answering_gets_503_within_the_confirm_timeout() {
 
 #[actix_web::test]
 async fn stopping_does_not_wait_for_a_connection_attempt_that_hangs() {
-    let proxy = Proxy::start(broker_address()).await;
+    let proxy = CuttableProxy::to_broker().await;
     // Connections are accepted but the AMQP handshake never gets an answer.
     proxy.freeze();
     let url = proxy.amqp_url();
-    let app = TestApp::spawn_unready(|settings| settings.amqp_url = Some(url.into())).await;
+    let app = TestIngest::spawn_unready(|settings| settings.amqp_url = Some(url.into())).await;
     let (status, _) = get(&format!("{}/readyz", app.address)).await;
     assert_eq!(status, 503);
 

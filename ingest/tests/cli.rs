@@ -1,11 +1,10 @@
 //! The `ingest` binary's command line: configuration errors at start, and `send-example`
 //! against a running ingest.
 
-mod common;
-
 use std::process::Output;
 
-use common::{SECRET, TestApp, amqp_url};
+use test_support::signing::SECRET;
+use test_support::{TestIngest, amqp_url};
 use tokio::process::Command;
 
 async fn ingest(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -68,7 +67,7 @@ async fn a_missing_amqp_url_stops_the_start_with_one_line_naming_it() {
 
 #[actix_web::test]
 async fn send_example_delivers_each_example_event_to_a_running_ingest() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let url = app.webhook_url();
     for event in ["user.created", "user.updated", "user.deleted"] {
         let output = ingest(
@@ -93,7 +92,7 @@ async fn send_example_delivers_each_example_event_to_a_running_ingest() {
             stdout.starts_with(r#"200 {"status":"accepted"}"#),
             "{stdout}"
         );
-        let delivery = app.next_message().await.delivery;
+        let delivery = app.next_message().await;
         assert_eq!(delivery.routing_key.as_str(), event);
         let body: serde_json::Value = serde_json::from_slice(&delivery.data).expect("JSON");
         assert_eq!(body["data"]["id"], "user_cli");
@@ -103,7 +102,7 @@ async fn send_example_delivers_each_example_event_to_a_running_ingest() {
 
 #[actix_web::test]
 async fn send_example_exits_non_zero_when_the_ingest_rejects_it() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let output = ingest(
         &["send-example", "user.created", "--url", &app.webhook_url()],
         &[(
@@ -119,7 +118,7 @@ async fn send_example_exits_non_zero_when_the_ingest_rejects_it() {
 
 #[actix_web::test]
 async fn settings_can_come_from_a_toml_file() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let file = std::env::temp_dir().join(format!("ingest-{}.toml", uuid::Uuid::new_v4().simple()));
     std::fs::write(&file, format!("clerk_webhook_secret = \"{SECRET}\"\n")).expect("write");
     let path = file.to_string_lossy().into_owned();
@@ -140,7 +139,7 @@ async fn settings_can_come_from_a_toml_file() {
     std::fs::remove_file(&file).expect("remove");
     assert!(output.status.success(), "{:?}", output);
     assert_eq!(
-        app.next_message().await.delivery.routing_key.as_str(),
+        app.next_message().await.routing_key.as_str(),
         "user.created"
     );
     app.stop().await;

@@ -6,6 +6,7 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::web::Bytes;
 use ingest::publisher::Message;
 use ingest::signature::{SignedHeaders, Verifier};
+use lapin::types::ShortString;
 use proptest::prelude::*;
 use secrecy::SecretString;
 
@@ -178,8 +179,13 @@ proptest! {
         id in "[ -~]{1,300}",
         body in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
-        let signed = SignedHeaders { id: id.clone(), timestamp: now(), signature: "v1,x".into() };
+        // An id over 255 bytes cannot be held by `SignedHeaders`: `verify` refuses it.
+        let Ok(id) = ShortString::try_new(id.clone()) else {
+            prop_assert!(id.len() > 255);
+            return Ok(());
+        };
+        let signed = SignedHeaders { id, timestamp: now(), signature: "v1,x".into() };
         let made = Message::new(&event_type, &signed, Bytes::from(body), chrono::Utc::now());
-        prop_assert_eq!(made.is_ok(), event_type.len() <= 255 && id.len() <= 255);
+        prop_assert_eq!(made.is_ok(), event_type.len() <= 255);
     }
 }

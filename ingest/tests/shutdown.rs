@@ -1,17 +1,15 @@
 //! SIGTERM under load: the real binary stops accepting, finishes what it has, and exits 0, and
 //! every event it answered 200 is on the queue.
 
-mod common;
-
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, SECRET, amqp_url, event_body, fresh_topology, get, signed_headers};
 use futures_util::future::join_all;
-use lapin::options::BasicGetOptions;
-use lapin::{Connection, ConnectionProperties};
+use test_support::http::{Client, get};
+use test_support::signing::{SECRET, event_body, signed_headers};
+use test_support::{BrokerChannel, TestTopology, amqp_url, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -19,8 +17,7 @@ const CLIENTS: usize = 32;
 
 #[actix_web::test]
 async fn sigterm_under_load_exits_zero_and_loses_no_confirmed_event() {
-    let topology = fresh_topology();
-    let _cleanup = Cleanup(topology.clone());
+    let topology = TestTopology::names();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -61,9 +58,9 @@ async fn sigterm_under_load_exits_zero_and_loses_no_confirmed_event() {
         kept
     });
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(
-        "the ingest to be ready",
+    eventually(
         Duration::from_secs(20),
+        "the ingest to be ready",
         || async { get(&format!("{base}/readyz")).await.0 == 200 },
     )
     .await;
@@ -74,7 +71,7 @@ async fn sigterm_under_load_exits_zero_and_loses_no_confirmed_event() {
     let load = join_all((0..CLIENTS).map(|_| client(&url, &progress)));
     let signal = async {
         // Signal once the load is well under way, so requests are in flight.
-        common::eventually("load to build up", Duration::from_secs(30), || async {
+        eventually(Duration::from_secs(30), "load to build up", || async {
             progress.accepted.get() >= 200
         })
         .await;
@@ -134,9 +131,7 @@ struct ClientResult {
 
 /// Sends signed events one after another on a keep-alive connection until the server is gone.
 async fn client(url: &str, progress: &Progress) -> ClientResult {
-    let http = awc::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .finish();
+    let http = Client::new();
     let mut result = ClientResult {
         accepted: Vec::new(),
         answered_after_signal: 0,
@@ -144,18 +139,12 @@ async fn client(url: &str, progress: &Progress) -> ClientResult {
     loop {
         let body = event_body("user.created", 1024);
         let headers = signed_headers(&body);
-        let mut request = http
-            .post(url)
-            .insert_header(("content-type", "application/json"));
-        for (name, value) in &headers {
-            request = request.insert_header((name.as_str(), value.as_str()));
-        }
-        match request.send_body(body).await {
-            Ok(response) => {
+        match http.try_post(url, &headers, body.as_bytes()).await {
+            Ok(answer) => {
                 if progress.signalled.get() {
                     result.answered_after_signal += 1;
                 }
-                if response.status().as_u16() == 200 {
+                if answer.status == 200 {
                     result.accepted.push(headers[0].1.clone());
                     progress.accepted.set(progress.accepted.get() + 1);
                 }
@@ -168,24 +157,20 @@ async fn client(url: &str, progress: &Progress) -> ClientResult {
 
 /// Every message id now on `queue`.
 async fn drain(queue: &str) -> HashSet<String> {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let broker = BrokerChannel::open().await;
+    let ids = broker
+        .drain(queue)
         .await
-        .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let mut ids = HashSet::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-    {
-        let id = message
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string())
-            .expect("message id");
-        ids.insert(id);
-    }
+        .iter()
+        .map(|delivery| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .expect("message id")
+        })
+        .collect();
+    broker.close().await;
     ids
 }

@@ -1,25 +1,17 @@
 //! The webhook endpoint against the real broker: every status code, the message as it lands on
 //! the queue, and the resource bounds.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
-    Answer, OTHER_SECRET, SECRET, TestApp, event_body, get, metric, post, signed_headers,
-    signed_headers_with,
-};
 use lapin::options::QueueDeleteOptions;
-use lapin::types::AMQPValue;
+use test_support::events::header_text;
+use test_support::http::{Answer, get, metric, post};
+use test_support::signing::{
+    OTHER_SECRET, SECRET, event_body, signed_headers, signed_headers_with, signer,
+};
+use test_support::{TestIngest, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn header_text(headers: &lapin::types::FieldTable, name: &str) -> String {
-    match headers.inner().get(name) {
-        Some(AMQPValue::LongString(value)) => value.to_string(),
-        other => panic!("header {name}: {other:?}"),
-    }
-}
 
 fn assert_status(answer: &Answer, status: u16) {
     assert_eq!(answer.status, status, "{answer:?}");
@@ -28,7 +20,7 @@ fn assert_status(answer: &Answer, status: u16) {
 
 #[actix_web::test]
 async fn a_signed_event_is_accepted_and_lands_on_the_queue_byte_for_byte() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     // Odd spacing and key order: the body must travel as sent, not re-serialised.
     let body =
         r#"{ "type" : "user.created",  "data": {"id":"user_1", "é": "ü"}, "object":"event" }"#;
@@ -39,8 +31,7 @@ async fn a_signed_event_is_accepted_and_lands_on_the_queue_byte_for_byte() {
 
     assert_status(&answer, 200);
     assert_eq!(answer.json(), serde_json::json!({"status": "accepted"}));
-    let message = app.next_message().await;
-    let delivery = message.delivery;
+    let delivery = app.next_message().await;
     assert_eq!(delivery.data, body.as_bytes());
     assert_eq!(delivery.routing_key.as_str(), "user.created");
     assert_eq!(delivery.exchange.as_str(), app.topology.exchange);
@@ -99,7 +90,7 @@ async fn the_last_accepted_time_starts_at_the_start_and_moves_only_on_an_accepte
             .expect("clock after 1970")
             .as_secs_f64()
     };
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let started = metric(&app.metrics_text().await, SERIES).expect("the gauge is exported");
     assert!(started > 0.0 && started <= now(), "{started}");
 
@@ -127,7 +118,7 @@ async fn the_last_accepted_time_starts_at_the_start_and_moves_only_on_an_accepte
 
 #[actix_web::test]
 async fn webhook_header_names_are_accepted_and_published_under_svix_names() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let body = &event_body("user.updated", 300);
     let headers = signed_headers_with(
         SECRET,
@@ -138,7 +129,7 @@ async fn webhook_header_names_are_accepted_and_published_under_svix_names() {
     let answer = post(&app.webhook_url(), &headers, body.as_bytes()).await;
 
     assert_status(&answer, 200);
-    let delivery = app.next_message().await.delivery;
+    let delivery = app.next_message().await;
     let amqp_headers = delivery.properties.headers().as_ref().expect("headers");
     assert_eq!(header_text(amqp_headers, "svix-id"), headers[0].1);
     assert_eq!(header_text(amqp_headers, "svix-signature"), headers[2].1);
@@ -147,7 +138,7 @@ async fn webhook_header_names_are_accepted_and_published_under_svix_names() {
 
 #[actix_web::test]
 async fn during_rotation_either_secret_is_accepted_and_a_third_is_not() {
-    let app = TestApp::spawn_with(|settings| {
+    let app = TestIngest::spawn_with(|settings| {
         settings.clerk_webhook_secret = Some(format!("{SECRET} {OTHER_SECRET}").into());
     })
     .await;
@@ -177,7 +168,7 @@ async fn during_rotation_either_secret_is_accepted_and_a_third_is_not() {
 
 #[actix_web::test]
 async fn missing_or_malformed_signature_headers_are_answered_400() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let body = &event_body("user.created", 200);
     let valid = signed_headers(body);
     for missing in 0..3 {
@@ -213,9 +204,9 @@ async fn missing_or_malformed_signature_headers_are_answered_400() {
 
 #[actix_web::test]
 async fn bad_signatures_stale_or_future_timestamps_and_tampered_bodies_are_answered_401() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let body = &event_body("user.created", 200);
-    let signer = common::signer(SECRET);
+    let signer = signer(SECRET);
     let id = "msg_fixed";
     let now = chrono::Utc::now().timestamp();
     let at = |ts: i64, body: &str| {
@@ -264,7 +255,7 @@ async fn bad_signatures_stale_or_future_timestamps_and_tampered_bodies_are_answe
 
 #[actix_web::test]
 async fn an_unsigned_body_that_is_not_json_is_answered_401_not_400() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let mut headers = signed_headers("{}");
     headers[2].1 = "v1,R3PTzyfHASBKHH98a7yexTwaJ4yNIcGhFQc1yuN+BPU=".into();
     let answer = post(&app.webhook_url(), &headers, b"not json at all").await;
@@ -274,7 +265,7 @@ async fn an_unsigned_body_that_is_not_json_is_answered_401_not_400() {
 
 #[actix_web::test]
 async fn a_signed_body_that_is_not_an_event_object_is_answered_400() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     // `["user.created"]`: serde would read a struct from an array too; only an object is an event.
     for body in [
         "[1,2]",
@@ -296,13 +287,13 @@ async fn a_signed_body_that_is_not_an_event_object_is_answered_400() {
 
 #[actix_web::test]
 async fn unknown_event_types_are_published_too() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let answer = app
         .post_signed(r#"{"type":"session.created","data":{"id":"sess_1"}}"#)
         .await;
     assert_status(&answer, 200);
     assert_eq!(
-        app.next_message().await.delivery.routing_key.as_str(),
+        app.next_message().await.routing_key.as_str(),
         "session.created"
     );
     app.stop().await;
@@ -310,7 +301,7 @@ async fn unknown_event_types_are_published_too() {
 
 #[actix_web::test]
 async fn a_body_over_the_limit_is_answered_413_and_one_under_it_is_accepted() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     // Larger than actix's 256 KiB default, under the 1 MiB limit.
     let big = event_body("user.updated", 700 * 1024);
     assert_status(&app.post_signed(&big).await, 200);
@@ -323,7 +314,7 @@ async fn a_body_over_the_limit_is_answered_413_and_one_under_it_is_accepted() {
 
 #[actix_web::test]
 async fn a_chunked_body_over_a_configured_limit_is_answered_413() {
-    let app = TestApp::spawn_with(|settings| settings.ingest_body_limit = 1024).await;
+    let app = TestIngest::spawn_with(|settings| settings.ingest_body_limit = 1024).await;
     let body = event_body("user.created", 4096);
     let headers = signed_headers(&body);
     let mut request = String::from(
@@ -352,9 +343,10 @@ async fn a_chunked_body_over_a_configured_limit_is_answered_413() {
 
 #[actix_web::test]
 async fn an_unroutable_event_is_answered_503_never_200() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     // The exchange stays, with nothing bound to it.
-    app.channel
+    app.broker
+        .channel
         .queue_delete(
             app.topology.queue.as_str().into(),
             QueueDeleteOptions::default(),
@@ -386,8 +378,9 @@ async fn an_unroutable_event_is_answered_503_never_200() {
 
 #[actix_web::test]
 async fn a_deleted_exchange_is_answered_503_and_publishing_recovers_once_it_is_back() {
-    let app = TestApp::spawn().await;
-    app.channel
+    let app = TestIngest::spawn().await;
+    app.broker
+        .channel
         .exchange_delete(app.topology.exchange.as_str().into(), Default::default())
         .await
         .expect("delete the exchange");
@@ -397,12 +390,12 @@ async fn a_deleted_exchange_is_answered_503_and_publishing_recovers_once_it_is_b
     assert_status(&answer, 503);
 
     app.topology
-        .declare(&app.channel)
+        .declare(&app.broker.channel)
         .await
         .expect("declare again");
-    common::eventually(
-        "publishing to work again",
+    eventually(
         Duration::from_secs(20),
+        "publishing to work again",
         || async {
             app.post_signed(&event_body("user.created", 500))
                 .await
@@ -416,7 +409,7 @@ async fn a_deleted_exchange_is_answered_503_and_publishing_recovers_once_it_is_b
 
 #[actix_web::test]
 async fn requests_beyond_the_concurrency_cap_are_answered_503_and_slow_bodies_408() {
-    let app = TestApp::spawn_with(|settings| {
+    let app = TestIngest::spawn_with(|settings| {
         settings.ingest_max_concurrent_requests = 1;
         settings.ingest_client_timeout_ms = 1_500;
     })
@@ -432,7 +425,7 @@ async fn requests_beyond_the_concurrency_cap_are_answered_503_and_slow_bodies_40
     .expect("write");
 
     // Unsigned: 400 while a slot is free, 503 once the slow request holds it.
-    common::eventually("the slot to be taken", Duration::from_secs(5), || async {
+    eventually(Duration::from_secs(5), "the slot to be taken", || async {
         let answer = post(&app.webhook_url(), &[], b"{}").await;
         assert!(matches!(answer.status, 400 | 503), "{answer:?}");
         answer.status == 503 && answer.retry_after.is_some()
@@ -469,7 +462,7 @@ async fn requests_beyond_the_concurrency_cap_are_answered_503_and_slow_bodies_40
 
 #[actix_web::test]
 async fn a_request_head_that_never_completes_is_answered_408() {
-    let app = TestApp::spawn_with(|settings| settings.ingest_client_timeout_ms = 1_000).await;
+    let app = TestIngest::spawn_with(|settings| settings.ingest_client_timeout_ms = 1_000).await;
     let answer = raw_exchange(&app, b"POST /api/webhooks HTTP/1.1\r\nhost: local").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     app.stop().await;
@@ -477,7 +470,7 @@ async fn a_request_head_that_never_completes_is_answered_408() {
 
 #[actix_web::test]
 async fn a_request_with_too_many_headers_is_refused_with_431() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let mut request = String::from("POST /api/webhooks HTTP/1.1\r\nhost: localhost\r\n");
     for index in 0..100 {
         request.push_str(&format!("x-filler-{index}: {index}\r\n"));
@@ -490,7 +483,7 @@ async fn a_request_with_too_many_headers_is_refused_with_431() {
 
 #[actix_web::test]
 async fn health_readiness_and_metrics_answer() {
-    let app = TestApp::spawn().await;
+    let app = TestIngest::spawn().await;
     let (status, body) = get(&format!("{}/healthz", app.address)).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     let (status, body) = get(&format!("{}/readyz", app.address)).await;
@@ -512,7 +505,7 @@ async fn health_readiness_and_metrics_answer() {
 
 #[actix_web::test]
 async fn the_ingest_starts_without_a_broker_and_answers_503_until_it_can_connect() {
-    let app = TestApp::spawn_unready(|settings| {
+    let app = TestIngest::spawn_unready(|settings| {
         // Nothing listens on port 1.
         settings.amqp_url = Some("amqp://guest:guest@127.0.0.1:1/%2f".into());
     })
@@ -541,7 +534,7 @@ async fn the_ingest_starts_without_a_broker_and_answers_503_until_it_can_connect
 }
 
 /// Sends raw bytes and reads the answer until the server closes or 10 s pass.
-async fn raw_exchange(app: &TestApp, request: &[u8]) -> String {
+async fn raw_exchange(app: &TestIngest, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(app.address.trim_start_matches("http://"))
         .await
         .expect("connect");

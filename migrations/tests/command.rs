@@ -3,13 +3,7 @@
 
 use std::process::{Command, Output};
 
-use sea_orm_migration::sea_orm::{ConnectionTrait, Database};
-
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| ADMIN_URL.into())
-}
+use test_support::TestDatabase;
 
 /// The binary with an empty environment but `PATH` and the given variables.
 fn migrations(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -47,27 +41,15 @@ fn a_malformed_log_format_is_named() {
 
 #[tokio::test]
 async fn a_config_file_names_the_database_and_json_logs_are_json() {
-    let admin = Database::connect(admin_url()).await.expect("admin");
-    let name = format!("migcmd_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-        .await
-        .expect("create database");
-    let (base, _) = admin_url()
-        .rsplit_once('/')
-        .map(|(b, d)| (b.to_owned(), d.to_owned()))
-        .expect("url has a database");
+    let database = TestDatabase::empty().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("settings.toml");
-    std::fs::write(&file, format!("database_url = \"{base}/{name}\"\n")).expect("write settings");
+    std::fs::write(&file, format!("database_url = \"{}\"\n", database.url))
+        .expect("write settings");
     let file = file.to_str().expect("utf-8 path");
 
     let up = migrations(&["--config", file, "up"], &[("LOG_FORMAT", "json")]);
     let status = migrations(&["status", "--config", file], &[]);
-    admin
-        .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-        .await
-        .expect("drop database");
 
     assert!(up.status.success(), "{up:?}");
     let log = String::from_utf8_lossy(&up.stderr);

@@ -1,45 +1,10 @@
-//! The migrations against a real Postgres: each test gets a database of its own.
+//! The migrations against a real Postgres: each test gets a database of its own, dropped with it.
 
 use migrations::{Migrator, MigratorTrait};
 use sea_orm_migration::sea_orm::{
-    ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement,
 };
-
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// A fresh database, dropped again by [`TestDb::drop_now`].
-struct TestDb {
-    admin: DatabaseConnection,
-    name: String,
-    db: DatabaseConnection,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| ADMIN_URL.into());
-        let admin = Database::connect(&admin_url)
-            .await
-            .expect("admin connection");
-        let name = format!("mig_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let (base, _) = admin_url.rsplit_once('/').expect("url has a database");
-        let db = Database::connect(format!("{base}/{name}"))
-            .await
-            .expect("test database connection");
-        Self { admin, name, db }
-    }
-
-    async fn drop_now(self) {
-        self.db.close().await.expect("close");
-        self.admin
-            .execute_unprepared(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
-            .await
-            .expect("drop database");
-    }
-}
+use test_support::TestDatabase;
 
 async fn insert_user(
     db: &DatabaseConnection,
@@ -58,7 +23,7 @@ async fn insert_user(
 
 #[tokio::test]
 async fn up_creates_the_tables_and_down_removes_them_again() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     for table in [
         "users",
@@ -87,12 +52,11 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
     }
     // And up again, as `fresh` would.
     Migrator::up(&test.db, None).await.expect("up after down");
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn users_reject_a_taken_email_but_allow_many_null_emails_and_any_role() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     insert_user(&test.db, "u1", Some("a@example.org"), "admin")
         .await
@@ -123,12 +87,11 @@ async fn users_reject_a_taken_email_but_allow_many_null_emails_and_any_role() {
             .is_err(),
         "a user without a role was stored: the schema has no default role any more"
     );
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn the_profile_columns_hold_json_and_external_id_is_indexed() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     test.db
         .execute_unprepared(
@@ -163,7 +126,6 @@ async fn the_profile_columns_hold_json_and_external_id_is_indexed() {
         .expect("external_id index");
     let definition: String = indexed.try_get("", "indexdef").expect("indexdef");
     assert!(definition.contains("(external_id)"), "{definition}");
-    test.drop_now().await;
 }
 
 #[tokio::test]
@@ -185,7 +147,7 @@ async fn down_of_the_role_and_profile_migrations_restores_the_seed_schema() {
     );
     let through_role_check = u32::try_from(names.len() - role_check).expect("a few migrations");
 
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     insert_user(&test.db, "u1", None, "owner")
         .await
@@ -224,12 +186,11 @@ async fn down_of_the_role_and_profile_migrations_restores_the_seed_schema() {
         .await
         .expect("the role default is back");
     Migrator::up(&test.db, None).await.expect("up again");
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn processed_events_accept_only_the_known_outcomes() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     let insert = |id: &str, outcome: &str| {
         format!(
@@ -249,13 +210,12 @@ async fn processed_events_accept_only_the_known_outcomes() {
             .await
             .is_err()
     );
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn processed_at_is_indexed_for_pruning_and_the_index_goes_with_down() {
     use sea_orm_migration::sea_orm::{DbBackend, Statement};
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     let definition = |db: DatabaseConnection| async move {
         db.query_one_raw(Statement::from_string(
@@ -287,12 +247,11 @@ async fn processed_at_is_indexed_for_pruning_and_the_index_goes_with_down() {
         .await
         .expect("the table stays");
     assert_eq!(definition(test.db.clone()).await, None, "index after down");
-    test.drop_now().await;
 }
 
 #[tokio::test]
 async fn memberships_are_unique_per_member_and_organization_slugs_are_not_unique() {
-    let test = TestDb::create().await;
+    let test = TestDatabase::empty().await;
     Migrator::up(&test.db, None).await.expect("up");
     let organization = |id: &str, slug: &str| {
         format!(
@@ -334,5 +293,4 @@ async fn memberships_are_unique_per_member_and_organization_slugs_are_not_unique
             .is_err(),
         "a second membership for one member of one organization"
     );
-    test.drop_now().await;
 }

@@ -2,6 +2,7 @@
 //! memberships in `organizations`), the header names, the RabbitMQ topology, configuration and
 //! telemetry. Nothing here talks to a database.
 
+pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod headers;
@@ -10,6 +11,7 @@ pub mod roles;
 pub mod telemetry;
 pub mod topology;
 
+pub use backoff::Backoff;
 pub use config::{ConfigError, Settings};
 pub use roles::Roles;
 pub use topology::Topology;

@@ -4,59 +4,19 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeleteOptions,
-};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use shared::Topology;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::{BasicProperties, Channel};
+use test_support::{BrokerChannel, TestTopology};
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn channel() -> (Connection, Channel) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ reachable at AMQP_URL");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    (connection, channel)
-}
-
-async fn delete(channel: &Channel, topology: &Topology) {
-    for queue in [&topology.queue, &topology.dead_queue] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(
-            topology.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
-}
-
-async fn publish(channel: &Channel, topology: &Topology, event_type: &str) {
-    let confirmation = channel
-        .basic_publish(
-            topology.exchange.as_str().into(),
-            event_type.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
+async fn publish(broker: &BrokerChannel, exchange: &str, event_type: &str) {
+    let confirmation = broker
+        .publish(
+            exchange,
+            event_type,
             event_type.as_bytes(),
             BasicProperties::default(),
         )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+        .await;
     assert!(
         confirmation.is_ack() && confirmation.take_message().is_none(),
         "{event_type} routed"
@@ -85,22 +45,21 @@ async fn get(
 
 #[tokio::test]
 async fn declaring_twice_routes_every_type_and_dead_letters_at_the_delivery_limit() {
-    let (connection, channel) = channel().await;
-    let topology = Topology {
-        delivery_limit: 2,
-        ..Topology::prefixed(&format!("test-{}", uuid::Uuid::new_v4()))
-    };
-    topology.declare(&channel).await.expect("first declaration");
+    let broker = BrokerChannel::open().await;
+    let channel = &broker.channel;
+    let mut topology = TestTopology::names();
+    topology.topology.delivery_limit = 2;
+    topology.declare(channel).await.expect("first declaration");
     topology
-        .declare(&channel)
+        .declare(channel)
         .await
         .expect("second declaration is idempotent");
 
-    publish(&channel, &topology, "user.created").await;
+    publish(&broker, &topology.exchange, "user.created").await;
     // Returned again and again, the message passes the delivery limit of 2 and must land in the
     // dead-letter queue rather than vanish.
     let mut returns = 0;
-    while let Some(message) = get(&channel, &topology.queue, Duration::from_secs(2)).await {
+    while let Some(message) = get(channel, &topology.queue, Duration::from_secs(2)).await {
         assert_eq!(message.data, b"user.created");
         message
             .nack(BasicNackOptions {
@@ -112,17 +71,14 @@ async fn declaring_twice_routes_every_type_and_dead_letters_at_the_delivery_limi
         returns += 1;
         assert!(returns <= 10, "the delivery limit never took effect");
     }
-    let dead = get(&channel, &topology.dead_queue, Duration::from_secs(10))
+    let dead = get(channel, &topology.dead_queue, Duration::from_secs(10))
         .await
         .expect("dead-lettered, not dropped");
     assert_eq!(dead.data, b"user.created");
 
-    publish(&channel, &topology, "organization.created").await;
-    let other = get(&channel, &topology.queue, Duration::from_secs(10))
+    publish(&broker, &topology.exchange, "organization.created").await;
+    let other = get(channel, &topology.queue, Duration::from_secs(10))
         .await
         .expect("a type the worker ignores is kept too");
     assert_eq!(other.data, b"organization.created");
-
-    delete(&channel, &topology).await;
-    connection.close(200, "done".into()).await.expect("close");
 }

@@ -44,8 +44,7 @@ use sea_orm::{
     PaginatorTrait, Statement, TransactionTrait,
 };
 use serde_json::json;
-use shared::{Topology, headers};
-use worker::config::Backoff;
+use shared::{Backoff, Topology, headers};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{ConfigError, Roles, Settings, Topology};
+use shared::{Backoff, ConfigError, Roles, Settings, Topology};
 
 use crate::reconcile::ScheduledReconcile;
 
@@ -138,23 +138,6 @@ fn duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError>
     }
 }
 
-/// Exponential back-off: `base`, then doubled on every retry, never above `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The pause before retry number `retry` (1 for the first retry).
-    pub fn delay(&self, retry: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(retry.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,17 +148,6 @@ mod tests {
             amqp_url: Some("amqp://localhost:5672/%2f".into()),
             ..Settings::default()
         }
-    }
-
-    #[test]
-    fn backoff_doubles_from_the_base_and_stops_at_the_cap() {
-        let backoff = Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        };
-        let delays: Vec<u128> = (1..=6).map(|n| backoff.delay(n).as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(backoff.delay(500), Duration::from_secs(1));
     }
 
     #[test]

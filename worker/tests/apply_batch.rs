@@ -1,11 +1,11 @@
 //! One batch, one transaction: events read as the worker reads them and applied together through
 //! `apply_batch`, each with the outcome and effect it would have had alone.
 
-mod common;
-
-use common::{TestEnv, clerk_user, event_properties, svix_id};
 use serde_json::{Value, json};
 use shared::Roles;
+use test_support::TestEnv;
+use test_support::events::{clerk_user, event_properties};
+use test_support::signing::svix_id;
 use worker::Outcome;
 use worker::apply::apply_batch;
 use worker::event::Event;
@@ -44,7 +44,7 @@ async fn a_batch_with_versions_deletes_copies_and_swapped_emails_ends_as_one_by_
             clerk_user("user_g", Some("w@example.org"), None, 400),
         ),
     ];
-    let outcomes = apply_batch(&env.db, &before).await.expect("first batch");
+    let outcomes = apply_batch(env.db(), &before).await.expect("first batch");
     assert_eq!(outcomes, [Outcome::Applied; 3]);
 
     let copied = svix_id();
@@ -118,7 +118,7 @@ async fn a_batch_with_versions_deletes_copies_and_swapped_emails_ends_as_one_by_
         ),
         event(&svix_id(), "session.created", json!({"id": "sess_1"})),
     ];
-    let outcomes = apply_batch(&env.db, &batch).await.expect("the batch");
+    let outcomes = apply_batch(env.db(), &batch).await.expect("the batch");
     use Outcome::{Applied, Duplicate, Ignored, Stale};
     assert_eq!(
         outcomes,
@@ -156,7 +156,9 @@ async fn a_batch_with_versions_deletes_copies_and_swapped_emails_ends_as_one_by_
 
     // The whole batch again: every event is a duplicate and nothing changes.
     let synced = env.user("user_a").await.expect("user_a").synced_at;
-    let outcomes = apply_batch(&env.db, &batch).await.expect("the batch again");
+    let outcomes = apply_batch(env.db(), &batch)
+        .await
+        .expect("the batch again");
     assert_eq!(outcomes, [Duplicate; 14]);
     assert_eq!(env.user("user_a").await.expect("user_a").synced_at, synced);
     assert_eq!(env.processed_count().await, 16);
@@ -170,7 +172,7 @@ async fn a_stored_holder_that_is_older_loses_its_address_to_a_batch_member() {
         "user.created",
         clerk_user("user_old", Some("m@example.org"), None, 100),
     )];
-    apply_batch(&env.db, &first).await.expect("first");
+    apply_batch(env.db(), &first).await.expect("first");
     let second = [
         event(
             &svix_id(),
@@ -183,7 +185,7 @@ async fn a_stored_holder_that_is_older_loses_its_address_to_a_batch_member() {
             clerk_user("user_other", Some("n@example.org"), None, 200),
         ),
     ];
-    let outcomes = apply_batch(&env.db, &second).await.expect("second");
+    let outcomes = apply_batch(env.db(), &second).await.expect("second");
     assert_eq!(outcomes, [Outcome::Applied; 2]);
     assert_eq!(env.user("user_old").await.expect("old").email, None);
     assert_eq!(

@@ -1,13 +1,13 @@
 //! The apply rules, end to end: events published to RabbitMQ as the ingest does, applied by a
 //! worker running in-process, checked in Postgres.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEnv, clerk_user, eventually, fixture, svix_id};
 use serde_json::{Value, json};
 use shared::Roles;
+use test_support::events::{clerk_user, fixture};
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 
 const WITHIN: Duration = Duration::from_secs(20);
 
@@ -269,7 +269,7 @@ async fn clerk_data_answers_json_path_queries_on_fields_without_a_column() {
     .await;
     // The queries the README shows.
     let row = env
-        .db
+        .db()
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
             "SELECT clerk_data #>> '{email_addresses,0,verification,status}' AS status, \
@@ -450,7 +450,7 @@ async fn a_late_update_after_a_delete_does_not_bring_the_user_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_before_the_create_and_repeated_deletes_keep_one_tombstone_from_the_first() {
     use sea_orm::EntityTrait;
-    use worker::storage::user_tombstones;
+    use test_support::rows::user_tombstones;
     let env = TestEnv::new().await;
     let worker = env.start_worker(env.config()).await;
     let deleted = json!({"deleted": true, "id": "user_1", "object": "user"});
@@ -463,7 +463,7 @@ async fn a_delete_before_the_create_and_repeated_deletes_keep_one_tombstone_from
     .await;
     let tombstone = || async {
         user_tombstones::Entity::find_by_id("user_1".to_owned())
-            .one(&env.db)
+            .one(env.db())
             .await
             .expect("read tombstone")
             .expect("tombstone")

@@ -3,18 +3,19 @@
 //! own, never the shared one) a dead letter's publish gives up at its deadline and SIGTERM still
 //! ends the worker within a bounded time, losing nothing.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, amqp_url, clerk_user, event_properties, eventually, http_get, svix_id};
 use fault_suite::rabbit::RabbitNode;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
+use test_support::events::{clerk_user, event_properties};
+use test_support::http::get;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, amqp_url, eventually};
 use worker::dead_letter::{DeadKind, DeadLetterError, DeadLetters};
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -149,7 +150,7 @@ async fn with_the_broker_blocked_a_dead_letter_times_out_and_sigterm_still_ends_
         .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .arg("run")
-        .env("DATABASE_URL", &env.db_url)
+        .env("DATABASE_URL", env.db_url())
         .env("AMQP_URL", node.amqp_url())
         .env("AMQP_EXCHANGE", &env.topology.exchange)
         .env("AMQP_QUEUE", &env.topology.queue)
@@ -170,7 +171,7 @@ async fn with_the_broker_blocked_a_dead_letter_times_out_and_sigterm_still_ends_
         {
             return false;
         }
-        let (_, text) = http_get(port, "/metrics").await;
+        let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
         text.lines()
             .find(|line| line.starts_with(r#"clerk_sync_worker_retries_total{reason="transient"}"#))
             .and_then(|line| line.rsplit(' ').next())

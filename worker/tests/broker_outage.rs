@@ -1,25 +1,18 @@
 //! The broker going away: the worker reconnects by itself, dead-letters nothing, and applies
 //! everything once the broker is back.
 
-mod common;
-
-use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use common::{CuttableProxy, TestEnv, amqp_url, clerk_user, eventually, svix_id};
+use test_support::events::clerk_user;
+use test_support::signing::svix_id;
+use test_support::{CuttableProxy, TestEnv, eventually};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_broker_outage_the_worker_reconnects_and_applies_everything() {
     let env = TestEnv::new().await;
-    let broker = amqp_url().parse::<lapin::uri::AMQPUri>().expect("AMQP_URL");
-    let upstream = (broker.authority.host.as_str(), broker.authority.port)
-        .to_socket_addrs()
-        .expect("broker address")
-        .next()
-        .expect("broker address");
-    let proxy = CuttableProxy::start(upstream).await;
+    let proxy = CuttableProxy::to_broker().await;
     let mut config = env.config();
     config.amqp_url = proxy.amqp_url().into();
     let worker = env.start_worker(config).await;

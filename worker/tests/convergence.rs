@@ -10,16 +10,16 @@
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{TestEnv, clerk_membership, clerk_organization, clerk_user, eventually, svix_id};
 use proptest::prelude::*;
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
-use worker::storage::{organization_memberships, organizations, users};
+use test_support::events::{clerk_membership, clerk_organization, clerk_user};
+use test_support::rows::{organization_memberships, organizations, users};
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 
 const USERS: usize = 4;
 const ORGANIZATIONS: usize = 2;
@@ -349,7 +349,7 @@ fn history(steps: &[Step]) -> (Vec<Published>, Truth) {
 
 async fn stored(env: &TestEnv) -> Truth {
     let users = users::Entity::find()
-        .all(&env.db)
+        .all(env.db())
         .await
         .expect("users")
         .into_iter()
@@ -366,7 +366,7 @@ async fn stored(env: &TestEnv) -> Truth {
         })
         .collect();
     let organizations = organizations::Entity::find()
-        .all(&env.db)
+        .all(env.db())
         .await
         .expect("organizations")
         .into_iter()
@@ -382,7 +382,7 @@ async fn stored(env: &TestEnv) -> Truth {
         })
         .collect();
     let memberships = organization_memberships::Entity::find()
-        .all(&env.db)
+        .all(env.db())
         .await
         .expect("memberships")
         .into_iter()

@@ -2,8 +2,6 @@
 //! list them as JSON, replay one by id, refuse a purge without `--yes` and a replay without a
 //! selector.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -13,7 +11,9 @@ use serde_json::Value;
 use shared::headers;
 use worker::dead_letter::{DeadKind, DeadLetters};
 
-use common::{TestEnv, amqp_url, event_properties, eventually, svix_id};
+use test_support::events::event_properties;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, amqp_url, eventually};
 
 const WITHIN: Duration = Duration::from_secs(20);
 
@@ -117,6 +117,7 @@ async fn the_dlq_commands_list_replay_one_and_refuse_unsafe_requests() {
     })
     .await;
     let copy = env
+        .broker
         .channel
         .basic_get(
             env.topology.queue.as_str().into(),

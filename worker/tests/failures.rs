@@ -1,25 +1,17 @@
 //! Failures: what is dead-lettered, when, and with which headers; and what is never
 //! dead-lettered (the database being away).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEnv, admin_database_url, clerk_user, eventually, svix_id};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 use shared::headers;
+use test_support::events::{clerk_user, header};
+use test_support::signing::svix_id;
+use test_support::{TestEnv, database_url, eventually};
 
 const WITHIN: Duration = Duration::from_secs(30);
-
-fn text(table: &FieldTable, name: &str) -> Option<String> {
-    match table.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.to_string()),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_without_id_is_dead_lettered_at_once_as_permanent_with_its_headers() {
@@ -36,24 +28,27 @@ async fn a_delete_without_id_is_dead_lettered_at_once_as_permanent_with_its_head
     let letters = env.take_dead_letters().await;
     let (table, dead_body) = &letters[0];
     assert_eq!(dead_body.as_slice(), body, "body kept byte for byte");
-    assert_eq!(text(table, headers::SVIX_ID).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        header(table, headers::SVIX_ID).as_deref(),
+        Some(id.as_str())
+    );
     assert!(
-        text(table, headers::RECEIVED_AT).is_some(),
+        header(table, headers::RECEIVED_AT).is_some(),
         "original headers kept"
     );
     assert_eq!(
-        text(table, headers::ERROR_KIND).as_deref(),
+        header(table, headers::ERROR_KIND).as_deref(),
         Some(headers::KIND_PERMANENT)
     );
     assert_eq!(
-        text(table, headers::ERROR).as_deref(),
+        header(table, headers::ERROR).as_deref(),
         Some("user.deleted without data.id")
     );
     assert_eq!(
         table.inner().get(headers::ATTEMPTS),
         Some(&AMQPValue::LongUInt(1))
     );
-    let failed_at = text(table, headers::FAILED_AT).expect("failed-at");
+    let failed_at = header(table, headers::FAILED_AT).expect("failed-at");
     chrono::DateTime::parse_from_rfc3339(&failed_at).expect("failed-at is RFC 3339");
     assert_eq!(
         env.ready(&env.topology.queue).await,
@@ -75,7 +70,7 @@ async fn a_body_that_is_not_json_is_dead_lettered_as_permanent() {
     worker.stop().await;
     let letters = env.take_dead_letters().await;
     assert_eq!(
-        text(&letters[0].0, headers::ERROR_KIND).as_deref(),
+        header(&letters[0].0, headers::ERROR_KIND).as_deref(),
         Some(headers::KIND_PERMANENT)
     );
 }
@@ -102,17 +97,20 @@ async fn a_user_without_updated_at_is_retried_then_dead_lettered_as_exhausted_wi
     let letters = env.take_dead_letters().await;
     let (table, _) = &letters[0];
     assert_eq!(
-        text(table, headers::ERROR_KIND).as_deref(),
+        header(table, headers::ERROR_KIND).as_deref(),
         Some(headers::KIND_EXHAUSTED)
     );
     assert_eq!(
         table.inner().get(headers::ATTEMPTS),
         Some(&AMQPValue::LongUInt(max_attempts))
     );
-    let error = text(table, headers::ERROR).expect("error");
+    let error = header(table, headers::ERROR).expect("error");
     assert!(error.contains("updated_at"), "{error}");
     assert!(!error.contains('\n'), "one line: {error}");
-    assert_eq!(text(table, headers::SVIX_ID).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        header(table, headers::SVIX_ID).as_deref(),
+        Some(id.as_str())
+    );
     assert!(env.user("user_1").await.is_none());
     assert_eq!(
         env.ready(&env.topology.queue).await,
@@ -149,7 +147,7 @@ async fn one_event_the_database_rejects_is_dead_lettered_alone_and_the_rest_of_i
     worker.stop().await;
     let letters = env.take_dead_letters().await;
     assert_eq!(
-        text(&letters[0].0, headers::ERROR_KIND).as_deref(),
+        header(&letters[0].0, headers::ERROR_KIND).as_deref(),
         Some(headers::KIND_EXHAUSTED)
     );
     assert_eq!(env.ready(&env.topology.queue).await, 0);
@@ -163,10 +161,10 @@ async fn while_the_database_is_unreachable_nothing_is_dead_lettered_and_everythi
         worker.get("/readyz").await.0 == 200
     })
     .await;
-    let admin = Database::connect(admin_database_url().as_str())
+    let admin = Database::connect(database_url().as_str())
         .await
         .expect("admin");
-    let db = &env.db_name;
+    let db = &env.database.name;
     admin
         .execute_unprepared(&format!(
             "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false; \
@@ -236,7 +234,7 @@ async fn a_trigger_that_rejects_one_user_dead_letters_it_as_exhausted_and_its_ba
     let env = TestEnv::new().await;
     // An ordinary trigger of the user's own: RAISE EXCEPTION is SQLSTATE P0001, which the worker
     // has no name for. It must count against the message, not be waited out.
-    env.db
+    env.db()
         .execute_unprepared(
             "CREATE FUNCTION reject_banned() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN \
@@ -298,18 +296,18 @@ async fn a_trigger_that_rejects_one_user_dead_letters_it_as_exhausted_and_its_ba
     let letters = env.take_dead_letters().await;
     let (table, _) = &letters[0];
     assert_eq!(
-        text(table, headers::SVIX_ID).as_deref(),
+        header(table, headers::SVIX_ID).as_deref(),
         Some(bad_id.as_str())
     );
     assert_eq!(
-        text(table, headers::ERROR_KIND).as_deref(),
+        header(table, headers::ERROR_KIND).as_deref(),
         Some(headers::KIND_EXHAUSTED)
     );
     assert_eq!(
         table.inner().get(headers::ATTEMPTS),
         Some(&AMQPValue::LongUInt(max_attempts))
     );
-    let error = text(table, headers::ERROR).expect("error");
+    let error = header(table, headers::ERROR).expect("error");
     assert!(error.contains("user user_banned is banned"), "{error}");
     assert!(env.user("user_banned").await.is_none());
     for n in 0..60 {

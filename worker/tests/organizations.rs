@@ -5,17 +5,15 @@
 //! Tests that depend on the order events are applied in run the worker with one transaction at
 //! a time, so events apply in the order they were published.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
-    TestEnv, clerk_membership, clerk_organization, clerk_user, eventually, fixture, svix_id,
-};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use shared::headers;
 use shared::organizations::{MembershipRecord, OrganizationRecord};
+use test_support::events::{clerk_membership, clerk_organization, clerk_user, fixture};
+use test_support::signing::svix_id;
+use test_support::{TestEnv, TestWorker, eventually};
 use worker::organizations::{Change, apply_changes};
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -42,7 +40,7 @@ async fn outcome(env: &TestEnv, svix_id: &str) -> String {
 }
 
 /// A worker applying one transaction at a time, in delivery order.
-async fn in_order_worker(env: &TestEnv) -> common::RunningWorker {
+async fn in_order_worker(env: &TestEnv) -> TestWorker {
     let mut config = env.config();
     config.db_pool_size = 1;
     env.start_worker(config).await
@@ -626,7 +624,7 @@ async fn records_apply_without_events_by_the_same_rules() {
     let upsert = |record: MembershipRecord| Change::UpsertMembership(Box::new(record));
     // The newer membership of a pair replaces the older one, whichever comes first.
     let written = apply_changes(
-        &env.db,
+        env.db(),
         &[
             upsert(membership_record(
                 "orgmem_new",
@@ -658,7 +656,7 @@ async fn records_apply_without_events_by_the_same_rules() {
 
     // A snapshot advances the organization; an older organization version does not move it back.
     let written = apply_changes(
-        &env.db,
+        env.db(),
         &[
             upsert(membership_record(
                 "orgmem_b",
@@ -684,7 +682,7 @@ async fn records_apply_without_events_by_the_same_rules() {
 
     // Deleting the organization takes its memberships and its future along.
     apply_changes(
-        &env.db,
+        env.db(),
         &[Change::DeleteOrganization { id: "org_a".into() }],
     )
     .await
@@ -692,7 +690,7 @@ async fn records_apply_without_events_by_the_same_rules() {
     assert!(env.membership("orgmem_new").await.is_none());
     assert!(env.membership("orgmem_b").await.is_none());
     let written = apply_changes(
-        &env.db,
+        env.db(),
         &[upsert(membership_record(
             "orgmem_c",
             &clerk_organization("org_a", "Acme", 999),

@@ -2,28 +2,20 @@
 //! 503, and the queue depths, the oldest held delivery and the messages waiting for a retry are
 //! metrics.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEnv, clerk_user, eventually, svix_id};
 use sea_orm::ConnectionTrait;
+use test_support::events::clerk_user;
+use test_support::http::metric;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 
 const WITHIN: Duration = Duration::from_secs(60);
-
-/// The value of a metric line that starts with `series`, from the `/metrics` text.
-fn value(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_held_past_the_threshold_turns_readiness_503_until_it_is_settled() {
     let env = TestEnv::new().await;
-    env.db
+    env.db()
         .execute_unprepared(
             "CREATE FUNCTION reject_all() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN RAISE EXCEPTION 'rejected by the test'; END $$; \
@@ -60,7 +52,7 @@ async fn a_delivery_held_past_the_threshold_turns_readiness_503_until_it_is_sett
     })
     .await;
     let (_, text) = worker.get("/metrics").await;
-    let oldest = value(&text, "clerk_sync_worker_oldest_unacked_seconds").expect("oldest");
+    let oldest = metric(&text, "clerk_sync_worker_oldest_unacked_seconds").expect("oldest");
     assert!(oldest > 1.0, "{text}");
 
     // Dead-lettered after its second attempt: nothing held, ready again.
@@ -76,8 +68,8 @@ async fn a_delivery_held_past_the_threshold_turns_readiness_503_until_it_is_sett
     // The depths are polled every few seconds.
     eventually(WITHIN, "the dead-letter queue depth", || async {
         let (_, text) = worker.get("/metrics").await;
-        value(&text, r#"clerk_sync_worker_queue_depth{queue="dead"}"#) == Some(1.0)
-            && value(&text, r#"clerk_sync_worker_queue_depth{queue="worker"}"#) == Some(0.0)
+        metric(&text, r#"clerk_sync_worker_queue_depth{queue="dead"}"#) == Some(1.0)
+            && metric(&text, r#"clerk_sync_worker_queue_depth{queue="worker"}"#) == Some(0.0)
     })
     .await;
     worker.stop().await;

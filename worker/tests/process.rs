@@ -2,12 +2,13 @@
 //! it finishes and acknowledges what it holds, then exits 0; it waits for an unreachable database
 //! and a SIGTERM meanwhile ends it at once; a bad setting stops it with one line.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{CuttableProxy, TestEnv, amqp_url, clerk_user, eventually, http_get, svix_id};
+use test_support::events::clerk_user;
+use test_support::http::get;
+use test_support::signing::svix_id;
+use test_support::{CuttableProxy, TestEnv, amqp_url, eventually};
 
 const WITHIN: Duration = Duration::from_secs(60);
 
@@ -23,7 +24,7 @@ fn worker_command(env: &TestEnv, batch_size: usize) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
     command
         .arg("run")
-        .env("DATABASE_URL", &env.db_url)
+        .env("DATABASE_URL", env.db_url())
         .env("AMQP_URL", amqp_url())
         .env("AMQP_EXCHANGE", &env.topology.exchange)
         .env("AMQP_QUEUE", &env.topology.queue)
@@ -237,10 +238,10 @@ fn a_database_url_that_does_not_parse_stops_the_worker_at_once_with_one_line_nam
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_waiting_for_its_database_logs_each_attempt_and_exits_zero_on_sigterm() {
     let env = TestEnv::new().await;
-    let proxy = CuttableProxy::to_database(&env.db_url).await;
+    let proxy = CuttableProxy::to_database(env.db_url()).await;
     proxy.cut();
     let mut child = worker_command(&env, 4)
-        .env("DATABASE_URL", proxy.database_url(&env.db_url))
+        .env("DATABASE_URL", proxy.database_url(env.db_url()))
         .env("WORKER_RETRY_BASE_MS", "20")
         .env("WORKER_RETRY_MAX_MS", "200")
         .env("LOG_FORMAT", "json")
@@ -275,12 +276,12 @@ async fn a_worker_waiting_for_its_database_logs_each_attempt_and_exits_zero_on_s
     }
     let port = u16::try_from(port.expect("port")).expect("a port number");
     assert_eq!(
-        http_get(port, "/healthz").await.0,
+        get(&format!("http://127.0.0.1:{port}/healthz")).await.0,
         200,
         "alive while waiting"
     );
     assert_eq!(
-        http_get(port, "/readyz").await.0,
+        get(&format!("http://127.0.0.1:{port}/readyz")).await.0,
         503,
         "not ready while waiting"
     );
@@ -319,7 +320,7 @@ fn log_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
 async fn a_refused_login_is_not_waited_for_and_stops_the_worker_with_one_line() {
     let env = TestEnv::new().await;
     // The database exists, but no such role does: Postgres refuses the login (SQLSTATE 28000).
-    let (scheme, rest) = env.db_url.split_once("://").expect("a URL");
+    let (scheme, rest) = env.db_url().split_once("://").expect("a URL");
     let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
     let url = format!(
         "{scheme}://no_such_role_{}@{host_and_path}",
@@ -348,7 +349,7 @@ async fn a_refused_login_is_not_waited_for_and_stops_the_worker_with_one_line() 
 /// The migrations recorded as applied, oldest first.
 async fn applied_migrations(env: &TestEnv) -> Vec<String> {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
-    env.db
+    env.db()
         .query_all_raw(Statement::from_string(
             DbBackend::Postgres,
             "SELECT version FROM seaql_migrations ORDER BY version",

@@ -1,13 +1,13 @@
 //! `processed_events` rows older than `WORKER_PROCESSED_RETENTION` are pruned in the background;
 //! users and tombstones are kept for good.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEnv, clerk_user, eventually, svix_id};
 use sea_orm::ConnectionTrait;
 use serde_json::json;
+use test_support::events::clerk_user;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 
 const WITHIN: Duration = Duration::from_secs(60);
 
@@ -15,7 +15,7 @@ const WITHIN: Duration = Duration::from_secs(60);
 async fn rows_older_than_the_retention_are_pruned_in_batches_and_tombstones_stay() {
     let env = TestEnv::new().await;
     // More old rows than one pruning statement takes.
-    env.db
+    env.db()
         .execute_unprepared(
             "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
              SELECT 'msg_old_' || n, 'user.updated', 'applied', now() - interval '1 hour' \

@@ -2,20 +2,19 @@
 //! where webhooks flow at the same time, the real RabbitMQ and a worker): a fresh database per
 //! test.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait, Statement};
 use serde_json::{Value, json};
 use test_support::clerk_api::{ClerkApi, Fault};
+use test_support::rows::user_tombstones;
+use test_support::signing::svix_id;
+use test_support::{TestEnv, eventually};
 use worker::reconcile::{
     ClerkClient, ClerkConfig, Counts, MaxDelete, Options, Report, ScheduledReconcile,
 };
-use worker::storage::{user_tombstones, users};
-
-use common::{TestEnv, eventually, svix_id};
+use worker::storage::users;
 
 const KEY: &str = "sk_test_standin_key";
 const WITHIN: Duration = Duration::from_secs(60);
@@ -64,7 +63,7 @@ fn quick(config: ClerkConfig) -> ClerkConfig {
 }
 
 async fn reconcile(env: &TestEnv, api: &ClerkApi, options: Options) -> Report {
-    worker::reconcile::reconcile(&env.db, &client(api), &options).await
+    worker::reconcile::reconcile(env.db(), &client(api), &options).await
 }
 
 async fn run(env: &TestEnv, api: &ClerkApi) -> Report {
@@ -90,19 +89,19 @@ fn counts(
 }
 
 async fn stored_users(env: &TestEnv) -> u64 {
-    users::Entity::find().count(&env.db).await.expect("count")
+    users::Entity::find().count(env.db()).await.expect("count")
 }
 
 async fn tombstones(env: &TestEnv) -> u64 {
     user_tombstones::Entity::find()
-        .count(&env.db)
+        .count(env.db())
         .await
         .expect("count")
 }
 
 /// `reconcile_runs` rows: (trigger, outcome, counts).
 async fn recorded_runs(env: &TestEnv) -> Vec<(String, String, Value)> {
-    env.db
+    env.db()
         .query_all_raw(Statement::from_string(
             DbBackend::Postgres,
             "SELECT trigger, outcome, counts FROM reconcile_runs ORDER BY started_at",
@@ -126,7 +125,7 @@ fn command(env: &TestEnv, api_url: &str, key: Option<&str>, args: &[&str]) -> Ou
     command
         .arg("reconcile")
         .args(args)
-        .env("DATABASE_URL", &env.db_url)
+        .env("DATABASE_URL", env.db_url())
         .env("CLERK_API_URL", api_url)
         .env_remove("CLERK_SECRET_KEY")
         .env("RUST_LOG", "warn");
@@ -547,7 +546,7 @@ async fn reconcile_while_webhooks_flow_ends_equal_to_clerks_final_state() {
 /// Webhook events recorded in `processed_events` (a reconcile's svix-ids start otherwise).
 async fn webhooks_handled(env: &TestEnv) -> u64 {
     let row = env
-        .db
+        .db()
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
             "SELECT count(*) AS n FROM processed_events WHERE svix_id LIKE 'msg\\_%'",

@@ -1,22 +1,21 @@
 //! A worker started while the database or the broker is unreachable waits for it (alive, not
 //! ready, consuming nothing), then becomes ready and applies what waited in the queue.
 
-mod common;
-
-use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use common::{CuttableProxy, TestEnv, amqp_url, clerk_user, eventually, svix_id};
+use test_support::events::clerk_user;
+use test_support::signing::svix_id;
+use test_support::{CuttableProxy, TestEnv, eventually};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_its_database_waits_then_becomes_ready_and_applies_the_queue() {
     let env = TestEnv::new().await;
-    let proxy = CuttableProxy::to_database(&env.db_url).await;
+    let proxy = CuttableProxy::to_database(env.db_url()).await;
     proxy.cut();
     let mut config = env.config();
-    config.database_url = proxy.database_url(&env.db_url).into();
+    config.database_url = proxy.database_url(env.db_url()).into();
     let event = svix_id();
     env.publish_event(
         &event,
@@ -65,13 +64,7 @@ async fn a_worker_started_before_its_database_waits_then_becomes_ready_and_appli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_its_broker_waits_then_becomes_ready_and_applies_the_queue() {
     let env = TestEnv::new().await;
-    let broker = amqp_url().parse::<lapin::uri::AMQPUri>().expect("AMQP_URL");
-    let upstream = (broker.authority.host.as_str(), broker.authority.port)
-        .to_socket_addrs()
-        .expect("broker address")
-        .next()
-        .expect("broker address");
-    let proxy = CuttableProxy::start(upstream).await;
+    let proxy = CuttableProxy::to_broker().await;
     proxy.cut();
     let mut config = env.config();
     config.amqp_url = proxy.amqp_url().into();

@@ -1,27 +1,15 @@
-//! Test support: a fresh topology on the real RabbitMQ per test, dead letters built the way the
-//! worker writes them, and clean-up that runs even when a test fails.
+//! What only the dlq tests need: dead letters built the way the worker writes them, put in a
+//! fresh topology (from `test-support`), and the commands run in-process.
 
 #![allow(dead_code)] // Each test file uses its own part of this module.
 
-use std::time::{Duration, Instant};
-
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use shared::{Settings, Topology, headers};
-
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// How long a condition may take to become true before the test fails.
-const DEADLINE: Duration = Duration::from_secs(10);
-
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string())
-}
+use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use shared::{Settings, headers};
+use test_support::amqp_url;
+use test_support::events::long;
+use test_support::{BrokerChannel, TestTopology};
 
 /// A dead letter to put in the queue, as the worker writes one.
 #[derive(Debug, Clone)]
@@ -104,43 +92,26 @@ impl Letter {
     }
 }
 
-pub fn long(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text))
-}
-
-/// A topology of its own on the shared broker, deleted when the fixture is dropped.
+/// A declared topology of its own on the shared broker, deleted when the fixture is dropped, and
+/// a confirming channel (whose helpers it derefs to).
 pub struct Fixture {
-    pub topology: Topology,
-    connection: Connection,
-    pub channel: Channel,
-    /// Queues a test declared besides the topology, deleted with it.
-    extra_queues: Vec<String>,
+    pub broker: BrokerChannel,
+    pub topology: TestTopology,
 }
 
 impl Fixture {
     pub async fn new() -> Self {
-        Self::with_topology(Topology::prefixed(&format!(
-            "dlq-test-{}",
-            uuid::Uuid::new_v4()
-        )))
-        .await
+        Self {
+            broker: BrokerChannel::open().await,
+            topology: TestTopology::declared().await,
+        }
     }
 
-    pub async fn with_topology(topology: Topology) -> Self {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("the test broker is reachable");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        topology.declare(&channel).await.expect("declare topology");
+    /// A fixture whose worker queue dead-letters a message after `limit` failed deliveries.
+    pub async fn with_delivery_limit(limit: u32) -> Self {
         Self {
-            topology,
-            connection,
-            channel,
-            extra_queues: Vec::new(),
+            broker: BrokerChannel::open().await,
+            topology: TestTopology::declared_as(|topology| topology.delivery_limit = limit).await,
         }
     }
 
@@ -151,7 +122,8 @@ impl Fixture {
         let mut arguments = FieldTable::default();
         arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(length));
         arguments.insert("x-overflow".into(), long("reject-publish"));
-        self.channel
+        self.broker
+            .channel
             .queue_declare(
                 name.as_str().into(),
                 QueueDeclareOptions::default(),
@@ -159,7 +131,7 @@ impl Fixture {
             )
             .await
             .expect("declare the limited queue");
-        self.extra_queues.push(name.clone());
+        self.topology.also_delete(&name);
         name
     }
 
@@ -186,6 +158,7 @@ impl Fixture {
             .await;
     }
 
+    /// Publishes and checks the broker routed and confirmed it.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -194,137 +167,22 @@ impl Fixture {
         properties: BasicProperties,
     ) {
         let confirmation = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+            .broker
+            .publish(exchange, routing_key, body, properties)
+            .await;
         assert_eq!(
             confirmation,
             lapin::Confirmation::Ack(None),
             "routed and confirmed"
         );
     }
-
-    /// Ready messages in `queue` now.
-    pub async fn ready(&self, queue: &str) -> u32 {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let channel = self.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(queue.into(), options, FieldTable::default())
-            .await
-            .expect("the queue exists");
-        let _ = channel.close(200, "done".into()).await;
-        declared.message_count()
-    }
-
-    /// Waits until `queue` holds exactly `expected` ready messages (the broker settles returns
-    /// asynchronously), failing after the deadline with the last count seen.
-    pub async fn wait_for_ready(&self, queue: &str, expected: u32) {
-        let start = Instant::now();
-        loop {
-            let ready = self.ready(queue).await;
-            if ready == expected {
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{queue} holds {ready} ready messages, expected {expected}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Takes (and acknowledges) every message of `queue`, in order.
-    pub async fn drain(&self, queue: &str) -> Vec<Delivery> {
-        let mut taken = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get")
-        {
-            taken.push(message.delivery);
-        }
-        taken
-    }
-
-    /// The ids of the messages in `queue`, sorted, leaving them in the queue (they come back
-    /// when the peeking channel closes).
-    pub async fn ids_in(&self, queue: &str) -> Vec<String> {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let mut ids = Vec::new();
-        while let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .expect("basic.get")
-        {
-            let id = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .unwrap_or_default();
-            ids.push(id);
-        }
-        let _ = channel.close(200, "done".into()).await;
-        ids.sort();
-        ids
-    }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Async clean-up cannot run in `drop`, and the test's runtime may be unwinding, so a
-        // thread of its own deletes the queues and the exchange over a fresh connection.
-        let topology = self.topology.clone();
-        let extra_queues = self.extra_queues.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("clean-up runtime");
-            runtime.block_on(async move {
-                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-                    .await
-                    .expect("clean-up connection");
-                let channel = connection.create_channel().await.expect("channel");
-                for queue in [&topology.queue, &topology.dead_queue]
-                    .into_iter()
-                    .chain(&extra_queues)
-                {
-                    channel
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await
-                        .expect("delete queue");
-                }
-                channel
-                    .exchange_delete(
-                        topology.exchange.as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
-                    .await
-                    .expect("delete exchange");
-                let _ = connection.close(200, "clean-up done".into()).await;
-            });
-        });
-        if cleanup.join().is_err() && !std::thread::panicking() {
-            panic!("cleaning up {:?} failed", self.topology);
-        }
+impl std::ops::Deref for Fixture {
+    type Target = BrokerChannel;
+
+    fn deref(&self) -> &BrokerChannel {
+        &self.broker
     }
 }
 
