@@ -1,11 +1,13 @@
 //! What the clerk-sync binaries agree on: the event types, the header names, the RabbitMQ
 //! topology, configuration and telemetry. Nothing here talks to a database.
 
+pub mod broker;
 pub mod config;
 pub mod events;
 pub mod headers;
 pub mod telemetry;
 pub mod topology;
 
+pub use broker::AmqpNodes;
 pub use config::{ConfigError, Settings};
 pub use topology::Topology;

@@ -2,7 +2,8 @@
 //! never share counters).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the worker exports on `/metrics`.
@@ -25,6 +26,9 @@ pub struct Metrics {
     /// `clerk_sync_worker_unknown_roles_total`: users whose `public_metadata.role` was not a
     /// known role (stored as `client`).
     pub unknown_roles: IntCounter,
+    /// `clerk_sync_worker_broker_node{node}`: 1 for the broker node (`host:port`) consumed from;
+    /// no series while disconnected.
+    pub broker_node: IntGaugeVec,
 }
 
 impl Metrics {
@@ -82,7 +86,15 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
+        let broker_node = IntGaugeVec::new(
+            Opts::new(
+                "clerk_sync_worker_broker_node",
+                "1 for the broker node (host:port) the worker consumes from.",
+            ),
+            &["node"],
+        )?;
         registry.register(Box::new(unknown_roles.clone()))?;
+        registry.register(Box::new(broker_node.clone()))?;
         Ok(Self {
             registry,
             events,
@@ -92,6 +104,7 @@ impl Metrics {
             dead_lettered,
             duplicates,
             unknown_roles,
+            broker_node,
         })
     }
 

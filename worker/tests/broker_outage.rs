@@ -21,7 +21,7 @@ async fn after_a_broker_outage_the_worker_reconnects_and_applies_everything() {
         .expect("broker address");
     let proxy = CuttableProxy::start(upstream).await;
     let mut config = env.config();
-    config.amqp_url = proxy.amqp_url().into();
+    config.amqp_nodes = shared::AmqpNodes::parse(&proxy.amqp_url()).expect("proxy URL");
     let worker = env.start_worker(config).await;
     eventually(WITHIN, "ready", || async {
         worker.get("/readyz").await.0 == 200
@@ -75,4 +75,96 @@ async fn after_a_broker_outage_the_worker_reconnects_and_applies_everything() {
         0,
         "everything acknowledged"
     );
+}
+
+/// A loopback port nothing listens on: bound, then released.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// The node `/readyz` names, once it is ready.
+async fn ready_node(worker: &common::RunningWorker) -> Option<String> {
+    let (status, body) = worker.get("/readyz").await;
+    let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (status == 200).then(|| body["node"].as_str().map(str::to_owned))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_nodes_the_worker_skips_dead_ones_and_moves_on_when_its_node_is_lost() {
+    let env = TestEnv::new().await;
+    let broker = amqp_url().parse::<lapin::uri::AMQPUri>().expect("AMQP_URL");
+    let upstream = (broker.authority.host.as_str(), broker.authority.port)
+        .to_socket_addrs()
+        .expect("broker address")
+        .next()
+        .expect("broker address");
+    // Two "nodes" (proxies to the one broker) among two dead ports, in whatever order the
+    // worker's shuffle puts them.
+    let proxies = [
+        CuttableProxy::start(upstream).await,
+        CuttableProxy::start(upstream).await,
+    ];
+    let list = [
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port()),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port()),
+        proxies[0].amqp_url(),
+        proxies[1].amqp_url(),
+    ]
+    .join(",");
+    let mut config = env.config();
+    config.amqp_nodes = shared::AmqpNodes::parse(&list).expect("node list");
+    let worker = env.start_worker(config).await;
+    let node_of = |proxy: &CuttableProxy| format!("127.0.0.1:{}", proxy.port);
+    eventually(WITHIN, "ready on one of the live nodes", || async {
+        ready_node(&worker).await.is_some()
+    })
+    .await;
+    let first = ready_node(&worker).await.expect("a node");
+    let (used, other) = if first == node_of(&proxies[0]) {
+        (&proxies[0], &proxies[1])
+    } else {
+        assert_eq!(first, node_of(&proxies[1]), "a live node is in use");
+        (&proxies[1], &proxies[0])
+    };
+    let metrics = worker.get("/metrics").await.1;
+    assert!(
+        metrics.contains(&format!(
+            "clerk_sync_worker_broker_node{{node=\"{first}\"}} 1"
+        )),
+        "{metrics}"
+    );
+
+    env.publish_event(
+        &svix_id(),
+        "user.created",
+        clerk_user("user_a", None, None, 100),
+    )
+    .await;
+    eventually(WITHIN, "the first event", || async {
+        env.processed_count().await == 1
+    })
+    .await;
+
+    used.cut();
+    eventually(WITHIN, "ready on the other live node", || async {
+        ready_node(&worker).await == Some(node_of(other))
+    })
+    .await;
+    env.publish_event(
+        &svix_id(),
+        "user.created",
+        clerk_user("user_b", None, None, 100),
+    )
+    .await;
+    eventually(WITHIN, "the second event", || async {
+        env.processed_count().await == 2
+    })
+    .await;
+    let metrics = worker.get("/metrics").await.1;
+    assert!(
+        !metrics.contains(&format!("node=\"{first}\"")),
+        "the lost node is no longer reported: {metrics}"
+    );
+    worker.stop().await;
 }
