@@ -58,7 +58,15 @@ async fn insert_user(
 async fn up_creates_the_tables_and_down_removes_them_again() {
     let test = TestDb::create().await;
     Migrator::up(&test.db, None).await.expect("up");
-    for table in ["users", "user_tombstones", "processed_events"] {
+    for table in [
+        "users",
+        "user_tombstones",
+        "processed_events",
+        "organizations",
+        "organization_memberships",
+        "organization_tombstones",
+        "membership_tombstones",
+    ] {
         test.db
             .execute_unprepared(&format!("SELECT 1 FROM {table}"))
             .await
@@ -71,6 +79,13 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
             .await
             .is_err(),
         "users still there after down"
+    );
+    assert!(
+        test.db
+            .execute_unprepared("SELECT 1 FROM organization_memberships")
+            .await
+            .is_err(),
+        "organization_memberships still there after down"
     );
     // And up again, as `fresh` would.
     Migrator::up(&test.db, None).await.expect("up after down");
@@ -132,6 +147,53 @@ async fn processed_events_accept_only_the_known_outcomes() {
             .execute_unprepared(&insert("d", "done"))
             .await
             .is_err()
+    );
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn memberships_are_unique_per_member_and_organization_slugs_are_not_unique() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let organization = |id: &str, slug: &str| {
+        format!(
+            "INSERT INTO organizations (id, name, slug, clerk_data, created_at, updated_at, \
+               synced_at) VALUES ('{id}', 'N', {slug}, '{{}}', now(), now(), now())"
+        )
+    };
+    for (id, slug) in [
+        ("o1", "'same'"),
+        ("o2", "'same'"),
+        ("o3", "NULL"),
+        ("o4", "NULL"),
+    ] {
+        test.db
+            .execute_unprepared(&organization(id, slug))
+            .await
+            .unwrap_or_else(|e| panic!("organization {id}: {e}"));
+    }
+    let membership = |id: &str, organization: &str, user: &str| {
+        format!(
+            "INSERT INTO organization_memberships (id, organization_id, user_id, role, \
+               clerk_data, created_at, updated_at, synced_at) \
+             VALUES ('{id}', '{organization}', '{user}', 'org:member', '{{}}', now(), now(), now())"
+        )
+    };
+    // No foreign keys: neither the organization nor the user has to exist.
+    test.db
+        .execute_unprepared(&membership("m1", "o_missing", "u1"))
+        .await
+        .expect("a membership before its organization and user");
+    test.db
+        .execute_unprepared(&membership("m2", "o_missing", "u2"))
+        .await
+        .expect("another member");
+    assert!(
+        test.db
+            .execute_unprepared(&membership("m3", "o_missing", "u1"))
+            .await
+            .is_err(),
+        "a second membership for one member of one organization"
     );
     test.drop_now().await;
 }

@@ -1,10 +1,12 @@
-//! What the clerk-sync binaries agree on: the event types, the header names, the RabbitMQ
-//! topology, configuration and telemetry. Nothing here talks to a database.
+//! What the clerk-sync binaries agree on: the event types (users in `events`, organizations and
+//! memberships in `organizations`), the header names, the RabbitMQ topology, configuration and
+//! telemetry. Nothing here talks to a database.
 
 pub mod broker;
 pub mod config;
 pub mod events;
 pub mod headers;
+pub mod organizations;
 pub mod telemetry;
 pub mod topology;
 

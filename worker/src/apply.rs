@@ -143,7 +143,7 @@ pub async fn apply(db: &DatabaseConnection, event: &Event) -> Result<Outcome, Ap
 
 async fn apply_alone(db: &DatabaseConnection, event: &Event) -> Result<Outcome, DbErr> {
     let txn = db.begin().await?;
-    lock_users(&txn, event.action.user_id().into_iter()).await?;
+    lock_keys(&txn, event.action.lock_ids().into_iter()).await?;
     let outcome = apply_event(&txn, event).await?;
     txn.commit().await?;
     Ok(outcome)
@@ -170,9 +170,9 @@ pub(crate) async fn apply_batch(
         DbFailure::Race | DbFailure::Message => BatchFailure::Event(error),
     };
     let txn = db.begin().await.map_err(sort)?;
-    // All of the batch's user locks up front and in one order, so two batches never deadlock
-    // on them.
-    lock_users(&txn, events.iter().filter_map(|e| e.action.user_id()))
+    // All of the batch's locks up front and in one order, so two batches never deadlock on
+    // them.
+    lock_keys(&txn, events.iter().flat_map(|e| e.action.lock_ids()))
         .await
         .map_err(sort)?;
     let mut outcomes = Vec::with_capacity(events.len());
@@ -183,9 +183,9 @@ pub(crate) async fn apply_batch(
     Ok(outcomes)
 }
 
-/// Takes the transaction-scoped advisory lock of every user id given, in the order of the lock
-/// keys.
-async fn lock_users<'a, C: ConnectionTrait>(
+/// Takes the transaction-scoped advisory lock of every id given (user, organization and
+/// membership ids never collide: Clerk prefixes them), in the order of the lock keys.
+pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
     db: &C,
     ids: impl Iterator<Item = &'a str>,
 ) -> Result<(), DbErr> {
@@ -237,6 +237,7 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
             })
         }
         Action::Upsert(record_in) => upsert(db, event, record_in).await,
+        Action::Organization(change) => crate::organizations::apply_event(db, event, change).await,
     }
 }
 
@@ -260,8 +261,9 @@ async fn record<C: ConnectionTrait>(
 }
 
 /// `user.deleted` in one statement: record the svix-id and, only if it was new, delete the row
-/// (cascading) and write the tombstone; a second delete keeps the first deletion time. Returns a
-/// row only when the svix-id was new. `$1` is the user id, `$2` the svix-id, `$3` the type.
+/// (cascading) and the user's organization memberships, and write the tombstone; a second delete
+/// keeps the first deletion time. Returns a row only when the svix-id was new. `$1` is the user
+/// id, `$2` the svix-id, `$3` the type.
 const RECORD_AND_DELETE: &str = "\
 WITH recorded AS ( \
   INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
@@ -269,6 +271,8 @@ WITH recorded AS ( \
   ON CONFLICT (svix_id) DO NOTHING \
   RETURNING svix_id), \
 deleted AS (DELETE FROM users WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)), \
+memberships AS ( \
+  DELETE FROM organization_memberships WHERE user_id = $1 AND EXISTS (SELECT 1 FROM recorded)), \
 buried AS ( \
   INSERT INTO user_tombstones (id, deleted_at) SELECT $1, now() FROM recorded \
   ON CONFLICT (id) DO NOTHING) \

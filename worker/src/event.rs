@@ -5,6 +5,9 @@ use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
 use shared::headers;
+use shared::organizations::OrganizationEventKind;
+
+use crate::organizations::Change;
 
 /// One event, ready to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +26,8 @@ pub enum Action {
     Upsert(Box<UserRecord>),
     /// `user.deleted`: remove the user for good.
     Delete { id: String },
+    /// An organization or membership event (see [`crate::organizations`]).
+    Organization(Change),
     /// A type the worker does not handle: recorded as `ignored`.
     Ignore,
 }
@@ -33,7 +38,16 @@ impl Action {
         match self {
             Action::Upsert(record) => Some(&record.id),
             Action::Delete { id } => Some(id),
-            Action::Ignore => None,
+            Action::Organization(_) | Action::Ignore => None,
+        }
+    }
+
+    /// The ids whose advisory locks applying the event needs: the user's, or the organization's,
+    /// member's and membership's.
+    pub fn lock_ids(&self) -> Vec<&str> {
+        match self {
+            Action::Organization(change) => change.lock_ids(),
+            other => other.user_id().into_iter().collect(),
         }
     }
 }
@@ -77,7 +91,10 @@ impl Event {
                     }
                 }
             }
-            None => Action::Ignore,
+            None => match OrganizationEventKind::from_type(&envelope.event_type) {
+                Some(kind) => Action::Organization(Change::read(kind, envelope.data)?),
+                None => Action::Ignore,
+            },
         };
         Ok(Self {
             svix_id,

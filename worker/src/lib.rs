@@ -1,5 +1,6 @@
-//! The worker: consumes Clerk events from RabbitMQ and applies them to Postgres, so the `users`
-//! table ends equal to what Clerk holds whatever the order and number of deliveries.
+//! The worker: consumes Clerk events from RabbitMQ and applies them to Postgres, so the `users`,
+//! `organizations` and `organization_memberships` tables end equal to what Clerk holds whatever
+//! the order and number of deliveries.
 //!
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
 //! [`run`] is what the binary calls.
@@ -11,6 +12,7 @@ pub mod dead_letter;
 pub mod event;
 mod http;
 pub mod metrics;
+pub mod organizations;
 mod startup;
 pub mod storage;
 

@@ -1,6 +1,8 @@
 //! The promise, as a property: for random histories of several users (creates, updates, emails
-//! moving between them, role changes, deletes), delivered shuffled and with duplicates through
-//! RabbitMQ to two workers at once, the `users` table ends equal to each user's last true state.
+//! moving between them, role changes, deletes), organizations (creates, updates, deletes) and
+//! memberships (added, role changed, removed, added again under a new id), delivered shuffled
+//! and with duplicates through RabbitMQ to two workers at once, the `users`, `organizations` and
+//! `organization_memberships` tables end equal to Clerk's final state.
 //!
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
@@ -10,13 +12,14 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{TestEnv, clerk_user, eventually, svix_id};
+use common::{TestEnv, clerk_membership, clerk_organization, clerk_user, eventually, svix_id};
 use proptest::prelude::*;
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
-use worker::storage::users;
+use worker::storage::{organization_memberships, organizations, users};
 
 const USERS: usize = 4;
+const ORGANIZATIONS: usize = 2;
 const EMAILS: usize = 3;
 const ROLES: [Option<&str>; 5] = [
     None,
@@ -25,29 +28,64 @@ const ROLES: [Option<&str>; 5] = [
     Some("client"),
     Some("owner"),
 ];
+const MEMBER_ROLES: [&str; 3] = ["org:admin", "org:member", "basic_member"];
 
 /// One raw choice; [`history`] turns a list of them into a history Clerk could have produced.
 #[derive(Debug, Clone)]
-struct Step {
-    user: usize,
-    delete: bool,
-    email: usize, // EMAILS means no email
-    role: usize,
+enum Step {
+    User {
+        user: usize,
+        delete: bool,
+        email: usize, // EMAILS means no email
+        role: usize,
+        /// On delete, whether Clerk also sends a membership delete per membership (undocumented).
+        announce: bool,
+    },
+    Organization {
+        organization: usize,
+        delete: bool,
+        announce: bool,
+    },
+    Membership {
+        organization: usize,
+        user: usize,
+        remove: bool,
+        role: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    (
-        0..USERS,
-        prop::bool::weighted(0.12),
-        0..=EMAILS,
-        0..ROLES.len(),
-    )
-        .prop_map(|(user, delete, email, role)| Step {
-            user,
-            delete,
-            email,
-            role,
-        })
+    prop_oneof![
+        4 => (
+            0..USERS,
+            prop::bool::weighted(0.12),
+            0..=EMAILS,
+            0..ROLES.len(),
+            prop::bool::weighted(0.3),
+        )
+            .prop_map(|(user, delete, email, role, announce)| Step::User {
+                user,
+                delete,
+                email,
+                role,
+                announce,
+            }),
+        // Deletes often enough that late memberships of deleted organizations are common.
+        3 => (0..ORGANIZATIONS, prop::bool::weighted(0.25), prop::bool::weighted(0.3)).prop_map(
+            |(organization, delete, announce)| Step::Organization {
+                organization,
+                delete,
+                announce,
+            }
+        ),
+        5 => (0..ORGANIZATIONS, 0..USERS, prop::bool::weighted(0.3), 0..MEMBER_ROLES.len())
+            .prop_map(|(organization, user, remove, role)| Step::Membership {
+                organization,
+                user,
+                remove,
+                role,
+            }),
+    ]
 }
 
 /// A user's state in Clerk.
@@ -59,69 +97,310 @@ struct Expected {
     updated_at: i64,
 }
 
+/// An organization's state in Clerk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ExpectedOrganization {
+    name: String,
+    slug: Option<String>,
+    updated_at: i64,
+}
+
+/// A membership's state in Clerk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ExpectedMembership {
+    organization_id: String,
+    user_id: String,
+    role: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+/// Clerk's final state.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Truth {
+    users: BTreeMap<String, Expected>,
+    organizations: BTreeMap<String, ExpectedOrganization>,
+    memberships: BTreeMap<String, ExpectedMembership>,
+}
+
 struct Published {
     svix_id: String,
     event_type: &'static str,
     data: Value,
 }
 
-/// Interprets the steps in order, with a clock that only moves forward: a user is created by its
-/// first step, updated by later ones, and gone for good once deleted; an email is only taken when
-/// no other live user holds it at that moment. Returns the events and the final truth.
-fn history(steps: &[Step]) -> (Vec<Published>, BTreeMap<String, Expected>) {
-    let mut live: BTreeMap<String, Expected> = BTreeMap::new();
+impl Truth {
+    /// The organization as a snapshot inside a membership event.
+    fn snapshot(&self, organization_id: &str) -> Value {
+        let organization = &self.organizations[organization_id];
+        clerk_organization(organization_id, &organization.name, organization.updated_at)
+    }
+
+    fn membership_data(&self, id: &str, membership: &ExpectedMembership) -> Value {
+        clerk_membership(
+            id,
+            &self.snapshot(&membership.organization_id),
+            &membership.user_id,
+            &membership.role,
+            membership.created_at,
+            membership.updated_at,
+        )
+    }
+
+    /// Removes the memberships `which` selects; with `announce`, Clerk sends a delete for each
+    /// (carrying the membership's last `updated_at`, as Clerk's deletes do).
+    fn remove_memberships(
+        &mut self,
+        which: impl Fn(&ExpectedMembership) -> bool,
+        announce: bool,
+        events: &mut Vec<Published>,
+    ) {
+        let gone: Vec<String> = self
+            .memberships
+            .iter()
+            .filter(|(_, membership)| which(membership))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if announce {
+                events.push(Published {
+                    svix_id: svix_id(),
+                    event_type: "organizationMembership.deleted",
+                    data: self.membership_data(&id, &self.memberships[&id]),
+                });
+            }
+            self.memberships.remove(&id);
+        }
+    }
+}
+
+/// Interprets the steps in order, with a clock that only moves forward: a user or organization
+/// is created by its first step, updated by later ones, and gone for good once deleted, taking
+/// its memberships along; an email is only taken when no other live user holds it at that
+/// moment; a membership needs a live organization and user, and one added again after a removal
+/// gets a new id. Returns the events and the final truth.
+fn history(steps: &[Step]) -> (Vec<Published>, Truth) {
+    let mut truth = Truth::default();
     let mut deleted: HashSet<String> = HashSet::new();
     let mut events = Vec::new();
     for (n, step) in steps.iter().enumerate() {
         let now = 1_000 + n as i64 * 10;
-        let id = format!("user_{}", step.user);
-        if deleted.contains(&id) {
-            continue;
-        }
-        let exists = live.contains_key(&id);
-        if step.delete && exists {
-            live.remove(&id);
-            deleted.insert(id.clone());
-            events.push(Published {
-                svix_id: svix_id(),
-                event_type: "user.deleted",
-                data: json!({"deleted": true, "id": id, "object": "user"}),
-            });
-            continue;
-        }
-        let wanted = (step.email < EMAILS).then(|| format!("e{}@example.org", step.email));
-        let taken = wanted.as_ref().is_some_and(|email| {
-            live.iter()
-                .any(|(other, state)| *other != id && state.email.as_ref() == Some(email))
-        });
-        let email = if taken { None } else { wanted };
-        let role = ROLES[step.role];
-        let first_name = format!("v{now}");
-        let mut data = clerk_user(&id, email.as_deref(), role, now);
-        data["first_name"] = json!(first_name);
-        events.push(Published {
-            svix_id: svix_id(),
-            event_type: if exists {
-                "user.updated"
-            } else {
-                "user.created"
-            },
-            data,
-        });
-        let role = role
-            .filter(|role| ["admin", "trainer", "client"].contains(role))
-            .unwrap_or("client");
-        live.insert(
-            id,
-            Expected {
+        match *step {
+            Step::User {
+                user,
+                delete,
                 email,
-                role: role.to_owned(),
-                first_name,
-                updated_at: now,
-            },
-        );
+                role,
+                announce,
+            } => {
+                let id = format!("user_{user}");
+                if deleted.contains(&id) {
+                    continue;
+                }
+                let exists = truth.users.contains_key(&id);
+                if delete && exists {
+                    truth.users.remove(&id);
+                    deleted.insert(id.clone());
+                    truth.remove_memberships(|m| m.user_id == id, announce, &mut events);
+                    events.push(Published {
+                        svix_id: svix_id(),
+                        event_type: "user.deleted",
+                        data: json!({"deleted": true, "id": id, "object": "user"}),
+                    });
+                    continue;
+                }
+                let wanted = (email < EMAILS).then(|| format!("e{email}@example.org"));
+                let taken = wanted.as_ref().is_some_and(|email| {
+                    truth
+                        .users
+                        .iter()
+                        .any(|(other, state)| *other != id && state.email.as_ref() == Some(email))
+                });
+                let email = if taken { None } else { wanted };
+                let role = ROLES[role];
+                let first_name = format!("v{now}");
+                let mut data = clerk_user(&id, email.as_deref(), role, now);
+                data["first_name"] = json!(first_name);
+                events.push(Published {
+                    svix_id: svix_id(),
+                    event_type: if exists {
+                        "user.updated"
+                    } else {
+                        "user.created"
+                    },
+                    data,
+                });
+                let role = role
+                    .filter(|role| ["admin", "trainer", "client"].contains(role))
+                    .unwrap_or("client");
+                truth.users.insert(
+                    id,
+                    Expected {
+                        email,
+                        role: role.to_owned(),
+                        first_name,
+                        updated_at: now,
+                    },
+                );
+            }
+            Step::Organization {
+                organization,
+                delete,
+                announce,
+            } => {
+                let id = format!("org_{organization}");
+                if deleted.contains(&id) {
+                    continue;
+                }
+                let exists = truth.organizations.contains_key(&id);
+                if delete && exists {
+                    truth.remove_memberships(|m| m.organization_id == id, announce, &mut events);
+                    truth.organizations.remove(&id);
+                    deleted.insert(id.clone());
+                    events.push(Published {
+                        svix_id: svix_id(),
+                        event_type: "organization.deleted",
+                        data: json!({"object": "organization", "id": id, "deleted": true}),
+                    });
+                    continue;
+                }
+                let name = format!("o{now}");
+                events.push(Published {
+                    svix_id: svix_id(),
+                    event_type: if exists {
+                        "organization.updated"
+                    } else {
+                        "organization.created"
+                    },
+                    data: clerk_organization(&id, &name, now),
+                });
+                truth.organizations.insert(
+                    id,
+                    ExpectedOrganization {
+                        slug: Some(name.clone()),
+                        name,
+                        updated_at: now,
+                    },
+                );
+            }
+            Step::Membership {
+                organization,
+                user,
+                remove,
+                role,
+            } => {
+                let (organization_id, user_id) =
+                    (format!("org_{organization}"), format!("user_{user}"));
+                if !truth.organizations.contains_key(&organization_id)
+                    || !truth.users.contains_key(&user_id)
+                {
+                    continue;
+                }
+                let current = truth
+                    .memberships
+                    .iter()
+                    .find(|(_, m)| m.organization_id == organization_id && m.user_id == user_id)
+                    .map(|(id, m)| (id.clone(), m.clone()));
+                match (current, remove) {
+                    (Some((id, _)), true) => {
+                        truth.remove_memberships(
+                            |m| m.organization_id == organization_id && m.user_id == user_id,
+                            true,
+                            &mut events,
+                        );
+                        debug_assert!(!truth.memberships.contains_key(&id));
+                    }
+                    (Some((id, mut membership)), false) => {
+                        membership.role = MEMBER_ROLES[role].to_owned();
+                        membership.updated_at = now;
+                        events.push(Published {
+                            svix_id: svix_id(),
+                            event_type: "organizationMembership.updated",
+                            data: truth.membership_data(&id, &membership),
+                        });
+                        truth.memberships.insert(id, membership);
+                    }
+                    (None, true) => continue,
+                    (None, false) => {
+                        let id = format!("orgmem_{n}");
+                        let membership = ExpectedMembership {
+                            organization_id,
+                            user_id,
+                            role: MEMBER_ROLES[role].to_owned(),
+                            created_at: now,
+                            updated_at: now,
+                        };
+                        events.push(Published {
+                            svix_id: svix_id(),
+                            event_type: "organizationMembership.created",
+                            data: truth.membership_data(&id, &membership),
+                        });
+                        truth.memberships.insert(id, membership);
+                    }
+                }
+            }
+        }
     }
-    (events, live)
+    (events, truth)
+}
+
+async fn stored(env: &TestEnv) -> Truth {
+    let users = users::Entity::find()
+        .all(&env.db)
+        .await
+        .expect("users")
+        .into_iter()
+        .map(|user| {
+            (
+                user.id,
+                Expected {
+                    email: user.email,
+                    role: user.role,
+                    first_name: user.first_name.unwrap_or_default(),
+                    updated_at: user.updated_at.timestamp_millis(),
+                },
+            )
+        })
+        .collect();
+    let organizations = organizations::Entity::find()
+        .all(&env.db)
+        .await
+        .expect("organizations")
+        .into_iter()
+        .map(|organization| {
+            (
+                organization.id,
+                ExpectedOrganization {
+                    name: organization.name,
+                    slug: organization.slug,
+                    updated_at: organization.updated_at.timestamp_millis(),
+                },
+            )
+        })
+        .collect();
+    let memberships = organization_memberships::Entity::find()
+        .all(&env.db)
+        .await
+        .expect("memberships")
+        .into_iter()
+        .map(|membership| {
+            (
+                membership.id,
+                ExpectedMembership {
+                    organization_id: membership.organization_id,
+                    user_id: membership.user_id,
+                    role: membership.role,
+                    created_at: membership.created_at.timestamp_millis(),
+                    updated_at: membership.updated_at.timestamp_millis(),
+                },
+            )
+        })
+        .collect();
+    Truth {
+        users,
+        organizations,
+        memberships,
+    }
 }
 
 async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
@@ -165,24 +444,16 @@ async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
     first.stop().await;
     second.stop().await;
 
-    let rows: BTreeMap<String, Expected> = users::Entity::find()
-        .all(&env.db)
-        .await
-        .expect("users")
-        .into_iter()
-        .map(|user| {
-            (
-                user.id,
-                Expected {
-                    email: user.email,
-                    role: user.role,
-                    first_name: user.first_name.unwrap_or_default(),
-                    updated_at: user.updated_at.timestamp_millis(),
-                },
-            )
-        })
-        .collect();
-    assert_eq!(rows, truth, "table differs from the truth");
+    let rows = stored(&env).await;
+    assert_eq!(rows.users, truth.users, "users differ from the truth");
+    assert_eq!(
+        rows.organizations, truth.organizations,
+        "organizations differ from the truth"
+    );
+    assert_eq!(
+        rows.memberships, truth.memberships,
+        "memberships differ from the truth"
+    );
     assert_eq!(env.ready(&env.topology.dead_queue).await, 0, "dead letters");
     assert_eq!(env.ready(&env.topology.queue).await, 0, "unacknowledged");
 }
@@ -203,10 +474,10 @@ proptest! {
     })]
 
     #[test]
-    fn shuffled_duplicated_histories_converge_to_each_users_last_true_state(
-        steps in prop::collection::vec(step(), 1..40),
-        order in prop::collection::vec(any::<u32>(), 40),
-        duplicates in prop::collection::vec(0usize..40, 0..12),
+    fn shuffled_duplicated_histories_converge_to_clerks_final_state(
+        steps in prop::collection::vec(step(), 1..48),
+        order in prop::collection::vec(any::<u32>(), 48),
+        duplicates in prop::collection::vec(0usize..48, 0..12),
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -19,7 +19,9 @@ use sea_orm::{
 use serde_json::{Value, json};
 use shared::{Topology, headers};
 use worker::config::Backoff;
-use worker::storage::{processed_events, user_tombstones, users};
+use worker::storage::{
+    organization_memberships, organizations, processed_events, user_tombstones, users,
+};
 use worker::{Application, StopHandle, WorkerConfig};
 
 pub fn admin_database_url() -> String {
@@ -165,6 +167,33 @@ impl TestEnv {
             .one(&self.db)
             .await
             .expect("read user")
+    }
+
+    pub async fn organization(&self, id: &str) -> Option<organizations::Model> {
+        organizations::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await
+            .expect("read organization")
+    }
+
+    pub async fn membership(&self, id: &str) -> Option<organization_memberships::Model> {
+        organization_memberships::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await
+            .expect("read membership")
+    }
+
+    /// Whether `table` (a tombstone table) holds `id`.
+    pub async fn has_tombstone(&self, table: &str, id: &str) -> bool {
+        self.db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT 1 FROM {table} WHERE id = $1"),
+                [id.into()],
+            ))
+            .await
+            .expect("read tombstone")
+            .is_some()
     }
 
     pub async fn processed(&self, svix_id: &str) -> Option<processed_events::Model> {
@@ -373,6 +402,40 @@ pub fn clerk_user(id: &str, email: Option<&str>, role: Option<&str>, updated_at:
         "first_name": "First", "last_name": "Last",
         "public_metadata": public_metadata, "private_metadata": {}, "unsafe_metadata": {},
         "created_at": 1_654_012_591_514_i64, "updated_at": updated_at,
+    })
+}
+
+/// Clerk's Organization JSON, shaped like the documented payload; `created_at` is 1000.
+pub fn clerk_organization(id: &str, name: &str, updated_at: i64) -> Value {
+    json!({
+        "object": "organization", "id": id, "name": name,
+        "slug": name.to_lowercase().replace(' ', "-"),
+        "image_url": "https://img.clerk.com/x", "has_image": false, "members_count": 1,
+        "max_allowed_memberships": 5, "admin_delete_enabled": true,
+        "public_metadata": {}, "private_metadata": {}, "created_by": "user_creator",
+        "created_at": 1000, "updated_at": updated_at, "role_set_key": null
+    })
+}
+
+/// Clerk's OrganizationMembership JSON, with `organization` as its snapshot.
+pub fn clerk_membership(
+    id: &str,
+    organization: &Value,
+    user_id: &str,
+    role: &str,
+    created_at: i64,
+    updated_at: i64,
+) -> Value {
+    json!({
+        "object": "organization_membership", "id": id, "role": role, "role_name": role,
+        "permissions": ["org:sys_profile:read"], "public_metadata": {}, "private_metadata": {},
+        "organization": organization,
+        "public_user_data": {
+            "user_id": user_id, "first_name": "First", "last_name": "Last",
+            "identifier": format!("{user_id}@example.org"), "image_url": "https://img.clerk.com/y",
+            "has_image": false, "profile_image_url": null, "username": null
+        },
+        "created_at": created_at, "updated_at": updated_at
     })
 }
 
