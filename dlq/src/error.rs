@@ -33,6 +33,13 @@ pub enum DlqError {
         error: lapin::Error,
     },
 
+    /// The broker did not answer in time (blocked by a memory or disk alarm, or unresponsive).
+    /// Whatever was not acknowledged goes back to the dead-letter queue when the command ends.
+    #[error(
+        "RabbitMQ did not answer within {} s while {action} (blocked by a memory or disk alarm?); unacknowledged letters go back to the queue", .seconds
+    )]
+    Timeout { action: &'static str, seconds: u64 },
+
     /// The channel closed between a replayed copy's confirm and the dead letter's
     /// acknowledgement: the letter stays in the queue and the worker gets the event twice, which
     /// it absorbs.

@@ -30,6 +30,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a fetch waits for a delivery before it checks whether any letter is left at all.
 const IDLE: Duration = Duration::from_millis(500);
 
+/// How long any one wait on the broker may take (a publish, its confirm, an acknowledgement, a
+/// cancel, a close): a broker blocked by a memory or disk alarm reads nothing, and a command must
+/// end rather than hang.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// AMQP reply code for a normal close.
 const REPLY_SUCCESS: u16 = 200;
 
@@ -69,22 +74,13 @@ impl Broker {
 
     /// Opens a session on the dead-letter queue, failing clearly when the queue does not exist.
     pub async fn session(&self) -> Result<Session, DlqError> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|error| DlqError::Broker {
-                action: "opening a channel",
-                error,
-            })?;
+        let channel = bounded("opening a channel", self.connection.create_channel()).await?;
         // Confirms on: a replayed copy counts only once the broker has taken responsibility.
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| DlqError::Broker {
-                action: "enabling publisher confirms",
-                error,
-            })?;
+        bounded(
+            "enabling publisher confirms",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         let ready = self
             .queue_length(&channel, &self.topology.dead_queue, "AMQP_DEAD_QUEUE")
             .await?;
@@ -101,14 +97,7 @@ impl Broker {
     /// Checks that the worker queue exists, so a replay fails before it takes anything.
     pub async fn check_worker_queue(&self) -> Result<(), DlqError> {
         // A failed passive declare closes the channel, so it gets a channel of its own.
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|error| DlqError::Broker {
-                action: "opening a channel",
-                error,
-            })?;
+        let channel = bounded("opening a channel", self.connection.create_channel()).await?;
         self.queue_length(&channel, &self.topology.queue, "AMQP_QUEUE")
             .await?;
         close_channel(&channel).await;
@@ -118,17 +107,14 @@ impl Broker {
     /// Deletes every ready message of the dead-letter queue and says how many.
     pub async fn purge(&self) -> Result<u32, DlqError> {
         let session = self.session().await?;
-        let purged = session
-            .channel
-            .queue_purge(
+        let purged = bounded(
+            "purging the dead-letter queue",
+            session.channel.queue_purge(
                 self.topology.dead_queue.as_str().into(),
                 lapin::options::QueuePurgeOptions::default(),
-            )
-            .await
-            .map_err(|error| DlqError::Broker {
-                action: "purging the dead-letter queue",
-                error,
-            })?;
+            ),
+        )
+        .await?;
         session.release().await;
         Ok(purged)
     }
@@ -136,10 +122,10 @@ impl Broker {
     /// Closes the connection; anything still unacknowledged goes back to its queue.
     pub async fn close(self) {
         // The command's outcome is decided already; a failing close changes nothing for it.
-        let _ = self
+        let close = self
             .connection
-            .close(REPLY_SUCCESS, "dlq command done".into())
-            .await;
+            .close(REPLY_SUCCESS, "dlq command done".into());
+        let _ = tokio::time::timeout(BROKER_TIMEOUT, close).await;
     }
 
     /// The ready messages of `queue`, failing clearly when it does not exist.
@@ -172,6 +158,8 @@ pub enum RepublishError {
     Refused { queue: String },
     #[error("the broker did not confirm the copy")]
     Unconfirmed,
+    #[error("the broker did not confirm the copy within {} s (blocked by a memory or disk alarm?)", BROKER_TIMEOUT.as_secs())]
+    Timeout,
     #[error("publishing the copy failed: {0}")]
     Broker(lapin::Error),
 }
@@ -186,7 +174,10 @@ impl PendingCopy {
     /// Waits for the broker's answer: `Ok` only when it took the copy into the worker queue.
     pub async fn confirmed(self) -> Result<(), RepublishError> {
         let queue = self.queue;
-        match self.confirm.await.map_err(RepublishError::Broker)? {
+        let confirmation = tokio::time::timeout(BROKER_TIMEOUT, self.confirm)
+            .await
+            .map_err(|_| RepublishError::Timeout)?;
+        match confirmation.map_err(RepublishError::Broker)? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(RepublishError::Unroutable { queue }),
             Confirmation::Nack(_) => Err(RepublishError::Refused { queue }),
@@ -291,10 +282,10 @@ impl Session {
     pub async fn stop_consuming(&mut self) {
         if let Some(consumer) = self.consumer.take() {
             // If the cancel fails the channel is broken, and closing it ends the consumer anyway.
-            let _ = self
+            let cancel = self
                 .channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, cancel).await;
         }
     }
 
@@ -320,20 +311,20 @@ impl Session {
     /// worker counts its attempts afresh.
     pub async fn publish_copy(&self, letter: &DeadLetter) -> Result<PendingCopy, RepublishError> {
         let queue = self.topology.queue.clone();
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    // Unroutable (the worker queue is gone) comes back instead of vanishing.
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                letter.body(),
-                replay_properties(letter.properties()),
-            )
+        let publish = self.channel.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions {
+                // Unroutable (the worker queue is gone) comes back instead of vanishing.
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            letter.body(),
+            replay_properties(letter.properties()),
+        );
+        let confirm = tokio::time::timeout(BROKER_TIMEOUT, publish)
             .await
+            .map_err(|_| RepublishError::Timeout)?
             .map_err(RepublishError::Broker)?;
         Ok(PendingCopy { confirm, queue })
     }
@@ -352,7 +343,13 @@ impl Session {
                 .acker
                 .ack(lapin::options::BasicAckOptions::default())
         });
-        for acked in futures_util::future::join_all(acks).await {
+        let all = tokio::time::timeout(BROKER_TIMEOUT, futures_util::future::join_all(acks))
+            .await
+            .map_err(|_| DlqError::Timeout {
+                action: "acknowledging replayed dead letters",
+                seconds: BROKER_TIMEOUT.as_secs(),
+            })?;
+        for acked in all {
             match acked {
                 Ok(true) => {}
                 Ok(false) => return Err(DlqError::AckLost),
@@ -388,7 +385,8 @@ impl Session {
                 // failed delivery towards the quorum queue's delivery limit; a nack does not.
                 requeue: true,
             };
-            if let Err(error) = self.channel.basic_nack(last, requeue).await {
+            let nack = self.channel.basic_nack(last, requeue);
+            if let Ok(Err(error)) = tokio::time::timeout(BROKER_TIMEOUT, nack).await {
                 tracing::debug!(%error, "nack failed; closing the channel returns the letters");
             }
         }
@@ -436,6 +434,21 @@ async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32> {
     Ok(queue.message_count())
 }
 
+/// Runs one step on the broker with [`BROKER_TIMEOUT`] as its deadline.
+async fn bounded<T>(
+    action: &'static str,
+    step: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, DlqError> {
+    match tokio::time::timeout(BROKER_TIMEOUT, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(DlqError::Broker { action, error }),
+        Err(_) => Err(DlqError::Timeout {
+            action,
+            seconds: BROKER_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
 fn is_not_found(error: &lapin::Error) -> bool {
     match error.kind() {
         ErrorKind::ProtocolError(amqp) => amqp.get_id() == 404,
@@ -446,5 +459,6 @@ fn is_not_found(error: &lapin::Error) -> bool {
 async fn close_channel(channel: &Channel) {
     // Closing returns whatever the channel still holds; if it is closed already, so much the
     // better.
-    let _ = channel.close(REPLY_SUCCESS, "done".into()).await;
+    let close = channel.close(REPLY_SUCCESS, "done".into());
+    let _ = tokio::time::timeout(BROKER_TIMEOUT, close).await;
 }

@@ -206,6 +206,15 @@ impl RabbitNode {
         Ok(declared.message_count())
     }
 
+    /// Sets the node's memory high watermark as a fraction of the machine's memory
+    /// (`rabbitmqctl set_vm_memory_high_watermark`). A tiny one raises the memory alarm, under
+    /// which the node blocks every connection that publishes; 0.4 is the default again.
+    pub async fn set_memory_high_watermark(&self, fraction: f64) -> anyhow::Result<()> {
+        self.ctl(&["set_vm_memory_high_watermark", &fraction.to_string()])
+            .await
+            .map(|_| ())
+    }
+
     /// Starts the node's processes and waits until it takes connections.
     pub async fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()

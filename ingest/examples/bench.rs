@@ -4,7 +4,9 @@
 //! connection with that many channels, C tasks, each with one publish awaiting its confirm at a
 //! time) and then the release `ingest` binary started with `INGEST_PUBLISH_CHANNELS` set so,
 //! driven by C keep-alive HTTP clients sending unique, signed events of the same size. It prints
-//! req/s, p50 and p99 latency, the ratio ingest/raw and the ingest's peak RSS (VmHWM). Everything
+//! req/s, p50 and p99 latency, CPU-seconds per 1,000 confirmed messages (the raw publisher's own
+//! and the ingest process's, user + system time from `/proc` over the measured seconds), the
+//! ratio ingest/raw, the ingest's peak RSS (VmHWM) and the load average. Everything
 //! runs on its own exchange and queues, purged between runs and deleted at the end.
 //!
 //! ```text
@@ -61,6 +63,14 @@ struct Args {
     /// The ingest binary (default: `ingest` beside this example's directory).
     #[arg(long)]
     ingest: Option<std::path::PathBuf>,
+    /// `INGEST_WORKERS` for the ingest (default: the ingest's own default).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Instead of the comparison: open this many connections that each send the headers and
+    /// ~1 MiB of an unsigned body and then stall, while a few clients send valid events; print
+    /// the ingest's peak RSS and how the valid events were answered.
+    #[arg(long)]
+    stalled: Option<usize>,
 }
 
 /// What one run measured.
@@ -69,11 +79,19 @@ struct Figures {
     failed: usize,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU-seconds (user + system) of the measured process over the measured time: the ingest
+    /// process for an ingest run, this process (the raw publisher) for a raw run.
+    cpu_seconds: f64,
 }
 
 impl Figures {
     fn rate(&self) -> f64 {
         self.completed as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU-seconds per 1,000 completed requests.
+    fn cpu_per_thousand(&self) -> f64 {
+        self.cpu_seconds * 1000.0 / self.completed as f64
     }
 
     fn percentile_ms(&self, p: f64) -> f64 {
@@ -87,14 +105,18 @@ impl Figures {
     /// Several rounds as one: total count over total time, all latencies.
     fn combine(rounds: Vec<Figures>) -> Self {
         let elapsed = rounds.iter().map(|round| round.elapsed).sum();
+        let cpu_seconds = rounds.iter().map(|round| round.cpu_seconds).sum();
         let parts = rounds
             .into_iter()
             .map(|round| (round.completed, round.failed, round.latencies_us))
             .collect();
-        Self::merge(parts, elapsed)
+        Self::merge(parts, (elapsed, cpu_seconds))
     }
 
-    fn merge(parts: Vec<(usize, usize, Vec<u32>)>, elapsed: Duration) -> Self {
+    fn merge(
+        parts: Vec<(usize, usize, Vec<u32>)>,
+        (elapsed, cpu_seconds): (Duration, f64),
+    ) -> Self {
         let mut latencies_us = Vec::new();
         let (mut completed, mut failed) = (0, 0);
         for (ok, bad, latencies) in parts {
@@ -108,6 +130,7 @@ impl Figures {
             failed,
             elapsed,
             latencies_us,
+            cpu_seconds,
         }
     }
 }
@@ -143,20 +166,10 @@ async fn main() -> anyhow::Result<()> {
         args.size,
         redact(&args.amqp_url)
     );
-    println!(
-        "{:>8} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} {:>6} | {:>6} {:>9}",
-        "channels",
-        "raw/s",
-        "p50 ms",
-        "p99 ms",
-        "ingest/s",
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        "ratio",
-        "peak RSS"
-    );
-    let result = run_all(&args, &ingest_binary, &topology, &connection, &admin).await;
+    let result = match args.stalled {
+        Some(stalled) => stalled_run(&args, &ingest_binary, &topology, stalled).await,
+        None => run_all(&args, &ingest_binary, &topology, &connection, &admin).await,
+    };
     cleanup(&admin, &topology).await;
     let _ = connection.close(200, "bench done".into()).await;
     result
@@ -169,6 +182,27 @@ async fn run_all(
     connection: &Connection,
     admin: &Channel,
 ) -> anyhow::Result<()> {
+    println!(
+        "{:>8} | {:>9} {:>8} {:>8} {:>8} | {:>9} {:>8} {:>8} {:>6} {:>8} | {:>6} {:>9} {:>5}",
+        "channels",
+        "raw/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu s/1k",
+        "ingest/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "cpu s/1k",
+        "ratio",
+        "peak RSS",
+        "load"
+    );
+    println!(
+        "cpu s/1k: CPU-seconds (user + system, from /proc) per 1,000 confirmed messages, of this \
+         process for raw (it also builds and signs the events), of the ingest process for ingest \
+         (0.0250 = 25 µs a request)"
+    );
     for &channels in &args.channels {
         // Raw and ingest alternate, so a burst of other load on the machine hits both sides.
         let mut rounds = Vec::new();
@@ -199,17 +233,20 @@ async fn run_all(
 
 fn print_row(label: &str, raw: &Figures, ingest: &Figures, peak_rss_kib: u64) {
     println!(
-        "{:>8} | {:>9.0} {:>8.2} {:>8.2} | {:>9.0} {:>8.2} {:>8.2} {:>6} | {:>6.2} {:>6.1} MiB",
+        "{:>8} | {:>9.0} {:>8.2} {:>8.2} {:>8.4} | {:>9.0} {:>8.2} {:>8.2} {:>6} {:>8.4} | {:>6.2} {:>5.1} MiB {:>5}",
         label,
         raw.rate(),
         raw.percentile_ms(0.50),
         raw.percentile_ms(0.99),
+        raw.cpu_per_thousand(),
         ingest.rate(),
         ingest.percentile_ms(0.50),
         ingest.percentile_ms(0.99),
         ingest.failed + raw.failed,
+        ingest.cpu_per_thousand(),
         ingest.rate() / raw.rate(),
         peak_rss_kib as f64 / 1024.0,
+        load_average().unwrap_or_default(),
     );
 }
 
@@ -266,7 +303,7 @@ async fn raw_run(
             (ok, bad, latencies)
         }));
     }
-    let elapsed = measure(args, &measuring, &stop).await;
+    let measured = measure(args, &measuring, &stop, std::process::id()).await?;
     let mut parts = Vec::new();
     for task in tasks {
         parts.push(task.await?);
@@ -274,7 +311,7 @@ async fn raw_run(
     for channel in channels {
         let _ = channel.close(200, "done".into()).await;
     }
-    Ok(Figures::merge(parts, elapsed))
+    Ok(Figures::merge(parts, measured))
 }
 
 struct RawPublisher {
@@ -343,25 +380,190 @@ async fn ingest_run(
             anyhow::Ok((ok, bad, latencies))
         }));
     }
-    let elapsed = measure(args, &measuring, &stop).await;
+    let measured = measure(args, &measuring, &stop, pid).await?;
     let mut parts = Vec::new();
     for task in tasks {
         parts.push(task.await??);
     }
     let peak = peak_rss_kib(pid).unwrap_or(0);
     stop_ingest(&mut child, pid).await?;
-    Ok((Figures::merge(parts, elapsed), peak))
+    Ok((Figures::merge(parts, measured), peak))
 }
 
-/// Warm-up of one second, then `--seconds` measured; returns the measured time.
-async fn measure(args: &Args, measuring: &AtomicBool, stop: &AtomicBool) -> Duration {
+/// Junk traffic: `stalled` connections each send the head and ~1 MiB of an unsigned body and then
+/// stall, while [`VALID_CLIENTS`] clients keep sending valid events for `--seconds`. Prints the
+/// ingest's peak RSS, how the stalled uploads ended and how the valid events were answered.
+async fn stalled_run(
+    args: &Args,
+    binary: &std::path::Path,
+    topology: &Topology,
+    stalled: usize,
+) -> anyhow::Result<()> {
+    const VALID_CLIENTS: usize = 4;
+    let (mut child, port) = start_ingest(args, binary, topology, 1).await?;
+    let pid = child.id().ok_or_else(|| anyhow!("the ingest exited"))?;
+    let rss_at_start = peak_rss_kib(pid).unwrap_or(0);
+    // Declares the 1 MiB body limit and sends a little less, so the request is never complete.
+    let junk: Arc<[u8]> = vec![b'x'; (1 << 20) - 1024].into();
+    let head: Arc<str> = format!(
+        "POST /api/webhooks HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nsvix-id: msg_junk\r\nsvix-timestamp: {}\r\n\
+         svix-signature: v1,bm90IGEgc2lnbmF0dXJl\r\n\r\n",
+        1 << 20,
+        chrono::Utc::now().timestamp()
+    )
+    .into();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let verifier = Arc::new(verifier());
+    let valid: Vec<_> = (0..VALID_CLIENTS)
+        .map(|_| {
+            let (stop, verifier, size) = (Arc::clone(&stop), Arc::clone(&verifier), args.size);
+            tokio::spawn(async move {
+                let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+                let mut client = HttpClient::connect(port).await?;
+                while !stop.load(Ordering::Relaxed) {
+                    let (body, signed) = signed_event(&verifier, size);
+                    match client.post(&body, &signed).await {
+                        Ok(status) => *statuses.entry(status).or_default() += 1,
+                        // A request refused before its body was read (503 past the body
+                        // budget) has its connection closed; the answer may be lost with it.
+                        Err(_) => {
+                            *statuses.entry(0).or_default() += 1;
+                            client = HttpClient::connect(port).await?;
+                        }
+                    }
+                }
+                anyhow::Ok(statuses)
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let uploads: Vec<_> = (0..stalled)
+        .map(|_| {
+            let (head, junk) = (Arc::clone(&head), Arc::clone(&junk));
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+                stream.write_all(head.as_bytes()).await?;
+                // A refused upload is closed by the ingest: the write fails or ends early.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), stream.write_all(&junk)).await;
+                anyhow::Ok(stream)
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for upload in uploads {
+        if let Ok(stream) = upload.await? {
+            streams.push(stream);
+        }
+    }
+    let uploaded_in = started.elapsed();
+    // The valid clients go on beside the stalled uploads for the measured time.
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let peak = peak_rss_kib(pid).unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    let mut valid_statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for client in valid {
+        for (status, count) in client.await?? {
+            *valid_statuses.entry(status).or_default() += count;
+        }
+    }
+    // How each stalled upload ended: an answer (503 when over the budget, 408 after the client
+    // timeout) or none yet.
+    let mut endings = std::collections::BTreeMap::<String, usize>::new();
+    for mut stream in streams {
+        let mut answer = [0_u8; 12];
+        let ending =
+            match tokio::time::timeout(Duration::from_millis(200), stream.read_exact(&mut answer))
+                .await
+            {
+                Ok(Ok(_)) => String::from_utf8_lossy(&answer[9..12]).into_owned(),
+                Ok(Err(_)) => "closed".to_owned(),
+                Err(_) => "no answer yet".to_owned(),
+            };
+        *endings.entry(ending).or_default() += 1;
+    }
+    stop_ingest(&mut child, pid).await?;
+    println!(
+        "stalled uploads {stalled} of {} B each (sent in {:.1} s): {endings:?}",
+        junk.len(),
+        uploaded_in.as_secs_f64()
+    );
+    println!(
+        "valid events from {VALID_CLIENTS} other clients over {} s, by status (0: connection \
+         closed before the answer): {valid_statuses:?}",
+        args.seconds
+    );
+    println!(
+        "ingest peak RSS {:.1} MiB (at start {:.1} MiB)  load {}",
+        peak as f64 / 1024.0,
+        rss_at_start as f64 / 1024.0,
+        load_average().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Warm-up of one second, then `--seconds` measured; returns the measured time and the
+/// CPU-seconds process `pid` used in it.
+async fn measure(
+    args: &Args,
+    measuring: &AtomicBool,
+    stop: &AtomicBool,
+    pid: u32,
+) -> anyhow::Result<(Duration, f64)> {
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_before = cpu_seconds(pid)?;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
+    let cpu_after = cpu_seconds(pid)?;
     stop.store(true, Ordering::Relaxed);
-    started.elapsed()
+    Ok((started.elapsed(), cpu_after - cpu_before))
+}
+
+/// User + system CPU-seconds of every thread of process `pid` so far, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("reading /proc/PID/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, counted from 1 with the name as field 2.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&index| {
+            fields
+                .get(index)
+                .and_then(|value| value.parse::<u64>().ok())
+        })
+        .sum::<Option<u64>>()
+        .context("reading utime and stime")?;
+    Ok(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+/// The kernel's USER_HZ, in which `/proc` counts CPU time (100 on every Linux in practice).
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// The one-minute load average, as `uptime` shows it.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next().map(str::to_owned)
 }
 
 async fn start_ingest(
@@ -370,8 +572,12 @@ async fn start_ingest(
     topology: &Topology,
     channels: usize,
 ) -> anyhow::Result<(Child, u16)> {
-    let mut child = Command::new(binary)
-        .env_clear()
+    let mut command = Command::new(binary);
+    command.env_clear();
+    if let Some(workers) = args.workers {
+        command.env("INGEST_WORKERS", workers.to_string());
+    }
+    let mut child = command
         .env("CLERK_WEBHOOK_SECRET", SECRET)
         .env("AMQP_URL", &args.amqp_url)
         .env("AMQP_EXCHANGE", &topology.exchange)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use shared::{AmqpNodes, ConfigError, Settings, Topology};
 
 use crate::signature::Verifier;
@@ -30,7 +30,19 @@ pub struct IngestConfig {
     /// `INGEST_CLIENT_TIMEOUT_MS`: how long a client may take to send its head and its body; 408
     /// after that.
     pub client_timeout: Duration,
+    /// `INGEST_BODY_BUDGET`: bytes of bodies held by all requests at once; past it, 503.
+    pub body_budget: usize,
+    /// `INGEST_WORKERS`: HTTP worker threads.
+    pub workers: usize,
+    /// `INGEST_MAX_CONNECTIONS`: open connections each worker serves at once.
+    pub max_connections: usize,
+    /// True when `CLERK_WEBHOOK_SECRET` holds the public demo secret of the compose file.
+    pub demo_secret: bool,
 }
+
+/// The signing secret `docker-compose.yml` falls back to without a `CLERK_WEBHOOK_SECRET` of
+/// the user's own. It is public, so the ingest warns for as long as it runs with it.
+pub const DEMO_WEBHOOK_SECRET: &str = "whsec_Y2xlcmstc3luYy1sb2NhbC1kZW1vLXNlY3JldC0wMDA=";
 
 impl IngestConfig {
     /// Reads and checks the ingest's settings.
@@ -58,6 +70,12 @@ impl IngestConfig {
                 "INGEST_CLIENT_TIMEOUT_MS",
                 settings.ingest_client_timeout_ms,
             ),
+            ("INGEST_BODY_BUDGET", settings.ingest_body_budget as u64),
+            ("INGEST_WORKERS", settings.ingest_workers as u64),
+            (
+                "INGEST_MAX_CONNECTIONS",
+                settings.ingest_max_connections as u64,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Malformed {
@@ -73,6 +91,19 @@ impl IngestConfig {
                 reason: "must be at most 1024".into(),
             });
         }
+        // A body the size of the limit must fit, or the largest events could never be accepted.
+        if settings.ingest_body_budget < settings.ingest_body_limit {
+            return Err(ConfigError::Malformed {
+                variable: "INGEST_BODY_BUDGET",
+                reason: format!(
+                    "must be at least INGEST_BODY_LIMIT ({} bytes)",
+                    settings.ingest_body_limit
+                ),
+            });
+        }
+        let demo_secret = webhook_secrets
+            .iter()
+            .any(|secret| secret.expose_secret() == DEMO_WEBHOOK_SECRET);
         Ok(Self {
             listen: settings.ingest_listen.clone(),
             webhook_secrets,
@@ -83,6 +114,10 @@ impl IngestConfig {
             publish_channels: settings.ingest_publish_channels,
             max_concurrent_requests: settings.ingest_max_concurrent_requests,
             client_timeout: Duration::from_millis(settings.ingest_client_timeout_ms),
+            body_budget: settings.ingest_body_budget,
+            workers: settings.ingest_workers,
+            max_connections: settings.ingest_max_connections,
+            demo_secret,
         })
     }
 }
@@ -142,6 +177,34 @@ mod tests {
             .expect_err("zero")
             .to_string();
         assert!(line.contains("INGEST_PUBLISH_CHANNELS"), "{line}");
+    }
+
+    #[test]
+    fn a_body_budget_smaller_than_the_body_limit_is_refused() {
+        let mut settings = settings("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        settings.ingest_body_budget = settings.ingest_body_limit - 1;
+        let line = IngestConfig::from_settings(&settings)
+            .expect_err("too small")
+            .to_string();
+        assert!(line.contains("INGEST_BODY_BUDGET"), "{line}");
+    }
+
+    #[test]
+    fn the_demo_secret_is_recognised_and_is_the_one_the_compose_file_falls_back_to() {
+        let config = IngestConfig::from_settings(&settings(&format!(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD {DEMO_WEBHOOK_SECRET}"
+        )))
+        .expect("valid");
+        assert!(config.demo_secret);
+        let config =
+            IngestConfig::from_settings(&settings("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"))
+                .expect("valid");
+        assert!(!config.demo_secret);
+        let compose = include_str!("../../docker-compose.yml");
+        assert!(
+            compose.contains(&format!("CLERK_WEBHOOK_SECRET:-{DEMO_WEBHOOK_SECRET}}}")),
+            "docker-compose.yml falls back to another secret"
+        );
     }
 
     #[test]

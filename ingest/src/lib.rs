@@ -8,6 +8,7 @@ pub mod publisher;
 pub mod routes;
 pub mod signature;
 pub mod startup;
+pub mod throttle;
 
 pub use config::IngestConfig;
 pub use startup::Application;

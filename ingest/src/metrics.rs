@@ -29,6 +29,11 @@ pub struct Metrics {
     /// the start of the process until one is accepted (so a fresh ingest is not taken for one
     /// that Clerk stopped reaching hours ago).
     pub last_accepted: Gauge,
+    /// `clerk_sync_ingest_body_budget_bytes`: bytes of request bodies held right now, against
+    /// `INGEST_BODY_BUDGET`.
+    pub body_budget_used: IntGauge,
+    /// The `requests` series of each outcome, looked up once instead of at every request.
+    outcomes: [IntCounter; Outcome::ALL.len()],
 }
 
 /// How a webhook request was answered: the `outcome` label.
@@ -40,18 +45,20 @@ pub enum Outcome {
     PayloadTooLarge,
     RequestTimeout,
     Overloaded,
+    BodyBudgetExhausted,
     BrokerUnavailable,
 }
 
 impl Outcome {
     /// Every outcome, so each series exists from the start (at 0).
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Accepted,
         Outcome::BadRequest,
         Outcome::Unauthorized,
         Outcome::PayloadTooLarge,
         Outcome::RequestTimeout,
         Outcome::Overloaded,
+        Outcome::BodyBudgetExhausted,
         Outcome::BrokerUnavailable,
     ];
 
@@ -64,6 +71,7 @@ impl Outcome {
             Outcome::PayloadTooLarge => "payload_too_large",
             Outcome::RequestTimeout => "request_timeout",
             Outcome::Overloaded => "overloaded",
+            Outcome::BodyBudgetExhausted => "body_budget_exhausted",
             Outcome::BrokerUnavailable => "broker_unavailable",
         }
     }
@@ -121,11 +129,14 @@ impl Metrics {
         registry.register(Box::new(confirm_latency.clone()))?;
         registry.register(Box::new(broker_connected.clone()))?;
         registry.register(Box::new(broker_node.clone()))?;
+        let body_budget_used = IntGauge::new(
+            "clerk_sync_ingest_body_budget_bytes",
+            "Bytes of request bodies held right now, against INGEST_BODY_BUDGET.",
+        )?;
         registry.register(Box::new(broker_reconnects.clone()))?;
         registry.register(Box::new(last_accepted.clone()))?;
-        for outcome in Outcome::ALL {
-            requests.with_label_values(&[outcome.label()]);
-        }
+        registry.register(Box::new(body_budget_used.clone()))?;
+        let outcomes = Outcome::ALL.map(|outcome| requests.with_label_values(&[outcome.label()]));
         for reason in crate::signature::VerifyError::REASONS {
             verification_failures.with_label_values(&[reason]);
         }
@@ -138,12 +149,14 @@ impl Metrics {
             broker_node,
             broker_reconnects,
             last_accepted,
+            body_budget_used,
+            outcomes,
         })
     }
 
     /// Counts one answered webhook request; an accepted one also sets the last accepted time.
     pub fn record(&self, outcome: Outcome) {
-        self.requests.with_label_values(&[outcome.label()]).inc();
+        self.outcomes[outcome as usize].inc();
         if outcome == Outcome::Accepted {
             self.last_accepted.set(unix_now());
         }
@@ -162,4 +175,29 @@ fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_listed_at_its_own_index() {
+        // `record` indexes the looked-up counters by the variant's number.
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn recording_counts_under_the_outcome_label() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.record(Outcome::BodyBudgetExhausted);
+        metrics.record(Outcome::BodyBudgetExhausted);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(r#"clerk_sync_ingest_requests_total{outcome="body_budget_exhausted"} 2"#),
+            "{text}"
+        );
+    }
 }

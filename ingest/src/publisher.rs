@@ -182,47 +182,61 @@ impl Publisher {
 
     /// Publishes `message` and waits for the broker's confirm, at most the confirm timeout.
     /// `Ok` only when the broker acknowledged the message and did not return it.
-    pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
+    pub async fn publish(&self, message: Message) -> Result<(), PublishError> {
         let channel = self.channel().ok_or(PublishError::NotConnected)?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.shared.confirm_timeout);
         let timeout = PublishError::Timeout(self.shared.confirm_timeout);
+        let Message {
+            routing_key,
+            properties,
+            body,
+        } = message;
+        // Kept for the log line of a confirm that comes after the timeout.
+        let message_id = properties.message_id().clone();
         let publish = channel.basic_publish(
             ShortString::from(self.shared.topology.exchange.as_str()),
-            message.routing_key.clone(),
+            routing_key,
             BasicPublishOptions {
                 // Unroutable messages come back (Ack + returned) instead of vanishing.
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            &message.body,
-            message.properties.clone(),
+            &body,
+            properties,
         );
-        let result = match tokio::time::timeout_at(deadline, publish).await {
-            Err(_elapsed) => Err(timeout),
+        // One deadline (one timer) for handing the message over and for its confirm.
+        let mut pending = None;
+        let answered = tokio::time::timeout_at(deadline, async {
+            let confirm = pending.insert(publish.await?);
+            confirm.await
+        })
+        .await;
+        let result = match answered {
             Ok(Err(error)) => Err(PublishError::Channel(error)),
-            Ok(Ok(mut confirm)) => match tokio::time::timeout_at(deadline, &mut confirm).await {
-                Ok(Err(error)) => Err(PublishError::Channel(error)),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable),
-                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unconfirmed),
-                Err(_elapsed) => {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unconfirmed),
+            Err(_elapsed) => {
+                if let Some(confirm) = pending {
                     // A dropped confirm would be parked inside lapin until `wait_for_confirms`,
                     // growing without bound while the broker stalls; await it here instead. It
                     // ends with the broker's late answer or with the channel.
-                    let id = message.properties.message_id().clone();
                     tokio::spawn(async move {
                         let late = confirm.await;
                         tracing::info!(
-                            svix_id = id.as_ref().map(ShortString::as_str).unwrap_or_default(),
+                            svix_id = message_id
+                                .as_ref()
+                                .map(ShortString::as_str)
+                                .unwrap_or_default(),
                             acked = matches!(late, Ok(Confirmation::Ack(None))),
                             "late confirm for an event already answered 503"
                         );
                     });
-                    Err(timeout)
                 }
-            },
+                Err(timeout)
+            }
         };
         self.shared
             .metrics

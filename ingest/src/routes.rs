@@ -1,26 +1,31 @@
 //! The HTTP routes: the webhook intake, health, readiness and metrics.
 //!
 //! Every answer is a short JSON object. The webhook's order is fixed: take a concurrency slot,
-//! read the body (bounded in size and time), verify the signature over the raw bytes, and only
-//! then parse the JSON and publish.
+//! read the body (bounded in size and time, and all bodies together by the body budget), verify
+//! the signature over the raw bytes, and only then parse the JSON and publish.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use actix_web::http::header::{CONTENT_LENGTH, ContentType, RETRY_AFTER};
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
+use prometheus::IntGauge;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::metrics::{Metrics, Outcome};
 use crate::publisher::{InvalidMessage, Message, PublishError, Publisher};
 use crate::signature::{Verifier, VerifyError};
+use crate::throttle::LogThrottle;
 
 /// Seconds a client is asked to wait after a 503.
 const RETRY_AFTER_SECONDS: &str = "5";
+/// The answer to an accepted event, the same every time.
+const ACCEPTED: &str = r#"{"status":"accepted"}"#;
 
 /// What the routes share.
 pub struct AppState {
@@ -29,8 +34,12 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Slots for webhook requests in progress; none free means 503.
     pub slots: Arc<Semaphore>,
+    /// One permit a byte: the bytes of bodies all requests may hold at once; none left means 503.
+    pub body_budget: Semaphore,
     pub body_limit: usize,
     pub client_timeout: Duration,
+    /// Keeps the "signature rejected" line to a few a second under a flood of junk.
+    pub rejection_log: LogThrottle,
 }
 
 /// Why a webhook request was not accepted. Each variant maps to one status code.
@@ -52,6 +61,8 @@ pub enum WebhookError {
     BodyUnreadable,
     #[error("too many requests in progress")]
     Overloaded,
+    #[error("too many request bodies in progress")]
+    BodyBudgetExhausted,
     #[error("broker unavailable")]
     Unavailable(#[source] PublishError),
 }
@@ -67,6 +78,7 @@ impl WebhookError {
             Self::TooLarge(_) => Outcome::PayloadTooLarge,
             Self::BodyTimeout => Outcome::RequestTimeout,
             Self::Overloaded => Outcome::Overloaded,
+            Self::BodyBudgetExhausted => Outcome::BodyBudgetExhausted,
             Self::Unavailable(_) => Outcome::BrokerUnavailable,
         }
     }
@@ -82,7 +94,9 @@ impl ResponseError for WebhookError {
             Self::SignatureRejected(_) => StatusCode::UNAUTHORIZED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::BodyBudgetExhausted | Self::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -100,7 +114,7 @@ impl ResponseError for WebhookError {
 #[derive(Deserialize)]
 struct EventType<'a> {
     #[serde(rename = "type", borrow)]
-    event_type: std::borrow::Cow<'a, str>,
+    event_type: Cow<'a, str>,
 }
 
 /// `POST /api/webhooks`.
@@ -114,7 +128,11 @@ pub async fn webhook(
         Ok(()) => Outcome::Accepted,
         Err(error) => error.outcome(),
     });
-    result.map(|()| HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" })))
+    result.map(|()| {
+        HttpResponse::Ok()
+            .content_type(ContentType::json())
+            .body(ACCEPTED)
+    })
 }
 
 async fn accept(
@@ -128,7 +146,9 @@ async fn accept(
         .try_acquire()
         .map_err(|_| WebhookError::Overloaded)?;
     let received_at = chrono::Utc::now();
-    let body = read_body(request, payload, state.body_limit, state.client_timeout).await?;
+    // Held until the answer too: the body stays in memory until the broker has it.
+    let mut reservation = Reservation::new(&state.body_budget, &state.metrics.body_budget_used);
+    let body = read_body(request, payload, state, &mut reservation).await?;
 
     let signed = state
         .verifier
@@ -139,11 +159,14 @@ async fn accept(
                 .verification_failures
                 .with_label_values(&[error.reason()])
                 .inc();
-            tracing::info!(
-                claimed_svix_id = claimed_id(request),
-                reason = error.reason(),
-                "webhook signature rejected"
-            );
+            if let Some(left_out) = state.rejection_log.admit() {
+                tracing::info!(
+                    claimed_svix_id = claimed_id(request),
+                    reason = error.reason(),
+                    rejections_not_logged = left_out,
+                    "webhook signature rejected"
+                );
+            }
             if error.is_malformed_request() {
                 WebhookError::MalformedHeaders(error)
             } else {
@@ -155,8 +178,9 @@ async fn accept(
         tracing::info!(svix_id = %signed.id, "signed body is not an event");
         WebhookError::NotAnEvent
     })?;
-    let message = Message::new(&event_type, &signed, body, received_at)?;
-    match state.publisher.publish(&message).await {
+    // The message shares the body's bytes (a reference count, not a copy).
+    let message = Message::new(&event_type, &signed, body.clone(), received_at)?;
+    match state.publisher.publish(message).await {
         Ok(()) => {
             tracing::debug!(svix_id = %signed.id, event_type = %event_type, "event accepted");
             Ok(())
@@ -185,8 +209,9 @@ fn claimed_id(request: &HttpRequest) -> &str {
     &id[..id.len().min(64)]
 }
 
-/// The event's `type`, if the body is a JSON object with a string `type`.
-fn parse_event_type(body: &[u8]) -> Option<String> {
+/// The event's `type`, if the body is a JSON object with a string `type`. Borrowed from the
+/// body unless it holds escapes.
+fn parse_event_type(body: &[u8]) -> Option<Cow<'_, str>> {
     // serde reads a struct from a JSON array as well (`["user.created"]`), so check that the
     // body is an object before letting it fill the struct.
     if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
@@ -194,17 +219,102 @@ fn parse_event_type(body: &[u8]) -> Option<String> {
     }
     serde_json::from_slice::<EventType<'_>>(body)
         .ok()
-        .map(|event| event.event_type.into_owned())
+        .map(|event| event.event_type)
 }
 
-/// Reads the whole body: 413 as soon as it is known to exceed `limit`, 408 if it does not
-/// arrive within `timeout`. (actix's own limit for `web::Bytes` is 256 KiB; this replaces it.)
+/// The part of the body budget one request holds, given back when it is dropped.
+struct Reservation<'a> {
+    budget: &'a Semaphore,
+    gauge: &'a IntGauge,
+    permit: Option<SemaphorePermit<'a>>,
+}
+
+impl<'a> Reservation<'a> {
+    fn new(budget: &'a Semaphore, gauge: &'a IntGauge) -> Self {
+        Self {
+            budget,
+            gauge,
+            permit: None,
+        }
+    }
+
+    /// Takes `bytes` more from the budget, or fails at once when they are not left.
+    fn take(&mut self, bytes: usize) -> Result<(), WebhookError> {
+        let permits = u32::try_from(bytes).map_err(|_| WebhookError::BodyBudgetExhausted)?;
+        let permit = self
+            .budget
+            .try_acquire_many(permits)
+            .map_err(|_| WebhookError::BodyBudgetExhausted)?;
+        self.gauge.add(i64::from(permits));
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = &self.permit {
+            self.gauge
+                .sub(i64::try_from(permit.num_permits()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A body as it arrives. A body that comes whole in one chunk is kept as it is (no copy); any
+/// other is copied into a buffer of its own, so a stalled upload never pins the connection's
+/// (larger) read buffer.
+#[derive(Default)]
+enum Body {
+    #[default]
+    Empty,
+    Whole(Bytes),
+    Joined(BytesMut),
+}
+
+impl Body {
+    fn push(&mut self, chunk: Bytes, declared: Option<usize>) {
+        *self = match std::mem::take(self) {
+            Body::Empty if declared == Some(chunk.len()) => Body::Whole(chunk),
+            Body::Empty => {
+                let mut joined = BytesMut::with_capacity(declared.unwrap_or(chunk.len()));
+                joined.extend_from_slice(&chunk);
+                Body::Joined(joined)
+            }
+            Body::Whole(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&chunk);
+                Body::Joined(joined)
+            }
+            Body::Joined(mut joined) => {
+                joined.extend_from_slice(&chunk);
+                Body::Joined(joined)
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Body::Empty => Bytes::new(),
+            Body::Whole(bytes) => bytes,
+            Body::Joined(joined) => joined.freeze(),
+        }
+    }
+}
+
+/// Reads the whole body: 413 as soon as it is known to exceed the limit, 408 if it does not
+/// arrive within the client timeout, 503 when the body budget has not enough left for it.
+/// (actix's own limit for `web::Bytes` is 256 KiB; this replaces it.)
 async fn read_body(
     request: &HttpRequest,
     mut payload: web::Payload,
-    limit: usize,
-    timeout: Duration,
+    state: &AppState,
+    reservation: &mut Reservation<'_>,
 ) -> Result<Bytes, WebhookError> {
+    let limit = state.body_limit;
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -213,18 +323,29 @@ async fn read_body(
     if declared.is_some_and(|length| length > limit) {
         return Err(WebhookError::TooLarge(limit));
     }
+    // A declared length (Svix always sends one) is taken from the budget before any of the body
+    // is read, so a request that does not fit is refused without reading it; a chunked body is
+    // counted as it arrives.
+    if let Some(length) = declared {
+        reservation.take(length)?;
+    }
     let read = async {
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+        let mut body = Body::default();
+        let mut received = 0_usize;
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| WebhookError::BodyUnreadable)?;
-            if body.len() + chunk.len() > limit {
+            received += chunk.len();
+            if received > limit {
                 return Err(WebhookError::TooLarge(limit));
             }
-            body.extend_from_slice(&chunk);
+            if declared.is_none() {
+                reservation.take(chunk.len())?;
+            }
+            body.push(chunk, declared);
         }
-        Ok(body.freeze())
+        Ok(body.into_bytes())
     };
-    tokio::time::timeout(timeout, read)
+    tokio::time::timeout(state.client_timeout, read)
         .await
         .unwrap_or(Err(WebhookError::BodyTimeout))
 }

@@ -15,6 +15,12 @@ use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::routes::{self, AppState};
 use crate::signature::Verifier;
+use crate::throttle::LogThrottle;
+
+/// How often the warning about the public demo secret repeats while the ingest runs with it.
+const DEMO_SECRET_WARNING_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// "Signature rejected" lines written at most per second; the metric counts every rejection.
+const REJECTIONS_LOGGED_PER_SECOND: u32 = 5;
 
 /// A built ingest: listening, not yet serving until [`Application::run_until_stopped`].
 pub struct Application {
@@ -22,6 +28,7 @@ pub struct Application {
     server: Server,
     publisher: Publisher,
     metrics: Metrics,
+    demo_warning: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -48,8 +55,10 @@ impl Application {
             publisher: publisher.clone(),
             metrics: metrics.clone(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            body_budget: Semaphore::new(config.body_budget.min(Semaphore::MAX_PERMITS)),
             body_limit: config.body_limit,
             client_timeout: config.client_timeout,
+            rejection_log: LogThrottle::new(REJECTIONS_LOGGED_PER_SECOND, Duration::from_secs(1)),
         });
 
         // A request in progress at shutdown may still be reading its body and then waiting for
@@ -68,6 +77,12 @@ impl Application {
         // body has its own deadline in the route.) Heads are capped by actix itself at 96
         // headers and 128 KiB, answered 431.
         .client_request_timeout(config.client_timeout)
+        // One worker thread by default: each request already crosses to the broker client's
+        // own thread and back, and on a few cores more workers add thread hand-offs, not speed.
+        .workers(config.workers)
+        // actix reads up to ~160 KiB ahead on each connection before a handler can refuse it:
+        // bounding the connections bounds that memory under a flood of junk uploads.
+        .max_connections(config.max_connections)
         .shutdown_timeout(drain.as_secs().max(1))
         // SIGINT and SIGTERM both drain gracefully (actix treats SIGINT as a hard stop).
         .shutdown_signal(stop_signal())
@@ -75,11 +90,16 @@ impl Application {
         .context("listening")?
         .run();
 
+        let demo_warning = config
+            .demo_secret
+            .then(|| tokio::spawn(warn_about_the_demo_secret()));
+
         Ok(Self {
             port,
             server,
             publisher,
             metrics,
+            demo_warning,
         })
     }
 
@@ -103,9 +123,25 @@ impl Application {
     /// connection.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await.context("serving HTTP");
+        if let Some(warning) = self.demo_warning {
+            warning.abort();
+        }
         self.publisher.close().await;
         tracing::info!("ingest stopped");
         served
+    }
+}
+
+/// Warns now and every few minutes: anyone can sign events with the public demo secret.
+async fn warn_about_the_demo_secret() {
+    let mut every = tokio::time::interval(DEMO_SECRET_WARNING_INTERVAL);
+    loop {
+        every.tick().await;
+        tracing::warn!(
+            "CLERK_WEBHOOK_SECRET is the public demo secret of docker-compose.yml: anyone can \
+             sign events for this ingest. Set your endpoint's signing secret in .env before the \
+             ingest is reachable from another machine"
+        );
     }
 }
 

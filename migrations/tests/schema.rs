@@ -152,6 +152,44 @@ async fn processed_events_accept_only_the_known_outcomes() {
 }
 
 #[tokio::test]
+async fn processed_at_is_indexed_for_pruning_and_the_index_goes_with_down() {
+    use sea_orm_migration::sea_orm::{DbBackend, Statement};
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    let definition = |db: DatabaseConnection| async move {
+        db.query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes \
+             WHERE indexname = 'processed_events_processed_at_idx'",
+        ))
+        .await
+        .expect("pg_indexes")
+        .map(|row| row.try_get::<String>("", "indexdef").expect("indexdef"))
+    };
+    let index = definition(test.db.clone()).await.expect("index after up");
+    assert!(index.contains("(processed_at)"), "{index}");
+    // Down to just before this migration, whatever came after it.
+    let names: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let at = names
+        .iter()
+        .position(|name| name == "m20261130_000003_index_processed_events_processed_at")
+        .expect("the index migration");
+    let steps = u32::try_from(names.len() - at).expect("few migrations");
+    Migrator::down(&test.db, Some(steps))
+        .await
+        .expect("down past the index");
+    test.db
+        .execute_unprepared("SELECT 1 FROM processed_events")
+        .await
+        .expect("the table stays");
+    assert_eq!(definition(test.db.clone()).await, None, "index after down");
+    test.drop_now().await;
+}
+
+#[tokio::test]
 async fn memberships_are_unique_per_member_and_organization_slugs_are_not_unique() {
     let test = TestDb::create().await;
     Migrator::up(&test.db, None).await.expect("up");

@@ -73,6 +73,15 @@ pub struct Settings {
     /// `INGEST_CLIENT_TIMEOUT_MS`: how long a client may take to send its request head and body
     /// before it is answered 408 (default 10000).
     pub ingest_client_timeout_ms: u64,
+    /// `INGEST_BODY_BUDGET`: bytes of request bodies all requests together may hold while they
+    /// are read and published; a request that would go past it is answered 503 (default 32 MiB).
+    pub ingest_body_budget: usize,
+    /// `INGEST_WORKERS`: HTTP worker threads (default 1: on a few cores one worker and the
+    /// broker client's thread beat more workers; see BENCHMARKS.md).
+    pub ingest_workers: usize,
+    /// `INGEST_MAX_CONNECTIONS`: open HTTP connections each worker serves at once; more wait in
+    /// the listen backlog (default 256). Each open connection may buffer up to ~160 KiB.
+    pub ingest_max_connections: usize,
 
     /// `WORKER_LISTEN`: the worker's health and metrics address (default `0.0.0.0:3001`).
     pub worker_listen: String,
@@ -92,6 +101,16 @@ pub struct Settings {
     pub worker_run_migrations: bool,
     /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
     pub worker_db_pool_size: u32,
+    /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
+    /// prunes it, as a human-readable duration like `30d` or `72h` (default `30d`).
+    pub worker_processed_retention: String,
+    /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 once a delivery has been held unacknowledged
+    /// this long, as a human-readable duration (default `5m`).
+    pub worker_stalled_after: String,
+    /// `WORKER_BROKER_TIMEOUT_MS`: the longest the worker waits for the broker in any one step (a
+    /// dead letter's publish and confirm, an acknowledgement, a cancel or close) before it counts
+    /// as broker trouble (default 10000).
+    pub worker_broker_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -113,6 +132,9 @@ impl Default for Settings {
             ingest_publish_channels: 1,
             ingest_max_concurrent_requests: 1024,
             ingest_client_timeout_ms: 10_000,
+            ingest_body_budget: 32 * 1024 * 1024,
+            ingest_workers: 1,
+            ingest_max_connections: 256,
             worker_listen: "0.0.0.0:3001".into(),
             worker_prefetch: 256,
             worker_batch_size: 32,
@@ -121,6 +143,9 @@ impl Default for Settings {
             worker_retry_max_ms: 30_000,
             worker_run_migrations: true,
             worker_db_pool_size: 8,
+            worker_processed_retention: "30d".into(),
+            worker_stalled_after: "5m".into(),
+            worker_broker_timeout_ms: 10_000,
         }
     }
 }

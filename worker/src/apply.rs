@@ -59,62 +59,67 @@ impl Outcome {
 /// Why an event did not apply. The kind decides the retry policy (see the crate README).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
-    /// Infrastructure trouble (database unreachable, serialization failure, deadlock, broker):
-    /// retried with back-off for as long as it lasts, never counted, never dead-lettered.
+    /// Infrastructure trouble (see [`classify`]): retried with back-off for as long as it lasts,
+    /// never counted against the message, never dead-lettered.
     #[error("transient: {0}")]
     Transient(String),
-    /// Something about this message (unusable user data, a constraint that does not resolve):
-    /// retried up to `WORKER_MAX_ATTEMPTS` times, then dead-lettered as `exhausted`.
+    /// Anything else: retried up to `WORKER_MAX_ATTEMPTS` times, then dead-lettered as
+    /// `exhausted` with this reason.
     #[error("{0}")]
     Message(String),
-    /// The message can never apply (not JSON, no type, a delete without id): dead-lettered at
-    /// once as `permanent`.
-    #[error("{0}")]
-    Permanent(String),
-}
-
-impl ApplyError {
-    /// The reason as one line, for the `error` header of a dead letter.
-    pub fn one_line(&self) -> String {
-        self.to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
 }
 
 /// How a database error is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DbFailure {
-    /// Unreachable, shut down, serialization failure, deadlock, out of resources, …
+    /// A named infrastructure condition: waited out, not counted against the message.
     Transient,
     /// A unique violation: another transaction took the same key first; rerunning sees it.
     Race,
-    /// A data or constraint error that will not go away by itself.
+    /// Everything else: counted against the message.
     Message,
 }
 
-/// Sorts a database error by SQLSTATE class: 22 (data exception) and 23 (integrity constraint)
-/// belong to the message, 23505 is a race, and everything else (connection, 40001, 40P01,
-/// 53xxx, 57P01, 55000 "not accepting connections", …) is transient.
+/// Sorts a database error. Only named infrastructure conditions are transient: no connection
+/// (refused, lost, a pool timeout, any failure while connecting), and the SQLSTATEs of classes 08
+/// (connection exception), 53 (insufficient resources) and 57P (server shutting down or starting
+/// up), plus 40001 (serialization failure), 40P01 (deadlock) and 55P03 (lock not available).
+/// 23505 is a race, rerun at once. Every other error (a trigger's `RAISE EXCEPTION`, a dropped
+/// column, a value too large for an index, a row that does not decode, …) belongs to the
+/// message: an unknown error must end in a dead letter, never in a retry that lasts forever.
 pub(crate) fn classify(error: &DbErr) -> DbFailure {
+    use sea_orm::sqlx::Error as Sqlx;
     match error {
-        DbErr::Conn(RuntimeErr::SqlxError(e))
-        | DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
-            sea_orm::sqlx::Error::Database(db) => match db.code().as_deref() {
-                Some("23505") => DbFailure::Race,
-                Some(code) if code.starts_with("22") || code.starts_with("23") => {
-                    DbFailure::Message
-                }
-                _ => DbFailure::Transient,
-            },
-            _ => DbFailure::Transient,
-        },
+        // Connecting or taking a connection from the pool failed, whatever the reason.
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => DbFailure::Transient,
-        // Row decoding and the like: a fault with this data, not with the infrastructure.
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            match e.as_ref() {
+                Sqlx::Database(db) => match db.code().as_deref() {
+                    Some("23505") => DbFailure::Race,
+                    Some(code) if infrastructure_sqlstate(code) => DbFailure::Transient,
+                    _ => DbFailure::Message,
+                },
+                // The connection broke under the statement.
+                Sqlx::Io(_)
+                | Sqlx::Tls(_)
+                | Sqlx::Protocol(_)
+                | Sqlx::PoolTimedOut
+                | Sqlx::PoolClosed
+                | Sqlx::WorkerCrashed
+                | Sqlx::BeginFailed => DbFailure::Transient,
+                _ => DbFailure::Message,
+            }
+        }
         _ => DbFailure::Message,
     }
+}
+
+/// The SQLSTATEs that say the database, not the statement, is in trouble.
+fn infrastructure_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "40001" | "40P01" | "55P03")
 }
 
 fn to_apply_error(error: &DbErr) -> ApplyError {

@@ -32,6 +32,12 @@ pub struct WorkerConfig {
     /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
     /// at once, so every batch in flight has a connection.
     pub db_pool_size: u32,
+    /// `WORKER_PROCESSED_RETENTION`: `processed_events` rows older than this are pruned.
+    pub processed_retention: Duration,
+    /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 while a delivery has been held longer.
+    pub stalled_after: Duration,
+    /// `WORKER_BROKER_TIMEOUT_MS`: the deadline of every single wait on the broker.
+    pub broker_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -65,6 +71,15 @@ impl WorkerConfig {
                 reason: "must not be below WORKER_RETRY_BASE_MS".into(),
             });
         }
+        at_least_one(
+            "WORKER_BROKER_TIMEOUT_MS",
+            settings.worker_broker_timeout_ms,
+        )?;
+        let processed_retention = duration(
+            "WORKER_PROCESSED_RETENTION",
+            &settings.worker_processed_retention,
+        )?;
+        let stalled_after = duration("WORKER_STALLED_AFTER", &settings.worker_stalled_after)?;
         let database_url = settings.database_url()?;
         // Checked here rather than at the first connection, which the worker waits for.
         if let Err(error) = database_url
@@ -91,7 +106,25 @@ impl WorkerConfig {
             run_migrations: settings.worker_run_migrations,
             listen,
             db_pool_size: settings.worker_db_pool_size,
+            processed_retention,
+            stalled_after,
+            broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
         })
+    }
+}
+
+/// A human-readable duration (`30d`, `72h`, `5m`), above zero.
+fn duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        Ok(_) => Err(ConfigError::Malformed {
+            variable,
+            reason: "must be longer than zero".into(),
+        }),
+        Err(error) => Err(ConfigError::Malformed {
+            variable,
+            reason: format!("not a duration like 30d, 12h or 90s ({error})"),
+        }),
     }
 }
 
@@ -166,6 +199,32 @@ mod tests {
             .to_string();
         assert!(line.contains("DATABASE_URL is malformed"), "{line}");
         assert!(!line.contains("secret-password"), "{line}");
+    }
+
+    #[test]
+    fn durations_are_human_readable_and_named_when_malformed() {
+        let config = WorkerConfig::from_settings(&settings()).expect("config");
+        assert_eq!(
+            config.processed_retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(config.stalled_after, Duration::from_secs(300));
+        let malformed = Settings {
+            worker_processed_retention: "30 days please".into(),
+            ..settings()
+        };
+        let line = WorkerConfig::from_settings(&malformed)
+            .expect_err("malformed")
+            .to_string();
+        assert!(line.contains("WORKER_PROCESSED_RETENTION"), "{line}");
+        let zero = Settings {
+            worker_stalled_after: "0s".into(),
+            ..settings()
+        };
+        let line = WorkerConfig::from_settings(&zero)
+            .expect_err("zero")
+            .to_string();
+        assert!(line.contains("WORKER_STALLED_AFTER"), "{line}");
     }
 
     #[test]

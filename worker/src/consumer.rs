@@ -32,7 +32,7 @@ use crate::apply::{self, ApplyError, BatchFailure, Outcome};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadKind, DeadLetters};
 use crate::event::{Event, ReadError, text};
-use crate::metrics::Metrics;
+use crate::metrics::{HeldSince, Metrics};
 use shared::headers;
 
 /// A view of the stop signal that tasks can wait on.
@@ -125,15 +125,19 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
             _ = stop.wait() => break End::Stopped,
             next = consumer.next() => next,
         };
+        let held = |delivery| HeldDelivery {
+            delivery,
+            _since: handler.metrics.held.hold(),
+        };
         let mut batch = match first {
-            Some(Ok(delivery)) => vec![delivery],
+            Some(Ok(delivery)) => vec![held(delivery)],
             Some(Err(error)) => break End::Lost(error.to_string()),
             None => break End::Lost("the broker cancelled the consumer".into()),
         };
         let mut broken = None;
         while batch.len() < batch_size {
             match consumer.next().now_or_never() {
-                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Ok(delivery))) => batch.push(held(delivery)),
                 Some(Some(Err(error))) => {
                     broken = Some(error.to_string());
                     break;
@@ -159,11 +163,11 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
     if channel.status().connected() {
         // No new deliveries; those received but not started go back to the queue when the
         // channel closes.
-        if let Err(error) = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(%error, "cannot cancel the consumer");
+        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+        match tokio::time::timeout(handler.config.broker_timeout, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot cancel the consumer"),
+            Err(_) => tracing::warn!("the broker did not take the cancel in time"),
         }
     }
     drop(working);
@@ -198,7 +202,11 @@ fn span_for(delivery: &Delivery) -> tracing::Span {
 }
 
 impl Handler {
-    async fn handle_batch(self: &Arc<Self>, deliveries: Vec<Delivery>, working: &mpsc::Sender<()>) {
+    async fn handle_batch(
+        self: &Arc<Self>,
+        deliveries: Vec<HeldDelivery>,
+        working: &mpsc::Sender<()>,
+    ) {
         let mut held = Vec::with_capacity(deliveries.len());
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
@@ -235,7 +243,7 @@ impl Handler {
                         held.iter().zip(events.iter().zip(outcomes))
                     {
                         span.in_scope(|| apply::report(&self.metrics, event, outcome));
-                        ack(delivery).instrument(span.clone()).await;
+                        self.ack(delivery).instrument(span.clone()).await;
                     }
                     return;
                 }
@@ -263,10 +271,10 @@ impl Handler {
         }
     }
 
-    /// Applies one event in its own transaction; a message failure goes to the retry path.
+    /// Applies one event in its own transaction; a failure goes to the retry path.
     async fn handle_alone(
         self: &Arc<Self>,
-        delivery: Delivery,
+        delivery: HeldDelivery,
         event: Event,
         span: tracing::Span,
         working: &mpsc::Sender<()>,
@@ -274,29 +282,18 @@ impl Handler {
         match self.apply_until_settled(&event).await {
             None => {}
             Some(Ok(outcome)) => self.settle(&delivery, &event, outcome).await,
-            Some(Err(ApplyError::Message(reason))) => {
-                self.spawn_retry(delivery, reason, span, working)
-            }
-            Some(Err(error)) => {
-                self.dead_letter(
-                    &delivery,
-                    Some(&event.event_type),
-                    DeadKind::Permanent,
-                    &error.one_line(),
-                    1,
-                )
-                .await
-            }
+            Some(Err(reason)) => self.spawn_retry(delivery, reason, span, working),
         }
     }
 
     async fn settle(&self, delivery: &Delivery, event: &Event, outcome: Outcome) {
         apply::report(&self.metrics, event, outcome);
-        ack(delivery).await;
+        self.ack(delivery).await;
     }
 
-    /// Applies `event` alone, waiting out transient failures. None when a stop came first.
-    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, ApplyError>> {
+    /// Applies `event` alone, waiting out transient failures. None when a stop came first; the
+    /// error is the reason of a failure that counts against the message.
+    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, String>> {
         let mut stop = self.stop.clone();
         let mut retry = 0;
         loop {
@@ -310,11 +307,12 @@ impl Handler {
                         return None;
                     }
                 }
-                result => {
+                Err(ApplyError::Message(reason)) => return Some(Err(reason)),
+                Ok(outcome) => {
                     self.metrics
                         .apply_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    return Some(result);
+                    return Some(Ok(outcome));
                 }
             }
         }
@@ -324,23 +322,25 @@ impl Handler {
     /// its pauses hold up nothing else.
     fn spawn_retry(
         self: &Arc<Self>,
-        delivery: Delivery,
+        delivery: HeldDelivery,
         reason: String,
         span: tracing::Span,
         working: &mpsc::Sender<()>,
     ) {
         let handler = self.clone();
         let working = working.clone();
+        handler.metrics.retry_waiting.inc();
         tokio::spawn(
             async move {
                 handler.retry(delivery, reason).await;
+                handler.metrics.retry_waiting.dec();
                 drop(working);
             }
             .instrument(span),
         );
     }
 
-    async fn retry(&self, delivery: Delivery, mut reason: String) {
+    async fn retry(&self, delivery: HeldDelivery, mut reason: String) {
         let mut stop = self.stop.clone();
         let mut attempts: u32 = 1;
         loop {
@@ -373,13 +373,7 @@ impl Handler {
                     self.settle(&delivery, &event, outcome).await;
                     return;
                 }
-                Some(Err(ApplyError::Message(again))) => reason = again,
-                Some(Err(error)) => {
-                    let why = error.one_line();
-                    self.dead_letter(&delivery, None, DeadKind::Permanent, &why, attempts)
-                        .await;
-                    return;
-                }
+                Some(Err(again)) => reason = again,
             }
         }
     }
@@ -414,7 +408,7 @@ impl Handler {
                         .unwrap_or_else(|| "unknown".into());
                     self.metrics.event(&event_type, "dead_lettered");
                     tracing::error!(kind = kind.as_str(), attempts, error = %reason, "dead-lettered");
-                    ack(delivery).await;
+                    self.ack(delivery).await;
                     return;
                 }
                 Err(error) => {
@@ -434,15 +428,40 @@ impl Handler {
     }
 }
 
-async fn ack(delivery: &Delivery) {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            "cannot acknowledge: the channel is gone; the broker will redeliver and the svix-id makes that harmless"
-        ),
-        Err(error) => tracing::warn!(
-            %error,
-            "cannot acknowledge; the broker will redeliver and the svix-id makes that harmless"
-        ),
+impl Handler {
+    /// Acknowledges `delivery`, waiting at most `WORKER_BROKER_TIMEOUT_MS`: a blocked broker must
+    /// not hold a task (and so a shutdown) for ever. An acknowledgement that does not get through
+    /// only means a redelivery, which the svix-id makes harmless.
+    async fn ack(&self, delivery: &Delivery) {
+        let timeout = self.config.broker_timeout;
+        match tokio::time::timeout(timeout, delivery.acker.ack(BasicAckOptions::default())).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => tracing::warn!(
+                "cannot acknowledge: the channel is gone; the broker will redeliver and the svix-id makes that harmless"
+            ),
+            Ok(Err(error)) => tracing::warn!(
+                %error,
+                "cannot acknowledge; the broker will redeliver and the svix-id makes that harmless"
+            ),
+            Err(_) => tracing::warn!(
+                ?timeout,
+                "the broker did not take the acknowledgement in time; it will redeliver and the svix-id makes that harmless"
+            ),
+        }
+    }
+}
+
+/// A delivery with its place among the held ones ([`crate::metrics::Held`]): the age of the
+/// oldest is a metric and decides readiness, and it leaves the list when this is dropped.
+pub(crate) struct HeldDelivery {
+    delivery: Delivery,
+    _since: HeldSince,
+}
+
+impl std::ops::Deref for HeldDelivery {
+    type Target = Delivery;
+
+    fn deref(&self) -> &Delivery {
+        &self.delivery
     }
 }

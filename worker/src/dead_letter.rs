@@ -2,11 +2,15 @@
 //! the original is acknowledged. A crash in between leaves both (the worker is idempotent, and
 //! the dead letter can be replayed); nothing is ever lost.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use chrono::{SecondsFormat, Utc};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 use shared::headers;
+use tokio::sync::Mutex;
 
 /// Why a dead letter was not confirmed. Always retryable: the original stays unacknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +21,8 @@ pub enum DeadLetterError {
     Nacked,
     #[error("the dead queue does not exist (message returned as unroutable)")]
     Unroutable,
+    #[error("the broker did not answer within {0:?} (blocked or unresponsive)")]
+    Timeout(Duration),
 }
 
 /// Why a message is dead-lettered: the `error-kind` header.
@@ -35,24 +41,40 @@ impl DeadKind {
     }
 }
 
-/// Publishes dead letters on a channel of their own, in confirm mode.
-#[derive(Clone)]
+/// Publishes dead letters on a channel of their own, in confirm mode. A closed channel is
+/// replaced by a fresh one at the next publish; every wait on the broker has a deadline.
 pub struct DeadLetters {
-    channel: Channel,
+    connection: Arc<Connection>,
+    channel: Mutex<Channel>,
     queue: String,
+    timeout: Duration,
 }
 
 impl DeadLetters {
-    /// Opens the publishing channel on `connection`.
-    pub async fn open(connection: &Connection, queue: &str) -> lapin::Result<Self> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    /// Opens the publishing channel on `connection`. `timeout` bounds each wait on the broker
+    /// (`WORKER_BROKER_TIMEOUT_MS`).
+    pub async fn open(
+        connection: Arc<Connection>,
+        queue: &str,
+        timeout: Duration,
+    ) -> Result<Self, DeadLetterError> {
+        let channel = open_channel(&connection, timeout).await?;
         Ok(Self {
-            channel,
+            connection,
+            channel: Mutex::new(channel),
             queue: queue.to_owned(),
+            timeout,
         })
+    }
+
+    /// The channel dead letters go out on, reopened first if it was closed.
+    pub async fn channel(&self) -> Result<Channel, DeadLetterError> {
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() {
+            tracing::info!("the dead-letter channel was closed; opening a new one");
+            *channel = open_channel(&self.connection, self.timeout).await?;
+        }
+        Ok(channel.clone())
     }
 
     /// Publishes `body` with the original properties and headers plus `error`, `error-kind`,
@@ -87,22 +109,27 @@ impl DeadLetters {
             .with_headers(table)
             // Persistent, whatever the original said: a dead letter must survive a restart.
             .with_delivery_mode(2);
-        let confirm = self
-            .channel
-            .basic_publish(
-                // The default exchange routes by queue name straight to the dead queue.
-                "".into(),
-                self.queue.as_str().into(),
-                BasicPublishOptions {
-                    // A missing dead queue must be an error, not a silent drop.
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let channel = self.channel().await?;
+        let publish = async {
+            channel
+                .basic_publish(
+                    // The default exchange routes by queue name straight to the dead queue.
+                    "".into(),
+                    self.queue.as_str().into(),
+                    BasicPublishOptions {
+                        // A missing dead queue must be an error, not a silent drop.
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(self.timeout, publish)
+            .await
+            .map_err(|_| DeadLetterError::Timeout(self.timeout))??;
         if !confirm.is_ack() {
             return Err(DeadLetterError::Nacked);
         }
@@ -111,6 +138,22 @@ impl DeadLetters {
         }
         Ok(())
     }
+}
+
+async fn open_channel(
+    connection: &Connection,
+    timeout: Duration,
+) -> Result<Channel, DeadLetterError> {
+    let open = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>(channel)
+    };
+    Ok(tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| DeadLetterError::Timeout(timeout))??)
 }
 
 fn long(text: &str) -> AMQPValue {

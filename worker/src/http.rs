@@ -1,5 +1,5 @@
 //! Health and metrics on `WORKER_LISTEN`: `/healthz` (alive), `/readyz` (database and broker
-//! usable), `/metrics` (Prometheus text).
+//! usable, no delivery held longer than `WORKER_STALLED_AFTER`), `/metrics` (Prometheus text).
 
 use std::net::TcpListener;
 use std::sync::{Arc, RwLock};
@@ -42,6 +42,7 @@ struct Probe {
     db: DatabaseConnection,
     broker: Arc<BrokerState>,
     metrics: Metrics,
+    stalled_after: Duration,
 }
 
 /// Starts the server on `listener` (bound by the caller, so tests can pass port 0). Signals are
@@ -51,11 +52,13 @@ pub(crate) fn serve(
     db: DatabaseConnection,
     broker: Arc<BrokerState>,
     metrics: Metrics,
+    stalled_after: Duration,
 ) -> std::io::Result<Server> {
     let probe = web::Data::new(Probe {
         db,
         broker,
         metrics,
+        stalled_after,
     });
     Ok(HttpServer::new(move || {
         App::new()
@@ -81,8 +84,19 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         Ok(Ok(()))
     );
     let node = probe.broker.usable_node();
-    let body = json!({"database": database, "broker": node.is_some(), "node": node});
-    if database && node.is_some() {
+    let broker = node.is_some();
+    // A delivery held longer than WORKER_STALLED_AFTER means the pipeline is stuck somewhere
+    // (a retry that never ends, a broker that takes no acknowledgement): say so.
+    let oldest = probe.metrics.held.oldest().unwrap_or_default();
+    let stalled = oldest > probe.stalled_after;
+    let body = json!({
+        "database": database,
+        "broker": broker,
+        "stalled": stalled,
+        "oldest_unacked_seconds": oldest.as_secs(),
+        "node": node,
+    });
+    if database && broker && !stalled {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -9,10 +9,12 @@ pub mod apply;
 pub mod config;
 mod consumer;
 pub mod dead_letter;
+mod depth;
 pub mod event;
 mod http;
 pub mod metrics;
 pub mod organizations;
+mod prune;
 mod startup;
 pub mod storage;
 

@@ -1,9 +1,14 @@
 //! The worker's Prometheus metrics, in a registry of its own (so several apps in one test process
 //! never share counters).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the worker exports on `/metrics`.
@@ -29,6 +34,20 @@ pub struct Metrics {
     /// `clerk_sync_worker_broker_node{node}`: 1 for the broker node (`host:port`) consumed from;
     /// no series while disconnected.
     pub broker_node: IntGaugeVec,
+    /// `clerk_sync_worker_queue_depth{queue}`: ready messages in the `worker` and the `dead`
+    /// queue, polled by passive declares.
+    pub queue_depth: IntGaugeVec,
+    /// `clerk_sync_worker_oldest_unacked_seconds`: how long the oldest delivery the worker holds
+    /// has waited for its acknowledgement (0 when it holds none); set from [`Metrics::held`].
+    oldest_unacked: Gauge,
+    /// `clerk_sync_worker_retry_waiting`: messages waiting alone for their next attempt after a
+    /// failure of their own (transient waits show in `retries_total{reason="transient"}`).
+    pub retry_waiting: IntGauge,
+    /// `clerk_sync_worker_processed_events_pruned_total`: rows pruned after
+    /// `WORKER_PROCESSED_RETENTION`.
+    pub pruned: IntCounter,
+    /// The deliveries held unacknowledged, with the time each arrived.
+    pub held: Held,
 }
 
 impl Metrics {
@@ -80,6 +99,29 @@ impl Metrics {
             "clerk_sync_worker_unknown_roles_total",
             "Users with an unknown public_metadata.role, stored as client.",
         )?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "clerk_sync_worker_queue_depth",
+                "Ready messages in the worker queue and the dead-letter queue.",
+            ),
+            &["queue"],
+        )?;
+        let oldest_unacked = Gauge::new(
+            "clerk_sync_worker_oldest_unacked_seconds",
+            "Age of the oldest delivery held and not yet acknowledged.",
+        )?;
+        let retry_waiting = IntGauge::new(
+            "clerk_sync_worker_retry_waiting",
+            "Messages waiting alone for their next attempt after a failure of their own.",
+        )?;
+        let pruned = IntCounter::new(
+            "clerk_sync_worker_processed_events_pruned_total",
+            "processed_events rows pruned after WORKER_PROCESSED_RETENTION.",
+        )?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(oldest_unacked.clone()))?;
+        registry.register(Box::new(retry_waiting.clone()))?;
+        registry.register(Box::new(pruned.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
@@ -105,6 +147,11 @@ impl Metrics {
             duplicates,
             unknown_roles,
             broker_node,
+            queue_depth,
+            oldest_unacked,
+            retry_waiting,
+            pruned,
+            held: Held::default(),
         })
     }
 
@@ -118,11 +165,58 @@ impl Metrics {
 
     /// The Prometheus text format of every metric.
     pub fn render(&self) -> String {
+        self.oldest_unacked
+            .set(self.held.oldest().map_or(0.0, |age| age.as_secs_f64()));
         let mut buffer = Vec::new();
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::error!(%error, "cannot encode metrics");
         }
         String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+/// The deliveries the worker holds unacknowledged. Each is registered by [`Held::hold`] and
+/// leaves when its [`HeldSince`] is dropped, whatever became of it (acknowledged, dead-lettered,
+/// given back on a stop), so nothing can be forgotten here.
+#[derive(Clone, Default)]
+pub struct Held {
+    since: Arc<Mutex<HashMap<u64, Instant>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Held {
+    /// Registers a delivery received now.
+    pub fn hold(&self) -> HeldSince {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map().insert(key, Instant::now());
+        HeldSince {
+            held: self.clone(),
+            key,
+        }
+    }
+
+    /// How long the oldest delivery held has waited; None when none is held.
+    pub fn oldest(&self) -> Option<Duration> {
+        self.map().values().min().map(Instant::elapsed)
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        match self.since.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+/// One held delivery's registration; dropping it takes the delivery off the list.
+pub struct HeldSince {
+    held: Held,
+    key: u64,
+}
+
+impl Drop for HeldSince {
+    fn drop(&mut self) {
+        self.held.map().remove(&self.key);
     }
 }
 
@@ -152,5 +246,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("type=\"other\""), "{text}");
+    }
+
+    #[test]
+    fn the_oldest_held_delivery_leaves_when_its_registration_is_dropped() {
+        let metrics = Metrics::new().expect("metrics");
+        assert_eq!(metrics.held.oldest(), None);
+        let first = metrics.held.hold();
+        let second = metrics.held.hold();
+        assert!(metrics.held.oldest().is_some());
+        drop(first);
+        assert!(metrics.held.oldest().is_some());
+        drop(second);
+        assert_eq!(metrics.held.oldest(), None);
+        assert!(
+            metrics
+                .render()
+                .contains("clerk_sync_worker_oldest_unacked_seconds 0"),
+        );
     }
 }

@@ -24,6 +24,7 @@ use crate::consumer::{self, End, Handler, Stop};
 use crate::dead_letter::DeadLetters;
 use crate::http::{self, BrokerState};
 use crate::metrics::Metrics;
+use crate::{depth, prune};
 
 /// Any number fixed for the project: the advisory lock that keeps two workers starting at once
 /// from running the migrations side by side.
@@ -68,8 +69,14 @@ impl Application {
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
         let broker = Arc::new(BrokerState::default());
-        let server = http::serve(listener, db.clone(), broker.clone(), metrics.clone())
-            .context("cannot start the health server")?;
+        let server = http::serve(
+            listener,
+            db.clone(),
+            broker.clone(),
+            metrics.clone(),
+            config.stalled_after,
+        )
+        .context("cannot start the health server")?;
         let (stop, _) = watch::channel(false);
         Ok(Self {
             config,
@@ -107,7 +114,14 @@ impl Application {
         let mut stop = Stop(self.stop.subscribe());
         let database = wait_for_database(&self.config, &self.db, &mut stop).await;
         if matches!(database, Ok(true)) {
+            let pruning = tokio::spawn(prune::prune_until_stopped(
+                self.db.clone(),
+                self.config.processed_retention,
+                self.metrics.clone(),
+                stop.clone(),
+            ));
             consume_until_stopped(&self.config, &self.db, &self.metrics, &self.broker, stop).await;
+            let _ = pruning.await;
         }
         server.stop(true).await;
         let _ = server_task.await;
@@ -145,11 +159,22 @@ async fn consume_until_stopped(
                     dead,
                     stop: stop.clone(),
                 };
+                let depths = tokio::spawn(depth::poll(
+                    connection.clone(),
+                    config.topology.clone(),
+                    config.broker_timeout,
+                    metrics.clone(),
+                ));
                 let end = consumer::consume(&channel, handler).await;
+                depths.abort();
                 broker.set(None);
                 metrics.broker_node.reset();
-                if let Err(error) = connection.close(200, "worker stopping".into()).await {
-                    tracing::debug!(%error, "closing the broker connection");
+                // Bounded: a blocked broker reads nothing, not even a close.
+                let close = connection.close(200, "worker stopping".into());
+                match tokio::time::timeout(config.broker_timeout, close).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::debug!(%error, "closing the broker connection"),
+                    Err(_) => tracing::warn!("the broker did not take the close in time"),
                 }
                 match end {
                     End::Stopped => break,
@@ -272,7 +297,7 @@ async fn migrate(config: &WorkerConfig) -> Result<(), DbErr> {
 
 async fn open_broker(
     config: &WorkerConfig,
-) -> anyhow::Result<(Connection, String, Channel, DeadLetters)> {
+) -> anyhow::Result<(Arc<Connection>, String, Channel, DeadLetters)> {
     // No automatic recovery: a lost connection ends the consumer, the worker finishes what it
     // holds and connects afresh (to the next node of AMQP_URL first), which is simpler to reason
     // about than a recovered channel.
@@ -296,6 +321,12 @@ async fn open_broker(
             },
         )
         .await?;
-    let dead = DeadLetters::open(&connection, &config.topology.dead_queue).await?;
+    let connection = Arc::new(connection);
+    let dead = DeadLetters::open(
+        connection.clone(),
+        &config.topology.dead_queue,
+        config.broker_timeout,
+    )
+    .await?;
     Ok((connection, node, channel, dead))
 }

@@ -56,9 +56,14 @@ async fn the_dlq_commands_list_replay_one_and_refuse_unsafe_requests() {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("broker");
-    let dead = DeadLetters::open(&connection, &env.topology.dead_queue)
-        .await
-        .expect("dead-letter channel");
+    let connection = std::sync::Arc::new(connection);
+    let dead = DeadLetters::open(
+        connection.clone(),
+        &env.topology.dead_queue,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("dead-letter channel");
     let (replayed, kept) = (svix_id(), svix_id());
     let replayed_body = br#"{"type":"user.deleted","object":"event","data":{"deleted":true}}"#;
     dead.publish(

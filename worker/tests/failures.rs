@@ -229,3 +229,91 @@ async fn while_the_database_is_unreachable_nothing_is_dead_lettered_and_everythi
         "everything acknowledged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_rejects_one_user_dead_letters_it_as_exhausted_and_its_batch_mates_apply_at_once()
+ {
+    let env = TestEnv::new().await;
+    // An ordinary trigger of the user's own: RAISE EXCEPTION is SQLSTATE P0001, which the worker
+    // has no name for. It must count against the message, not be waited out.
+    env.db
+        .execute_unprepared(
+            "CREATE FUNCTION reject_banned() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF NEW.id = 'user_banned' THEN RAISE EXCEPTION 'user % is banned', NEW.id; END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER reject_banned BEFORE INSERT OR UPDATE ON users \
+             FOR EACH ROW EXECUTE FUNCTION reject_banned();",
+        )
+        .await
+        .expect("trigger");
+    // Published before the worker starts, so the bad one shares a batch with good ones.
+    let bad_id = svix_id();
+    for n in 0..60 {
+        if n == 30 {
+            env.publish_event(
+                &bad_id,
+                "user.created",
+                clerk_user("user_banned", None, None, 100),
+            )
+            .await;
+        }
+        env.publish_event(
+            &svix_id(),
+            "user.created",
+            clerk_user(&format!("user_{n}"), None, None, 100),
+        )
+        .await;
+    }
+    let mut config = env.config();
+    // Long pauses between the bad one's attempts: its batch-mates must not wait for them.
+    config.backoff.base = Duration::from_secs(3);
+    config.backoff.max = Duration::from_secs(3);
+    let max_attempts = config.max_attempts;
+    let worker = env.start_worker(config).await;
+    eventually(WITHIN, "the sixty good users", || async {
+        env.processed_count().await == 60
+    })
+    .await;
+    assert_eq!(
+        env.ready(&env.topology.dead_queue).await,
+        0,
+        "the good ones were applied while the bad one still waited for its retries"
+    );
+    eventually(WITHIN, "the rejected event's dead letter", || async {
+        env.ready(&env.topology.dead_queue).await == 1
+    })
+    .await;
+    assert_eq!(
+        worker
+            .metrics
+            .retries
+            .with_label_values(&["transient"])
+            .get(),
+        0,
+        "a trigger's exception is not infrastructure"
+    );
+    worker.stop().await;
+    let letters = env.take_dead_letters().await;
+    let (table, _) = &letters[0];
+    assert_eq!(
+        text(table, headers::SVIX_ID).as_deref(),
+        Some(bad_id.as_str())
+    );
+    assert_eq!(
+        text(table, headers::ERROR_KIND).as_deref(),
+        Some(headers::KIND_EXHAUSTED)
+    );
+    assert_eq!(
+        table.inner().get(headers::ATTEMPTS),
+        Some(&AMQPValue::LongUInt(max_attempts))
+    );
+    let error = text(table, headers::ERROR).expect("error");
+    assert!(error.contains("user user_banned is banned"), "{error}");
+    assert!(env.user("user_banned").await.is_none());
+    for n in 0..60 {
+        assert!(env.user(&format!("user_{n}")).await.is_some(), "user_{n}");
+    }
+    assert_eq!(env.ready(&env.topology.queue).await, 0, "all acknowledged");
+}
