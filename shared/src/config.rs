@@ -85,10 +85,11 @@ pub struct Settings {
 
     /// `WORKER_LISTEN`: the worker's health and metrics address (default `0.0.0.0:3001`).
     pub worker_listen: String,
-    /// `WORKER_PREFETCH`: unacknowledged deliveries the worker holds at once (default 256:
+    /// `WORKER_PREFETCH`: unacknowledged deliveries the worker holds at once (default 1024:
     /// enough to fill `WORKER_DB_POOL_SIZE` batches of `WORKER_BATCH_SIZE`).
     pub worker_prefetch: u16,
-    /// `WORKER_BATCH_SIZE`: deliveries applied in one database transaction at most (default 32).
+    /// `WORKER_BATCH_SIZE`: deliveries applied in one database transaction at most (default 128;
+    /// a batch costs the same few statements whatever its size, and a lone event never waits).
     pub worker_batch_size: usize,
     /// `WORKER_MAX_ATTEMPTS`: attempts for a failure that belongs to the message before it is
     /// dead-lettered as `exhausted` (default 5).
@@ -136,8 +137,8 @@ impl Default for Settings {
             ingest_workers: 1,
             ingest_max_connections: 256,
             worker_listen: "0.0.0.0:3001".into(),
-            worker_prefetch: 256,
-            worker_batch_size: 32,
+            worker_prefetch: 1024,
+            worker_batch_size: 128,
             worker_max_attempts: 5,
             worker_retry_base_ms: 100,
             worker_retry_max_ms: 30_000,

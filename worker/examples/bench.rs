@@ -1,18 +1,28 @@
-//! Throughput of the worker against a baseline measured in the same run.
+//! Throughput and latency of the worker against what Postgres itself does, in the same run.
 //!
 //! ```text
 //! cargo run --release -p worker --example worker-bench -- --events 20000
 //! ```
 //!
-//! - Baseline: the same N user rows upserted straight into Postgres, one transaction per row,
-//!   over `--connections` connections at once.
-//! - Worker: a fresh queue pre-filled with N unique `user.created` events; a worker with
+//! - Floor: the same N user rows written straight into Postgres as one multi-row
+//!   `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer` per `--batch-size` rows, one
+//!   transaction each, over `--connections` connections at once: the fastest way to write them.
+//! - Baseline: the same N rows, one transaction per row, over the same connections (what a
+//!   route handler inserting per request does).
+//! - Broker: a fresh queue pre-filled with N unique `user.created` events, consumed with the
+//!   worker's prefetch, touching no database, once acknowledged 64 at a time (the most the
+//!   broker allows a consumer here) and once each delivery on its own, as the worker does.
+//! - Worker: the queue pre-filled again with the same N events; a worker with
 //!   `--connections` batches in flight is started and timed until every event is recorded in
 //!   `processed_events`.
+//! - Trickle: then `--trickle` events, one every 10 ms, to the idle worker; the latency of each
+//!   is from just before its publish to the commit that applied it (a trigger on
+//!   `processed_events` sends a notification, which Postgres delivers at commit).
 //!
-//! Prints events/s for both and the ratio worker/baseline. Uses `DATABASE_URL` (a database to
-//! create the bench database from; default the local `test` database) and `AMQP_URL`, and drops
-//! the database and deletes the queues it made afterwards.
+//! Prints events/s for each, the ratios worker/floor, worker/broker and worker/baseline, the
+//! trickle's latencies and the process's peak RSS. Uses `DATABASE_URL` (a database to create the bench
+//! database from; default the local `test` database) and `AMQP_URL`, and drops the database and
+//! deletes the queues it made afterwards.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +31,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use futures_util::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -46,11 +58,14 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     connections: u32,
     /// WORKER_BATCH_SIZE.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// WORKER_PREFETCH.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     prefetch: u16,
+    /// Events sent one every 10 ms after the backlog, for the latency figures.
+    #[arg(long, default_value_t = 500)]
+    trickle: usize,
 }
 
 fn user(n: usize) -> serde_json::Value {
@@ -124,6 +139,17 @@ async fn measure(
         "events={} connections={} batch_size={} prefetch={}",
         args.events, args.connections, args.batch_size, args.prefetch
     );
+    let floor = floor(&db, args).await?;
+    let floor_rate = args.events as f64 / floor.as_secs_f64();
+    println!(
+        "floor:    {} rows as multi-row upserts of {}, one transaction each, in {:.2} s = {:.0} rows/s",
+        args.events,
+        args.batch_size,
+        floor.as_secs_f64(),
+        floor_rate
+    );
+    db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
+        .await?;
     let baseline = baseline(&db, args).await?;
     let baseline_rate = args.events as f64 / baseline.as_secs_f64();
     println!(
@@ -134,6 +160,24 @@ async fn measure(
     );
     db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
         .await?;
+
+    prefill(amqp_url, topology, args.events).await?;
+    let broker = drain(amqp_url, topology, args, false).await?;
+    let broker_rate = args.events as f64 / broker.as_secs_f64();
+    println!(
+        "broker:   {} events consumed, acknowledged 64 at a time, no database, in {:.2} s = {:.0} events/s",
+        args.events,
+        broker.as_secs_f64(),
+        broker_rate
+    );
+    prefill(amqp_url, topology, args.events).await?;
+    let acks = drain(amqp_url, topology, args, true).await?;
+    println!(
+        "broker:   {} events consumed, each acknowledged, no database, in {:.2} s = {:.0} events/s",
+        args.events,
+        acks.as_secs_f64(),
+        args.events as f64 / acks.as_secs_f64()
+    );
 
     prefill(amqp_url, topology, args.events).await?;
     let config = WorkerConfig {
@@ -171,8 +215,10 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let worker = started.elapsed();
+    let latencies = trickle(&db, db_url, amqp_url, topology, args).await;
     stop.stop();
     running.await??;
+    let latencies = latencies?;
     let worker_rate = args.events as f64 / worker.as_secs_f64();
     println!(
         "worker:   {} events consumed, applied and acknowledged in {:.2} s = {:.0} events/s",
@@ -187,7 +233,16 @@ async fn measure(
         1000.0 * metrics.apply_seconds.get_sample_sum()
             / metrics.apply_seconds.get_sample_count().max(1) as f64,
     );
+    println!("ratio worker/floor:    {:.2}", worker_rate / floor_rate);
+    println!("ratio worker/broker:   {:.2}", worker_rate / broker_rate);
     println!("ratio worker/baseline: {:.2}", worker_rate / baseline_rate);
+    println!(
+        "trickle: {} events, one every 10 ms, publish to commit: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0),
+    );
     // The worker runs in this process, beside the pre-fill publisher and the baseline's pool, so
     // the process's peak is an upper bound for the worker's.
     match peak_rss_kib() {
@@ -199,6 +254,89 @@ async fn measure(
     }
     db.close().await?;
     Ok(())
+}
+
+/// The bench's rows as SQL parameters: id, email, last name, role, created and updated (ms).
+fn row_values(n: usize) -> [sea_orm::Value; 6] {
+    [
+        format!("user_{n:08}").into(),
+        format!("user{n}@example.org").into(),
+        format!("No{n}").into(),
+        (if n.is_multiple_of(10) {
+            "trainer"
+        } else {
+            "client"
+        })
+        .into(),
+        1_654_012_591_514_i64.into(),
+        (1_654_012_591_835_i64 + n as i64).into(),
+    ]
+}
+
+const UPSERT_TAIL: &str = "\
+ON CONFLICT (id) DO UPDATE SET \
+  email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
+  role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
+  updated_at = excluded.updated_at, synced_at = excluded.synced_at \
+WHERE users.updated_at < excluded.updated_at";
+
+/// N rows in chunks of `batch_size`, one `BEGIN; INSERT … VALUES (…), (…), … ON CONFLICT … DO
+/// UPDATE … WHERE newer; COMMIT` per chunk, spread over `connections` tasks.
+async fn floor(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Duration> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let db = db.clone();
+        let next = next.clone();
+        let (events, batch_size) = (args.events, args.batch_size);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let start = next.fetch_add(batch_size, Ordering::Relaxed);
+                if start >= events {
+                    return Ok::<_, sea_orm::DbErr>(());
+                }
+                let rows = start..(start + batch_size).min(events);
+                let mut sql = String::from(
+                    "INSERT INTO users \
+                       (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
+                     VALUES ",
+                );
+                let mut values = Vec::with_capacity(rows.len() * 6);
+                for (i, n) in rows.enumerate() {
+                    let p = i * 6;
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!(
+                        "(${}, ${}, 'Bench', ${}, ${}, NULL, to_timestamp(${} / 1000.0), \
+                          to_timestamp(${} / 1000.0), now())",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5,
+                        p + 6
+                    ));
+                    values.extend(row_values(n));
+                }
+                sql.push(' ');
+                sql.push_str(UPSERT_TAIL);
+                let txn = db.begin().await?;
+                txn.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    sql,
+                    values,
+                ))
+                .await?;
+                txn.commit().await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed())
 }
 
 /// N rows, one `BEGIN; INSERT … ON CONFLICT … DO UPDATE … WHERE newer; COMMIT` each, spread over
@@ -220,24 +358,14 @@ async fn baseline(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Durati
                 let txn = db.begin().await?;
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    "INSERT INTO users \
-                       (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-                     VALUES ($1, $2, 'Bench', $3, $4, NULL, to_timestamp($5 / 1000.0), \
-                             to_timestamp($6 / 1000.0), now()) \
-                     ON CONFLICT (id) DO UPDATE SET \
-                       email = excluded.email, first_name = excluded.first_name, \
-                       last_name = excluded.last_name, role = excluded.role, phone = excluded.phone, \
-                       created_at = excluded.created_at, updated_at = excluded.updated_at, \
-                       synced_at = excluded.synced_at \
-                     WHERE users.updated_at < excluded.updated_at",
-                    [
-                        format!("user_{n:08}").into(),
-                        format!("user{n}@example.org").into(),
-                        format!("No{n}").into(),
-                        (if n.is_multiple_of(10) { "trainer" } else { "client" }).into(),
-                        1_654_012_591_514_i64.into(),
-                        (1_654_012_591_835_i64 + n as i64).into(),
-                    ],
+                    format!(
+                        "INSERT INTO users \
+                           (id, email, first_name, last_name, role, phone, created_at, updated_at, \
+                            synced_at) \
+                         VALUES ($1, $2, 'Bench', $3, $4, NULL, to_timestamp($5 / 1000.0), \
+                                 to_timestamp($6 / 1000.0), now()) {UPSERT_TAIL}"
+                    ),
+                    row_values(n),
                 ))
                 .await?;
                 txn.commit().await?;
@@ -248,6 +376,69 @@ async fn baseline(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Durati
         task.await??;
     }
     Ok(started.elapsed())
+}
+
+/// Consumes the pre-filled queue with the worker's prefetch, touching no database: what the
+/// broker alone allows a consumer. `each` acknowledges every delivery on its own (as the worker
+/// must: its batches finish out of order), 64 in flight; otherwise one acknowledgement covers 64
+/// deliveries, the cheapest the protocol allows.
+async fn drain(
+    amqp_url: &str,
+    topology: &Topology,
+    args: &Args,
+    each: bool,
+) -> anyhow::Result<Duration> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "bench-drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut pending = Vec::with_capacity(64);
+    for n in 1..=args.events {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("the queue ran dry")?
+            .context("the consumer ended")??;
+        let last = n % 64 == 0 || n == args.events;
+        if each {
+            pending.push(async move { delivery.ack(BasicAckOptions::default()).await });
+            if last {
+                futures_util::future::try_join_all(pending.drain(..)).await?;
+            }
+        } else if last {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = connection.close(200, "drained".into()).await;
+    Ok(elapsed)
+}
+
+/// Event `n` as the ingest publishes it: its svix-id, body and properties.
+fn bench_event(n: usize) -> (String, Vec<u8>, BasicProperties) {
+    let svix_id = format!("msg_bench_{n:08}");
+    let body = json!({"type": "user.created", "object": "event", "data": user(n)});
+    let mut table = FieldTable::default();
+    table.insert(
+        headers::SVIX_ID.into(),
+        AMQPValue::LongString(LongString::from(svix_id.as_str())),
+    );
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(svix_id.as_str().into())
+        .with_type("user.created".into())
+        .with_headers(table);
+    (svix_id, body.to_string().into_bytes(), properties)
 }
 
 /// Publishes N `user.created` events as the ingest does, with confirms, before the clock starts.
@@ -262,19 +453,7 @@ async fn prefill(amqp_url: &str, topology: &Topology, events: usize) -> anyhow::
     for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for &n in chunk {
-            let svix_id = format!("msg_bench_{n:08}");
-            let body = json!({"type": "user.created", "object": "event", "data": user(n)});
-            let mut table = FieldTable::default();
-            table.insert(
-                headers::SVIX_ID.into(),
-                AMQPValue::LongString(LongString::from(svix_id.as_str())),
-            );
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(svix_id.as_str().into())
-                .with_type("user.created".into())
-                .with_headers(table);
+            let (_, body, properties) = bench_event(n);
             confirms.push(
                 channel
                     .basic_publish(
@@ -284,7 +463,7 @@ async fn prefill(amqp_url: &str, topology: &Topology, events: usize) -> anyhow::
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
-                        body.to_string().as_bytes(),
+                        &body,
                         properties,
                     )
                     .await?,
@@ -302,6 +481,96 @@ async fn prefill(amqp_url: &str, topology: &Topology, events: usize) -> anyhow::
     );
     let _ = connection.close(200, "prefilled".into()).await;
     Ok(())
+}
+
+/// Sends `args.trickle` events to the running worker, one every 10 ms, and returns the
+/// milliseconds from just before each publish to the commit that recorded it.
+async fn trickle(
+    db: &DatabaseConnection,
+    db_url: &str,
+    amqp_url: &str,
+    topology: &Topology,
+    args: &Args,
+) -> anyhow::Result<Vec<f64>> {
+    // Notifications are delivered when the inserting transaction commits.
+    db.execute_unprepared(
+        "CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_notify('bench_applied', NEW.svix_id); RETURN NULL; END $$; \
+         CREATE TRIGGER bench_notify AFTER INSERT ON processed_events \
+           FOR EACH ROW EXECUTE FUNCTION bench_notify()",
+    )
+    .await?;
+    let mut listener = sea_orm::sqlx::postgres::PgListener::connect(db_url).await?;
+    listener.listen("bench_applied").await?;
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let sent = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let publisher = {
+        let sent = sent.clone();
+        let topology = topology.clone();
+        let count = args.trickle;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for n in 0..count {
+                tick.tick().await;
+                let n = 1_000_000_000 + n;
+                let (svix_id, body, properties) = bench_event(n);
+                sent.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .insert(svix_id, Instant::now());
+                let confirm = channel
+                    .basic_publish(
+                        topology.exchange.as_str().into(),
+                        "user.created".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        properties,
+                    )
+                    .await?
+                    .await?;
+                if !confirm.is_ack() {
+                    bail!("the broker refused a trickle event");
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let mut latencies = Vec::with_capacity(args.trickle);
+    let deadline =
+        Instant::now() + Duration::from_secs(60) + args.trickle as u32 * Duration::from_millis(10);
+    while latencies.len() < args.trickle {
+        let notification = tokio::time::timeout_at(deadline.into(), listener.recv())
+            .await
+            .context("the trickle did not finish in time")??;
+        let committed = Instant::now();
+        let published = sent
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .get(notification.payload())
+            .copied()
+            .context("a notification for an event not sent")?;
+        latencies.push(committed.duration_since(published).as_secs_f64() * 1000.0);
+    }
+    publisher.await??;
+    let _ = connection.close(200, "trickle done".into()).await;
+    Ok(latencies)
+}
+
+/// The `q`-quantile of `values` (sorted here), in their unit.
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 /// `VmHWM` of this process, in KiB: the most resident memory it has held so far.

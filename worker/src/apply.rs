@@ -1,31 +1,45 @@
-//! Applying events to Postgres: one event's rules in [`apply_event`], one delivery per call in
-//! [`apply`], and many deliveries in one transaction in [`apply_batch`].
+//! Applying events to Postgres: one delivery per call in [`apply`], and many deliveries in one
+//! transaction in [`apply_batch`], both through the same few set-based statements, so a batch
+//! costs the same number of round trips whatever its size.
 //!
 //! The rules, all inside one transaction:
-//! - the svix-id goes into `processed_events` before anything else is written; a conflict means
-//!   the event was handled before, and nothing else is written (`Duplicate`);
+//! - the svix-id goes into `processed_events` in the statement that decides the outcome; a
+//!   conflict means the event was handled before, and nothing else is written (`Duplicate`);
 //! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
-//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`;
-//! - `user.deleted` deletes the row and writes a tombstone;
+//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
+//!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
+//!   exactly as if the newest had been applied first;
+//! - `user.deleted` deletes the row and the user's organization memberships and writes a
+//!   tombstone; a version of the same user in the same batch is `Stale`, as if the delete had
+//!   come first;
+//! - organization and membership events follow their own rules (`crate::organizations`), one at
+//!   a time after the batch's user events, in the same transaction;
 //! - an email held by another user goes to the newer version (by `updated_at`, then id): the older
 //!   holder's email becomes null, or, if the holder is newer, the incoming user is written with a
 //!   null email. In a real history two users never hold one address at the same moment, so the
 //!   loser is always a version that a later event of the same user supersedes.
 //!
-//! Every event takes a transaction-scoped advisory lock on its user id before reading, so events
-//! of one user never interleave, whichever worker or batch applies them. That is what makes a
-//! delete and a late update on two workers unable to resurrect a user.
+//! The statements of a batch: the user locks; recording and deciding (with the deletes); settling
+//! the emails the winners want; writing the winners. Every batch first takes a
+//! transaction-scoped advisory lock on each id its events name, so events of one user never
+//! interleave, whichever worker or batch applies them. That is what makes a delete and a late
+//! update on two workers unable to resurrect a user, and what keeps the decision, read after the
+//! locks, true until the commit.
+
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Query};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, RuntimeErr, Set, Statement,
-    TransactionTrait, TryInsertResult,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityName, IdenStatic, RuntimeErr,
+    Statement, TransactionTrait,
 };
+use serde_json::json;
 use shared::events::{RoleSource, UserRecord};
 
 use crate::event::{Action, Event};
 use crate::metrics::Metrics;
-use crate::storage::processed_events;
+use crate::storage::users;
 
 /// How often a transaction that lost a unique-constraint race is rerun before the failure is
 /// taken to belong to the message.
@@ -148,15 +162,17 @@ pub async fn apply(db: &DatabaseConnection, event: &Event) -> Result<Outcome, Ap
 
 async fn apply_alone(db: &DatabaseConnection, event: &Event) -> Result<Outcome, DbErr> {
     let txn = db.begin().await?;
-    lock_keys(&txn, event.action.lock_ids().into_iter()).await?;
-    let outcome = apply_event(&txn, event).await?;
+    let outcomes = apply_events(&txn, std::slice::from_ref(event)).await?;
     txn.commit().await?;
-    Ok(outcome)
+    outcomes
+        .first()
+        .copied()
+        .ok_or_else(|| DbErr::Custom("no outcome for the event".into()))
 }
 
 /// Why a batch did not commit.
 #[derive(Debug)]
-pub(crate) enum BatchFailure {
+pub enum BatchFailure {
     /// Retry the whole batch after a pause.
     Transient(DbErr),
     /// One of the events failed on its own account: apply them one by one instead, so only that
@@ -164,9 +180,10 @@ pub(crate) enum BatchFailure {
     Event(DbErr),
 }
 
-/// Applies several events in one transaction, each with exactly the effect it would have alone.
-/// Commits all or nothing.
-pub(crate) async fn apply_batch(
+/// Applies several events in one transaction, each with exactly the effect it would have alone;
+/// user events take a number of statements that does not grow with their number (see
+/// `apply_events`). Commits all or nothing.
+pub async fn apply_batch(
     db: &DatabaseConnection,
     events: &[Event],
 ) -> Result<Vec<Outcome>, BatchFailure> {
@@ -175,16 +192,58 @@ pub(crate) async fn apply_batch(
         DbFailure::Race | DbFailure::Message => BatchFailure::Event(error),
     };
     let txn = db.begin().await.map_err(sort)?;
-    // All of the batch's locks up front and in one order, so two batches never deadlock on
-    // them.
-    lock_keys(&txn, events.iter().flat_map(|e| e.action.lock_ids()))
-        .await
-        .map_err(sort)?;
-    let mut outcomes = Vec::with_capacity(events.len());
-    for event in events {
-        outcomes.push(apply_event(&txn, event).await.map_err(sort)?);
-    }
+    let outcomes = apply_events(&txn, events).await.map_err(sort)?;
     txn.commit().await.map_err(sort)?;
+    Ok(outcomes)
+}
+
+/// Applies the events inside the caller's transaction. The user and ignored events take at most
+/// four statements, however many there are: lock, record and decide (with the deletes), settle
+/// the emails, write the users. Their outcomes are those of applying them one at a time in this
+/// order: the deletes, then each user's newest version, then the rest (`stale`); a svix-id seen
+/// before, in the database or earlier in the slice, is a `Duplicate`. Organization and
+/// membership events are applied after them, one at a time, in their order.
+async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Vec<Outcome>, DbErr> {
+    // All of the batch's locks up front and in one order, so two batches never deadlock on
+    // them. Everything below reads the rows after the locks are held.
+    lock_keys(db, events.iter().flat_map(|e| e.action.lock_ids())).await?;
+    // The first copy of each user or ignored event is decided together; organization and
+    // membership events follow their own rules afterwards (`crate::organizations`).
+    let mut seen = HashSet::with_capacity(events.len());
+    let together: Vec<bool> = events
+        .iter()
+        .map(|event| {
+            seen.insert(event.svix_id.as_str()) && !matches!(event.action, Action::Organization(_))
+        })
+        .collect();
+    let recorded = record_and_decide(db, events, &together).await?;
+    let mut outcomes: Vec<Outcome> = events
+        .iter()
+        .zip(&together)
+        .map(
+            |(event, &together)| match recorded.get(event.svix_id.as_str()) {
+                Some(&outcome) if together => outcome,
+                _ => Outcome::Duplicate,
+            },
+        )
+        .collect();
+    let writers: Vec<&UserRecord> = events
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(event, outcome)| match (&event.action, outcome) {
+            (Action::Upsert(record), Outcome::Applied) => Some(record.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if !writers.is_empty() {
+        let without_email = settle_emails(db, &writers).await?;
+        write_users(db, &writers, &without_email).await?;
+    }
+    for (event, outcome) in events.iter().zip(outcomes.iter_mut()) {
+        if let Action::Organization(change) = &event.action {
+            *outcome = crate::organizations::apply_event(db, event, change).await?;
+        }
+    }
     Ok(outcomes)
 }
 
@@ -209,212 +268,270 @@ pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
     Ok(())
 }
 
-/// Applies one event inside the caller's transaction. The caller holds the user's lock.
-pub(crate) async fn apply_event<C: ConnectionTrait>(
+/// Records every new svix-id with its outcome, deciding last-writer-wins for all users at once,
+/// and carries out the new deletes. Returns the outcome of each svix-id that was new.
+async fn record_and_decide<C: ConnectionTrait>(
     db: &C,
-    event: &Event,
-) -> Result<Outcome, DbErr> {
-    match &event.action {
-        Action::Ignore => {
-            let recorded = record(db, event, Outcome::Ignored).await?;
-            Ok(if recorded {
-                Outcome::Ignored
-            } else {
-                Outcome::Duplicate
+    events: &[Event],
+    together: &[bool],
+) -> Result<HashMap<String, Outcome>, DbErr> {
+    let batch: Vec<serde_json::Value> = events
+        .iter()
+        .zip(together)
+        .enumerate()
+        .filter(|(_, (_, together))| **together)
+        .map(|(ordinal, (event, _))| {
+            let (user_id, updated_at, deletes) = match &event.action {
+                Action::Upsert(record) => (Some(&record.id), Some(record.updated_at), false),
+                Action::Delete { id } => (Some(id), None, true),
+                Action::Organization(_) | Action::Ignore => (None, None, false),
+            };
+            json!({
+                "ordinal": ordinal, "svix_id": event.svix_id, "event_type": event.event_type,
+                "user_id": user_id, "updated_at": updated_at, "deletes": deletes,
             })
-        }
-        Action::Delete { id } => {
-            let recorded = db
-                .query_one_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    RECORD_AND_DELETE,
-                    [
-                        id.clone().into(),
-                        event.svix_id.clone().into(),
-                        event.event_type.clone().into(),
-                    ],
-                ))
-                .await?;
-            Ok(if recorded.is_some() {
-                Outcome::Applied
-            } else {
-                Outcome::Duplicate
-            })
-        }
-        Action::Upsert(record_in) => upsert(db, event, record_in).await,
-        Action::Organization(change) => crate::organizations::apply_event(db, event, change).await,
-    }
-}
-
-/// Inserts the svix-id; false when it was there already.
-async fn record<C: ConnectionTrait>(
-    db: &C,
-    event: &Event,
-    outcome: Outcome,
-) -> Result<bool, DbErr> {
-    let row = processed_events::ActiveModel {
-        svix_id: Set(event.svix_id.clone()),
-        event_type: Set(event.event_type.clone()),
-        outcome: Set(outcome.as_str().to_owned()),
-        processed_at: Set(Utc::now().into()),
-    };
-    let result = processed_events::Entity::insert(row)
-        .on_conflict_do_nothing()
-        .exec(db)
+        })
+        .collect();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            RECORD_AND_DECIDE,
+            [serde_json::Value::Array(batch).into()],
+        ))
         .await?;
-    Ok(matches!(result, TryInsertResult::Inserted(_)))
+    let mut recorded = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let svix_id: String = row.try_get("", "svix_id")?;
+        let outcome: String = row.try_get("", "outcome")?;
+        let outcome = match outcome.as_str() {
+            "applied" => Outcome::Applied,
+            "stale" => Outcome::Stale,
+            "ignored" => Outcome::Ignored,
+            other => return Err(DbErr::Custom(format!("unexpected outcome {other:?}"))),
+        };
+        recorded.insert(svix_id, outcome);
+    }
+    Ok(recorded)
 }
 
-/// `user.deleted` in one statement: record the svix-id and, only if it was new, delete the row
-/// (cascading) and the user's organization memberships, and write the tombstone; a second delete
-/// keeps the first deletion time. Returns a row only when the svix-id was new. `$1` is the user
-/// id, `$2` the svix-id, `$3` the type.
-const RECORD_AND_DELETE: &str = "\
-WITH recorded AS ( \
-  INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-  VALUES ($2, $3, 'applied', now()) \
-  ON CONFLICT (svix_id) DO NOTHING \
-  RETURNING svix_id), \
-deleted AS (DELETE FROM users WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)), \
-memberships AS ( \
-  DELETE FROM organization_memberships WHERE user_id = $1 AND EXISTS (SELECT 1 FROM recorded)), \
-buried AS ( \
-  INSERT INTO user_tombstones (id, deleted_at) SELECT $1, now() FROM recorded \
-  ON CONFLICT (id) DO NOTHING) \
-SELECT svix_id FROM recorded";
-
-/// The common case in one statement: read what decides the upsert, record the svix-id with its
-/// outcome, and write the user when it is newer, not tombstoned and its email is free. All parts
-/// see the database as it was before the statement. `$1`–`$8` are the user's columns, `$9` the
-/// svix-id, `$10` the type.
-const RECORD_AND_UPSERT: &str = "\
-WITH decision AS ( \
-  SELECT *, NOT tombstoned AND (stored_updated_at IS NULL OR stored_updated_at < $8) AS newer \
-  FROM (SELECT EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1) AS tombstoned, \
-               (SELECT updated_at FROM users WHERE id = $1) AS stored_updated_at, \
-               holder.id AS holder_id, holder.updated_at AS holder_updated_at \
-        FROM (SELECT 1) AS one \
-        LEFT JOIN users AS holder ON holder.email = $2 AND holder.id <> $1) AS standing), \
+/// One statement for the whole batch (`$1`: a JSON array of `{ordinal, svix_id, event_type,
+/// user_id, updated_at, deletes}`, one per user or ignored event, first copies only):
+/// - an upsert is `applied` when it is its user's newest in the batch (then the earliest), no
+///   tombstone exists and no delete of the user is in the batch, and the stored row is older;
+///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
+///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
+///   part in the ranking changes no outcome;
+/// - a delete is `applied`; if its svix-id is new, the row goes (cascading), and so do the
+///   user's organization memberships, and a tombstone is written (a second delete keeps the
+///   first deletion time);
+/// - any other type is `ignored`.
+///
+/// Raw SQL: sea-query builds neither data-modifying CTEs nor window functions. The batch comes
+/// as JSON rather than arrays because sea-query's array values cannot hold NULL elements.
+const RECORD_AND_DECIDE: &str = "\
+WITH batch AS ( \
+  SELECT * FROM jsonb_to_recordset($1::jsonb) AS b( \
+    ordinal int, svix_id text, event_type text, user_id text, updated_at timestamptz, \
+    deletes boolean)), \
+standing AS ( \
+  SELECT b.*, \
+    EXISTS (SELECT 1 FROM user_tombstones t WHERE t.id = b.user_id) \
+      OR bool_or(b.deletes) OVER (PARTITION BY b.user_id) AS buried, \
+    (SELECT u.updated_at FROM users u WHERE u.id = b.user_id) AS stored_updated_at, \
+    row_number() OVER ( \
+      PARTITION BY b.user_id, b.deletes ORDER BY b.updated_at DESC, b.ordinal) AS rank \
+  FROM batch b), \
 recorded AS ( \
   INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-  SELECT $9, $10, CASE WHEN newer THEN 'applied' ELSE 'stale' END, now() FROM decision \
+  SELECT svix_id, event_type, \
+    CASE WHEN user_id IS NULL THEN 'ignored' \
+         WHEN deletes THEN 'applied' \
+         WHEN rank = 1 AND NOT buried \
+              AND (stored_updated_at IS NULL OR stored_updated_at < updated_at) THEN 'applied' \
+         ELSE 'stale' END, \
+    now() \
+  FROM standing ORDER BY ordinal \
   ON CONFLICT (svix_id) DO NOTHING \
-  RETURNING outcome), \
-written AS ( \
-  INSERT INTO users \
-    (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-  SELECT $1, $2, $3, $4, $5, $6, $7, $8, now() FROM decision, recorded \
-  WHERE recorded.outcome = 'applied' AND decision.holder_id IS NULL \
-  ON CONFLICT (id) DO UPDATE SET \
-    email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
-    role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
-    updated_at = excluded.updated_at, synced_at = excluded.synced_at \
-  WHERE users.updated_at < excluded.updated_at \
-  RETURNING id) \
-SELECT (SELECT outcome FROM recorded) AS recorded_outcome, \
-       EXISTS (SELECT 1 FROM written) AS written, holder_id, holder_updated_at \
-FROM decision";
+  RETURNING svix_id, outcome), \
+gone AS ( \
+  SELECT DISTINCT b.user_id FROM batch b JOIN recorded r USING (svix_id) WHERE b.deletes), \
+deleted AS (DELETE FROM users WHERE id IN (SELECT user_id FROM gone)), \
+memberships AS ( \
+  DELETE FROM organization_memberships WHERE user_id IN (SELECT user_id FROM gone)), \
+buried AS ( \
+  INSERT INTO user_tombstones (id, deleted_at) SELECT user_id, now() FROM gone \
+  ON CONFLICT (id) DO NOTHING) \
+SELECT svix_id, outcome FROM recorded";
 
-/// The conditional upsert alone, for when the email had to be settled first.
-const UPSERT: &str = "\
-INSERT INTO users \
-  (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
-ON CONFLICT (id) DO UPDATE SET \
-  email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
-  role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
-  updated_at = excluded.updated_at, synced_at = excluded.synced_at \
-WHERE users.updated_at < excluded.updated_at";
-
-fn user_values(record: &UserRecord, email: Option<String>) -> Vec<sea_orm::Value> {
-    vec![
-        record.id.clone().into(),
-        email.into(),
-        record.first_name.clone().into(),
-        record.last_name.clone().into(),
-        record.role.as_str().into(),
-        record.phone.clone().into(),
-        record.created_at.into(),
-        record.updated_at.into(),
-    ]
-}
-
-async fn upsert<C: ConnectionTrait>(
+/// Settles every address the writers want that someone else holds, or that two writers want:
+/// the newest version (by `updated_at`, then id) wins it. Holders that lose have their email
+/// set to null; returns the ids of writers that lose, to be written with a null email.
+async fn settle_emails<C: ConnectionTrait>(
     db: &C,
-    event: &Event,
-    incoming: &UserRecord,
-) -> Result<Outcome, DbErr> {
-    let mut values = user_values(incoming, incoming.email.clone());
-    values.push(event.svix_id.clone().into());
-    values.push(event.event_type.clone().into());
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            RECORD_AND_UPSERT,
-            values,
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("the upsert statement returned no row".into()))?;
-    let recorded: Option<String> = row.try_get("", "recorded_outcome")?;
-    match recorded.as_deref() {
-        None => return Ok(Outcome::Duplicate),
-        Some("stale") => return Ok(Outcome::Stale),
-        _ => {}
+    writers: &[&UserRecord],
+) -> Result<HashSet<String>, DbErr> {
+    let wanting: Vec<&&UserRecord> = writers.iter().filter(|w| w.email.is_some()).collect();
+    if wanting.is_empty() {
+        return Ok(HashSet::new());
     }
-    let written: bool = row.try_get("", "written")?;
-    let holder_id: Option<String> = row.try_get("", "holder_id")?;
-    let holder_updated_at: Option<DateTime<Utc>> = row.try_get("", "holder_updated_at")?;
-    if let (false, Some(holder_id), Some(holder_updated_at), Some(address)) =
-        (written, holder_id, holder_updated_at, &incoming.email)
-    {
-        settle_email(db, incoming, address, &holder_id, holder_updated_at).await?;
-    }
-    Ok(Outcome::Applied)
-}
-
-/// The incoming email is held by another user: the newer version wins it. Then the user is
-/// written, with or without the address.
-async fn settle_email<C: ConnectionTrait>(
-    db: &C,
-    incoming: &UserRecord,
-    address: &str,
-    holder_id: &str,
-    holder_updated_at: DateTime<Utc>,
-) -> Result<(), DbErr> {
-    let mut email = Some(address.to_owned());
-    if (holder_updated_at, holder_id) < (incoming.updated_at, incoming.id.as_str()) {
-        // The condition is checked again under the row lock: if the holder moved on in the
-        // meantime, nothing is taken from it, and a remaining conflict shows up below as a
-        // unique violation, which reruns the event.
-        db.execute_raw(Statement::from_sql_and_values(
+    let ids: Vec<String> = wanting.iter().map(|w| w.id.clone()).collect();
+    let emails: Vec<String> = wanting.iter().filter_map(|w| w.email.clone()).collect();
+    let updated_at: Vec<DateTime<Utc>> = wanting.iter().map(|w| w.updated_at).collect();
+    let all_writers: Vec<String> = writers.iter().map(|w| w.id.clone()).collect();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE users SET email = NULL, synced_at = now() \
-             WHERE id = $1 AND email = $2 AND (updated_at, id) < ($3, $4)",
+            SETTLE_EMAILS,
             [
-                holder_id.into(),
-                address.into(),
-                incoming.updated_at.into(),
-                incoming.id.clone().into(),
+                ids.into(),
+                emails.into(),
+                updated_at.into(),
+                all_writers.into(),
             ],
         ))
         .await?;
-        tracing::warn!(
-            user_id = %incoming.id, previous_holder = %holder_id,
-            "email moved to a newer user version; the older holder's email is now null"
-        );
-    } else {
-        email = None;
-        tracing::warn!(
-            user_id = %incoming.id, holder = %holder_id,
-            "email held by a newer version of another user; stored with a null email"
-        );
+    let mut without_email = HashSet::new();
+    for row in rows {
+        let kind: String = row.try_get("", "kind")?;
+        let user_id: String = row.try_get("", "user_id")?;
+        let other: String = row.try_get("", "other")?;
+        if kind == "lost" {
+            tracing::warn!(
+                %user_id, holder = %other,
+                "email held by a newer version of another user; stored with a null email"
+            );
+            without_email.insert(user_id);
+        } else {
+            tracing::warn!(
+                %user_id, previous_holder = %other,
+                "email moved to a newer user version; the older holder's email is now null"
+            );
+        }
     }
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        UPSERT,
-        user_values(incoming, email),
-    ))
-    .await?;
+    Ok(without_email)
+}
+
+/// `$1`–`$3`: the writers that carry an email (id, email, updated_at); `$4`: every writer's id.
+/// For each wanted address the candidates are those writers and the row holding it now, unless
+/// that row is a writer's (it is about to be overwritten). Rows that hold a won address and are
+/// not its winner lose it now, so the upsert that follows meets no conflict: a writer's old
+/// row unconditionally, anyone else's only if still older than the winner, checked again under
+/// the row lock (a holder that moved on meanwhile keeps it, and the upsert's unique violation
+/// reruns the batch). Returns `lost` rows (a writer, the winner it lost to) and `freed` rows
+/// (the winner, a holder other than a writer that lost the address).
+///
+/// Raw SQL: sea-query builds neither data-modifying CTEs nor `DISTINCT ON`.
+const SETTLE_EMAILS: &str = "\
+WITH incoming AS ( \
+  SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS i(id, email, updated_at)), \
+candidates AS ( \
+  SELECT id, email, updated_at FROM incoming \
+  UNION ALL \
+  SELECT u.id, u.email, u.updated_at FROM users u \
+  WHERE u.email IN (SELECT email FROM incoming) AND u.id <> ALL ($4::text[])), \
+winners AS ( \
+  SELECT DISTINCT ON (email) email, id, updated_at FROM candidates \
+  ORDER BY email, updated_at DESC, id DESC), \
+freed AS ( \
+  UPDATE users SET email = NULL, synced_at = now() \
+  FROM winners w \
+  WHERE users.email = w.email AND users.id <> w.id \
+    AND (users.id = ANY ($4::text[]) OR (users.updated_at, users.id) < (w.updated_at, w.id)) \
+  RETURNING users.id AS holder, w.id AS winner) \
+SELECT 'lost' AS kind, i.id AS user_id, w.id AS other \
+FROM incoming i JOIN winners w ON w.email = i.email WHERE w.id <> i.id \
+UNION ALL \
+SELECT 'freed', winner, holder FROM freed WHERE holder <> ALL ($4::text[])";
+
+/// The columns of `users` an event writes, with this version's values. The JSON rows, the
+/// insert's column list and the update's `SET` list all come from this one list, so a new
+/// column is one line here.
+fn user_columns(
+    record: &UserRecord,
+    email: Option<&str>,
+) -> Vec<(users::Column, serde_json::Value)> {
+    use users::Column;
+    vec![
+        (Column::Id, json!(record.id)),
+        (Column::Email, json!(email)),
+        (Column::FirstName, json!(record.first_name)),
+        (Column::LastName, json!(record.last_name)),
+        (Column::Role, json!(record.role.as_str())),
+        (Column::Phone, json!(record.phone)),
+        (Column::CreatedAt, json!(record.created_at)),
+        (Column::UpdatedAt, json!(record.updated_at)),
+    ]
+}
+
+/// Writes the winning versions in one statement:
+/// `INSERT INTO users (…) SELECT … FROM jsonb_populate_recordset(NULL::users, $1) ON CONFLICT
+/// (id) DO UPDATE SET … WHERE users.updated_at < excluded.updated_at`. The rows come as JSON
+/// typed by the table itself (not `unnest` of arrays: sea-query's array values cannot hold the
+/// NULLs of nullable columns).
+async fn write_users<C: ConnectionTrait>(
+    db: &C,
+    writers: &[&UserRecord],
+    without_email: &HashSet<String>,
+) -> Result<(), DbErr> {
+    let rows: Vec<_> = writers
+        .iter()
+        .map(|w| {
+            let email = w
+                .email
+                .as_deref()
+                .filter(|_| !without_email.contains(&w.id));
+            user_columns(w, email)
+        })
+        .collect();
+    let Some(columns) = rows
+        .first()
+        .map(|row| row.iter().map(|(column, _)| *column).collect::<Vec<_>>())
+    else {
+        return Ok(());
+    };
+    let json = serde_json::Value::Array(
+        rows.into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|(column, value)| (column.as_str().to_owned(), value))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            })
+            .collect(),
+    );
+    let table = users::Entity.table_name();
+    let incoming = Query::select()
+        .columns(columns.iter().copied())
+        .expr(Expr::current_timestamp())
+        .from_function(
+            Func::cust("jsonb_populate_recordset")
+                .arg(Expr::cust(format!("NULL::{table}")))
+                .arg(Expr::val(json)),
+            "incoming",
+        )
+        .to_owned();
+    let updated: Vec<users::Column> = columns
+        .iter()
+        .copied()
+        .filter(|column| !matches!(column, users::Column::Id))
+        .chain([users::Column::SyncedAt])
+        .collect();
+    let upsert = Query::insert()
+        .into_table(users::Entity)
+        .columns(columns.iter().copied().chain([users::Column::SyncedAt]))
+        .select_from(incoming)
+        .map_err(|error| DbErr::Custom(error.to_string()))?
+        .on_conflict(
+            OnConflict::column(users::Column::Id)
+                .update_columns(updated)
+                .action_and_where(
+                    Expr::col((users::Entity, users::Column::UpdatedAt))
+                        .lt(Expr::col(("excluded", users::Column::UpdatedAt))),
+                )
+                .to_owned(),
+        )
+        .to_owned();
+    db.execute(&upsert).await?;
     Ok(())
 }
 

@@ -2,7 +2,10 @@
 //! moving between them, role changes, deletes), organizations (creates, updates, deletes) and
 //! memberships (added, role changed, removed, added again under a new id), delivered shuffled
 //! and with duplicates through RabbitMQ to two workers at once, the `users`, `organizations` and
-//! `organization_memberships` tables end equal to Clerk's final state.
+//! `organization_memberships` tables end equal to Clerk's final state. Batch sizes range from
+//! one event to more than a whole history, and the workers start either before the events
+//! (small batches as they trickle in) or after (full batches from a backlog, with several
+//! versions of one user, duplicates and deletes in one batch).
 //!
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
@@ -403,7 +406,16 @@ async fn stored(env: &TestEnv) -> Truth {
     }
 }
 
-async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
+/// Batch sizes in the mix (`WORKER_BATCH_SIZE`); prefetch is twice the batch.
+const BATCH_SIZES: [usize; 4] = [1, 4, 16, 64];
+
+async fn run_case(
+    steps: Vec<Step>,
+    order: Vec<u32>,
+    duplicates: Vec<usize>,
+    batch_size: usize,
+    backlog: bool,
+) {
     let (events, truth) = history(&steps);
     // Delivery order: sorted by a random key per event, with some events sent twice.
     let mut deliveries: Vec<(u32, usize)> = events
@@ -420,14 +432,22 @@ async fn run_case(steps: Vec<Step>, order: Vec<u32>, duplicates: Vec<usize>) {
 
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.batch_size = 4;
-    config.prefetch = 8;
+    config.batch_size = batch_size;
+    config.prefetch = u16::try_from(2 * batch_size).expect("small prefetch");
+    let publish_all = || async {
+        for (_, i) in &deliveries {
+            let event = &events[*i];
+            env.publish_event(&event.svix_id, event.event_type, event.data.clone())
+                .await;
+        }
+    };
+    if backlog {
+        publish_all().await;
+    }
     let first = env.start_worker(config.clone()).await;
     let second = env.start_worker(config).await;
-    for (_, i) in &deliveries {
-        let event = &events[*i];
-        env.publish_event(&event.svix_id, event.event_type, event.data.clone())
-            .await;
+    if !backlog {
+        publish_all().await;
     }
     // Done when every event is recorded and every extra copy was met as a duplicate (so none
     // is still waiting in a prefetch buffer when the workers stop).
@@ -478,12 +498,14 @@ proptest! {
         steps in prop::collection::vec(step(), 1..48),
         order in prop::collection::vec(any::<u32>(), 48),
         duplicates in prop::collection::vec(0usize..48, 0..12),
+        batch_size in prop::sample::select(BATCH_SIZES.to_vec()),
+        backlog in any::<bool>(),
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(run_case(steps, order, duplicates));
+        runtime.block_on(run_case(steps, order, duplicates, batch_size, backlog));
     }
 }
