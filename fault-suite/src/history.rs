@@ -288,14 +288,14 @@ mod tests {
             };
             let record = serde_json::from_value::<ClerkUser>(envelope.data)
                 .expect("user")
-                .to_record()
+                .to_record(&shared::Roles::default())
                 .expect("record");
             assert_eq!(record.id, row.id);
             assert_eq!(record.email, row.email);
             assert_eq!(record.first_name, row.first_name);
             assert_eq!(record.last_name, row.last_name);
             assert_eq!(record.phone, row.phone);
-            assert_eq!(record.role.as_str(), row.role);
+            assert_eq!(record.role, row.role);
             assert_eq!(record.updated_at.timestamp_millis(), row.updated_at_ms);
         }
     }

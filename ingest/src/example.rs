@@ -133,8 +133,8 @@ mod tests {
             let example = build(kind, "user_abc", &verifier()).expect("example");
             let envelope = Envelope::parse(example.body.as_bytes()).expect("envelope");
             let user: ClerkUser = serde_json::from_value(envelope.data).expect("user");
-            assert_eq!(user.id, "user_abc");
-            assert!(user.updated_at >= before, "{kind:?}");
+            assert_eq!(user.fields.id, "user_abc");
+            assert!(user.fields.updated_at >= before, "{kind:?}");
         }
         let deleted = build(ExampleKind::UserDeleted, "user_abc", &verifier()).expect("example");
         let envelope = Envelope::parse(deleted.body.as_bytes()).expect("envelope");

@@ -6,6 +6,8 @@ pub use sea_orm_migration::prelude::*;
 mod m20261127_000001_create_users;
 mod m20261127_000002_create_user_tombstones;
 mod m20261127_000003_create_processed_events;
+mod m20261130_000001_add_user_profile_columns;
+mod m20261130_000002_drop_users_role_check;
 mod m20261130_000003_index_processed_events_processed_at;
 mod m20261130_000004_create_organizations;
 
@@ -19,6 +21,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_create_users::Migration),
             Box::new(m20261127_000002_create_user_tombstones::Migration),
             Box::new(m20261127_000003_create_processed_events::Migration),
+            Box::new(m20261130_000001_add_user_profile_columns::Migration),
+            Box::new(m20261130_000002_drop_users_role_check::Migration),
             Box::new(m20261130_000003_index_processed_events_processed_at::Migration),
             Box::new(m20261130_000004_create_organizations::Migration),
         ]

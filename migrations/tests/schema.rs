@@ -1,7 +1,9 @@
 //! The migrations against a real Postgres: each test gets a database of its own.
 
 use migrations::{Migrator, MigratorTrait};
-use sea_orm_migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm_migration::sea_orm::{
+    ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+};
 
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -93,7 +95,7 @@ async fn up_creates_the_tables_and_down_removes_them_again() {
 }
 
 #[tokio::test]
-async fn users_reject_an_unknown_role_and_a_taken_email_but_allow_many_null_emails() {
+async fn users_reject_a_taken_email_but_allow_many_null_emails_and_any_role() {
     let test = TestDb::create().await;
     Migrator::up(&test.db, None).await.expect("up");
     insert_user(&test.db, "u1", Some("a@example.org"), "admin")
@@ -111,18 +113,121 @@ async fn users_reject_an_unknown_role_and_a_taken_email_but_allow_many_null_emai
             .is_err(),
         "a second user took a taken email"
     );
+    // Roles are the worker's setting, not the schema's.
+    insert_user(&test.db, "u5", None, "owner")
+        .await
+        .expect("a role outside the seed's three");
     assert!(
-        insert_user(&test.db, "u5", None, "superuser")
+        test.db
+            .execute_unprepared(
+                "INSERT INTO users (id, created_at, updated_at, synced_at) \
+                 VALUES ('u6', now(), now(), now())",
+            )
             .await
             .is_err(),
-        "an unknown role was accepted"
+        "a user without a role was stored: the schema has no default role any more"
+    );
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn the_profile_columns_hold_json_and_external_id_is_indexed() {
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    test.db
+        .execute_unprepared(
+            "INSERT INTO users (id, role, created_at, updated_at, synced_at, username, image_url, \
+               external_id, public_metadata, private_metadata, last_sign_in_at, clerk_data) \
+             VALUES ('u1', 'client', now(), now(), now(), 'name', 'https://img', 'ext-1', \
+               '{\"plan\": \"pro\"}', NULL, now(), '{\"id\": \"u1\", \"locale\": \"fr\"}')",
+        )
+        .await
+        .expect("insert with every new column");
+    let row = test
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT public_metadata->>'plan' AS plan, clerk_data->>'locale' AS locale \
+             FROM users WHERE external_id = 'ext-1'",
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    assert_eq!(row.try_get::<String>("", "plan").expect("plan"), "pro");
+    assert_eq!(row.try_get::<String>("", "locale").expect("locale"), "fr");
+    let indexed = test
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes \
+             WHERE tablename = 'users' AND indexname = 'users_external_id_idx'",
+        ))
+        .await
+        .expect("pg_indexes")
+        .expect("external_id index");
+    let definition: String = indexed.try_get("", "indexdef").expect("indexdef");
+    assert!(definition.contains("(external_id)"), "{definition}");
+    test.drop_now().await;
+}
+
+#[tokio::test]
+async fn down_of_the_role_and_profile_migrations_restores_the_seed_schema() {
+    // How many `down` steps undo the role migration, and the profile columns one before it,
+    // whatever migrations were added after them.
+    let names: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let role_check = names
+        .iter()
+        .position(|name| name == "m20261130_000002_drop_users_role_check")
+        .expect("the role migration is listed");
+    assert_eq!(
+        names[role_check - 1],
+        "m20261130_000001_add_user_profile_columns",
+        "the profile columns come just before"
+    );
+    let through_role_check = u32::try_from(names.len() - role_check).expect("a few migrations");
+
+    let test = TestDb::create().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    insert_user(&test.db, "u1", None, "owner")
+        .await
+        .expect("owner");
+    assert!(
+        Migrator::down(&test.db, Some(through_role_check))
+            .await
+            .is_err(),
+        "the seed's role check came back over a row it rejects"
+    );
+    Migrator::up(&test.db, None)
+        .await
+        .expect("up again after the refused down");
+    test.db
+        .execute_unprepared("DELETE FROM users")
+        .await
+        .expect("delete");
+    Migrator::down(&test.db, Some(through_role_check + 1))
+        .await
+        .expect("down through the profile columns");
+    assert!(
+        insert_user(&test.db, "u2", None, "owner").await.is_err(),
+        "the role check is back"
+    );
+    assert!(
+        test.db
+            .execute_unprepared("SELECT clerk_data FROM users")
+            .await
+            .is_err(),
+        "clerk_data still there after down"
     );
     test.db
         .execute_unprepared(
-            "INSERT INTO users (id, created_at, updated_at, synced_at) VALUES ('u6', now(), now(), now())",
+            "INSERT INTO users (id, created_at, updated_at, synced_at) VALUES ('u3', now(), now(), now())",
         )
         .await
-        .expect("role defaults");
+        .expect("the role default is back");
+    Migrator::up(&test.db, None).await.expect("up again");
     test.drop_now().await;
 }
 

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::broker::AmqpNodes;
+use crate::roles::{Roles, RolesError};
 use crate::telemetry::LogFormat;
 use crate::topology::Topology;
 
@@ -102,6 +103,12 @@ pub struct Settings {
     pub worker_run_migrations: bool,
     /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
     pub worker_db_pool_size: u32,
+    /// `WORKER_ROLES`: the roles a user can hold, separated by commas (default
+    /// `admin,trainer,client`).
+    pub worker_roles: String,
+    /// `WORKER_DEFAULT_ROLE`: the role of a user whose `public_metadata.role` is missing or not
+    /// one of `WORKER_ROLES` (default `client`; must be one of them).
+    pub worker_default_role: String,
     /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
     /// prunes it, as a human-readable duration like `30d` or `72h` (default `30d`).
     pub worker_processed_retention: String,
@@ -144,6 +151,8 @@ impl Default for Settings {
             worker_retry_max_ms: 30_000,
             worker_run_migrations: true,
             worker_db_pool_size: 8,
+            worker_roles: "admin,trainer,client".into(),
+            worker_default_role: "client".into(),
             worker_processed_retention: "30d".into(),
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
@@ -243,6 +252,25 @@ impl Settings {
         Ok(secrets)
     }
 
+    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`, checked to name at least one role with the
+    /// default among them.
+    pub fn roles(&self) -> Result<Roles, ConfigError> {
+        Roles::new(
+            Roles::split_list(&self.worker_roles),
+            self.worker_default_role.trim(),
+        )
+        .map_err(|error| match error {
+            RolesError::Empty => ConfigError::Malformed {
+                variable: "WORKER_ROLES",
+                reason: "names no role (expected e.g. admin,trainer,client)".into(),
+            },
+            RolesError::DefaultNotListed { .. } => ConfigError::Malformed {
+                variable: "WORKER_DEFAULT_ROLE",
+                reason: format!("must be one of WORKER_ROLES: {error}"),
+            },
+        })
+    }
+
     /// `INGEST_CONFIRM_TIMEOUT_MS` as a duration.
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.ingest_confirm_timeout_ms)
@@ -309,6 +337,40 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert_eq!(line, "configuration: DATABASE_URL is required but not set");
+    }
+
+    #[test]
+    fn roles_come_from_the_settings_and_a_default_outside_them_is_named() {
+        assert_eq!(
+            Settings::default().roles().expect("roles"),
+            Roles::default()
+        );
+        let custom = Settings {
+            worker_roles: "owner, editor,viewer".into(),
+            worker_default_role: "viewer".into(),
+            ..Settings::default()
+        };
+        let roles = custom.roles().expect("roles");
+        assert_eq!(roles.names(), ["owner", "editor", "viewer"]);
+        assert_eq!(roles.default_role(), "viewer");
+        let unlisted = Settings {
+            worker_roles: "owner,editor".into(),
+            ..Settings::default()
+        };
+        let line = unlisted.roles().expect_err("client unlisted").to_string();
+        assert!(
+            line.starts_with("configuration: WORKER_DEFAULT_ROLE is malformed"),
+            "{line}"
+        );
+        let empty = Settings {
+            worker_roles: " , ".into(),
+            ..Settings::default()
+        };
+        let line = empty.roles().expect_err("no roles").to_string();
+        assert!(
+            line.starts_with("configuration: WORKER_ROLES is malformed"),
+            "{line}"
+        );
     }
 
     #[test]

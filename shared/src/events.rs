@@ -3,8 +3,11 @@
 //! optional. Only what the sync needs is read.
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+
+use crate::roles::{RoleSource, Roles};
 
 /// The event envelope. Its `timestamp` is seconds in some events and milliseconds in others, so
 /// it is not read at all.
@@ -62,9 +65,37 @@ impl UserEventKind {
     }
 }
 
-/// Clerk's `User` object, the `data` of `user.created` and `user.updated`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClerkUser {
+/// A Clerk object: `fields`, the part the sync reads, and `data`, the JSON exactly as Clerk sent
+/// it, kept whole so that any field Clerk has (or adds later) can be stored and queried without a
+/// schema change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClerkObject<T> {
+    pub fields: T,
+    pub data: Value,
+}
+
+impl<T: DeserializeOwned> ClerkObject<T> {
+    /// Reads `fields` out of `data` and keeps `data` as it is.
+    pub fn from_data(data: Value) -> Result<Self, serde_json::Error> {
+        let fields = T::deserialize(&data)?;
+        Ok(Self { fields, data })
+    }
+}
+
+/// Lets a listing (`Vec<ClerkUser>`) or any other container keep each object's JSON too.
+impl<'de, T: DeserializeOwned> Deserialize<'de> for ClerkObject<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::from_data(Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Clerk's `User` object, the `data` of `user.created` and `user.updated` (and an entry of the
+/// Backend API's user listing).
+pub type ClerkUser = ClerkObject<UserFields>;
+
+/// The fields of Clerk's `User` object that have columns of their own.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UserFields {
     pub id: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub email_addresses: Vec<EmailAddress>,
@@ -78,22 +109,35 @@ pub struct ClerkUser {
     pub first_name: Option<String>,
     #[serde(default)]
     pub last_name: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<String>,
+    /// The application's own id for the user, set through Clerk's Backend API.
+    #[serde(default)]
+    pub external_id: Option<String>,
     /// Arbitrary JSON; Clerk does not validate it.
     #[serde(default)]
     pub public_metadata: Value,
+    /// Arbitrary JSON, readable only from the backend; null in the dashboard's example event.
+    #[serde(default)]
+    pub private_metadata: Value,
+    /// Milliseconds since the epoch; null for a user who never signed in.
+    #[serde(default)]
+    pub last_sign_in_at: Option<i64>,
     /// Milliseconds since the epoch.
     pub created_at: i64,
     /// Milliseconds since the epoch; the version the sync orders writes by.
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EmailAddress {
     pub id: String,
     pub email_address: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PhoneNumber {
     pub id: String,
     pub phone_number: String,
@@ -107,35 +151,6 @@ pub struct DeletedObject {
     pub id: Option<String>,
 }
 
-/// The roles an application user can hold; anything else in `public_metadata.role` is `Client`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Admin,
-    Trainer,
-    Client,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Trainer => "trainer",
-            Role::Client => "client",
-        }
-    }
-}
-
-/// How the role was found in `public_metadata`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RoleSource {
-    /// `role` names a known role.
-    Known,
-    /// No `role` key (or a null one): the default role, nothing to warn about.
-    Absent,
-    /// `role` holds something else; the value (as JSON text) is for a warning, never trusted.
-    Unknown(String),
-}
-
 /// The row the sync writes for a user: Clerk's user reduced to the columns of `users`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -144,10 +159,21 @@ pub struct UserRecord {
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub phone: Option<String>,
-    pub role: Role,
+    pub username: Option<String>,
+    pub image_url: Option<String>,
+    pub external_id: Option<String>,
+    /// `None` when Clerk sent null or nothing.
+    pub public_metadata: Option<Value>,
+    /// `None` when Clerk sent null or nothing.
+    pub private_metadata: Option<Value>,
+    pub last_sign_in_at: Option<DateTime<Utc>>,
+    /// One of the configured roles.
+    pub role: String,
     pub role_source: RoleSource,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The user object exactly as it came (the `clerk_data` column).
+    pub clerk_data: Value,
 }
 
 /// A user object whose fields cannot be turned into a row.
@@ -163,49 +189,57 @@ impl ClerkUser {
     /// The primary email: the entry whose id is `primary_email_address_id`, found by id and never
     /// by position (the dashboard's example event names a primary id with an empty list).
     pub fn primary_email(&self) -> Option<&str> {
-        let primary = self.primary_email_address_id.as_deref()?;
-        self.email_addresses
+        let primary = self.fields.primary_email_address_id.as_deref()?;
+        self.fields
+            .email_addresses
             .iter()
             .find(|entry| entry.id == primary)
             .map(|entry| entry.email_address.as_str())
     }
 
     pub fn primary_phone(&self) -> Option<&str> {
-        let primary = self.primary_phone_number_id.as_deref()?;
-        self.phone_numbers
+        let primary = self.fields.primary_phone_number_id.as_deref()?;
+        self.fields
+            .phone_numbers
             .iter()
             .find(|entry| entry.id == primary)
             .map(|entry| entry.phone_number.as_str())
     }
 
-    /// `public_metadata.role` when it is one of the known roles, else `Client`.
-    pub fn role(&self) -> (Role, RoleSource) {
-        match self.public_metadata.get("role") {
-            None | Some(Value::Null) => (Role::Client, RoleSource::Absent),
-            Some(Value::String(role)) if role == "admin" => (Role::Admin, RoleSource::Known),
-            Some(Value::String(role)) if role == "trainer" => (Role::Trainer, RoleSource::Known),
-            Some(Value::String(role)) if role == "client" => (Role::Client, RoleSource::Known),
-            Some(other) => (Role::Client, RoleSource::Unknown(other.to_string())),
-        }
-    }
-
-    pub fn to_record(&self) -> Result<UserRecord, RecordError> {
-        if self.id.trim().is_empty() {
+    /// The row for this user: every write path (events, reconcile) maps users here and only here.
+    pub fn to_record(&self, roles: &Roles) -> Result<UserRecord, RecordError> {
+        let fields = &self.fields;
+        if fields.id.trim().is_empty() {
             return Err(RecordError::EmptyId);
         }
-        let (role, role_source) = self.role();
+        let (role, role_source) = roles.resolve(&fields.public_metadata);
         Ok(UserRecord {
-            id: self.id.clone(),
+            id: fields.id.clone(),
             email: self.primary_email().map(str::to_owned),
-            first_name: self.first_name.clone(),
-            last_name: self.last_name.clone(),
+            first_name: fields.first_name.clone(),
+            last_name: fields.last_name.clone(),
             phone: self.primary_phone().map(str::to_owned),
+            username: fields.username.clone(),
+            image_url: fields.image_url.clone(),
+            external_id: fields.external_id.clone(),
+            public_metadata: non_null(&fields.public_metadata),
+            private_metadata: non_null(&fields.private_metadata),
+            last_sign_in_at: fields
+                .last_sign_in_at
+                .map(|value| millis("last_sign_in_at", value))
+                .transpose()?,
             role,
             role_source,
-            created_at: millis("created_at", self.created_at)?,
-            updated_at: millis("updated_at", self.updated_at)?,
+            created_at: millis("created_at", fields.created_at)?,
+            updated_at: millis("updated_at", fields.updated_at)?,
+            clerk_data: self.data.clone(),
         })
     }
+}
+
+/// JSON null (or an absent field) as `None`, so the column holds SQL NULL rather than `'null'`.
+fn non_null(value: &Value) -> Option<Value> {
+    (!value.is_null()).then(|| value.clone())
 }
 
 fn millis(field: &'static str, value: i64) -> Result<DateTime<Utc>, RecordError> {
@@ -236,33 +270,75 @@ mod tests {
 
     fn user(body: &[u8]) -> ClerkUser {
         let envelope = Envelope::parse(body).expect("envelope");
-        serde_json::from_value(envelope.data).expect("user")
+        ClerkUser::from_data(envelope.data).expect("user")
+    }
+
+    fn record(body: &[u8]) -> UserRecord {
+        user(body).to_record(&Roles::default()).expect("record")
     }
 
     #[test]
     fn documented_user_created_maps_to_its_row() {
-        let record = user(&fixture("user.created")).to_record().expect("record");
+        let record = record(&fixture("user.created"));
         assert_eq!(record.id, "user_29w83sxmDNGwOuEthce5gg56FcC");
         assert_eq!(record.email.as_deref(), Some("example@example.org"));
         assert_eq!(record.first_name.as_deref(), Some("Example"));
         assert_eq!(record.last_name.as_deref(), Some("Example"));
         assert_eq!(record.phone, None);
+        assert_eq!(record.username, None);
         assert_eq!(
-            (record.role, record.role_source),
-            (Role::Client, RoleSource::Absent)
+            record.image_url.as_deref(),
+            Some("https://img.clerk.com/xxxxxx")
+        );
+        assert_eq!(record.external_id.as_deref(), Some("567772"));
+        assert_eq!(record.public_metadata, Some(json!({})));
+        assert_eq!(record.private_metadata, Some(json!({})));
+        assert_eq!(
+            record.last_sign_in_at.map(|at| at.timestamp_millis()),
+            Some(1654012591514)
+        );
+        assert_eq!(
+            (record.role.as_str(), record.role_source),
+            ("client", RoleSource::Absent)
         );
         assert_eq!(record.created_at.timestamp_millis(), 1654012591514);
         assert_eq!(record.updated_at.timestamp_millis(), 1654012591835);
     }
 
     #[test]
+    fn clerk_data_is_the_events_data_exactly() {
+        let body = fixture("user.created");
+        let envelope = Envelope::parse(&body).expect("envelope");
+        let record = record(&body);
+        assert_eq!(record.clerk_data, envelope.data);
+        // Fields without a column of their own are there too.
+        assert_eq!(
+            record.clerk_data["email_addresses"][0]["verification"]["status"],
+            json!("verified")
+        );
+    }
+
+    #[test]
+    fn a_listing_keeps_each_users_own_json() {
+        let listing = json!([
+            {"id": "user_1", "created_at": 1, "updated_at": 2, "locale": "fr"},
+            {"id": "user_2", "created_at": 1, "updated_at": 3, "username": "two"}
+        ]);
+        let users: Vec<ClerkUser> = serde_json::from_value(listing.clone()).expect("users");
+        assert_eq!(users[0].data, listing[0]);
+        assert_eq!(users[1].data, listing[1]);
+        assert_eq!(users[1].fields.username.as_deref(), Some("two"));
+    }
+
+    #[test]
     fn documented_user_updated_has_phone_role_and_null_last_name() {
-        let record = user(&fixture("user.updated")).to_record().expect("record");
+        let record = record(&fixture("user.updated"));
         assert_eq!(record.phone.as_deref(), Some("+19876543210"));
         assert_eq!(
-            (record.role, record.role_source),
-            (Role::Trainer, RoleSource::Known)
+            (record.role.as_str(), record.role_source),
+            ("trainer", RoleSource::Known)
         );
+        assert_eq!(record.public_metadata, Some(json!({"role": "trainer"})));
         assert_eq!(record.last_name, None);
         assert_eq!(record.updated_at.timestamp_millis(), 1654012824306);
     }
@@ -291,13 +367,23 @@ mod tests {
             "created_at": 1654012591514_i64, "updated_at": 1654012591835_i64,
             "some_field_clerk_added_later": {"nested": true}
         });
-        let record = serde_json::from_value::<ClerkUser>(data)
+        let record = serde_json::from_value::<ClerkUser>(data.clone())
             .expect("user")
-            .to_record()
+            .to_record(&Roles::default())
             .expect("record");
         assert_eq!(record.email, None);
         assert_eq!(record.phone, None);
-        assert_eq!(record.role, Role::Client);
+        assert_eq!(record.role, "client");
+        assert_eq!(
+            (record.username, record.image_url, record.external_id),
+            (None, None, None)
+        );
+        assert_eq!(
+            (record.public_metadata, record.private_metadata),
+            (None, None)
+        );
+        assert_eq!(record.last_sign_in_at, None);
+        assert_eq!(record.clerk_data, data);
     }
 
     #[test]
@@ -316,28 +402,34 @@ mod tests {
     }
 
     #[test]
-    fn unknown_or_mistyped_roles_fall_back_to_client_and_are_reported() {
-        for (role, expected) in [
-            (json!("admin"), (Role::Admin, RoleSource::Known)),
-            (json!("client"), (Role::Client, RoleSource::Known)),
-            (
-                json!("superuser"),
-                (Role::Client, RoleSource::Unknown("\"superuser\"".into())),
-            ),
-            (
-                json!("Admin"),
-                (Role::Client, RoleSource::Unknown("\"Admin\"".into())),
-            ),
-            (
-                json!(["admin"]),
-                (Role::Client, RoleSource::Unknown("[\"admin\"]".into())),
-            ),
-            (json!(7), (Role::Client, RoleSource::Unknown("7".into()))),
-        ] {
-            let data = json!({"id": "u", "public_metadata": {"role": role}, "created_at": 1, "updated_at": 1});
-            let user: ClerkUser = serde_json::from_value(data).expect("user");
-            assert_eq!(user.role(), expected, "role {role}");
-        }
+    fn the_role_comes_from_the_configured_roles() {
+        let data = json!({"id": "u", "public_metadata": {"role": "editor"}, "created_at": 1, "updated_at": 1});
+        let user = ClerkUser::from_data(data).expect("user");
+        let custom = Roles::new(["owner", "editor"], "owner").expect("roles");
+        let record = user.to_record(&custom).expect("record");
+        assert_eq!(
+            (record.role.as_str(), record.role_source),
+            ("editor", RoleSource::Known)
+        );
+        let record = user.to_record(&Roles::default()).expect("record");
+        assert_eq!(
+            (record.role.as_str(), record.role_source),
+            ("client", RoleSource::Unknown("\"editor\"".into()))
+        );
+    }
+
+    #[test]
+    fn a_last_sign_in_out_of_range_is_an_error() {
+        let data =
+            json!({"id": "u", "last_sign_in_at": i64::MAX, "created_at": 1, "updated_at": 1});
+        let user = ClerkUser::from_data(data).expect("user");
+        assert_eq!(
+            user.to_record(&Roles::default()).err(),
+            Some(RecordError::BadTimestamp {
+                field: "last_sign_in_at",
+                value: i64::MAX
+            })
+        );
     }
 
     #[test]

@@ -7,9 +7,11 @@ pub mod config;
 pub mod events;
 pub mod headers;
 pub mod organizations;
+pub mod roles;
 pub mod telemetry;
 pub mod topology;
 
 pub use broker::AmqpNodes;
 pub use config::{ConfigError, Settings};
+pub use roles::Roles;
 pub use topology::Topology;

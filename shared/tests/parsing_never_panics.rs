@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use shared::Roles;
 use shared::events::{ClerkUser, DeletedObject, Envelope};
 
 /// Arbitrary JSON, a few levels deep, with the keys Clerk's user object uses among random ones,
@@ -44,7 +45,7 @@ fn arbitrary_json() -> impl Strategy<Value = Value> {
 fn parse_everything(body: &[u8]) {
     if let Ok(envelope) = Envelope::parse(body) {
         if let Ok(user) = serde_json::from_value::<ClerkUser>(envelope.data.clone()) {
-            let _ = user.to_record();
+            let _ = user.to_record(&Roles::default());
         }
         let _ = serde_json::from_value::<DeletedObject>(envelope.data);
     }
@@ -79,7 +80,7 @@ proptest! {
     fn any_millisecond_timestamp_is_a_date_or_an_error(millis in any::<i64>()) {
         let user: ClerkUser = serde_json::from_value(json!({"id": "u", "created_at": millis, "updated_at": millis}))
             .expect("parses");
-        match user.to_record() {
+        match user.to_record(&Roles::default()) {
             Ok(record) => prop_assert_eq!(record.updated_at.timestamp_millis(), millis),
             Err(error) => prop_assert!(error.to_string().contains("updated_at") || error.to_string().contains("created_at")),
         }

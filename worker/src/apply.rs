@@ -35,7 +35,8 @@ use sea_orm::{
     Statement, TransactionTrait,
 };
 use serde_json::json;
-use shared::events::{RoleSource, UserRecord};
+use shared::events::UserRecord;
+use shared::roles::RoleSource;
 
 use crate::event::{Action, Event};
 use crate::metrics::Metrics;
@@ -456,10 +457,17 @@ fn user_columns(
         (Column::Email, json!(email)),
         (Column::FirstName, json!(record.first_name)),
         (Column::LastName, json!(record.last_name)),
-        (Column::Role, json!(record.role.as_str())),
+        (Column::Role, json!(record.role)),
         (Column::Phone, json!(record.phone)),
         (Column::CreatedAt, json!(record.created_at)),
         (Column::UpdatedAt, json!(record.updated_at)),
+        (Column::Username, json!(record.username)),
+        (Column::ImageUrl, json!(record.image_url)),
+        (Column::ExternalId, json!(record.external_id)),
+        (Column::PublicMetadata, json!(record.public_metadata)),
+        (Column::PrivateMetadata, json!(record.private_metadata)),
+        (Column::LastSignInAt, json!(record.last_sign_in_at)),
+        (Column::ClerkData, json!(record.clerk_data)),
     ]
 }
 
@@ -546,7 +554,10 @@ pub(crate) fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
         && outcome == Outcome::Applied
     {
         metrics.unknown_roles.inc();
-        tracing::warn!(user_id = %record.id, role = %value, "unknown role in public_metadata; stored as client");
+        tracing::warn!(
+            user_id = %record.id, role = %value, stored_as = %record.role,
+            "unknown role in public_metadata; stored as the default role"
+        );
     }
     tracing::info!(outcome = outcome.as_str(), "event handled");
 }

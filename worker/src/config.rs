@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{AmqpNodes, ConfigError, Settings, Topology};
+use shared::{AmqpNodes, ConfigError, Roles, Settings, Topology};
 
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
 /// or by hand in tests.
@@ -32,6 +32,9 @@ pub struct WorkerConfig {
     /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
     /// at once, so every batch in flight has a connection.
     pub db_pool_size: u32,
+    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: the roles a user's `public_metadata.role` may
+    /// name, and the one stored otherwise.
+    pub roles: Roles,
     /// `WORKER_PROCESSED_RETENTION`: `processed_events` rows older than this are pruned.
     pub processed_retention: Duration,
     /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 while a delivery has been held longer.
@@ -106,6 +109,7 @@ impl WorkerConfig {
             run_migrations: settings.worker_run_migrations,
             listen,
             db_pool_size: settings.worker_db_pool_size,
+            roles: settings.roles()?,
             processed_retention,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),

@@ -4,8 +4,8 @@
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
-use shared::headers;
 use shared::organizations::OrganizationEventKind;
+use shared::{Roles, headers};
 
 use crate::organizations::Change;
 
@@ -64,18 +64,23 @@ pub enum ReadError {
 }
 
 impl Event {
-    /// Reads a delivery's body and properties, the way the ingest published them.
-    pub fn read(body: &[u8], properties: &BasicProperties) -> Result<Self, ReadError> {
+    /// Reads a delivery's body and properties, the way the ingest published them; a user's role
+    /// is resolved against `roles`.
+    pub fn read(
+        body: &[u8],
+        properties: &BasicProperties,
+        roles: &Roles,
+    ) -> Result<Self, ReadError> {
         let envelope = Envelope::parse(body).map_err(|e| ReadError::Permanent(e.to_string()))?;
         let svix_id = svix_id(properties).ok_or_else(|| {
             ReadError::Permanent("message has no svix-id header and no message id".into())
         })?;
         let action = match UserEventKind::from_type(&envelope.event_type) {
             Some(UserEventKind::Created | UserEventKind::Updated) => {
-                let user: ClerkUser = serde_json::from_value(envelope.data)
+                let user = ClerkUser::from_data(envelope.data)
                     .map_err(|e| ReadError::Message(format!("user data: {e}")))?;
                 let record = user
-                    .to_record()
+                    .to_record(roles)
                     .map_err(|e| ReadError::Message(format!("user data: {e}")))?;
                 Action::Upsert(Box::new(record))
             }
@@ -143,21 +148,27 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_is_permanent() {
-        let error = Event::read(b"{nope", &properties(Some("msg_1"))).expect_err("not json");
+        let error = Event::read(b"{nope", &properties(Some("msg_1")), &Roles::default())
+            .expect_err("not json");
         assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
     }
 
     #[test]
     fn a_body_without_type_is_permanent() {
-        let error =
-            Event::read(br#"{"data":{}}"#, &properties(Some("msg_1"))).expect_err("no type");
+        let error = Event::read(
+            br#"{"data":{}}"#,
+            &properties(Some("msg_1")),
+            &Roles::default(),
+        )
+        .expect_err("no type");
         assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
     }
 
     #[test]
     fn a_delete_without_id_is_permanent() {
         let body = br#"{"type":"user.deleted","data":{"deleted":true,"object":"user"}}"#;
-        let error = Event::read(body, &properties(Some("msg_1"))).expect_err("no id");
+        let error =
+            Event::read(body, &properties(Some("msg_1")), &Roles::default()).expect_err("no id");
         assert_eq!(
             error,
             ReadError::Permanent("user.deleted without data.id".into())
@@ -167,7 +178,8 @@ mod tests {
     #[test]
     fn a_user_without_updated_at_is_a_message_failure() {
         let body = br#"{"type":"user.updated","data":{"id":"user_1","created_at":1}}"#;
-        let error = Event::read(body, &properties(Some("msg_1"))).expect_err("no updated_at");
+        let error = Event::read(body, &properties(Some("msg_1")), &Roles::default())
+            .expect_err("no updated_at");
         assert!(matches!(error, ReadError::Message(_)), "{error:?}");
     }
 
@@ -175,10 +187,11 @@ mod tests {
     fn the_message_id_stands_in_for_a_missing_svix_id_header() {
         let body = br#"{"type":"session.created","data":{}}"#;
         let props = properties(None).with_message_id("msg_2".into());
-        let event = Event::read(body, &props).expect("event");
+        let event = Event::read(body, &props, &Roles::default()).expect("event");
         assert_eq!(event.svix_id, "msg_2");
         assert_eq!(event.action, Action::Ignore);
-        let error = Event::read(body, &properties(None)).expect_err("no id at all");
+        let error =
+            Event::read(body, &properties(None), &Roles::default()).expect_err("no id at all");
         assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
     }
 }

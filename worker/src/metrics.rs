@@ -28,8 +28,8 @@ pub struct Metrics {
     pub dead_lettered: IntCounterVec,
     /// `clerk_sync_worker_duplicates_total`: deliveries whose svix-id was processed before.
     pub duplicates: IntCounter,
-    /// `clerk_sync_worker_unknown_roles_total`: users whose `public_metadata.role` was not a
-    /// known role (stored as `client`).
+    /// `clerk_sync_worker_unknown_roles_total`: users whose `public_metadata.role` was not one of
+    /// `WORKER_ROLES` (stored as `WORKER_DEFAULT_ROLE`).
     pub unknown_roles: IntCounter,
     /// `clerk_sync_worker_broker_node{node}`: 1 for the broker node (`host:port`) consumed from;
     /// no series while disconnected.
@@ -97,7 +97,7 @@ impl Metrics {
         )?;
         let unknown_roles = IntCounter::new(
             "clerk_sync_worker_unknown_roles_total",
-            "Users with an unknown public_metadata.role, stored as client.",
+            "Users with a public_metadata.role outside WORKER_ROLES, stored as the default role.",
         )?;
         let queue_depth = IntGaugeVec::new(
             Opts::new(

@@ -15,8 +15,12 @@ use anyhow::Context as _;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
+    Statement,
+};
 use secrecy::ExposeSecret;
+use shared::Roles;
 use tokio::sync::watch;
 
 use crate::config::WorkerConfig;
@@ -114,6 +118,7 @@ impl Application {
         let mut stop = Stop(self.stop.subscribe());
         let database = wait_for_database(&self.config, &self.db, &mut stop).await;
         if matches!(database, Ok(true)) {
+            report_unlisted_roles(&self.db, &self.config.roles).await;
             let pruning = tokio::spawn(prune::prune_until_stopped(
                 self.db.clone(),
                 self.config.processed_retention,
@@ -238,6 +243,49 @@ async fn wait_for_database(
             return Ok(false);
         }
     }
+}
+
+/// Logs, once at start, the users stored with a role that `WORKER_ROLES` no longer lists, counted
+/// per role. They are left as they are: rewriting them would be a silent decision the operator
+/// did not make; each one takes a configured role with its next event.
+async fn report_unlisted_roles(db: &DatabaseConnection, roles: &Roles) {
+    match unlisted_roles(db, roles).await {
+        Ok(counts) if counts.is_empty() => {}
+        Ok(counts) => {
+            let users: i64 = counts.iter().map(|(_, count)| count).sum();
+            let per_role = counts
+                .iter()
+                .map(|(role, count)| format!("{role}={count}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::warn!(
+                users,
+                roles = %per_role,
+                configured = %roles.names().join(","),
+                "users stored with roles WORKER_ROLES does not list; left unchanged until their \
+                 next event"
+            );
+        }
+        Err(error) => tracing::warn!(%error, "cannot count the stored roles"),
+    }
+}
+
+/// Each stored role outside `roles` with its number of users, by role name.
+async fn unlisted_roles(
+    db: &DatabaseConnection,
+    roles: &Roles,
+) -> Result<Vec<(String, i64)>, DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT role, count(*) AS users FROM users WHERE role <> ALL($1) \
+             GROUP BY role ORDER BY role",
+            [roles.names().to_vec().into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("", "role")?, row.try_get("", "users")?)))
+        .collect()
 }
 
 /// Whether a database failure at start is worth waiting out: the server unreachable, starting

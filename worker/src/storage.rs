@@ -12,11 +12,22 @@ pub mod users {
         pub email: Option<String>,
         pub first_name: Option<String>,
         pub last_name: Option<String>,
+        /// One of `WORKER_ROLES` when written; a row keeps a role that was dropped from the
+        /// setting later until its next event.
         pub role: String,
         pub phone: Option<String>,
         pub created_at: DateTimeWithTimeZone,
         pub updated_at: DateTimeWithTimeZone,
         pub synced_at: DateTimeWithTimeZone,
+        pub username: Option<String>,
+        pub image_url: Option<String>,
+        pub external_id: Option<String>,
+        pub public_metadata: Option<Json>,
+        pub private_metadata: Option<Json>,
+        pub last_sign_in_at: Option<DateTimeWithTimeZone>,
+        /// The user object exactly as the version stored here carried it; null for a row last
+        /// written before the column existed.
+        pub clerk_data: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

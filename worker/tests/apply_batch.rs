@@ -5,6 +5,7 @@ mod common;
 
 use common::{TestEnv, clerk_user, event_properties, svix_id};
 use serde_json::{Value, json};
+use shared::Roles;
 use worker::Outcome;
 use worker::apply::apply_batch;
 use worker::event::Event;
@@ -14,6 +15,7 @@ fn event(svix_id: &str, event_type: &str, data: Value) -> Event {
     Event::read(
         body.to_string().as_bytes(),
         &event_properties(svix_id, event_type),
+        &Roles::default(),
     )
     .expect("a readable event")
 }

@@ -6,9 +6,16 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, clerk_user, eventually, fixture, svix_id};
-use serde_json::json;
+use serde_json::{Value, json};
+use shared::Roles;
 
 const WITHIN: Duration = Duration::from_secs(20);
+
+/// The `data` of a fixture event, as the worker received it.
+fn fixture_data(name: &str) -> Value {
+    let event: Value = serde_json::from_slice(&fixture(name)).expect("fixture is JSON");
+    event["data"].clone()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documented_user_created_is_stored_with_every_mapped_field() {
@@ -32,6 +39,19 @@ async fn documented_user_created_is_stored_with_every_mapped_field() {
     assert_eq!(user.role, "client");
     assert_eq!(user.created_at.timestamp_millis(), 1_654_012_591_514);
     assert_eq!(user.updated_at.timestamp_millis(), 1_654_012_591_835);
+    assert_eq!(user.username, None);
+    assert_eq!(
+        user.image_url.as_deref(),
+        Some("https://img.clerk.com/xxxxxx")
+    );
+    assert_eq!(user.external_id.as_deref(), Some("567772"));
+    assert_eq!(user.public_metadata, Some(json!({})));
+    assert_eq!(user.private_metadata, Some(json!({})));
+    assert_eq!(
+        user.last_sign_in_at.map(|at| at.timestamp_millis()),
+        Some(1_654_012_591_514)
+    );
+    assert_eq!(user.clerk_data, Some(fixture_data("user.created")));
     let processed = env.processed(&id).await.expect("processed event");
     assert_eq!(processed.outcome, "applied");
     assert_eq!(processed.event_type, "user.created");
@@ -59,6 +79,8 @@ async fn documented_user_updated_sets_phone_role_and_a_null_last_name() {
     assert_eq!(user.phone.as_deref(), Some("+19876543210"));
     assert_eq!(user.role, "trainer");
     assert_eq!(user.last_name, None);
+    assert_eq!(user.public_metadata, Some(json!({"role": "trainer"})));
+    assert_eq!(user.clerk_data, Some(fixture_data("user.updated")));
     worker.stop().await;
 }
 
@@ -100,23 +122,209 @@ async fn unknown_roles_become_client_and_known_roles_are_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_example_event_syncs_with_a_null_email() {
+async fn the_dashboard_example_event_syncs_with_a_null_email_and_null_columns() {
     let env = TestEnv::new().await;
     let worker = env.start_worker(env.config()).await;
+    // Shaped like the dashboard's "Send Example": no addresses although a primary id is set,
+    // null private metadata, and nulls wherever a fresh user has nothing.
     let data = json!({
         "id": "user_example", "object": "user",
         "email_addresses": [], "primary_email_address_id": "idn_missing",
-        "phone_numbers": [], "private_metadata": null, "public_metadata": {},
-        "first_name": null, "last_name": null,
+        "phone_numbers": [], "primary_phone_number_id": null,
+        "private_metadata": null, "public_metadata": {}, "unsafe_metadata": {},
+        "first_name": null, "last_name": null, "username": null,
+        "image_url": "https://img.clerk.com/example", "has_image": false,
+        "external_id": null, "last_sign_in_at": null, "last_active_at": null,
         "created_at": 1_654_012_591_514_i64, "updated_at": 1_654_012_591_835_i64,
     });
-    env.publish_event(&svix_id(), "user.created", data).await;
+    env.publish_event(&svix_id(), "user.created", data.clone())
+        .await;
     eventually(WITHIN, "the example user", || async {
         env.user("user_example").await.is_some()
     })
     .await;
     let user = env.user("user_example").await.expect("user");
     assert_eq!((user.email, user.first_name), (None, None));
+    assert_eq!((user.username, user.external_id), (None, None));
+    assert_eq!(
+        user.image_url.as_deref(),
+        Some("https://img.clerk.com/example")
+    );
+    assert_eq!(user.public_metadata, Some(json!({})));
+    assert_eq!(user.private_metadata, None, "SQL NULL, not JSON null");
+    assert_eq!(user.last_sign_in_at, None);
+    assert_eq!(user.clerk_data, Some(data));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_profile_column_follows_the_newest_version_and_a_stale_one_changes_none() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    // One transaction at a time, so the events are applied in the order they are delivered.
+    config.db_pool_size = 1;
+    let worker = env.start_worker(config).await;
+    let version = |updated_at: i64, tag: &str| {
+        let mut data = clerk_user(
+            "user_1",
+            Some(&format!("{tag}@example.org")),
+            None,
+            updated_at,
+        );
+        data["username"] = json!(format!("{tag}_name"));
+        data["image_url"] = json!(format!("https://img.clerk.com/{tag}"));
+        data["external_id"] = json!(format!("ext-{tag}"));
+        data["public_metadata"] = json!({"role": "admin", "plan": tag});
+        data["private_metadata"] = json!({"stripe": {"customer": format!("cus_{tag}")}});
+        data["unsafe_metadata"] = json!({"theme": tag});
+        data["last_sign_in_at"] = json!(updated_at - 5);
+        data
+    };
+    let newer = version(200, "newer");
+    env.publish_event(&svix_id(), "user.updated", newer.clone())
+        .await;
+    eventually(WITHIN, "the newer version", || async {
+        env.user("user_1").await.is_some()
+    })
+    .await;
+    let stored = env.user("user_1").await.expect("user");
+    assert_eq!(stored.username.as_deref(), Some("newer_name"));
+    assert_eq!(
+        stored.image_url.as_deref(),
+        Some("https://img.clerk.com/newer")
+    );
+    assert_eq!(stored.external_id.as_deref(), Some("ext-newer"));
+    assert_eq!(
+        stored.public_metadata,
+        Some(json!({"role": "admin", "plan": "newer"}))
+    );
+    assert_eq!(
+        stored.private_metadata,
+        Some(json!({"stripe": {"customer": "cus_newer"}}))
+    );
+    assert_eq!(
+        stored.last_sign_in_at.map(|at| at.timestamp_millis()),
+        Some(195)
+    );
+    assert_eq!(stored.role, "admin");
+    assert_eq!(stored.clerk_data, Some(newer));
+
+    // An older version, and one as old as the stored row, arrive late: both are stale.
+    let (older, same_age) = (svix_id(), svix_id());
+    env.publish_event(&older, "user.created", version(100, "older"))
+        .await;
+    let mut rewritten = version(200, "same");
+    rewritten["public_metadata"] = json!({});
+    env.publish_event(&same_age, "user.updated", rewritten)
+        .await;
+    eventually(WITHIN, "both late versions processed", || async {
+        env.processed(&older).await.is_some() && env.processed(&same_age).await.is_some()
+    })
+    .await;
+    assert_eq!(env.processed(&older).await.expect("older").outcome, "stale");
+    assert_eq!(
+        env.processed(&same_age).await.expect("same age").outcome,
+        "stale"
+    );
+    assert_eq!(
+        env.user("user_1").await.expect("user"),
+        stored,
+        "a stale version changed the row"
+    );
+
+    // A newer version clears what it no longer has.
+    let mut cleared = clerk_user("user_1", None, None, 300);
+    cleared["private_metadata"] = json!(null);
+    env.publish_event(&svix_id(), "user.updated", cleared.clone())
+        .await;
+    eventually(WITHIN, "the cleared version", || async {
+        env.user("user_1")
+            .await
+            .is_some_and(|u| u.updated_at.timestamp_millis() == 300)
+    })
+    .await;
+    let user = env.user("user_1").await.expect("user");
+    assert_eq!(
+        (user.username, user.image_url, user.external_id),
+        (None, None, None)
+    );
+    assert_eq!(user.public_metadata, Some(json!({})));
+    assert_eq!(user.private_metadata, None);
+    assert_eq!(user.last_sign_in_at, None);
+    assert_eq!(user.role, "client");
+    assert_eq!(user.clerk_data, Some(cleared));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clerk_data_answers_json_path_queries_on_fields_without_a_column() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let env = TestEnv::new().await;
+    let worker = env.start_worker(env.config()).await;
+    env.publish(&svix_id(), "user.created", &fixture("user.created"))
+        .await;
+    eventually(WITHIN, "the user row", || async {
+        env.user("user_29w83sxmDNGwOuEthce5gg56FcC").await.is_some()
+    })
+    .await;
+    // The queries the README shows.
+    let row = env
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT clerk_data #>> '{email_addresses,0,verification,status}' AS status, \
+                    clerk_data->'unsafe_metadata' AS unsafe_metadata, \
+                    (clerk_data->>'two_factor_enabled')::boolean AS two_factor \
+             FROM users WHERE id = 'user_29w83sxmDNGwOuEthce5gg56FcC'",
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    let status: String = row.try_get("", "status").expect("status");
+    let unsafe_metadata: serde_json::Value =
+        row.try_get("", "unsafe_metadata").expect("unsafe_metadata");
+    let two_factor: bool = row.try_get("", "two_factor").expect("two_factor");
+    assert_eq!(status, "verified");
+    assert_eq!(unsafe_metadata, json!({}));
+    assert!(!two_factor);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_roles_are_kept_and_anything_else_takes_the_configured_default() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    config.roles = Roles::new(["owner", "editor", "viewer"], "viewer").expect("roles");
+    let worker = env.start_worker(config).await;
+    for (user, role) in [
+        ("user_owner", json!("owner")),
+        ("user_editor", json!("editor")),
+        ("user_admin", json!("admin")),
+        ("user_number", json!(3)),
+        ("user_none", json!(null)),
+    ] {
+        let mut data = clerk_user(user, None, None, 10);
+        data["public_metadata"] = json!({ "role": role });
+        env.publish_event(&svix_id(), "user.created", data).await;
+    }
+    eventually(WITHIN, "five users", || async {
+        env.processed_count().await == 5
+    })
+    .await;
+    for (user, role) in [
+        ("user_owner", "owner"),
+        ("user_editor", "editor"),
+        ("user_admin", "viewer"),
+        ("user_number", "viewer"),
+        ("user_none", "viewer"),
+    ] {
+        assert_eq!(env.user(user).await.expect(user).role, role, "{user}");
+    }
+    let (_, metrics) = worker.get("/metrics").await;
+    assert!(
+        metrics.contains("clerk_sync_worker_unknown_roles_total 2"),
+        "{metrics}"
+    );
     worker.stop().await;
 }
 

@@ -344,3 +344,133 @@ async fn a_refused_login_is_not_waited_for_and_stops_the_worker_with_one_line() 
         "the cause is given: {stderr}"
     );
 }
+
+/// The migrations recorded as applied, oldest first.
+async fn applied_migrations(env: &TestEnv) -> Vec<String> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    env.db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await
+        .expect("read seaql_migrations")
+        .iter()
+        .map(|row| row.try_get("", "version").expect("version"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_other_roles_needs_no_migration_and_reports_users_with_retired_roles() {
+    let env = TestEnv::new().await;
+    // The seed's roles first.
+    let first = env.start_worker(env.config()).await;
+    for (user, role) in [
+        ("user_admin", Some("admin")),
+        ("user_trainer_1", Some("trainer")),
+        ("user_trainer_2", Some("trainer")),
+        ("user_client", None),
+    ] {
+        env.publish_event(
+            &svix_id(),
+            "user.created",
+            clerk_user(user, None, role, 100),
+        )
+        .await;
+    }
+    eventually(WITHIN, "four users", || async {
+        env.processed_count().await == 4
+    })
+    .await;
+    first.stop().await;
+    let migrations = applied_migrations(&env).await;
+
+    // Then the binary, with other roles, on the same database.
+    let mut child = worker_command(&env, 4)
+        .env("WORKER_ROLES", "owner,editor,viewer")
+        .env("WORKER_DEFAULT_ROLE", "viewer")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker binary");
+    let lines = log_lines(&mut child);
+    let deadline = Instant::now() + WITHIN;
+    let report = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(remaining)
+            .expect("the worker reports the retired roles");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if json["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("users stored with roles"))
+        {
+            break json;
+        }
+    };
+    assert_eq!(report["level"], "WARN", "{report}");
+    assert_eq!(report["roles"], "admin=1, client=1, trainer=2", "{report}");
+    assert_eq!(report["users"], 4, "{report}");
+
+    for (user, role, updated_at) in [
+        ("user_owner", Some("owner"), 100),
+        ("user_editor", Some("editor"), 100),
+        // A retired role in a newer version: the configured default, like any unknown role.
+        ("user_admin", Some("admin"), 200),
+    ] {
+        env.publish_event(
+            &svix_id(),
+            "user.updated",
+            clerk_user(user, None, role, updated_at),
+        )
+        .await;
+    }
+    eventually(WITHIN, "the new events applied", || async {
+        env.processed_count().await == 7
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    let exit = wait_for_exit(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+
+    for (user, role) in [
+        ("user_owner", "owner"),
+        ("user_editor", "editor"),
+        ("user_admin", "viewer"),
+        // Rows without a new event keep their role: reported, never rewritten.
+        ("user_trainer_1", "trainer"),
+        ("user_trainer_2", "trainer"),
+        ("user_client", "client"),
+    ] {
+        assert_eq!(env.user(user).await.expect(user).role, role, "{user}");
+    }
+    assert_eq!(
+        applied_migrations(&env).await,
+        migrations,
+        "no migration ran"
+    );
+}
+
+#[test]
+fn a_default_role_outside_the_roles_stops_the_worker_with_one_line_naming_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("run")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+        .env("AMQP_URL", amqp_url())
+        .env("WORKER_ROLES", "owner,editor")
+        .env("WORKER_DEFAULT_ROLE", "viewer")
+        .output()
+        .expect("run the worker binary");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("configuration: WORKER_DEFAULT_ROLE is malformed"),
+        "{stderr}"
+    );
+}
