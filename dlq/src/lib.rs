@@ -13,7 +13,6 @@ pub mod session;
 use std::io::Write;
 
 use clap::Subcommand;
-use secrecy::ExposeSecret;
 use shared::Settings;
 
 pub use error::DlqError;
@@ -66,7 +65,7 @@ pub async fn run(
     progress: &mut impl Write,
 ) -> Result<(), DlqError> {
     let topology = settings.topology()?;
-    let url = settings.amqp_url()?;
+    let nodes = settings.amqp_nodes()?;
     let plan = match command {
         DlqCommand::List { json } => Plan::List { json },
         DlqCommand::Show { id } => Plan::Show { id },
@@ -79,7 +78,7 @@ pub async fn run(
         }
     };
 
-    let broker = Broker::connect(url.expose_secret(), topology).await?;
+    let broker = Broker::connect(&nodes, topology).await?;
     let result = match plan {
         Plan::List { json } => list(&broker, json, out, progress).await,
         Plan::Show { id } => show(&broker, &id, out).await,

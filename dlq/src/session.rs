@@ -18,13 +18,13 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
     PublisherConfirm,
 };
-use shared::{Topology, headers};
+use shared::{AmqpNodes, Topology, headers};
 
 use crate::error::DlqError;
 use crate::letter::DeadLetter;
 
-/// How long connecting may take before the command gives up (an unroutable host would otherwise
-/// hang for the operating system's TCP timeout).
+/// How long connecting to one node may take before the next is tried (an unroutable host would
+/// otherwise hang for the operating system's TCP timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a fetch waits for a delivery before it checks whether any letter is left at all.
@@ -45,30 +45,22 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects to `url`. The error names the host and port, never the credentials.
-    pub async fn connect(url: &str, topology: Topology) -> Result<Self, DlqError> {
-        let address = url
-            .parse::<lapin::uri::AMQPUri>()
-            .map(|uri| format!("{}:{}", uri.authority.host, uri.authority.port))
-            .unwrap_or_else(|_| "the configured AMQP_URL".into());
+    /// Connects to the first of `nodes` that answers. The error names each node by host and
+    /// port, never the credentials.
+    pub async fn connect(nodes: &AmqpNodes, topology: Topology) -> Result<Self, DlqError> {
         // No automatic recovery: a command that loses its connection stops, and everything it
         // had not acknowledged goes back to the queue.
-        let connect = Connection::connect(url, ConnectionProperties::default());
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => {
-                return Err(DlqError::Connect {
-                    address,
-                    reason: error.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(DlqError::Connect {
-                    address,
-                    reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-                });
-            }
-        };
+        let (connection, node) = nodes
+            .connect(ConnectionProperties::default(), CONNECT_TIMEOUT)
+            .await
+            .map_err(|error| DlqError::Connect {
+                address: nodes.addresses().join(", "),
+                reason: match error.failures.as_slice() {
+                    [(_, reason)] => reason.clone(),
+                    _ => error.to_string(),
+                },
+            })?;
+        tracing::debug!(%node, "connected to the broker");
         Ok(Self {
             connection,
             topology,

@@ -341,9 +341,12 @@ async fn a_crash_between_the_confirmed_copy_and_the_acknowledgement_duplicates_a
 
     // The replay's first step, then the process "dies": the connection goes away before the
     // dead letter is acknowledged.
-    let broker = Broker::connect(&amqp_url(), fixture.topology.clone())
-        .await
-        .expect("connect");
+    let broker = Broker::connect(
+        &shared::AmqpNodes::parse(&amqp_url()).expect("AMQP_URL"),
+        fixture.topology.clone(),
+    )
+    .await
+    .expect("connect");
     let mut session = broker.session().await.expect("session");
     let letter = session.fetch().await.expect("fetch").expect("a letter");
     session
@@ -407,9 +410,12 @@ async fn a_session_takes_only_the_letters_present_when_it_started() {
             Letter::new("msg_b", "user.created"),
         ])
         .await;
-    let broker = Broker::connect(&amqp_url(), fixture.topology.clone())
-        .await
-        .expect("connect");
+    let broker = Broker::connect(
+        &shared::AmqpNodes::parse(&amqp_url()).expect("AMQP_URL"),
+        fixture.topology.clone(),
+    )
+    .await
+    .expect("connect");
     let mut session = broker.session().await.expect("session");
     // Dead-lettered while the command runs (a replayed event failing again, say).
     fixture
@@ -447,7 +453,12 @@ async fn a_copy_the_broker_cannot_route_fails_and_the_letter_stays() {
         queue: format!("{}.gone", fixture.topology.queue),
         ..fixture.topology.clone()
     };
-    let broker = Broker::connect(&amqp_url(), gone).await.expect("connect");
+    let broker = Broker::connect(
+        &shared::AmqpNodes::parse(&amqp_url()).expect("AMQP_URL"),
+        gone,
+    )
+    .await
+    .expect("connect");
     let mut session = broker.session().await.expect("session");
     let letter = session.fetch().await.expect("fetch").expect("a letter");
 

@@ -4,6 +4,7 @@
 //! tests can exercise them one by one.
 
 pub mod check;
+pub mod cluster;
 pub mod history;
 pub mod postgres;
 pub mod rabbit;

@@ -2,6 +2,7 @@
 //! cookie and port mapper, so it can be killed and restarted without touching any other broker
 //! on the machine.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -43,12 +44,42 @@ pub struct RabbitNode {
     amqp_port: u16,
     dist_port: u16,
     epmd_port: u16,
+    /// Whether this node stops the port mapper when dropped: a cluster's nodes share one, which
+    /// the cluster stops once all of them are gone.
+    owns_epmd: bool,
     child: Option<Child>,
+}
+
+/// Who a node is: its name and the port mapper it registers with. Cluster members share the
+/// port mapper and the Erlang cookie.
+pub struct Identity {
+    pub node_name: String,
+    pub epmd_port: u16,
+    /// Written to the node's `.erlang.cookie` before the first start; `None` lets Erlang make one.
+    pub cookie: Option<String>,
 }
 
 impl RabbitNode {
     /// Starts a node whose files all live under `dir`, and waits until it takes connections.
     pub async fn start(server: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let identity = Identity {
+            node_name: format!("faults-{}@localhost", &suffix[..8]),
+            epmd_port: support::spare_port()?,
+            cookie: None,
+        };
+        let mut node = Self::prepare(server, dir, identity, true)?;
+        node.launch().await?;
+        Ok(node)
+    }
+
+    /// Writes a node's files under `dir` without starting it (see [`RabbitNode::launch`]).
+    pub fn prepare(
+        server: &Path,
+        dir: &Path,
+        identity: Identity,
+        owns_epmd: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // No plugins at all (no management UI), and a config file of our own, so nothing in
         // the machine's RabbitMQ configuration applies to this node.
@@ -59,18 +90,62 @@ impl RabbitNode {
             dir.join("rabbitmq.conf"),
             format!("listeners.tcp.default = 127.0.0.1:{amqp_port}\n"),
         )?;
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let mut node = Self {
+        if let Some(cookie) = &identity.cookie {
+            let path = dir.join(".erlang.cookie");
+            std::fs::write(&path, cookie)?;
+            // Erlang refuses a cookie file that others can read.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
+        }
+        Ok(Self {
             server: server.to_owned(),
             dir: dir.to_owned(),
-            node_name: format!("faults-{}@localhost", &suffix[..8]),
+            node_name: identity.node_name,
             amqp_port,
             dist_port: support::spare_port()?,
-            epmd_port: support::spare_port()?,
+            epmd_port: identity.epmd_port,
+            owns_epmd,
             child: None,
-        };
-        node.launch().await?;
-        Ok(node)
+        })
+    }
+
+    /// The Erlang node name, `name@localhost`.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// Whether the node's processes are running (it has not been killed or stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Runs `rabbitmqctl` (the script next to the start script) against this node, with the
+    /// node's cookie and port mapper, and returns its standard output.
+    pub async fn ctl(&self, arguments: &[&str]) -> anyhow::Result<String> {
+        let ctl = self.server.with_file_name("rabbitmqctl");
+        let output = Command::new(&ctl)
+            .env_clear()
+            .env("PATH", support::path_env())
+            .env("HOME", &self.dir)
+            .env("LANG", "C.UTF-8")
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
+            .arg("-n")
+            .arg(&self.node_name)
+            .args(arguments)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", ctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl -n {} {} failed ({}): {}",
+                self.node_name,
+                arguments.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -151,33 +226,13 @@ impl RabbitNode {
     /// (`rabbitmqctl set_vm_memory_high_watermark`). A tiny one raises the memory alarm, under
     /// which the node blocks every connection that publishes; 0.4 is the default again.
     pub async fn set_memory_high_watermark(&self, fraction: f64) -> anyhow::Result<()> {
-        // The control script lies next to the start script (or on PATH, like it).
-        let ctl = self.server.with_file_name("rabbitmqctl");
-        let output = Command::new(&ctl)
-            .env_clear()
-            .env("PATH", support::path_env())
-            // The node's own Erlang cookie and port mapper.
-            .env("HOME", &self.dir)
-            .env("LANG", "C.UTF-8")
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
-            .args(["-n", &self.node_name, "set_vm_memory_high_watermark"])
-            .arg(fraction.to_string())
-            .stdin(Stdio::null())
-            .output()
+        self.ctl(&["set_vm_memory_high_watermark", &fraction.to_string()])
             .await
-            .with_context(|| format!("running {}", ctl.display()))?;
-        if !output.status.success() {
-            bail!(
-                "rabbitmqctl set_vm_memory_high_watermark failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(())
+            .map(|_| ())
     }
 
-    async fn launch(&mut self) -> anyhow::Result<()> {
+    /// Starts the node's processes and waits until it takes connections.
+    pub async fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -263,8 +318,6 @@ impl Drop for RabbitNode {
         if let Some(child) = self.child.take() {
             signal_group(&child, Signal::SIGKILL);
         }
-        // The node started a port mapper daemon of its own on our port, which outlives it and
-        // only stops on request once no node is registered with it any more, so wait for the VM.
         let deadline = Deadline::after(Duration::from_secs(15));
         while let Some(vm) = vm
             && Path::new(&format!("/proc/{vm}")).exists()
@@ -272,19 +325,27 @@ impl Drop for RabbitNode {
         {
             std::thread::sleep(Duration::from_millis(50));
         }
-        while !deadline.passed() {
-            let stopped = std::process::Command::new("epmd")
-                .arg("-kill")
-                .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|status| status.success());
-            if stopped {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        if self.owns_epmd {
+            stop_epmd(self.epmd_port, &deadline);
         }
+    }
+}
+
+/// The first node started a port mapper daemon on `port`, which outlives the nodes and only
+/// stops on request once no node is registered with it any more, so it is asked until then.
+pub fn stop_epmd(port: u16, deadline: &Deadline) {
+    while !deadline.passed() {
+        let stopped = std::process::Command::new("epmd")
+            .arg("-kill")
+            .env("ERL_EPMD_PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if stopped {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -11,6 +11,7 @@ use rand::RngCore;
 use shared::{Backoff, Topology};
 
 use crate::check::{self, Verdict};
+use crate::cluster::RabbitCluster;
 use crate::history;
 use crate::postgres::PgCluster;
 use crate::rabbit::RabbitNode;
@@ -20,6 +21,9 @@ use crate::support;
 
 /// How long a broker or database outage lasts before the suite brings it back.
 const OUTAGE: Duration = Duration::from_secs(3);
+/// How long a cluster node stays dead before the suite restarts it: long enough for every
+/// client to notice and move to another node.
+const NODE_OUTAGE: Duration = Duration::from_secs(10);
 /// How long the pipeline may take, after the load, to get every event acknowledged and applied.
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -38,6 +42,10 @@ pub enum Scenario {
     SecondWorker,
     /// All of the above, one after the other, in one run.
     Combined,
+    /// A three-node RabbitMQ cluster, two ingests and two workers given all three addresses:
+    /// the node leading the worker queue killed with SIGKILL and restarted, then another one.
+    /// Not part of `all`: it needs a cluster of its own (`--scenario cluster`).
+    Cluster,
 }
 
 impl Scenario {
@@ -58,6 +66,7 @@ impl Scenario {
             Scenario::IngestTerm => "ingest-term",
             Scenario::SecondWorker => "second-worker",
             Scenario::Combined => "combined",
+            Scenario::Cluster => "cluster",
         }
     }
 
@@ -78,7 +87,13 @@ impl Scenario {
                 (0.7, Fault::KillWorker),
                 (0.82, Fault::RemoveWorker),
             ],
+            Scenario::Cluster => vec![(0.33, Fault::KillLeader), (0.66, Fault::KillAnotherNode)],
         }
+    }
+
+    /// Ingests and workers running from the start: one each, and two each on the cluster.
+    fn replicas(self) -> usize {
+        if self == Scenario::Cluster { 2 } else { 1 }
     }
 }
 
@@ -90,6 +105,34 @@ enum Fault {
     TerminateIngest,
     AddWorker,
     RemoveWorker,
+    /// SIGKILL to the cluster node leading the worker queue, restarted after [`NODE_OUTAGE`].
+    KillLeader,
+    /// SIGKILL to a cluster node other than the one killed before, restarted likewise.
+    KillAnotherNode,
+}
+
+/// The broker the scenario runs on.
+pub enum Broker<'a> {
+    Node(&'a mut RabbitNode),
+    Cluster(&'a mut RabbitCluster),
+}
+
+impl Broker<'_> {
+    /// `AMQP_URL` for the binaries: the node's URL, or every cluster node's.
+    fn amqp_url(&self) -> String {
+        match self {
+            Broker::Node(node) => node.amqp_url(),
+            Broker::Cluster(cluster) => cluster.amqp_urls(),
+        }
+    }
+
+    /// A running node to read queue depths from.
+    fn checking(&self) -> anyhow::Result<&RabbitNode> {
+        match self {
+            Broker::Node(node) => Ok(node),
+            Broker::Cluster(cluster) => cluster.running(),
+        }
+    }
 }
 
 /// The load of one scenario.
@@ -130,7 +173,7 @@ impl Binaries {
 
 /// The infrastructure the scenarios share; each scenario has its own database and queue names.
 pub struct Infrastructure<'a> {
-    pub rabbit: &'a mut RabbitNode,
+    pub rabbit: Broker<'a>,
     pub postgres: &'a mut PgCluster,
     pub binaries: &'a Binaries,
     pub dir: &'a Path,
@@ -192,7 +235,8 @@ pub async fn run(
         started: Instant::now(),
         timeline: Vec::new(),
         workers: Vec::new(),
-        ingest: None,
+        ingests: Vec::new(),
+        killed_node: None,
         duplicates_seen: 0.0,
         duplicates_metric_found: false,
     };
@@ -217,7 +261,7 @@ pub async fn run(
         error,
     };
     if !report.passed() {
-        for service in run.workers.iter().chain(run.ingest.iter()) {
+        for service in run.workers.iter().chain(run.ingests.iter()) {
             report.timeline.push(format!(
                 "last lines of {}:\n{}",
                 service.name(),
@@ -234,7 +278,10 @@ struct Run {
     timeline: Vec<String>,
     /// The first worker, and the second while it is there.
     workers: Vec<Service>,
-    ingest: Option<Service>,
+    /// The ingests; the first is the one faults strike.
+    ingests: Vec<Service>,
+    /// The cluster node killed last.
+    killed_node: Option<usize>,
     /// Duplicates the workers reported, summed over the processes that have been stopped.
     duplicates_seen: f64,
     duplicates_metric_found: bool,
@@ -243,6 +290,8 @@ struct Run {
 /// Everything a service of this scenario needs to be started again.
 struct Setup {
     environment: Vec<(String, String)>,
+    /// The worker queue's name.
+    queue: String,
     dir: PathBuf,
 }
 
@@ -254,7 +303,7 @@ impl Run {
         load: Load,
     ) -> anyhow::Result<(SenderOutcome, Verdict)> {
         let Infrastructure {
-            rabbit,
+            mut rabbit,
             postgres,
             binaries,
             dir,
@@ -264,38 +313,50 @@ impl Run {
         let secret = new_secret();
         let setup = Setup {
             environment: environment(&topology, &rabbit.amqp_url(), &postgres.url(&database)),
+            queue: topology.queue.clone(),
             dir: dir.to_owned(),
         };
 
         // The worker first: it applies the migrations the database needs.
-        self.workers
-            .push(start_worker(binaries, &setup, "worker-1").await?);
-        let ingest_port = support::spare_port()?;
-        let mut ingest_environment = setup.environment.clone();
-        ingest_environment.extend([
-            ("CLERK_WEBHOOK_SECRET".to_owned(), secret.clone()),
-            (
-                "INGEST_LISTEN".to_owned(),
-                format!("127.0.0.1:{ingest_port}"),
-            ),
-        ]);
-        self.ingest = Some(
-            Service::start(
-                "ingest",
-                &binaries.ingest,
-                ingest_environment,
-                ingest_port,
-                dir,
-            )
-            .await?,
-        );
+        for number in 1..=self.scenario.replicas() {
+            self.workers
+                .push(start_worker(binaries, &setup, &format!("worker-{number}")).await?);
+        }
+        let mut urls = Vec::new();
+        for number in 1..=self.scenario.replicas() {
+            let ingest_port = support::spare_port()?;
+            let mut ingest_environment = setup.environment.clone();
+            ingest_environment.extend([
+                ("CLERK_WEBHOOK_SECRET".to_owned(), secret.clone()),
+                (
+                    "INGEST_LISTEN".to_owned(),
+                    format!("127.0.0.1:{ingest_port}"),
+                ),
+            ]);
+            let name = if number == 1 {
+                "ingest".to_owned()
+            } else {
+                format!("ingest-{number}")
+            };
+            self.ingests.push(
+                Service::start(
+                    &name,
+                    &binaries.ingest,
+                    ingest_environment,
+                    ingest_port,
+                    dir,
+                )
+                .await?,
+            );
+            urls.push(format!("http://127.0.0.1:{ingest_port}/api/webhooks").parse()?);
+        }
         self.note("pipeline up");
 
         // Users are planned ten seconds' worth at a time; the load lasts as long as it must.
         let chunk = usize::try_from(load.rate)?.max(1) * 10;
         let sender = sender::start(
             SenderConfig {
-                url: format!("http://127.0.0.1:{ingest_port}/api/webhooks").parse()?,
+                urls,
                 secret,
                 rate: load.rate,
                 retry: Backoff {
@@ -316,7 +377,7 @@ impl Run {
         for (at, fault) in self.scenario.faults() {
             let due = previous.0 + Duration::from_secs_f64(seconds * (at - previous.1));
             tokio::time::sleep_until(due.into()).await;
-            self.inject(fault, rabbit, postgres, binaries, &setup)
+            self.inject(fault, &mut rabbit, postgres, binaries, &setup)
                 .await
                 .with_context(|| format!("injecting {fault:?}"))?;
             previous = (Instant::now(), at);
@@ -330,18 +391,25 @@ impl Run {
             outcome.stats.sent, outcome.stats.accepted
         ));
         let db = check::connect(&postgres.url(&database)).await?;
-        check::wait_until_drained(rabbit, &topology, &db, &outcome.ledger, CATCH_UP).await?;
+        check::wait_until_drained(
+            rabbit.checking()?,
+            &topology,
+            &db,
+            &outcome.ledger,
+            CATCH_UP,
+        )
+        .await?;
         self.note("caught up");
         for worker in &self.workers {
             let seen = scrape_duplicates(worker).await;
             self.duplicates_metric_found |= seen.is_some();
             self.duplicates_seen += seen.unwrap_or(0.0);
         }
-        let verdict = check::verify(rabbit, &topology, &db, &outcome.ledger).await?;
+        let verdict = check::verify(rabbit.checking()?, &topology, &db, &outcome.ledger).await?;
         db.close().await?;
 
         // The end of a scenario is a graceful stop, which must succeed too.
-        if let Some(mut ingest) = self.ingest.take() {
+        for mut ingest in std::mem::take(&mut self.ingests) {
             ingest.terminate().await?;
         }
         for mut worker in std::mem::take(&mut self.workers) {
@@ -353,13 +421,16 @@ impl Run {
     async fn inject(
         &mut self,
         fault: Fault,
-        rabbit: &mut RabbitNode,
+        broker: &mut Broker<'_>,
         postgres: &mut PgCluster,
         binaries: &Binaries,
         setup: &Setup,
     ) -> anyhow::Result<()> {
         match fault {
             Fault::KillRabbit => {
+                let Broker::Node(rabbit) = broker else {
+                    anyhow::bail!("this fault needs a single node");
+                };
                 rabbit.kill().await?;
                 self.note("RabbitMQ killed (SIGKILL)");
                 tokio::time::sleep(OUTAGE).await;
@@ -385,10 +456,10 @@ impl Run {
                 self.note("worker-1 back");
             }
             Fault::TerminateIngest => {
-                let ingest = self.ingest.as_mut().context("no ingest running")?;
+                let ingest = self.ingests.first_mut().context("no ingest running")?;
                 ingest.terminate().await?;
                 self.note("ingest stopped (SIGTERM, exit 0)");
-                let ingest = self.ingest.as_mut().context("no ingest running")?;
+                let ingest = self.ingests.first_mut().context("no ingest running")?;
                 ingest.restart().await?;
                 self.note("ingest back");
             }
@@ -403,6 +474,35 @@ impl Run {
                 worker.terminate().await?;
                 self.count_duplicates(seen);
                 self.note("worker-2 left (SIGTERM, exit 0)");
+            }
+            Fault::KillLeader | Fault::KillAnotherNode => {
+                let Broker::Cluster(cluster) = broker else {
+                    anyhow::bail!("this fault needs a cluster");
+                };
+                let leader = cluster.leader_of(&setup.queue).await?;
+                let victim = match (fault, self.killed_node) {
+                    (Fault::KillAnotherNode, Some(before)) if before == leader => {
+                        (before + 1) % cluster.nodes().len()
+                    }
+                    _ => leader,
+                };
+                let name = cluster.nodes()[victim].node_name().to_owned();
+                let role = if victim == leader {
+                    "the worker queue's leader"
+                } else {
+                    "a follower"
+                };
+                cluster.kill(victim).await?;
+                self.killed_node = Some(victim);
+                self.note(&format!("RabbitMQ node {name} ({role}) killed (SIGKILL)"));
+                tokio::time::sleep(NODE_OUTAGE).await;
+                let now_leading = cluster.leader_of(&setup.queue).await?;
+                self.note(&format!(
+                    "worker queue led by {}",
+                    cluster.nodes()[now_leading].node_name()
+                ));
+                cluster.restart(victim).await?;
+                self.note(&format!("RabbitMQ node {name} back in the cluster"));
             }
         }
         Ok(())

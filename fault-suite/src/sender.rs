@@ -7,7 +7,7 @@
 //! never to lose.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,8 +30,9 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How the sender delivers.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
-    /// The ingest's `POST /api/webhooks` URL.
-    pub url: hyper::Uri,
+    /// The ingests' `POST /api/webhooks` URLs; attempts go to each in turn, as through a load
+    /// balancer.
+    pub urls: Vec<hyper::Uri>,
     /// The `whsec_…` secret the events are signed with.
     pub secret: String,
     /// Events started per second.
@@ -120,6 +121,8 @@ struct Shared {
     other_statuses: Mutex<BTreeMap<u16, u64>>,
     /// Set when no new event is to be started; those already started still get their 2xx.
     stopping: AtomicBool,
+    /// Round-robin position in the URLs.
+    next_url: AtomicUsize,
 }
 
 /// Starts delivering `events` at the configured rate, until they run out or
@@ -140,6 +143,7 @@ pub fn start(
         ledger: Mutex::new(Vec::new()),
         other_statuses: Mutex::new(BTreeMap::new()),
         stopping: AtomicBool::new(false),
+        next_url: AtomicUsize::new(0),
     });
     let driver = tokio::spawn(drive(Arc::clone(&shared), events));
     Ok(RunningSender {
@@ -274,7 +278,9 @@ async fn attempt(shared: &Shared, event: &PlannedEvent) -> anyhow::Result<hyper:
         .webhook
         .sign(&event.svix_id, timestamp, &event.body)
         .context("signing")?;
-    let request = hyper::Request::post(shared.config.url.clone())
+    let turn = shared.next_url.fetch_add(1, Ordering::Relaxed);
+    let url = shared.config.urls[turn % shared.config.urls.len()].clone();
+    let request = hyper::Request::post(url)
         .header("content-type", "application/json")
         .header("svix-id", &event.svix_id)
         .header("svix-timestamp", timestamp.to_string())

@@ -4,12 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use std::time::Duration;
+
 use lapin::{Connection, ConnectionProperties};
+
+use crate::cluster::RabbitCluster;
 
 use crate::postgres::{self, PgCluster};
 use crate::rabbit::{self, RabbitNode};
 use crate::report;
-use crate::scenario::{self, Binaries, Infrastructure, Load, Names, Scenario};
+use crate::scenario::{self, Binaries, Broker, Infrastructure, Load, Names, Scenario};
 use crate::support;
 
 /// Runs the pipeline under faults and counts what was lost.
@@ -64,7 +68,7 @@ fn parse_scenario(text: &str) -> Result<Selection, String> {
         .map(Selection::One)
         .map_err(|_| {
             let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
-            format!("one of: all, {}", names.join(", "))
+            format!("one of: all, {}, cluster", names.join(", "))
         })
 }
 
@@ -135,6 +139,9 @@ async fn run_scenarios(
     let binaries = binaries.snapshot(&workdir.join("bin"))?;
     let binaries = &binaries;
     let mut postgres = PgCluster::start(pg_bin, &workdir.join("postgres")).await?;
+    if scenarios == [Scenario::Cluster] {
+        return run_on_cluster(binaries, server, &mut postgres, workdir, load).await;
+    }
     let mut rabbit = RabbitNode::start(server, &workdir.join("rabbitmq")).await?;
     println!(
         "fault-suite: RabbitMQ at {}, Postgres at {}",
@@ -148,7 +155,7 @@ async fn run_scenarios(
     let mut reports = Vec::new();
     for (&scenario, names) in scenarios.iter().zip(names) {
         let infra = Infrastructure {
-            rabbit: &mut rabbit,
+            rabbit: Broker::Node(&mut rabbit),
             postgres: &mut postgres,
             binaries,
             dir: workdir,
@@ -159,6 +166,45 @@ async fn run_scenarios(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// The cluster scenario, on a three-node cluster of its own.
+async fn run_on_cluster(
+    binaries: &Binaries,
+    server: &Path,
+    postgres: &mut PgCluster,
+    workdir: &Path,
+    load: Load,
+) -> anyhow::Result<Vec<scenario::Report>> {
+    let mut cluster = RabbitCluster::start(server, &workdir.join("rabbitmq"), 3).await?;
+    println!(
+        "fault-suite: RabbitMQ cluster at {}, Postgres at {}",
+        cluster.amqp_urls(),
+        postgres.url("")
+    );
+    let names = Names::new(Scenario::Cluster);
+    // Declared with the binaries' default group size (3), so the queues have a member on every
+    // node; then each node is restarted cleanly, for the reason given in `prepare_queues`.
+    let (connection, node) = shared::AmqpNodes::parse(&cluster.amqp_urls())
+        .map_err(anyhow::Error::msg)?
+        .connect(ConnectionProperties::default(), Duration::from_secs(10))
+        .await?;
+    names
+        .topology
+        .declare_on(&connection)
+        .await
+        .with_context(|| format!("declaring {} on {node}", names.topology.queue))?;
+    let _ = connection.close(200, "declared".into()).await;
+    cluster.rolling_restart().await?;
+    let infra = Infrastructure {
+        rabbit: Broker::Cluster(&mut cluster),
+        postgres,
+        binaries,
+        dir: workdir,
+    };
+    let report = scenario::run(infra, Scenario::Cluster, names, load).await;
+    println!("\n{}", report::details(&report));
+    Ok(vec![report])
 }
 
 /// Declares every scenario's queues up front, then restarts the node cleanly, as a deployment

@@ -99,9 +99,11 @@ async fn refused_events_are_retried_until_accepted_and_every_attempt_is_signed()
     let events = history::plan(20, 1);
     let running = sender::start(
         SenderConfig {
-            url: format!("http://127.0.0.1:{port}/api/webhooks")
-                .parse()
-                .expect("url"),
+            urls: vec![
+                format!("http://127.0.0.1:{port}/api/webhooks")
+                    .parse()
+                    .expect("url"),
+            ],
             secret: SECRET.to_owned(),
             rate: 200,
             retry: Backoff {
@@ -142,9 +144,11 @@ async fn an_event_never_accepted_is_reported_undelivered_and_kept_out_of_the_led
     let port = fault_suite::support::spare_port().expect("port");
     let running = sender::start(
         SenderConfig {
-            url: format!("http://127.0.0.1:{port}/api/webhooks")
-                .parse()
-                .expect("url"),
+            urls: vec![
+                format!("http://127.0.0.1:{port}/api/webhooks")
+                    .parse()
+                    .expect("url"),
+            ],
             secret: SECRET.to_owned(),
             rate: 100,
             retry: Backoff {

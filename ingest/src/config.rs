@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{ConfigError, Settings, Topology};
+use shared::{AmqpNodes, ConfigError, Settings, Topology};
 
 use crate::signature::Verifier;
 
@@ -15,8 +15,8 @@ pub struct IngestConfig {
     pub listen: String,
     /// `CLERK_WEBHOOK_SECRET`: the signing secrets, each known to decode.
     pub webhook_secrets: Vec<SecretString>,
-    /// `AMQP_URL`: the broker.
-    pub amqp_url: SecretString,
+    /// `AMQP_URL`: the broker's nodes (one URL, or several separated by commas).
+    pub amqp_nodes: AmqpNodes,
     /// `AMQP_EXCHANGE`, `AMQP_QUEUE`, `AMQP_DEAD_QUEUE`, `AMQP_DELIVERY_LIMIT`.
     pub topology: Topology,
     /// `INGEST_BODY_LIMIT`: the largest accepted body in bytes; beyond it the answer is 413.
@@ -50,7 +50,7 @@ impl IngestConfig {
         let webhook_secrets = settings.webhook_secrets()?;
         // Decoding here, not at the first request, turns a mistyped secret into a start failure.
         Verifier::new(&webhook_secrets)?;
-        let amqp_url = settings.amqp_url()?;
+        let amqp_nodes = settings.amqp_nodes()?;
         let topology = settings.topology()?;
         for (variable, value) in [
             ("INGEST_BODY_LIMIT", settings.ingest_body_limit as u64),
@@ -107,7 +107,7 @@ impl IngestConfig {
         Ok(Self {
             listen: settings.ingest_listen.clone(),
             webhook_secrets,
-            amqp_url,
+            amqp_nodes,
             topology,
             body_limit: settings.ingest_body_limit,
             confirm_timeout: settings.confirm_timeout(),

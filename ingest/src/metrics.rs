@@ -4,8 +4,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// The ingest's metrics. Cloning shares the same counters.
@@ -20,6 +20,9 @@ pub struct Metrics {
     pub confirm_latency: Histogram,
     /// `clerk_sync_ingest_broker_connected`: 1 while a connection with usable channels is up, else 0.
     pub broker_connected: IntGauge,
+    /// `clerk_sync_ingest_broker_node{node}`: 1 for the broker node (`host:port`) in use while
+    /// connected; no series while disconnected.
+    pub broker_node: IntGaugeVec,
     /// `clerk_sync_ingest_broker_reconnects_total`: connections established after the first one.
     pub broker_reconnects: IntCounter,
     /// `clerk_sync_ingest_last_accepted_timestamp_seconds`: Unix time of the last accepted event,
@@ -105,6 +108,13 @@ impl Metrics {
             "clerk_sync_ingest_broker_connected",
             "1 while the broker connection and its publishing channels are usable.",
         )?;
+        let broker_node = IntGaugeVec::new(
+            Opts::new(
+                "clerk_sync_ingest_broker_node",
+                "1 for the broker node (host:port) the ingest is connected to.",
+            ),
+            &["node"],
+        )?;
         let broker_reconnects = IntCounter::new(
             "clerk_sync_ingest_broker_reconnects_total",
             "Broker connections established after the first one.",
@@ -118,6 +128,7 @@ impl Metrics {
         registry.register(Box::new(verification_failures.clone()))?;
         registry.register(Box::new(confirm_latency.clone()))?;
         registry.register(Box::new(broker_connected.clone()))?;
+        registry.register(Box::new(broker_node.clone()))?;
         let body_budget_used = IntGauge::new(
             "clerk_sync_ingest_body_budget_bytes",
             "Bytes of request bodies held right now, against INGEST_BODY_BUDGET.",
@@ -135,6 +146,7 @@ impl Metrics {
             verification_failures,
             confirm_latency,
             broker_connected,
+            broker_node,
             broker_reconnects,
             last_accepted,
             body_budget_used,

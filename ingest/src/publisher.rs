@@ -17,9 +17,8 @@ use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
 use shared::headers::{RECEIVED_AT, SVIX_ID, SVIX_SIGNATURE, SVIX_TIMESTAMP};
-use shared::{Backoff, Topology};
+use shared::{AmqpNodes, Backoff, Topology};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -128,7 +127,7 @@ pub struct Publisher {
 }
 
 struct Shared {
-    amqp_url: SecretString,
+    nodes: AmqpNodes,
     topology: Topology,
     channel_count: usize,
     confirm_timeout: Duration,
@@ -145,6 +144,8 @@ struct Shared {
 
 struct Link {
     connection: Arc<Connection>,
+    /// `host:port` of the broker node the connection goes to.
+    node: String,
     channels: Vec<Channel>,
 }
 
@@ -152,14 +153,14 @@ impl Publisher {
     /// Starts the supervisor, which connects in the background: the ingest starts (and
     /// answers 503) even while the broker is down. Must be called inside a Tokio runtime.
     pub fn start(
-        amqp_url: SecretString,
+        nodes: AmqpNodes,
         topology: Topology,
         channel_count: usize,
         confirm_timeout: Duration,
         metrics: Metrics,
     ) -> Self {
         let shared = Arc::new(Shared {
-            amqp_url,
+            nodes,
             topology,
             channel_count: channel_count.max(1),
             confirm_timeout,
@@ -250,7 +251,16 @@ impl Publisher {
 
     /// True when a connection is up with at least one channel that can publish.
     pub fn is_ready(&self) -> bool {
-        self.shared.current().is_some_and(|link| link.is_usable())
+        self.ready_node().is_some()
+    }
+
+    /// The broker node (`host:port`) in use, when a connection is up with at least one channel
+    /// that can publish.
+    pub fn ready_node(&self) -> Option<String> {
+        self.shared
+            .current()
+            .filter(|link| link.is_usable())
+            .map(|link| link.node.clone())
     }
 
     /// Stops the supervisor and closes the connection. Called once the HTTP server has stopped,
@@ -304,6 +314,14 @@ impl Shared {
 
     fn replace(&self, link: Option<Arc<Link>>) -> Option<Arc<Link>> {
         let ready = link.as_ref().is_some_and(|link| link.is_usable());
+        // One series, for the node in use; none while disconnected.
+        self.metrics.broker_node.reset();
+        if let Some(link) = link.as_ref().filter(|_| ready) {
+            self.metrics
+                .broker_node
+                .with_label_values(&[link.node.as_str()])
+                .set(1);
+        }
         let old = std::mem::replace(
             &mut *self.link.write().unwrap_or_else(PoisonError::into_inner),
             link,
@@ -348,9 +366,11 @@ async fn supervise(shared: Arc<Shared>) {
     let mut retry = 0_u32;
     let mut connections = 0_u64;
     while !shared.is_stopping() {
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared))
+        // Each node gets CONNECT_TIMEOUT, and the topology and channels one more.
+        let limit = CONNECT_TIMEOUT * (shared.nodes.len() as u32 + 1);
+        let connected = tokio::time::timeout(limit, connect(&shared))
             .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")));
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {limit:?}")));
         match connected {
             Ok(link) => {
                 retry = 0;
@@ -359,6 +379,7 @@ async fn supervise(shared: Arc<Shared>) {
                 }
                 connections += 1;
                 tracing::info!(
+                    node = %link.node,
                     channels = link.channels.len(),
                     exchange = %shared.topology.exchange,
                     "connected to the broker"
@@ -391,31 +412,27 @@ async fn supervise(shared: Arc<Shared>) {
 async fn connect(shared: &Shared) -> anyhow::Result<Link> {
     use anyhow::Context as _;
     // No lapin auto-recovery: this task owns reconnecting, so there is one recovery path.
-    let connection = Connection::connect(
-        shared.amqp_url.expose_secret(),
-        ConnectionProperties::default().with_connection_name(LongString::from("clerk-sync ingest")),
-    )
-    .await
-    .context("connecting")?;
-    // Declared on a channel of its own: a mismatch closes that channel, not a publishing one.
-    let declaring = connection
-        .create_channel()
-        .await
-        .context("opening a channel")?;
+    let (connection, node) = shared
+        .nodes
+        .connect(
+            ConnectionProperties::default()
+                .with_connection_name(LongString::from("clerk-sync ingest")),
+            CONNECT_TIMEOUT,
+        )
+        .await?;
+    // Declared on channels of their own: a mismatch closes those, not a publishing one.
     shared
         .topology
-        .declare(&declaring)
+        .declare_on(&connection)
         .await
-        .context("declaring the topology")?;
-    if let Err(error) = declaring.close(200, ShortString::from("declared")).await {
-        tracing::debug!(%error, "closing the declaring channel");
-    }
+        .with_context(|| format!("declaring the topology on {node}"))?;
     let mut channels = Vec::with_capacity(shared.channel_count);
     for _ in 0..shared.channel_count {
         channels.push(open_channel(&connection).await?);
     }
     Ok(Link {
         connection: Arc::new(connection),
+        node,
         channels,
     })
 }
@@ -498,6 +515,7 @@ async fn reopen_channels(link: &Link) -> anyhow::Result<Link> {
     }
     Ok(Link {
         connection: Arc::clone(&link.connection),
+        node: link.node.clone(),
         channels,
     })
 }

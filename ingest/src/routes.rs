@@ -355,10 +355,11 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: 200 when the broker connection and a publishing channel are usable.
+/// `GET /readyz`: 200 when the broker connection and a publishing channel are usable, naming the
+/// broker node (`host:port`) in use.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.publisher.is_ready() {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    if let Some(node) = state.publisher.ready_node() {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "node": node }))
     } else {
         HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, RETRY_AFTER_SECONDS))

@@ -44,7 +44,7 @@ impl Application {
         let metrics = Metrics::new().context("creating the metrics")?;
         let verifier = Verifier::new(&config.webhook_secrets)?;
         let publisher = Publisher::start(
-            config.amqp_url.clone(),
+            config.amqp_nodes.clone(),
             config.topology.clone(),
             config.publish_channels,
             config.confirm_timeout,

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use test_support::http::{get, metric};
+use test_support::services::closed_port;
 use test_support::signing::event_body;
 use test_support::{CuttableProxy, TestIngest, eventually};
 
@@ -139,4 +140,69 @@ async fn stopping_does_not_wait_for_a_connection_attempt_that_hangs() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// The node `/readyz` names, once the ingest is ready.
+async fn ready_node(app: &TestIngest) -> Option<String> {
+    let (status, body) = get(&format!("{}/readyz", app.address)).await;
+    let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (status == 200).then(|| body["node"].as_str().map(str::to_owned))?
+}
+
+#[actix_web::test]
+async fn with_several_nodes_the_ingest_skips_dead_ones_and_moves_on_when_its_node_is_lost() {
+    // Two "nodes" (proxies to the one broker) among two dead ports, in whatever order the
+    // ingest's shuffle puts them.
+    let proxies = [
+        CuttableProxy::to_broker().await,
+        CuttableProxy::to_broker().await,
+    ];
+    let list = [
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port()),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port()),
+        proxies[0].amqp_url(),
+        proxies[1].amqp_url(),
+    ]
+    .join(",");
+    let app = TestIngest::spawn_with(|settings| settings.amqp_url = Some(list.into())).await;
+    let node_of = |proxy: &CuttableProxy| format!("127.0.0.1:{}", proxy.port);
+    let first = ready_node(&app).await.expect("ready on a live node");
+    let (used, other) = if first == node_of(&proxies[0]) {
+        (&proxies[0], &proxies[1])
+    } else {
+        assert_eq!(first, node_of(&proxies[1]), "a live node is in use");
+        (&proxies[1], &proxies[0])
+    };
+    let series = |node: &str| format!("clerk_sync_ingest_broker_node{{node=\"{node}\"}}");
+    assert_eq!(
+        metric(&app.metrics_text().await, &series(&first)),
+        Some(1.0)
+    );
+    assert_eq!(
+        app.post_signed(&event_body("user.created", 300))
+            .await
+            .status,
+        200
+    );
+
+    used.cut();
+    eventually(
+        Duration::from_secs(20),
+        "the ingest to be ready on the other live node",
+        || async { ready_node(&app).await == Some(node_of(other)) },
+    )
+    .await;
+    let answer = app.post_signed(&event_body("user.created", 300)).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, &series(&node_of(other))), Some(1.0));
+    assert_eq!(metric(&metrics, &series(&first)), None, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "clerk_sync_ingest_broker_reconnects_total"),
+        Some(1.0)
+    );
+    // Both accepted events reached the queue through one node or the other.
+    app.next_message().await;
+    app.next_message().await;
+    app.stop().await;
 }

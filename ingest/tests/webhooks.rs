@@ -487,7 +487,12 @@ async fn health_readiness_and_metrics_answer() {
     let (status, body) = get(&format!("{}/healthz", app.address)).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     let (status, body) = get(&format!("{}/readyz", app.address)).await;
-    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    // The node as AMQP_URL names it, host and port, never the credentials.
+    let uri: lapin::uri::AMQPUri = test_support::amqp_url().parse().expect("AMQP_URL");
+    let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+    assert_eq!(ready, serde_json::json!({"status": "ready", "node": node}));
     let (status, body) = get(&format!("{}/metrics", app.address)).await;
     assert_eq!(status, 200);
     for name in [

@@ -10,6 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::broker::AmqpNodes;
 use crate::roles::{Roles, RolesError};
 use crate::telemetry::LogFormat;
 use crate::topology::Topology;
@@ -36,7 +37,8 @@ pub struct Settings {
     /// `CLERK_WEBHOOK_SECRET`: one or more `whsec_…` signing secrets, separated by spaces or
     /// commas (several during rotation). Required by the ingest.
     pub clerk_webhook_secret: Option<SecretString>,
-    /// `AMQP_URL`: the RabbitMQ URL, `amqp://user:pass@host:5672/%2f`. Required by both.
+    /// `AMQP_URL`: the RabbitMQ URL, `amqp://user:pass@host:5672/%2f`, or several separated by
+    /// commas (the nodes of one cluster, tried in a shuffled order). Required by both.
     pub amqp_url: Option<SecretString>,
     /// `DATABASE_URL`: the Postgres URL, `postgres://user:pass@host:5432/db`. Required by the
     /// worker and the migrations.
@@ -52,6 +54,9 @@ pub struct Settings {
     pub amqp_dead_queue: String,
     /// `AMQP_DELIVERY_LIMIT`: deliveries after which the broker dead-letters a message (default 20).
     pub amqp_delivery_limit: u32,
+    /// `AMQP_QUORUM_INITIAL_GROUP_SIZE`: replicas of each quorum queue when it is first declared
+    /// (default 3; RabbitMQ caps it at the cluster's size, so one node works too).
+    pub amqp_quorum_initial_group_size: u32,
 
     /// `INGEST_LISTEN`: the ingest's address (default `0.0.0.0:3000`).
     pub ingest_listen: String,
@@ -142,6 +147,7 @@ impl Default for Settings {
             amqp_queue: topology.queue,
             amqp_dead_queue: topology.dead_queue,
             amqp_delivery_limit: topology.delivery_limit,
+            amqp_quorum_initial_group_size: topology.quorum_initial_group_size,
             ingest_listen: "0.0.0.0:3000".into(),
             ingest_body_limit: 1024 * 1024,
             ingest_confirm_timeout_ms: 5_000,
@@ -207,25 +213,31 @@ impl Settings {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.amqp_quorum_initial_group_size == 0 {
+            return Err(ConfigError::Malformed {
+                variable: "AMQP_QUORUM_INITIAL_GROUP_SIZE",
+                reason: "must be at least 1".into(),
+            });
+        }
         Ok(Topology {
             exchange: self.amqp_exchange.clone(),
             queue: self.amqp_queue.clone(),
             dead_queue: self.amqp_dead_queue.clone(),
             delivery_limit: self.amqp_delivery_limit,
+            quorum_initial_group_size: self.amqp_quorum_initial_group_size,
         })
     }
 
-    /// `AMQP_URL`, checked to be an AMQP URL.
-    pub fn amqp_url(&self) -> Result<SecretString, ConfigError> {
-        let url = required(&self.amqp_url, "AMQP_URL")?;
-        url.expose_secret()
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|reason| ConfigError::Malformed {
+    /// `AMQP_URL`: the broker's nodes, each checked to be an AMQP URL, in a shuffled order so
+    /// that replicas given the same list spread over the nodes.
+    pub fn amqp_nodes(&self) -> Result<AmqpNodes, ConfigError> {
+        let urls = required(&self.amqp_url, "AMQP_URL")?;
+        let nodes =
+            AmqpNodes::parse(urls.expose_secret()).map_err(|reason| ConfigError::Malformed {
                 variable: "AMQP_URL",
-                // The parser's message never repeats the URL, so no password can leak here.
-                reason: format!("not an amqp:// or amqps:// URL ({reason})"),
+                reason,
             })?;
-        Ok(url)
+        Ok(nodes.shuffle(&mut rand::rng()))
     }
 
     /// `DATABASE_URL`, checked to be a Postgres URL.
@@ -334,7 +346,7 @@ mod tests {
             amqp_url: Some("http://user:hunter2@host".into()),
             ..Settings::default()
         };
-        let line = settings.amqp_url().expect_err("malformed").to_string();
+        let line = settings.amqp_nodes().expect_err("malformed").to_string();
         assert!(
             line.starts_with("configuration: AMQP_URL is malformed"),
             "{line}"

@@ -3,6 +3,7 @@
 //! telemetry. Nothing here talks to a database.
 
 pub mod backoff;
+pub mod broker;
 pub mod config;
 pub mod events;
 pub mod headers;
@@ -12,6 +13,7 @@ pub mod telemetry;
 pub mod topology;
 
 pub use backoff::Backoff;
+pub use broker::AmqpNodes;
 pub use config::{ConfigError, Settings};
 pub use roles::Roles;
 pub use topology::Topology;

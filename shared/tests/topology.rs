@@ -82,3 +82,53 @@ async fn declaring_twice_routes_every_type_and_dead_letters_at_the_delivery_limi
         .expect("a type the worker ignores is kept too");
     assert_eq!(other.data, b"organization.created");
 }
+
+/// Queues declared before `x-quorum-initial-group-size` was set (an upgrade), or with another
+/// size (the setting changed), are accepted by `declare_on`: the broker uses the size only when it
+/// creates a queue. A single node takes a size of 3 (capped by the cluster's size).
+#[tokio::test]
+async fn declare_on_accepts_queues_created_with_another_or_no_group_size() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let broker = BrokerChannel::open().await;
+    let (connection, channel) = (&broker.connection, &broker.channel);
+    // Deleted on drop, whatever the test's end.
+    let names = TestTopology::names();
+    let topology = names.topology.clone();
+    let mut older = FieldTable::default();
+    older.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    older.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(shared::topology::DEAD_QUEUE_DELIVERY_LIMIT),
+    );
+    channel
+        .queue_declare(
+            topology.dead_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            older,
+        )
+        .await
+        .expect("the dead queue as an earlier release declared it");
+    let upgraded = topology.declare_on(connection).await;
+    let resized = shared::Topology {
+        quorum_initial_group_size: 5,
+        ..topology.clone()
+    }
+    .declare_on(connection)
+    .await;
+    let again = topology.declare_on(connection).await;
+    upgraded.expect("a queue created without a group size is accepted");
+    resized.expect("a queue created with another group size is accepted");
+    again.expect("declaring again is idempotent");
+    assert!(
+        channel.status().connected(),
+        "declare_on never closes a channel of the caller"
+    );
+}

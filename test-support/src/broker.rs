@@ -102,7 +102,8 @@ impl Drop for TestTopology {
 pub struct BrokerChannel {
     /// The channel, for what the helpers below do not cover.
     pub channel: Channel,
-    connection: Connection,
+    /// The connection, for what needs one rather than a channel (`Topology::declare_on`).
+    pub connection: Connection,
 }
 
 impl BrokerChannel {

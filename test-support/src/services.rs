@@ -74,6 +74,12 @@ fn split_database_url(url: &str) -> (&str, &str, &str) {
     )
 }
 
+/// A loopback port nothing listens on (bound, then released): a broker node that is down.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener.local_addr().expect("local address").port()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

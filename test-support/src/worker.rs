@@ -53,7 +53,7 @@ impl TestEnv {
     pub fn config(&self) -> WorkerConfig {
         WorkerConfig {
             database_url: self.database.url.clone().into(),
-            amqp_url: amqp_url().into(),
+            amqp_nodes: shared::AmqpNodes::parse(&amqp_url()).expect("AMQP_URL"),
             topology: self.topology.topology.clone(),
             prefetch: 32,
             batch_size: 8,

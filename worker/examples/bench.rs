@@ -181,7 +181,7 @@ async fn measure(
     prefill(amqp_url, topology, args.events).await?;
     let config = WorkerConfig {
         database_url: db_url.to_owned().into(),
-        amqp_url: amqp_url.to_owned().into(),
+        amqp_nodes: shared::AmqpNodes::parse(amqp_url).map_err(anyhow::Error::msg)?,
         topology: topology.clone(),
         prefetch: args.prefetch,
         batch_size: args.batch_size,

@@ -122,7 +122,7 @@ async fn measure(
     prefill(amqp_url, topology, args.users).await?;
     let config = WorkerConfig {
         database_url: db_url.to_owned().into(),
-        amqp_url: amqp_url.to_owned().into(),
+        amqp_nodes: shared::AmqpNodes::parse(amqp_url).map_err(anyhow::Error::msg)?,
         topology: topology.clone(),
         prefetch: 512,
         batch_size: 32,

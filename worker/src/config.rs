@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{Backoff, ConfigError, Roles, Settings, Topology};
+use shared::{AmqpNodes, Backoff, ConfigError, Roles, Settings, Topology};
 
 use crate::reconcile::ScheduledReconcile;
 
@@ -14,8 +14,8 @@ use crate::reconcile::ScheduledReconcile;
 pub struct WorkerConfig {
     /// `DATABASE_URL`.
     pub database_url: SecretString,
-    /// `AMQP_URL`.
-    pub amqp_url: SecretString,
+    /// `AMQP_URL`: the broker's nodes (one URL, or several separated by commas).
+    pub amqp_nodes: AmqpNodes,
     /// `AMQP_EXCHANGE`, `AMQP_QUEUE`, `AMQP_DEAD_QUEUE`, `AMQP_DELIVERY_LIMIT`.
     pub topology: Topology,
     /// `WORKER_PREFETCH`: unacknowledged deliveries held at once.
@@ -102,7 +102,7 @@ impl WorkerConfig {
         }
         Ok(Self {
             database_url,
-            amqp_url: settings.amqp_url()?,
+            amqp_nodes: settings.amqp_nodes()?,
             topology: settings.topology()?,
             prefetch: settings.worker_prefetch,
             batch_size: settings.worker_batch_size,

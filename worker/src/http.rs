@@ -13,25 +13,28 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 
-/// The consuming channel while there is one; `/readyz` asks it whether it is connected.
+/// The consuming channel and its broker node (`host:port`) while there is one; `/readyz` asks
+/// the channel whether it is connected.
 #[derive(Default)]
-pub(crate) struct BrokerState(RwLock<Option<Channel>>);
+pub(crate) struct BrokerState(RwLock<Option<(Channel, String)>>);
 
 impl BrokerState {
-    pub(crate) fn set(&self, channel: Option<Channel>) {
+    pub(crate) fn set(&self, channel: Option<(Channel, String)>) {
         match self.0.write() {
             Ok(mut slot) => *slot = channel,
             Err(poisoned) => *poisoned.into_inner() = channel,
         }
     }
 
-    fn usable(&self) -> bool {
+    /// The node in use, when the consuming channel is connected.
+    fn usable_node(&self) -> Option<String> {
         let slot = match self.0.read() {
             Ok(slot) => slot,
             Err(poisoned) => poisoned.into_inner(),
         };
         slot.as_ref()
-            .is_some_and(|channel| channel.status().connected())
+            .filter(|(channel, _)| channel.status().connected())
+            .map(|(_, node)| node.clone())
     }
 }
 
@@ -80,7 +83,8 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         tokio::time::timeout(Duration::from_secs(2), probe.db.ping()).await,
         Ok(Ok(()))
     );
-    let broker = probe.broker.usable();
+    let node = probe.broker.usable_node();
+    let broker = node.is_some();
     // A delivery held longer than WORKER_STALLED_AFTER means the pipeline is stuck somewhere
     // (a retry that never ends, a broker that takes no acknowledgement): say so.
     let oldest = probe.metrics.held.oldest().unwrap_or_default();
@@ -90,6 +94,7 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         "broker": broker,
         "stalled": stalled,
         "oldest_unacked_seconds": oldest.as_secs(),
+        "node": node,
     });
     if database && broker && !stalled {
         HttpResponse::Ok().json(body)

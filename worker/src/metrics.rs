@@ -37,6 +37,9 @@ pub struct Metrics {
     /// `clerk_sync_worker_reconcile_changes_total{kind, change}`: what scheduled reconciles
     /// changed, by kind (`users`) and change (`created`, `updated`, `deleted`).
     reconcile_changes: IntCounterVec,
+    /// `clerk_sync_worker_broker_node{node}`: 1 for the broker node (`host:port`) consumed from;
+    /// no series while disconnected.
+    pub broker_node: IntGaugeVec,
     /// `clerk_sync_worker_queue_depth{queue}`: ready messages in the `worker` and the `dead`
     /// queue, polled by passive declares.
     pub queue_depth: IntGaugeVec,
@@ -147,7 +150,15 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
+        let broker_node = IntGaugeVec::new(
+            Opts::new(
+                "clerk_sync_worker_broker_node",
+                "1 for the broker node (host:port) the worker consumes from.",
+            ),
+            &["node"],
+        )?;
         registry.register(Box::new(unknown_roles.clone()))?;
+        registry.register(Box::new(broker_node.clone()))?;
         Ok(Self {
             registry,
             events,
@@ -159,6 +170,7 @@ impl Metrics {
             unknown_roles,
             reconcile_runs,
             reconcile_changes,
+            broker_node,
             queue_depth,
             oldest_unacked,
             retry_waiting,

@@ -35,6 +35,10 @@ use crate::{depth, prune};
 /// from running the migrations side by side.
 const MIGRATION_LOCK: i64 = 0x636c_6572_6b73_796e; // "clerksyn"
 
+/// How long one broker node may take to answer before the next one is tried (an unreachable
+/// host would otherwise hang for the operating system's TCP timeout).
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Stops a running [`Application`]: it stops consuming, finishes what is in flight and returns.
 #[derive(Clone)]
 pub struct StopHandle(Arc<watch::Sender<bool>>);
@@ -158,10 +162,15 @@ async fn consume_until_stopped(
         let error = match stop.unless_stopped(open_broker(config)).await {
             None => break,
             Some(Err(error)) => format!("{error:#}"),
-            Some(Ok((connection, channel, dead))) => {
+            Some(Ok((connection, node, channel, dead))) => {
                 failures = 0;
-                broker.set(Some(channel.clone()));
-                tracing::info!(queue = %config.topology.queue, "consuming");
+                broker.set(Some((channel.clone(), node.clone())));
+                metrics.broker_node.reset();
+                metrics
+                    .broker_node
+                    .with_label_values(&[node.as_str()])
+                    .set(1);
+                tracing::info!(queue = %config.topology.queue, %node, "consuming");
                 let handler = Handler {
                     db: db.clone(),
                     metrics: metrics.clone(),
@@ -178,6 +187,7 @@ async fn consume_until_stopped(
                 let end = consumer::consume(&channel, handler).await;
                 depths.abort();
                 broker.set(None);
+                metrics.broker_node.reset();
                 // Bounded: a blocked broker reads nothing, not even a close.
                 let close = connection.close(200, "worker stopping".into());
                 match tokio::time::timeout(config.broker_timeout, close).await {
@@ -349,21 +359,21 @@ pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
 
 async fn open_broker(
     config: &WorkerConfig,
-) -> anyhow::Result<(Arc<Connection>, Channel, DeadLetters)> {
+) -> anyhow::Result<(Arc<Connection>, String, Channel, DeadLetters)> {
     // No automatic recovery: a lost connection ends the consumer, the worker finishes what it
-    // holds and connects afresh, which is simpler to reason about than a recovered channel.
-    let connection = Connection::connect(
-        config.amqp_url.expose_secret(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .context("cannot connect to the broker (AMQP_URL)")?;
-    let channel = connection.create_channel().await?;
+    // holds and connects afresh (to the next node of AMQP_URL first), which is simpler to reason
+    // about than a recovered channel.
+    let (connection, node) = config
+        .amqp_nodes
+        .connect(ConnectionProperties::default(), BROKER_CONNECT_TIMEOUT)
+        .await
+        .context("cannot connect to the broker (AMQP_URL)")?;
     config
         .topology
-        .declare(&channel)
+        .declare_on(&connection)
         .await
-        .context("cannot declare the topology")?;
+        .with_context(|| format!("cannot declare the topology on {node}"))?;
+    let channel = connection.create_channel().await?;
     channel
         .basic_qos(
             config.prefetch,
@@ -380,5 +390,5 @@ async fn open_broker(
         config.broker_timeout,
     )
     .await?;
-    Ok((connection, channel, dead))
+    Ok((connection, node, channel, dead))
 }

@@ -67,7 +67,7 @@ async fn a_worker_started_before_its_broker_waits_then_becomes_ready_and_applies
     let proxy = CuttableProxy::to_broker().await;
     proxy.cut();
     let mut config = env.config();
-    config.amqp_url = proxy.amqp_url().into();
+    config.amqp_nodes = shared::AmqpNodes::parse(&proxy.amqp_url()).expect("proxy URL");
     let event = svix_id();
     env.publish_event(
         &event,
