@@ -179,6 +179,48 @@ async fn a_backfill_fills_an_empty_table_over_several_pages_and_records_the_run(
     assert_eq!(runs[0].2["users"]["created"], 1203);
 }
 
+/// A listed user is stored exactly as the same object delivered by a webhook would be: every
+/// column, the profile ones and `clerk_data` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_writes_the_same_columns_as_a_webhook_event() {
+    let mut listed = user(1, CREATED + 5);
+    let profile = json!({
+        "username": "ada", "image_url": "https://img.example.org/ada.png",
+        "external_id": "crm-42", "last_sign_in_at": CREATED + 3,
+        "public_metadata": {"role": "admin", "plan": "team"},
+        "private_metadata": {"stripe_customer": "cus_1"},
+    });
+    for (field, value) in profile.as_object().expect("object") {
+        listed[field] = value.clone();
+    }
+    let by_reconcile = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    api.put_user(listed.clone());
+    let report = run(&by_reconcile, &api).await;
+    assert!(report.succeeded(), "{report:?}");
+
+    let by_webhook = TestEnv::new().await;
+    let worker = by_webhook.start_worker(by_webhook.config()).await;
+    by_webhook
+        .publish_event(&svix_id(), "user.updated", listed.clone())
+        .await;
+    eventually(WITHIN, "the webhook applied", || async {
+        by_webhook.user(&user_id(1)).await.is_some()
+    })
+    .await;
+    worker.stop().await;
+
+    let mut from_listing = by_reconcile.user(&user_id(1)).await.expect("reconciled");
+    let from_event = by_webhook.user(&user_id(1)).await.expect("applied");
+    assert_eq!(from_listing.username.as_deref(), Some("ada"));
+    assert_eq!(from_listing.external_id.as_deref(), Some("crm-42"));
+    assert_eq!(from_listing.role, "admin");
+    assert_eq!(from_listing.clerk_data, Some(listed));
+    // Only the time of the write may differ.
+    from_listing.synced_at = from_event.synced_at;
+    assert_eq!(from_listing, from_event);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_finds_everything_unchanged_and_writes_nothing() {
     let env = TestEnv::new().await;
