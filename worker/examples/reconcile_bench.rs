@@ -124,8 +124,9 @@ async fn measure(
         database_url: db_url.to_owned().into(),
         amqp_nodes: shared::AmqpNodes::parse(amqp_url).map_err(anyhow::Error::msg)?,
         topology: topology.clone(),
-        prefetch: 512,
-        batch_size: 32,
+        // The worker's own defaults: the drain as a deployment with no tuning runs it.
+        prefetch: shared::Settings::default().worker_prefetch,
+        batch_size: shared::Settings::default().worker_batch_size,
         max_attempts: 5,
         backoff: Backoff {
             base: Duration::from_millis(100),
