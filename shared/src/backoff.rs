@@ -1,5 +1,6 @@
 //! The one retry pause policy: exponential back-off with a cap. The ingest's reconnects, the
-//! worker's retries and the fault suite's sender all pause by it.
+//! worker's retries, the fault suite's sender and the Backend API client (with jitter) all pause
+//! by it.
 
 use std::time::Duration;
 
@@ -21,6 +22,13 @@ impl Backoff {
             .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
+
+    /// [`Backoff::delay`] shortened by a random part of up to half, for clients of a service
+    /// that many others call too (Clerk's Backend API), so that their retries spread out.
+    pub fn jittered_delay(&self, retry: u32) -> Duration {
+        let delay = self.delay(retry);
+        delay - delay.mul_f64(rand::random::<f64>() / 2.0)
+    }
 }
 
 #[cfg(test)]
@@ -37,6 +45,24 @@ mod tests {
         assert_eq!(delays, [100, 100, 200, 400, 800, 1000, 1000]);
         assert_eq!(backoff.delay(500), Duration::from_secs(1));
         assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_jittered_delay_lies_between_half_and_all_of_the_delay() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for retry in 1..=6 {
+            let full = backoff.delay(retry);
+            for _ in 0..100 {
+                let jittered = backoff.jittered_delay(retry);
+                assert!(
+                    jittered <= full && jittered >= full / 2,
+                    "{jittered:?} of {full:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -272,12 +271,12 @@ impl ClerkClient {
         url: reqwest::Url,
         query: &[(&str, String)],
     ) -> Result<Vec<u8>, Answer> {
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(self.config.retry_base)
-            .with_max_delay(self.config.retry_max)
-            .with_max_times(self.config.retries)
-            .with_jitter()
-            .build();
+        let backoff = shared::Backoff {
+            base: self.config.retry_base,
+            max: self.config.retry_max,
+        };
+        // Retries of failures (not of 429s, which wait as told) so far.
+        let mut backed_off = 0_usize;
         let mut attempts = 0;
         let mut rate_limited = 0;
         loop {
@@ -302,16 +301,16 @@ impl ClerkClient {
                 }
                 Retry::BackOff(last) => {
                     rate_limited = 0;
-                    match backoff.next() {
-                        Some(delay) => (delay, last),
-                        None => {
-                            return Err(Answer::Failed(ClerkError::GaveUp {
-                                call: call.into(),
-                                attempts,
-                                last,
-                            }));
-                        }
+                    backed_off += 1;
+                    if backed_off > self.config.retries {
+                        return Err(Answer::Failed(ClerkError::GaveUp {
+                            call: call.into(),
+                            attempts,
+                            last,
+                        }));
                     }
+                    let retry = u32::try_from(backed_off).unwrap_or(u32::MAX);
+                    (backoff.jittered_delay(retry), last)
                 }
             };
             tracing::warn!(call, attempt = attempts, error = %last, next_attempt_in = ?delay, "Backend API call failed, retrying");
