@@ -89,7 +89,7 @@ pub async fn verify(
     let processed = processed_events(db).await?;
     for event in ledger {
         match processed.get(&event.svix_id).map(String::as_str) {
-            Some("applied" | "stale") => verdict.applied += 1,
+            Some("applied" | "deleted" | "stale") => verdict.applied += 1,
             Some(other) => {
                 verdict.applied += 1;
                 verdict.wrong_outcome += 1;

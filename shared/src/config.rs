@@ -126,6 +126,10 @@ pub struct Settings {
     /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
     /// prunes it, as a human-readable duration like `30d` or `72h` (default `30d`).
     pub worker_processed_retention: String,
+    /// `WORKER_STORE_PAYLOADS`: keep each event's body in its history row (default true). The
+    /// bodies hold personal data; without them the history keeps everything else, and `worker
+    /// replay`/`rebuild` have nothing to re-apply.
+    pub worker_store_payloads: bool,
     /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 once a delivery has been held unacknowledged
     /// this long, as a human-readable duration (default `5m`).
     pub worker_stalled_after: String,
@@ -173,6 +177,7 @@ impl Default for Settings {
             clerk_api_rate_limit: 90,
             clerk_api_timeout_ms: 30_000,
             worker_processed_retention: "30d".into(),
+            worker_store_payloads: true,
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
         }

@@ -66,6 +66,7 @@ impl TestEnv {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             db_pool_size: 3,
             processed_retention: Duration::from_secs(30 * 24 * 3600),
+            store_payloads: true,
             stalled_after: Duration::from_secs(300),
             broker_timeout: Duration::from_secs(5),
             roles: shared::Roles::default(),

@@ -196,6 +196,7 @@ async fn measure(
         roles: shared::Roles::default(),
         reconcile: None,
         processed_retention: Duration::from_secs(30 * 24 * 3600),
+        store_payloads: true,
         stalled_after: Duration::from_secs(300),
         broker_timeout: Duration::from_secs(10),
     };

@@ -287,9 +287,13 @@ async fn record_and_decide<C: ConnectionTrait>(
                 Action::Delete { id } => (Some(id), None, true),
                 Action::Organization(_) | Action::Ignore => (None, None, false),
             };
+            let subject = event.action.subject();
             json!({
                 "ordinal": ordinal, "svix_id": event.svix_id, "event_type": event.event_type,
                 "user_id": user_id, "updated_at": updated_at, "deletes": deletes,
+                "source": event.source.as_str(), "subject_kind": subject.map(|s| s.kind),
+                "subject_id": subject.map(|s| s.id), "payload": event.payload,
+                "svix_timestamp": event.svix_timestamp, "received_at": event.received_at,
             })
         })
         .collect();
@@ -297,7 +301,10 @@ async fn record_and_decide<C: ConnectionTrait>(
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             RECORD_AND_DECIDE,
-            [serde_json::Value::Array(batch).into()],
+            [
+                serde_json::Value::Array(batch).into(),
+                REASON_TIME_FORMAT.into(),
+            ],
         ))
         .await?;
     let mut recorded = HashMap::with_capacity(rows.len());
@@ -305,7 +312,8 @@ async fn record_and_decide<C: ConnectionTrait>(
         let svix_id: String = row.try_get("", "svix_id")?;
         let outcome: String = row.try_get("", "outcome")?;
         let outcome = match outcome.as_str() {
-            "applied" => Outcome::Applied,
+            // A delete that took effect: `deleted` in the history, applied all the same.
+            "applied" | "deleted" => Outcome::Applied,
             "stale" => Outcome::Stale,
             "ignored" => Outcome::Ignored,
             other => return Err(DbErr::Custom(format!("unexpected outcome {other:?}"))),
@@ -316,13 +324,15 @@ async fn record_and_decide<C: ConnectionTrait>(
 }
 
 /// One statement for the whole batch (`$1`: a JSON array of `{ordinal, svix_id, event_type,
-/// user_id, updated_at, deletes}`, one per user or ignored event, first copies only):
+/// user_id, updated_at, deletes}` and the history's fields, one per user or ignored event, first
+/// copies only; `$2`: [`REASON_TIME_FORMAT`]). Each new svix-id becomes a history row with its
+/// outcome and, for `stale`, the reason:
 /// - an upsert is `applied` when it is its user's newest in the batch (then the earliest), no
 ///   tombstone exists and no delete of the user is in the batch, and the stored row is older;
 ///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
 ///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
 ///   part in the ranking changes no outcome;
-/// - a delete is `applied`; if its svix-id is new, the row goes (cascading), and so do the
+/// - a delete is `deleted` (applied); if its svix-id is new, the row goes (cascading), and so do the
 ///   user's organization memberships, and a tombstone is written (a second delete keeps the
 ///   first deletion time);
 /// - any other type is `ignored`.
@@ -333,25 +343,39 @@ const RECORD_AND_DECIDE: &str = "\
 WITH batch AS ( \
   SELECT * FROM jsonb_to_recordset($1::jsonb) AS b( \
     ordinal int, svix_id text, event_type text, user_id text, updated_at timestamptz, \
-    deletes boolean)), \
+    deletes boolean, source text, subject_kind text, subject_id text, payload text, \
+    svix_timestamp timestamptz, received_at timestamptz)), \
 standing AS ( \
   SELECT b.*, \
-    EXISTS (SELECT 1 FROM user_tombstones t WHERE t.id = b.user_id) \
-      OR bool_or(b.deletes) OVER (PARTITION BY b.user_id) AS buried, \
+    (SELECT t.deleted_at FROM user_tombstones t WHERE t.id = b.user_id) AS tombstoned_at, \
+    bool_or(b.deletes) OVER (PARTITION BY b.user_id) AS deleted_in_batch, \
     (SELECT u.updated_at FROM users u WHERE u.id = b.user_id) AS stored_updated_at, \
     row_number() OVER ( \
       PARTITION BY b.user_id, b.deletes ORDER BY b.updated_at DESC, b.ordinal) AS rank \
   FROM batch b), \
-recorded AS ( \
-  INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-  SELECT svix_id, event_type, \
+decided AS ( \
+  SELECT s.*, \
     CASE WHEN user_id IS NULL THEN 'ignored' \
-         WHEN deletes THEN 'applied' \
-         WHEN rank = 1 AND NOT buried \
+         WHEN deletes THEN 'deleted' \
+         WHEN rank = 1 AND tombstoned_at IS NULL AND NOT deleted_in_batch \
               AND (stored_updated_at IS NULL OR stored_updated_at < updated_at) THEN 'applied' \
-         ELSE 'stale' END, \
-    now() \
-  FROM standing ORDER BY ordinal \
+         ELSE 'stale' END AS outcome, \
+    CASE WHEN user_id IS NULL OR deletes THEN NULL \
+         WHEN tombstoned_at IS NOT NULL THEN \
+           'the user was deleted at ' || to_char(tombstoned_at AT TIME ZONE 'UTC', $2) \
+         WHEN deleted_in_batch THEN 'the user is deleted by an event of the same batch' \
+         WHEN rank > 1 THEN 'a newer version of the user came in the same batch' \
+         WHEN stored_updated_at >= updated_at THEN \
+           'stored updated_at ' || to_char(stored_updated_at AT TIME ZONE 'UTC', $2) \
+           || ' is not older than ' || to_char(updated_at AT TIME ZONE 'UTC', $2) \
+    END AS reason \
+  FROM standing s), \
+recorded AS ( \
+  INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
+    subject_kind, subject_id, payload, svix_timestamp, received_at, reason) \
+  SELECT svix_id, event_type, outcome, now(), source, subject_kind, subject_id, \
+    payload::jsonb, svix_timestamp, received_at, reason \
+  FROM decided ORDER BY ordinal \
   ON CONFLICT (svix_id) DO NOTHING \
   RETURNING svix_id, outcome), \
 gone AS ( \
@@ -363,6 +387,9 @@ buried AS ( \
   INSERT INTO user_tombstones (id, deleted_at) SELECT user_id, now() FROM gone \
   ON CONFLICT (id) DO NOTHING) \
 SELECT svix_id, outcome FROM recorded";
+
+/// How the history's reasons write a time (`to_char`, in UTC, to the millisecond).
+const REASON_TIME_FORMAT: &str = "YYYY-MM-DD HH24:MI:SS.MS \"UTC\"";
 
 /// Settles every address the writers want that someone else holds, or that two writers want:
 /// the newest version (by `updated_at`, then id) wins it. Holders that lose have their email

@@ -6,6 +6,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use shared::{AmqpNodes, Backoff, ConfigError, Roles, Settings, Topology};
 
+use crate::event::{Event, ReadError};
 use crate::reconcile::ScheduledReconcile;
 
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
@@ -42,6 +43,8 @@ pub struct WorkerConfig {
     pub reconcile: Option<ScheduledReconcile>,
     /// `WORKER_PROCESSED_RETENTION`: `processed_events` rows older than this are pruned.
     pub processed_retention: Duration,
+    /// `WORKER_STORE_PAYLOADS`: keep each event's body in its history row.
+    pub store_payloads: bool,
     /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 while a delivery has been held longer.
     pub stalled_after: Duration,
     /// `WORKER_BROKER_TIMEOUT_MS`: the deadline of every single wait on the broker.
@@ -49,6 +52,21 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Reads a delivery as an event with these settings: the roles, and the payload kept only
+    /// when `WORKER_STORE_PAYLOADS` allows.
+    pub fn read_event(
+        &self,
+        body: &[u8],
+        properties: &lapin::BasicProperties,
+    ) -> Result<Event, ReadError> {
+        let event = Event::read(body, properties, &self.roles)?;
+        Ok(if self.store_payloads {
+            event
+        } else {
+            event.without_payload()
+        })
+    }
+
     /// Checks and converts the loaded settings; the error names the offending variable.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let listen = settings
@@ -117,6 +135,7 @@ impl WorkerConfig {
             roles: settings.roles()?,
             reconcile: ScheduledReconcile::from_settings(settings)?,
             processed_retention,
+            store_payloads: settings.worker_store_payloads,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
         })

@@ -211,7 +211,7 @@ impl Handler {
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let span = span_for(&delivery);
-            match Event::read(&delivery.data, &delivery.properties, &self.config.roles) {
+            match self.config.read_event(&delivery.data, &delivery.properties) {
                 Ok(event) => {
                     held.push((delivery, span));
                     events.push(event);
@@ -355,8 +355,7 @@ impl Handler {
                 return;
             }
             attempts += 1;
-            let event = match Event::read(&delivery.data, &delivery.properties, &self.config.roles)
-            {
+            let event = match self.config.read_event(&delivery.data, &delivery.properties) {
                 Ok(event) => event,
                 Err(ReadError::Message(again)) => {
                     reason = again;

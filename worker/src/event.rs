@@ -1,6 +1,7 @@
 //! A delivery read as an event: its svix-id, its type and what it asks of the database. Reading
 //! needs no I/O, so a whole batch is read before its transaction starts.
 
+use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
@@ -17,6 +18,45 @@ pub struct Event {
     /// The envelope's `type`, e.g. `user.created`.
     pub event_type: String,
     pub action: Action,
+    /// Where the event came from, kept in its history row.
+    pub source: Source,
+    /// The body as delivered, kept in the history row; `None` when payloads are not stored
+    /// (`WORKER_STORE_PAYLOADS=false`) or cannot be (see [`storable`]).
+    pub payload: Option<String>,
+    /// The `svix-timestamp` header: when Svix sent the event.
+    pub svix_timestamp: Option<DateTime<Utc>>,
+    /// The `received-at` header: when the ingest accepted it.
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Delivered by Clerk through the ingest.
+    Webhook,
+    /// Made by `worker reconcile` from what Clerk's Backend API listed.
+    Reconcile,
+    /// Re-applied from the history by `worker replay`.
+    Replay,
+}
+
+impl Source {
+    /// The label kept in `processed_events.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Webhook => "webhook",
+            Source::Reconcile => "reconcile",
+            Source::Replay => "replay",
+        }
+    }
+}
+
+/// What an event concerns: the row its history belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject<'a> {
+    /// `user`, `organization` or `membership`.
+    pub kind: &'static str,
+    pub id: &'a str,
 }
 
 /// What an event asks for.
@@ -39,6 +79,19 @@ impl Action {
             Action::Upsert(record) => Some(&record.id),
             Action::Delete { id } => Some(id),
             Action::Organization(_) | Action::Ignore => None,
+        }
+    }
+
+    /// The user, organization or membership the event concerns; `None` for an ignored type.
+    pub fn subject(&self) -> Option<Subject<'_>> {
+        match self {
+            Action::Upsert(record) => Some(Subject {
+                kind: "user",
+                id: &record.id,
+            }),
+            Action::Delete { id } => Some(Subject { kind: "user", id }),
+            Action::Organization(change) => Some(change.subject()),
+            Action::Ignore => None,
         }
     }
 
@@ -105,18 +158,46 @@ impl Event {
             svix_id,
             event_type: envelope.event_type,
             action,
+            source: Source::Webhook,
+            payload: storable(body),
+            svix_timestamp: header(properties, headers::SVIX_TIMESTAMP)
+                .and_then(|seconds| seconds.trim().parse().ok())
+                .and_then(|seconds| DateTime::from_timestamp(seconds, 0)),
+            received_at: header(properties, headers::RECEIVED_AT)
+                .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
+                .map(|at| at.with_timezone(&Utc)),
         })
     }
+
+    /// The same event without its payload, for `WORKER_STORE_PAYLOADS=false`.
+    pub fn without_payload(self) -> Self {
+        Self {
+            payload: None,
+            ..self
+        }
+    }
+}
+
+/// The body as text for the history's `jsonb` column, unless Postgres would refuse it: `jsonb`
+/// cannot hold the escaped NUL character (`\u0000`), and a history row must never be the reason
+/// an event fails. Such an event is kept without its payload.
+fn storable(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    (!text.contains("\\u0000")).then(|| text.to_owned())
+}
+
+/// A header's text value.
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(name))
+        .and_then(text)
 }
 
 /// The `svix-id` header, else the message id (the ingest sets both to the same value).
 fn svix_id(properties: &BasicProperties) -> Option<String> {
-    let from_header = properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(headers::SVIX_ID))
-        .and_then(text);
-    from_header
+    header(properties, headers::SVIX_ID)
         .or_else(|| properties.message_id().as_ref().map(|id| id.to_string()))
         .filter(|id| !id.trim().is_empty())
 }

@@ -11,6 +11,7 @@ mod consumer;
 pub mod dead_letter;
 mod depth;
 pub mod event;
+pub mod history;
 mod http;
 pub mod metrics;
 pub mod organizations;

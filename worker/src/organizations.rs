@@ -27,7 +27,7 @@ use shared::organizations::{
 };
 
 use crate::apply::Outcome;
-use crate::event::{Event, ReadError};
+use crate::event::{Event, ReadError, Subject};
 
 /// What an organization or membership event asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,36 @@ impl Change {
         }
     }
 
+    /// The organization or membership the change concerns.
+    pub fn subject(&self) -> Subject<'_> {
+        match self {
+            Change::UpsertOrganization(record) => Subject {
+                kind: "organization",
+                id: &record.id,
+            },
+            Change::DeleteOrganization { id } => Subject {
+                kind: "organization",
+                id,
+            },
+            Change::UpsertMembership(record) => Subject {
+                kind: "membership",
+                id: &record.id,
+            },
+            Change::DeleteMembership(deletion) => Subject {
+                kind: "membership",
+                id: &deletion.id,
+            },
+        }
+    }
+
+    /// Whether the change removes what it concerns.
+    fn deletes(&self) -> bool {
+        matches!(
+            self,
+            Change::DeleteOrganization { .. } | Change::DeleteMembership(_)
+        )
+    }
+
     /// The ids whose advisory locks the change needs: its organization, its user and its
     /// membership, whichever it names.
     pub fn lock_ids(&self) -> Vec<&str> {
@@ -101,14 +131,29 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
     event: &Event,
     change: &Change,
 ) -> Result<Outcome, DbErr> {
+    let subject = change.subject();
+    let outcome = if change.deletes() {
+        "deleted"
+    } else {
+        "applied"
+    };
     let recorded = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at) \
-             VALUES ($1, $2, 'applied', now()) ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id",
+            "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
+               subject_kind, subject_id, payload, svix_timestamp, received_at) \
+             VALUES ($1, $2, $3, now(), $4, $5, $6, $7::jsonb, $8, $9) \
+             ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id",
             [
                 event.svix_id.clone().into(),
                 event.event_type.clone().into(),
+                outcome.into(),
+                event.source.as_str().into(),
+                subject.kind.into(),
+                subject.id.into(),
+                event.payload.clone().into(),
+                event.svix_timestamp.into(),
+                event.received_at.into(),
             ],
         ))
         .await?;
@@ -120,12 +165,15 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
     }
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "UPDATE processed_events SET outcome = 'stale' WHERE svix_id = $1",
-        [event.svix_id.clone().into()],
+        "UPDATE processed_events SET outcome = 'stale', reason = $2 WHERE svix_id = $1",
+        [event.svix_id.clone().into(), STALE_REASON.into()],
     ))
     .await?;
     Ok(Outcome::Stale)
 }
+
+/// Why an organization or membership event wrote nothing.
+const STALE_REASON: &str = "a version with a later updated_at, or a tombstone, was already stored";
 
 /// Applies several changes in one transaction, taking their locks first in one sorted statement;
 /// returns for each whether it wrote anything. For callers without events (a reconcile).

@@ -37,7 +37,7 @@ pub mod users {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `processed_events`: every svix-id handled, with its outcome.
+/// `processed_events`: every svix-id handled, with its outcome: the event history.
 pub mod processed_events {
     use sea_orm::entity::prelude::*;
 
@@ -47,9 +47,22 @@ pub mod processed_events {
         #[sea_orm(primary_key, auto_increment = false)]
         pub svix_id: String,
         pub event_type: String,
-        /// `applied`, `stale` or `ignored`.
+        /// `applied`, `deleted`, `stale` or `ignored`.
         pub outcome: String,
+        /// When the event was applied (its transaction's time).
         pub processed_at: DateTimeWithTimeZone,
+        /// `webhook`, `reconcile` or `replay`.
+        pub source: String,
+        /// `user`, `organization` or `membership`; null for an ignored type.
+        pub subject_kind: Option<String>,
+        pub subject_id: Option<String>,
+        /// The body as delivered; null when payloads are not stored.
+        pub payload: Option<Json>,
+        pub svix_timestamp: Option<DateTimeWithTimeZone>,
+        /// When the ingest accepted the event.
+        pub received_at: Option<DateTimeWithTimeZone>,
+        /// Why a `stale` event wrote nothing.
+        pub reason: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

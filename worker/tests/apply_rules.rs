@@ -491,11 +491,11 @@ async fn a_delete_before_the_create_and_repeated_deletes_keep_one_tombstone_from
     worker.stop().await;
     assert_eq!(
         env.processed(&first).await.expect("first").outcome,
-        "applied"
+        "deleted"
     );
     assert_eq!(
         env.processed(&again).await.expect("again").outcome,
-        "applied"
+        "deleted"
     );
     assert_eq!(
         env.processed(&create).await.expect("create").outcome,

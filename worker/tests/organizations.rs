@@ -124,7 +124,7 @@ async fn documented_organization_and_membership_events_are_stored_with_their_fie
             .is_none()
     })
     .await;
-    assert_eq!(outcome(&env, &delete).await, "applied");
+    assert_eq!(outcome(&env, &delete).await, "deleted");
     let delete = svix_id();
     env.publish(
         &delete,
@@ -285,7 +285,7 @@ async fn a_membership_delete_with_an_old_updated_at_wins_and_late_versions_stay_
         ],
     )
     .await;
-    assert_eq!(outcome(&env, &ids[2]).await, "applied");
+    assert_eq!(outcome(&env, &ids[2]).await, "deleted");
     assert_eq!(outcome(&env, &ids[3]).await, "stale");
     assert!(
         env.membership("orgmem_1").await.is_none(),
@@ -343,7 +343,7 @@ async fn a_late_update_after_an_organization_delete_does_not_bring_it_back() {
         ],
     )
     .await;
-    assert_eq!(outcome(&env, &ids[1]).await, "applied");
+    assert_eq!(outcome(&env, &ids[1]).await, "deleted");
     assert_eq!(outcome(&env, &ids[2]).await, "stale");
     assert!(env.organization("org_a").await.is_none());
     worker.stop().await;
@@ -379,7 +379,7 @@ async fn a_removed_and_readded_member_keeps_the_new_membership_when_the_old_dele
         "stale",
         "an old membership's late update"
     );
-    assert_eq!(outcome(&env, &ids[3]).await, "applied");
+    assert_eq!(outcome(&env, &ids[3]).await, "deleted");
     assert!(env.membership("orgmem_old").await.is_none());
     let current = env.membership("orgmem_new").await.expect("new membership");
     assert_eq!(current.user_id, "user_1");

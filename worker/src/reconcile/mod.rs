@@ -42,7 +42,7 @@ use shared::Roles;
 use tracing::Instrument as _;
 
 use crate::apply::{self, BatchFailure, Outcome};
-use crate::event::{Action, Event};
+use crate::event::{Action, Event, Source};
 
 pub use clerk::{ClerkClient, ClerkConfig, ClerkError};
 pub use runs::Trigger;
@@ -159,6 +159,8 @@ pub struct Options {
     pub progress_bar: bool,
     /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: listed users are read with them, as events are.
     pub roles: Roles,
+    /// `WORKER_STORE_PAYLOADS`: keep each listed object in its history row.
+    pub store_payloads: bool,
 }
 
 impl Default for Options {
@@ -170,6 +172,7 @@ impl Default for Options {
             trigger: Trigger::Command,
             progress_bar: false,
             roles: Roles::default(),
+            store_payloads: true,
         }
     }
 }
@@ -263,6 +266,7 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         max_delete: args.max_delete,
         trigger: Trigger::Command,
         roles: settings.roles()?,
+        store_payloads: settings.worker_store_payloads,
     };
     let report = reconcile(&db, &client, &options).await;
     db.close().await.ok();
@@ -526,8 +530,12 @@ impl UsersPass<'_> {
         let body = json!({ "type": UPSERT_TYPE, "object": "event", "data": user });
         let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
         let properties = BasicProperties::default().with_message_id(self.svix_id(&id).into());
-        let event =
+        let mut event =
             Event::read(&body, &properties, &self.options.roles).map_err(|e| e.to_string())?;
+        event.source = Source::Reconcile;
+        if !self.options.store_payloads {
+            event = event.without_payload();
+        }
         Ok((id, event))
     }
 
@@ -659,6 +667,10 @@ impl UsersPass<'_> {
                     svix_id: self.svix_id(id),
                     event_type: DELETE_TYPE.to_owned(),
                     action: Action::Delete { id: id.clone() },
+                    source: Source::Reconcile,
+                    payload: None,
+                    svix_timestamp: None,
+                    received_at: None,
                 })
                 .collect();
             let outcomes = self.write(&events).await?;

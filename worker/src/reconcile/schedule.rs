@@ -30,6 +30,8 @@ pub struct ScheduledReconcile {
     pub clerk: ClerkConfig,
     /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`, for reading listed users as the events do.
     pub roles: shared::Roles,
+    /// `WORKER_STORE_PAYLOADS`.
+    pub store_payloads: bool,
 }
 
 impl ScheduledReconcile {
@@ -59,6 +61,7 @@ impl ScheduledReconcile {
             interval,
             clerk: ClerkConfig::from_settings(settings)?,
             roles: settings.roles()?,
+            store_payloads: settings.worker_store_payloads,
         }))
     }
 }
@@ -140,6 +143,7 @@ async fn run_if_due(
         let options = Options {
             trigger: Trigger::Schedule,
             roles: schedule.roles.clone(),
+            store_payloads: schedule.store_payloads,
             ..Options::default()
         };
         let report = super::reconcile(db, client, &options).await;
