@@ -357,7 +357,7 @@ async fn a_listing_that_fails_part_way_deletes_nothing_and_fails_the_run() {
 
     let failure = report.failure.clone().expect("the run failed");
     assert!(failure.contains("listing did not complete"), "{failure}");
-    assert!(failure.contains("nothing was deleted"), "{failure}");
+    assert!(failure.contains("no users were deleted"), "{failure}");
     assert_eq!(report.summary.users.deleted, 0);
     assert!(env.user(&user_id(3)).await.is_some(), "nothing was deleted");
     assert_eq!(tombstones(&env).await, 0);
@@ -449,7 +449,7 @@ async fn the_listing_of_another_instance_is_stopped_by_the_deletion_limit() {
         failure.contains("would remove more than 10 users"),
         "{failure}"
     );
-    assert!(failure.contains("nothing was deleted"), "{failure}");
+    assert!(failure.contains("no users were deleted"), "{failure}");
     assert_eq!(report.summary.users.deleted, 0);
     assert_eq!(tombstones(&env).await, 0);
     for i in 0..30 {
