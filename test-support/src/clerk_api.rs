@@ -1,13 +1,20 @@
-//! A stand-in for the users part of Clerk's Backend API, served on a free port of this process,
-//! written from Clerk's published description:
+//! A stand-in for the parts of Clerk's Backend API that reconcile reads (users, organizations and
+//! organization memberships), served on a free port of this process, written from Clerk's
+//! published description:
 //! - `GET /v1/users`: a bare JSON array; `limit` 1–500 (default 10), `offset`, `order_by`
 //!   `+created_at`/`-created_at` (default `-created_at`), and the `starting_after` cursor (a user
 //!   id; needs `created_at` ordering and no offset, else 422);
 //! - `GET /v1/users/count`: `{"object":"total_count","total_count":N}`;
 //! - `GET /v1/users/{id}`: the user, or 404 with Clerk's error body (`resource_not_found`);
+//! - `GET /v1/organizations` and `GET /v1/organization_memberships` (the instance's): `{"data":
+//!   [...], "total_count": N}`, with the same `limit`, `offset` and `order_by` and no cursor;
+//! - `GET /v1/organizations/{id}`: the organization, or 404 with Clerk's error body;
+//! - `GET /v1/organizations/{id}/memberships`: `{"data", "total_count"}` of that organization's
+//!   memberships, filtered by `user_id` (repeatable) when given; 404 when the organization is
+//!   gone;
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
-//! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make the listing
+//! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make the listings
 //! fail from some position on, and read back every request served.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -38,13 +45,52 @@ pub struct Served {
     pub api_version: Option<String>,
 }
 
-/// Users keyed by (`created_at`, id): the order of `+created_at`, with ties broken by id.
+/// Objects keyed by (`created_at`, id): the order of `+created_at`, with ties broken by id.
 type Key = (i64, String);
+
+/// One kind of object, in listing order and by id.
+#[derive(Default)]
+struct Collection {
+    objects: BTreeMap<Key, Value>,
+    keys: HashMap<String, Key>,
+}
+
+impl Collection {
+    /// Adds the object or replaces the one with its id. It needs a string `id`; `created_at`
+    /// (milliseconds) orders the listing.
+    fn put(&mut self, object: Value) {
+        let id = object
+            .get("id")
+            .and_then(Value::as_str)
+            .expect("a stand-in object needs a string id")
+            .to_owned();
+        let created_at = object
+            .get("created_at")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let key = (created_at, id.clone());
+        if let Some(old) = self.keys.insert(id, key.clone()) {
+            self.objects.remove(&old);
+        }
+        self.objects.insert(key, object);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(key) = self.keys.remove(id) {
+            self.objects.remove(&key);
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&Value> {
+        self.keys.get(id).and_then(|key| self.objects.get(key))
+    }
+}
 
 #[derive(Default)]
 struct State {
-    users: BTreeMap<Key, Value>,
-    keys: HashMap<String, Key>,
+    users: Collection,
+    organizations: Collection,
+    memberships: Collection,
     faults: VecDeque<Fault>,
     failing_listing_from: Option<usize>,
     hidden: std::collections::HashSet<String>,
@@ -77,7 +123,17 @@ impl ClerkApi {
                 .app_data(shared.clone())
                 .route("/v1/users", web::get().to(list))
                 .route("/v1/users/count", web::get().to(count))
-                .route("/v1/users/{id}", web::get().to(get_one))
+                .route("/v1/users/{id}", web::get().to(get_user))
+                .route("/v1/organizations", web::get().to(list_organizations))
+                .route("/v1/organizations/{id}", web::get().to(get_organization))
+                .route(
+                    "/v1/organizations/{id}/memberships",
+                    web::get().to(list_memberships_of),
+                )
+                .route(
+                    "/v1/organization_memberships",
+                    web::get().to(list_memberships),
+                )
                 .default_service(web::to(not_found))
         })
         .workers(1)
@@ -113,29 +169,74 @@ impl ClerkApi {
     /// Adds a user, or replaces the one with its id. It needs a string `id`; `created_at`
     /// (milliseconds) orders the listing.
     pub fn put_user(&self, user: Value) {
-        let mut state = self.state();
-        put(&mut state, user);
+        self.state().users.put(user);
     }
 
     /// Adds or replaces many users at once.
     pub fn put_users(&self, users: impl IntoIterator<Item = Value>) {
         let mut state = self.state();
         for user in users {
-            put(&mut state, user);
+            state.users.put(user);
         }
     }
 
     /// Deletes a user, as deleting it in Clerk's dashboard would.
     pub fn delete_user(&self, id: &str) {
-        let mut state = self.state();
-        if let Some(key) = state.keys.remove(id) {
-            state.users.remove(&key);
-        }
+        self.state().users.remove(id);
     }
 
     /// How many users it holds.
     pub fn user_count(&self) -> usize {
-        self.state().users.len()
+        self.state().users.objects.len()
+    }
+
+    /// Adds an organization, or replaces the one with its id (like [`ClerkApi::put_user`]).
+    pub fn put_organization(&self, organization: Value) {
+        self.state().organizations.put(organization);
+    }
+
+    /// Adds or replaces many organizations at once.
+    pub fn put_organizations(&self, organizations: impl IntoIterator<Item = Value>) {
+        let mut state = self.state();
+        for organization in organizations {
+            state.organizations.put(organization);
+        }
+    }
+
+    /// Deletes an organization and its memberships, as Clerk does.
+    pub fn delete_organization(&self, id: &str) {
+        let mut state = self.state();
+        state.organizations.remove(id);
+        let members: Vec<String> = state
+            .memberships
+            .objects
+            .values()
+            .filter(|membership| membership_organization(membership) == Some(id))
+            .filter_map(|membership| membership.get("id").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect();
+        for membership in members {
+            state.memberships.remove(&membership);
+        }
+    }
+
+    /// Adds a membership (Clerk's OrganizationMembership JSON, with its `organization`
+    /// snapshot and `public_user_data.user_id`), or replaces the one with its id.
+    pub fn put_membership(&self, membership: Value) {
+        self.state().memberships.put(membership);
+    }
+
+    /// Adds or replaces many memberships at once.
+    pub fn put_memberships(&self, memberships: impl IntoIterator<Item = Value>) {
+        let mut state = self.state();
+        for membership in memberships {
+            state.memberships.put(membership);
+        }
+    }
+
+    /// Removes a member from an organization, by membership id.
+    pub fn delete_membership(&self, id: &str) {
+        self.state().memberships.remove(id);
     }
 
     /// The next requests, whatever they ask, get these answers, one each, in order.
@@ -143,14 +244,16 @@ impl ClerkApi {
         self.state().faults.extend(faults);
     }
 
-    /// Every listing request that starts at or beyond `position` (0-based, in the listing's
-    /// order) answers 500, however often it is tried: a listing that fails part-way.
+    /// Every listing request (of users, organizations or memberships) that starts at or beyond
+    /// `position` (0-based, in the listing's order) answers 500, however often it is tried: a
+    /// listing that fails part-way.
     pub fn fail_listing_from(&self, position: usize) {
         self.state().failing_listing_from = Some(position);
     }
 
-    /// Leaves a user out of the listing while its own GET still finds it, as an offset walk
-    /// does when users before it are deleted meanwhile.
+    /// Leaves an object (a user, an organization or a membership) out of its listing while its
+    /// own GET still finds it, as an offset walk does when objects before it are deleted
+    /// meanwhile.
     pub fn hide_from_listing(&self, id: &str) {
         self.state().hidden.insert(id.to_owned());
     }
@@ -173,20 +276,6 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }
-}
-
-fn put(state: &mut State, user: Value) {
-    let id = user
-        .get("id")
-        .and_then(Value::as_str)
-        .expect("a stand-in user needs a string id")
-        .to_owned();
-    let created_at = user.get("created_at").and_then(Value::as_i64).unwrap_or(0);
-    let key = (created_at, id.clone());
-    if let Some(old) = state.keys.insert(id, key.clone()) {
-        state.users.remove(&old);
-    }
-    state.users.insert(key, user);
 }
 
 /// Clerk's error body.
@@ -244,122 +333,230 @@ fn record(state: &mut State, request: &HttpRequest, status: StatusCode) {
     });
 }
 
-async fn list(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    query: web::Query<HashMap<String, String>>,
+/// The query parameters of a request, repeated ones kept (`user_id` may be).
+type Params = web::Query<Vec<(String, String)>>;
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Answers through the gate, records the answer.
+fn answer(
+    request: &HttpRequest,
+    shared: &Shared,
+    respond: impl FnOnce(&State) -> HttpResponse,
 ) -> HttpResponse {
-    if let Some(answer) = gate(&request, &shared) {
+    if let Some(answer) = gate(request, shared) {
         return answer;
     }
     let mut state = lock(&shared.state);
-    let answer = list_page(&state, &query);
-    record(&mut state, &request, answer.status());
+    let answer = respond(&state);
+    record(&mut state, request, answer.status());
     answer
 }
 
-fn list_page(state: &State, query: &HashMap<String, String>) -> HttpResponse {
-    let invalid = |message: &str| {
-        error(
+async fn list(request: HttpRequest, shared: web::Data<Shared>, params: Params) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        match page(state, &state.users, &params, true) {
+            Ok(page) => HttpResponse::Ok().json(page),
+            Err((status, code, message)) => error(status, code, message),
+        }
+    })
+}
+
+async fn list_organizations(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    params: Params,
+) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        data_page(state, &state.organizations, &params)
+    })
+}
+
+async fn list_memberships(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    params: Params,
+) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        data_page(state, &state.memberships, &params)
+    })
+}
+
+/// `{"data": [...], "total_count": N}` of a listing without a cursor.
+fn data_page(state: &State, collection: &Collection, params: &[(String, String)]) -> HttpResponse {
+    match page(state, collection, params, false) {
+        Ok(page) => {
+            HttpResponse::Ok().json(json!({"data": page, "total_count": collection.objects.len()}))
+        }
+        Err((status, code, message)) => error(status, code, message),
+    }
+}
+
+/// Why a listing request is refused: the status and Clerk's error code and message.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+/// One page of a listing, by `limit`, `offset`, `order_by` and (where `cursor` is allowed)
+/// `starting_after`.
+fn page<'a>(
+    state: &State,
+    collection: &'a Collection,
+    params: &[(String, String)],
+    cursor: bool,
+) -> Result<Vec<&'a Value>, Refusal> {
+    let invalid = |message| {
+        (
             StatusCode::UNPROCESSABLE_ENTITY,
             "form_param_value_invalid",
             message,
         )
     };
-    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+    let limit = match param(params, "limit").map(str::parse::<usize>) {
         None => 10,
         Some(Ok(limit)) if (1..=500).contains(&limit) => limit,
-        Some(_) => return invalid("limit must be between 1 and 500"),
+        Some(_) => return Err(invalid("limit must be between 1 and 500")),
     };
-    let offset = match query.get("offset").map(|o| o.parse::<usize>()) {
+    let offset = match param(params, "offset").map(str::parse::<usize>) {
         None => 0,
         Some(Ok(offset)) => offset,
-        Some(Err(_)) => return invalid("offset must be a number"),
+        Some(Err(_)) => return Err(invalid("offset must be a number")),
     };
-    let ascending = match query.get("order_by").map(String::as_str) {
+    let ascending = match param(params, "order_by") {
         None | Some("-created_at") => false,
         Some("+created_at" | "created_at") => true,
-        Some(_) => return invalid("order_by is not supported by this stand-in"),
+        Some(_) => return Err(invalid("order_by is not supported by this stand-in")),
     };
-    let cursor = query.get("starting_after");
-    if cursor.is_some() && offset > 0 {
-        return invalid("starting_after cannot be combined with a non-zero offset");
+    let after = param(params, "starting_after").filter(|_| cursor);
+    if after.is_some() && offset > 0 {
+        return Err(invalid(
+            "starting_after cannot be combined with a non-zero offset",
+        ));
     }
-    // Where the page starts in the listing's order, and the users from there on.
-    let (start, rest): (usize, Box<dyn Iterator<Item = &Value>>) = match cursor {
+    let objects = &collection.objects;
+    // Where the page starts in the listing's order, and the objects from there on.
+    let (start, rest): (usize, Box<dyn Iterator<Item = &Value>>) = match after {
         Some(id) => {
-            let Some(key) = state.keys.get(id) else {
-                return error(
+            let Some(key) = collection.keys.get(id) else {
+                return Err((
                     StatusCode::NOT_FOUND,
                     "resource_not_found",
                     "starting_after names no user",
-                );
+                ));
             };
             if ascending {
-                let start = state.users.range(..=key.clone()).count();
-                let range = state
-                    .users
-                    .range((Bound::Excluded(key.clone()), Bound::Unbounded));
-                (start, Box::new(range.map(|(_, user)| user)))
+                let start = objects.range(..=key.clone()).count();
+                let range = objects.range((Bound::Excluded(key.clone()), Bound::Unbounded));
+                (start, Box::new(range.map(|(_, object)| object)))
             } else {
-                let start = state.users.range(key.clone()..).count();
-                let range = state.users.range(..key.clone()).rev();
-                (start, Box::new(range.map(|(_, user)| user)))
+                let start = objects.range(key.clone()..).count();
+                let range = objects.range(..key.clone()).rev();
+                (start, Box::new(range.map(|(_, object)| object)))
             }
         }
-        None if ascending => (offset, Box::new(state.users.values().skip(offset))),
-        None => (offset, Box::new(state.users.values().rev().skip(offset))),
+        None if ascending => (offset, Box::new(objects.values().skip(offset))),
+        None => (offset, Box::new(objects.values().rev().skip(offset))),
     };
     if state
         .failing_listing_from
         .is_some_and(|position| start >= position)
     {
-        return error(
+        return Err((
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_clerk_error",
             "Something went wrong",
-        );
+        ));
     }
-    let page: Vec<&Value> = rest
-        .filter(|user| {
-            let id = user.get("id").and_then(Value::as_str).unwrap_or_default();
+    Ok(rest
+        .filter(|object| {
+            let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
             !state.hidden.contains(id)
         })
         .take(limit)
-        .collect();
-    HttpResponse::Ok().json(page)
+        .collect())
 }
 
 async fn count(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if let Some(answer) = gate(&request, &shared) {
-        return answer;
-    }
-    let mut state = lock(&shared.state);
-    let answer =
-        HttpResponse::Ok().json(json!({"object": "total_count", "total_count": state.users.len()}));
-    record(&mut state, &request, answer.status());
-    answer
+    answer(&request, &shared, |state| {
+        HttpResponse::Ok()
+            .json(json!({"object": "total_count", "total_count": state.users.objects.len()}))
+    })
 }
 
-async fn get_one(
+async fn get_user(
     request: HttpRequest,
     shared: web::Data<Shared>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Some(answer) = gate(&request, &shared) {
-        return answer;
-    }
-    let mut state = lock(&shared.state);
-    let user = state
-        .keys
-        .get(id.as_str())
-        .and_then(|key| state.users.get(key));
-    let answer = match user {
-        Some(user) => HttpResponse::Ok().json(user),
+    answer(&request, &shared, |state| found(state.users.get(&id)))
+}
+
+async fn get_organization(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        found(state.organizations.get(&id))
+    })
+}
+
+/// The organization's memberships, of the `user_id`s given (each may carry a `+`), paginated by
+/// `limit` and `offset`.
+async fn list_memberships_of(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+    params: Params,
+) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        if state.organizations.get(&id).is_none() {
+            return found(None);
+        }
+        let users: Vec<&str> = params
+            .iter()
+            .filter(|(key, _)| key == "user_id")
+            .map(|(_, value)| value.trim_start_matches('+'))
+            .collect();
+        let members: Vec<&Value> = state
+            .memberships
+            .objects
+            .values()
+            .filter(|membership| membership_organization(membership) == Some(id.as_str()))
+            .filter(|membership| {
+                let user = membership
+                    .pointer("/public_user_data/user_id")
+                    .and_then(Value::as_str);
+                users.is_empty() || user.is_some_and(|user| users.contains(&user))
+            })
+            .collect();
+        let limit = param(&params, "limit")
+            .and_then(|limit| limit.parse().ok())
+            .unwrap_or(10);
+        let offset = param(&params, "offset")
+            .and_then(|offset| offset.parse().ok())
+            .unwrap_or(0);
+        let data: Vec<&Value> = members.iter().skip(offset).take(limit).copied().collect();
+        HttpResponse::Ok().json(json!({"data": data, "total_count": members.len()}))
+    })
+}
+
+fn membership_organization(membership: &Value) -> Option<&str> {
+    membership
+        .pointer("/organization/id")
+        .and_then(Value::as_str)
+}
+
+/// The object, or 404 with Clerk's error body.
+fn found(object: Option<&Value>) -> HttpResponse {
+    match object {
+        Some(object) => HttpResponse::Ok().json(object),
         None => error(StatusCode::NOT_FOUND, "resource_not_found", "not found"),
-    };
-    record(&mut state, &request, answer.status());
-    answer
+    }
 }
 
 async fn not_found(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {

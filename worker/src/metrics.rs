@@ -35,7 +35,8 @@ pub struct Metrics {
     /// `failed`.
     reconcile_runs: IntCounterVec,
     /// `clerk_sync_worker_reconcile_changes_total{kind, change}`: what scheduled reconciles
-    /// changed, by kind (`users`) and change (`created`, `updated`, `deleted`).
+    /// changed, by kind (`users`, `organizations`, `memberships`) and change (`created`,
+    /// `updated`, `deleted`).
     reconcile_changes: IntCounterVec,
     /// `clerk_sync_worker_broker_node{node}`: 1 for the broker node (`host:port`) consumed from;
     /// no series while disconnected.
@@ -187,15 +188,17 @@ impl Metrics {
             "failed"
         };
         self.reconcile_runs.with_label_values(&[outcome]).inc();
-        let users = &report.summary.users;
-        for (change, count) in [
-            ("created", users.created),
-            ("updated", users.updated),
-            ("deleted", users.deleted),
-        ] {
-            self.reconcile_changes
-                .with_label_values(&["users", change])
-                .inc_by(count);
+        for kind in crate::reconcile::Kind::ALL {
+            let counts = report.summary.of(kind);
+            for (change, count) in [
+                ("created", counts.created),
+                ("updated", counts.updated),
+                ("deleted", counts.deleted),
+            ] {
+                self.reconcile_changes
+                    .with_label_values(&[kind.name(), change])
+                    .inc_by(count);
+            }
         }
     }
 

@@ -1,16 +1,19 @@
 //! `worker reconcile` against the stand-in for Clerk's Backend API and the real Postgres (and,
 //! where webhooks flow at the same time, the real RabbitMQ and a worker): a fresh database per
-//! test.
+//! test. Users first, then organizations and memberships.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait, Statement};
 use serde_json::{Value, json};
+use shared::organizations::{MembershipDeletion, MembershipRecord, OrganizationRecord};
 use test_support::clerk_api::{ClerkApi, Fault};
+use test_support::events::{clerk_membership, clerk_organization};
 use test_support::rows::user_tombstones;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::organizations::{Change, apply_changes};
 use worker::reconcile::{
     ClerkClient, ClerkConfig, Counts, MaxDelete, Options, Report, ScheduledReconcile,
 };
@@ -357,7 +360,7 @@ async fn a_listing_that_fails_part_way_deletes_nothing_and_fails_the_run() {
 
     let failure = report.failure.clone().expect("the run failed");
     assert!(failure.contains("listing did not complete"), "{failure}");
-    assert!(failure.contains("nothing was deleted"), "{failure}");
+    assert!(failure.contains("no users were deleted"), "{failure}");
     assert_eq!(report.summary.users.deleted, 0);
     assert!(env.user(&user_id(3)).await.is_some(), "nothing was deleted");
     assert_eq!(tombstones(&env).await, 0);
@@ -376,6 +379,9 @@ async fn the_command_exits_non_zero_on_a_failed_listing_and_prints_its_json_summ
     let api = ClerkApi::start(KEY).await;
     api.put_users((0..3).map(|i| user(i, CREATED + 5)));
 
+    api.put_organizations([organization(0, CREATED + 5), organization(1, CREATED + 5)]);
+    api.put_membership(membership(0, 1, CREATED + 5));
+
     let ok = command(&env, api.url(), Some(KEY), &["--json"]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     let summary: Value = serde_json::from_slice(&ok.stdout).expect("one JSON object");
@@ -383,7 +389,27 @@ async fn the_command_exits_non_zero_on_a_failed_listing_and_prints_its_json_summ
         summary["users"],
         json!({"listed": 3, "created": 3, "updated": 0, "unchanged": 0, "stale": 0, "deleted": 0})
     );
+    assert_eq!(
+        summary["organizations"],
+        json!({"listed": 2, "created": 2, "updated": 0, "unchanged": 0, "stale": 0, "deleted": 0})
+    );
+    assert_eq!(
+        summary["memberships"],
+        json!({"listed": 1, "created": 1, "updated": 0, "unchanged": 0, "stale": 0, "deleted": 0})
+    );
     assert!(summary["seconds"].as_f64().is_some(), "{summary}");
+
+    let again = command(&env, api.url(), Some(KEY), &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let paragraph = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        paragraph.contains(
+            "Organizations: 2 listed, 0 created, 0 updated, 2 unchanged, 0 stale, 0 deleted. \
+             Memberships: 1 listed, 0 created, 0 updated, 1 unchanged, 0 stale, 0 deleted. \
+             The tables match Clerk."
+        ),
+        "{paragraph}"
+    );
 
     api.inject(std::iter::repeat_n(Fault::Status(502), 20));
     let failed = command(&env, api.url(), Some(KEY), &[]);
@@ -449,7 +475,7 @@ async fn the_listing_of_another_instance_is_stopped_by_the_deletion_limit() {
         failure.contains("would remove more than 10 users"),
         "{failure}"
     );
-    assert!(failure.contains("nothing was deleted"), "{failure}");
+    assert!(failure.contains("no users were deleted"), "{failure}");
     assert_eq!(report.summary.users.deleted, 0);
     assert_eq!(tombstones(&env).await, 0);
     for i in 0..30 {
@@ -632,6 +658,7 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
     let env = TestEnv::new().await;
     let api = ClerkApi::start(KEY).await;
     api.put_users((0..20).map(|i| user(i, CREATED + 5)));
+    organizations_and_members(&api, CREATED + 5);
     let mut config = env.config();
     config.reconcile = Some(ScheduledReconcile {
         interval: Duration::from_secs(3600),
@@ -654,6 +681,15 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
         text.contains("clerk_sync_worker_reconcile_runs_total{outcome=\"succeeded\"} 1")
     })
     .await;
+    // Drift is counted by kind, organizations and memberships too.
+    let text = first.metrics.render() + &second.metrics.render();
+    for (kind, created) in [("users", 20), ("organizations", 2), ("memberships", 3)] {
+        let series = format!(
+            "clerk_sync_worker_reconcile_changes_total{{change=\"created\",kind=\"{kind}\"}} \
+             {created}"
+        );
+        assert!(text.contains(&series), "{series} in {text}");
+    }
     first.stop().await;
     second.stop().await;
 
@@ -667,4 +703,345 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
         .filter(|s| s.path == "/v1/users/count")
         .count();
     assert_eq!(counts, 1, "{served:?}");
+}
+
+// Organizations and memberships.
+
+fn organization_id(i: usize) -> String {
+    format!("org_{i:04}")
+}
+
+/// Clerk's Organization JSON for organization `i`.
+fn organization(i: usize, updated_at: i64) -> Value {
+    clerk_organization(
+        &organization_id(i),
+        &format!("Org {i} {updated_at}"),
+        updated_at,
+    )
+}
+
+fn membership_id(organization: usize, user: usize) -> String {
+    format!("orgmem_{organization:04}_{user:06}")
+}
+
+/// Clerk's OrganizationMembership JSON for user `user` in organization `organization`; its role
+/// tells the version apart. Its organization snapshot is the first version of the
+/// organization, older than any a test lists.
+fn membership(organization_index: usize, user: usize, updated_at: i64) -> Value {
+    clerk_membership(
+        &membership_id(organization_index, user),
+        &organization(organization_index, CREATED),
+        &user_id(user),
+        &format!("org:role_{updated_at}"),
+        CREATED + user as i64,
+        updated_at,
+    )
+}
+
+/// Two organizations; users 0 and 1 in the first, user 2 in the second.
+fn organizations_and_members(api: &ClerkApi, updated_at: i64) {
+    api.put_organizations([organization(0, updated_at), organization(1, updated_at)]);
+    api.put_memberships([
+        membership(0, 0, updated_at),
+        membership(0, 1, updated_at),
+        membership(1, 2, updated_at),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organizations_and_memberships_missing_from_the_database_are_created() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+
+    let report = run(&env, &api).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.organizations, counts(2, 2, 0, 0, 0, 0));
+    assert_eq!(report.summary.memberships, counts(3, 3, 0, 0, 0, 0));
+    let stored = env
+        .organization(&organization_id(0))
+        .await
+        .expect("organization stored");
+    assert_eq!(stored.name, format!("Org 0 {}", CREATED + 5));
+    assert_eq!(stored.updated_at.timestamp_millis(), CREATED + 5);
+    assert_eq!(stored.clerk_data, organization(0, CREATED + 5));
+    let member = env
+        .membership(&membership_id(1, 2))
+        .await
+        .expect("membership stored");
+    assert_eq!(
+        (member.organization_id.as_str(), member.user_id.as_str()),
+        (organization_id(1).as_str(), user_id(2).as_str())
+    );
+    assert_eq!(member.role, format!("org:role_{}", CREATED + 5));
+    // The snapshot is older than the listed organization: it did not win.
+    let second = env.organization(&organization_id(1)).await.expect("stored");
+    assert_eq!(second.updated_at.timestamp_millis(), CREATED + 5);
+    // Organizations were walked before memberships, by offset and oldest first.
+    let served = api.served();
+    let walked: Vec<&str> = served
+        .iter()
+        .map(|s| s.path.as_str())
+        .filter(|path| path.ends_with("organizations") || path.ends_with("memberships"))
+        .collect();
+    assert_eq!(
+        walked,
+        ["/v1/organizations", "/v1/organization_memberships"],
+        "{served:?}"
+    );
+    assert!(
+        served
+            .iter()
+            .filter(|s| s.path == "/v1/organization_memberships")
+            .all(|s| s.query.contains("limit=500")
+                && s.query.contains("offset=0")
+                && s.query.contains("order_by=%2Bcreated_at")),
+        "{served:?}"
+    );
+    let runs = recorded_runs(&env).await;
+    assert_eq!(runs[0].2["organizations"]["created"], 2);
+    assert_eq!(runs[0].2["memberships"]["created"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stored_organization_and_membership_are_updated() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    api.put_organization(organization(1, CREATED + 100));
+    api.put_membership(membership(0, 1, CREATED + 100));
+
+    let report = run(&env, &api).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.organizations, counts(2, 0, 1, 1, 0, 0));
+    assert_eq!(report.summary.memberships, counts(3, 0, 1, 2, 0, 0));
+    let updated = env.organization(&organization_id(1)).await.expect("stored");
+    assert_eq!(updated.name, format!("Org 1 {}", CREATED + 100));
+    let member = env.membership(&membership_id(0, 1)).await.expect("stored");
+    assert_eq!(member.role, format!("org:role_{}", CREATED + 100));
+    assert_eq!(member.updated_at.timestamp_millis(), CREATED + 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organization_deleted_in_clerk_is_deleted_with_its_memberships_and_tombstoned() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    api.delete_organization(&organization_id(0));
+
+    let report = run(&env, &api).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.organizations, counts(1, 0, 0, 1, 0, 1));
+    // Its memberships went with it, before the memberships pass looked for missing ones.
+    assert_eq!(report.summary.memberships, counts(1, 0, 0, 1, 0, 0));
+    assert!(env.organization(&organization_id(0)).await.is_none());
+    assert!(
+        env.has_tombstone("organization_tombstones", &organization_id(0))
+            .await
+    );
+    for user in [0, 1] {
+        assert!(env.membership(&membership_id(0, user)).await.is_none());
+    }
+    assert!(env.membership(&membership_id(1, 2)).await.is_some());
+    let confirmed = api
+        .served()
+        .into_iter()
+        .any(|s| s.path == format!("/v1/organizations/{}", organization_id(0)) && s.status == 404);
+    assert!(
+        confirmed,
+        "the deletion was confirmed by the organization's own GET"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_missing_from_a_complete_listing_is_deleted_unless_clerk_still_has_it() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    api.delete_membership(&membership_id(0, 1));
+    // Skipped by the offset walk, but still there.
+    api.put_membership(membership(1, 2, CREATED + 50));
+    api.hide_from_listing(&membership_id(1, 2));
+
+    let report = run(&env, &api).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.memberships, counts(1, 0, 1, 1, 0, 1));
+    assert!(env.membership(&membership_id(0, 1)).await.is_none());
+    assert!(
+        env.has_tombstone("membership_tombstones", &membership_id(0, 1))
+            .await
+    );
+    let kept = env.membership(&membership_id(1, 2)).await.expect("kept");
+    assert_eq!(kept.updated_at.timestamp_millis(), CREATED + 50);
+    assert!(
+        !env.has_tombstone("membership_tombstones", &membership_id(1, 2))
+            .await
+    );
+    // Each was looked for among its organization's memberships of its user.
+    let served = api.served();
+    let confirmation = format!("/v1/organizations/{}/memberships", organization_id(0));
+    assert!(
+        served
+            .iter()
+            .any(|s| s.path == confirmation && s.query.contains(&user_id(1))),
+        "{served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memberships_listing_that_fails_part_way_deletes_no_membership() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    api.put_organization(organization(0, CREATED + 5));
+    api.put_memberships((0..600).map(|user| membership(0, user, CREATED + 5)));
+    let report = run(&env, &api).await;
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.memberships, counts(600, 600, 0, 0, 0, 0));
+    let second_page = api
+        .served()
+        .iter()
+        .any(|s| s.path == "/v1/organization_memberships" && s.query.contains("offset=500"));
+    assert!(second_page, "two pages by offset");
+    api.delete_membership(&membership_id(0, 3));
+    api.fail_listing_from(500);
+
+    let report = run(&env, &api).await;
+
+    let failure = report.failure.clone().expect("the run failed");
+    assert!(
+        failure.contains("memberships listing did not complete"),
+        "{failure}"
+    );
+    assert!(failure.contains("no memberships were deleted"), "{failure}");
+    assert_eq!(report.summary.memberships.deleted, 0);
+    assert!(env.membership(&membership_id(0, 3)).await.is_some());
+    assert!(
+        !env.has_tombstone("membership_tombstones", &membership_id(0, 3))
+            .await
+    );
+    assert!(
+        !api.served()
+            .iter()
+            .any(|s| s.path.ends_with("/memberships") && s.path.starts_with("/v1/organizations/")),
+        "no membership was confirmed"
+    );
+    assert_eq!(recorded_runs(&env).await[1].1, "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deletion_limit_holds_for_organizations() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    api.put_organizations((0..15).map(|i| organization(i, CREATED + 5)));
+    assert!(run(&env, &api).await.succeeded());
+    for i in 0..11 {
+        api.delete_organization(&organization_id(i));
+    }
+    let served_before = api.served().len();
+
+    let report = run(&env, &api).await;
+
+    let failure = report.failure.clone().expect("stopped");
+    assert!(
+        failure.contains("would remove more than 10 organizations"),
+        "{failure}"
+    );
+    assert_eq!(report.summary.organizations.deleted, 0);
+    for i in 0..15 {
+        assert!(
+            env.organization(&organization_id(i)).await.is_some(),
+            "organization {i} kept"
+        );
+    }
+    // The run stopped there: memberships were not walked.
+    assert!(
+        !api.served()[served_before..]
+            .iter()
+            .any(|s| s.path == "/v1/organization_memberships")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_version_from_a_webhook_is_not_overwritten_nor_a_deleted_membership_revived() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    // Webhooks brought what the listing does not show yet.
+    let newer_organization =
+        OrganizationRecord::from_data(organization(0, CREATED + 50)).expect("organization");
+    let newer_membership =
+        MembershipRecord::from_data(membership(0, 0, CREATED + 50)).expect("membership");
+    let deleted = MembershipDeletion::from_data(&membership(0, 1, CREATED + 5)).expect("deletion");
+    apply_changes(
+        env.db(),
+        &[
+            Change::UpsertOrganization(Box::new(newer_organization)),
+            Change::UpsertMembership(Box::new(newer_membership)),
+            Change::DeleteMembership(Box::new(deleted)),
+        ],
+    )
+    .await
+    .expect("webhook changes");
+    // The listing is behind the webhooks: its versions moved on in Postgres, not in the API.
+    api.put_organization(organization(0, CREATED + 20));
+    api.put_membership(membership(0, 0, CREATED + 20));
+
+    let report = run(&env, &api).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.organizations, counts(2, 0, 0, 1, 1, 0));
+    assert_eq!(report.summary.memberships, counts(3, 0, 0, 1, 2, 0));
+    let kept = env.organization(&organization_id(0)).await.expect("stored");
+    assert_eq!(kept.updated_at.timestamp_millis(), CREATED + 50);
+    let member = env.membership(&membership_id(0, 0)).await.expect("stored");
+    assert_eq!(member.updated_at.timestamp_millis(), CREATED + 50);
+    assert!(
+        env.membership(&membership_id(0, 1)).await.is_none(),
+        "not revived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_writes_no_organization_nor_membership() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    let processed = env.processed_count().await;
+    api.put_organizations([organization(0, CREATED + 9), organization(2, CREATED + 9)]);
+    api.put_membership(membership(2, 0, CREATED + 9));
+    api.delete_membership(&membership_id(0, 1));
+
+    let options = Options {
+        dry_run: true,
+        ..Options::default()
+    };
+    let report = reconcile(&env, &api, options).await;
+
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.summary.organizations, counts(3, 1, 1, 1, 0, 0));
+    assert_eq!(report.summary.memberships, counts(3, 1, 0, 2, 0, 1));
+    assert!(env.organization(&organization_id(2)).await.is_none());
+    assert!(env.membership(&membership_id(2, 0)).await.is_none());
+    assert!(env.membership(&membership_id(0, 1)).await.is_some());
+    assert!(
+        !env.has_tombstone("membership_tombstones", &membership_id(0, 1))
+            .await
+    );
+    let first = env.organization(&organization_id(0)).await.expect("stored");
+    assert_eq!(first.updated_at.timestamp_millis(), CREATED + 5);
+    assert_eq!(env.processed_count().await, processed, "nothing recorded");
+    assert_eq!(
+        recorded_runs(&env).await.len(),
+        1,
+        "a dry run records no run"
+    );
 }

@@ -172,6 +172,13 @@ struct TotalCount {
     total_count: u64,
 }
 
+/// A page of the listings that answer `{"data": [...], "total_count": N}`.
+#[derive(Debug, Deserialize)]
+struct DataPage {
+    data: Vec<Value>,
+    total_count: u64,
+}
+
 /// One answer that is neither a success nor final.
 enum Retry {
     /// 429: wait this long, then ask again.
@@ -211,15 +218,64 @@ impl ClerkClient {
 
     /// `GET /v1/users/{id}`: the user as Clerk holds it, or `None` when Clerk answers 404.
     pub async fn user(&self, id: &str) -> Result<Option<Value>, ClerkError> {
-        let call = "GET /v1/users/{id}";
-        let mut url = self.url("/v1/users")?;
+        self.get_found("GET /v1/users/{id}", &["v1", "users", id], &[])
+            .await
+    }
+
+    /// `GET /v1/organizations/{id}`: the organization as Clerk holds it, or `None` when Clerk
+    /// answers 404 (deleted).
+    pub async fn organization(&self, id: &str) -> Result<Option<Value>, ClerkError> {
+        self.get_found(
+            "GET /v1/organizations/{id}",
+            &["v1", "organizations", id],
+            &[],
+        )
+        .await
+    }
+
+    /// `GET /v1/organizations/{id}/memberships?user_id=…`: the memberships Clerk holds for this
+    /// organization and user (at most one), or `None` when the organization is gone (404). No
+    /// endpoint reads a single membership by its id: this is the narrowest question.
+    pub async fn memberships_of(
+        &self,
+        organization_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Vec<Value>>, ClerkError> {
+        let call = "GET /v1/organizations/{id}/memberships";
+        let query = [("user_id", user_id.to_owned()), ("limit", "10".to_owned())];
+        let found = self
+            .get_found(
+                call,
+                &["v1", "organizations", organization_id, "memberships"],
+                &query,
+            )
+            .await?;
+        found
+            .map(serde_json::from_value::<DataPage>)
+            .transpose()
+            .map(|page| page.map(|page| page.data))
+            .map_err(|error| ClerkError::Decode {
+                call: call.into(),
+                reason: error.to_string(),
+            })
+    }
+
+    /// A GET of one resource by path segments (escaped); `None` when Clerk answers 404.
+    async fn get_found(
+        &self,
+        call: &str,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Option<Value>, ClerkError> {
+        let mut url = self.url("")?;
         url.path_segments_mut()
             .map_err(|()| ClerkError::Request {
                 call: call.into(),
                 reason: "CLERK_API_URL cannot take a path".into(),
             })?
-            .push(id);
-        match self.send(call, url, &[]).await {
+            .pop_if_empty()
+            .extend(segments);
+        match self.send(call, url, query).await {
             Ok(body) => decode(call, &body).map(Some),
             Err(Answer::NotFound) => Ok(None),
             Err(Answer::Failed(error)) => Err(error),
@@ -234,6 +290,22 @@ impl ClerkClient {
             cursor: None,
             done: false,
         }
+    }
+
+    /// Every organization, oldest first, as pages of at most `limit` (see [`OffsetPages`]).
+    pub fn organizations(&self, limit: u32) -> OffsetPages<'_> {
+        OffsetPages::new(self, "GET /v1/organizations", "/v1/organizations", limit)
+    }
+
+    /// Every organization membership of the instance, oldest first, as pages of at most
+    /// `limit` (see [`OffsetPages`]).
+    pub fn memberships(&self, limit: u32) -> OffsetPages<'_> {
+        OffsetPages::new(
+            self,
+            "GET /v1/organization_memberships",
+            "/v1/organization_memberships",
+            limit,
+        )
     }
 
     async fn get(
@@ -476,6 +548,63 @@ impl UserPages<'_> {
             }
         }
         Ok(Some(page))
+    }
+}
+
+/// A listing that answers `{"data": [...], "total_count": N}` (organizations, memberships), as
+/// pages walked with `offset` in `+created_at` order: these endpoints have no cursor. Objects
+/// created meanwhile come last, so they shift nothing; one deleted meanwhile shifts the later
+/// ones back, and one of them may be skipped: a listing never proves a deletion on its own.
+/// A page shorter than the limit is the last.
+pub struct OffsetPages<'a> {
+    client: &'a ClerkClient,
+    call: &'static str,
+    path: &'static str,
+    limit: u32,
+    offset: u64,
+    total: Option<u64>,
+    done: bool,
+}
+
+impl<'a> OffsetPages<'a> {
+    fn new(client: &'a ClerkClient, call: &'static str, path: &'static str, limit: u32) -> Self {
+        Self {
+            client,
+            call,
+            path,
+            limit: limit.clamp(1, MAX_PAGE),
+            offset: 0,
+            total: None,
+            done: false,
+        }
+    }
+
+    /// Clerk's `total_count` of the latest page, once one was fetched.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// The next page of raw objects, or `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Value>>, ClerkError> {
+        if self.done {
+            return Ok(None);
+        }
+        let query = [
+            ("limit", self.limit.to_string()),
+            ("offset", self.offset.to_string()),
+            ("order_by", "+created_at".to_owned()),
+        ];
+        let body = self.client.get(self.call, self.path, &query).await?;
+        let page: DataPage = decode(self.call, &body)?;
+        self.total = Some(page.total_count);
+        self.offset += page.data.len() as u64;
+        if page.data.len() < self.limit as usize {
+            self.done = true;
+        }
+        if page.data.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(page.data))
     }
 }
 

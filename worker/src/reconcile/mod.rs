@@ -1,26 +1,34 @@
 //! `worker reconcile`: brings the tables to what Clerk's Backend API holds, for what no webhook
-//! brought (users created before the endpoint existed, an outage longer than Svix's retries, a
-//! purged dead letter).
+//! brought (users or organizations created before the endpoint existed, an outage longer than
+//! Svix's retries, a purged dead letter).
 //!
-//! Users, in order:
-//! 1. `GET /v1/users/count` (the bar's length; also the first check of the key).
-//! 2. The listing, page by page (`starting_after`, 500 a page). A page's stored versions and
-//!    tombstones are read first: a user whose stored `updated_at` equals the listed one is
-//!    `unchanged` and not written (that is what makes a run with nothing to do fast), an older
-//!    listed version or a tombstoned user is `stale`. The rest go through
-//!    [`apply_batch`](crate::apply::apply_batch) as `user.updated` events, read from the listed
-//!    JSON by [`Event::read`] like any delivery (so the same mapping and the same rules apply),
-//!    with a svix-id of their own per run and user, a page split into [`WRITERS`] transactions
-//!    applied at once.
-//! 3. Only after a complete listing: every stored user that was not listed is confirmed with
-//!    `GET /v1/users/{id}`. A 404 makes a `user.deleted` event (row deleted, tombstone written);
-//!    a user still there is applied instead. When more users would be deleted than
-//!    `--max-delete` allows, nothing is deleted and the run fails: a key of another instance
-//!    lists none of the stored users and answers 404 for all of them.
+//! A run has one pass per [`Kind`], in this order: users, organizations, memberships (a
+//! membership carries an organization snapshot, so its organization is best settled first).
+//! Each pass:
+//! 1. The listing, page by page, 500 a page: users with the `starting_after` cursor (after
+//!    `GET /v1/users/count`, the bar's length and the first check of the key), organizations
+//!    and memberships (`GET /v1/organizations`, `GET /v1/organization_memberships`) by offset.
+//!    A page's stored versions and tombstones are read first: an object whose stored
+//!    `updated_at` equals the listed one is `unchanged` and not written (that is what makes a
+//!    run with nothing to do fast), an older listed version or a tombstoned object is `stale`.
+//!    The rest go through [`apply_batch`](crate::apply::apply_batch) as the `.updated` event a
+//!    webhook would have delivered, read from the listed JSON by [`Event::read`] like any
+//!    delivery (so the same mapping and the same rules apply), with a svix-id of their own per
+//!    run and object (all made by one function, `reconcile_event`), a page split into
+//!    [`WRITERS`] transactions applied at once.
+//! 2. Only after a complete listing: every stored object that was not listed is confirmed on
+//!    its own: `GET /v1/users/{id}` or `GET /v1/organizations/{id}` answering 404, or, for a
+//!    membership, its organization's memberships of its user not holding its id (404 for the
+//!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted,
+//!    tombstone written; an organization's memberships go with it); one still there is applied
+//!    instead. When more objects of the kind would be deleted than `--max-delete` allows,
+//!    nothing of the kind is deleted and the run fails: a key of another instance lists none
+//!    of the stored objects and answers 404 for all of them.
 //!
-//! A listing that did not complete deletes nothing and fails the run. Organizations and
-//! memberships will be passes of their own beside users, each with its [`Counts`] in the
-//! [`Summary`].
+//! A listing that did not complete deletes nothing of its kind and fails the run; a pass that
+//! fails (that, a refused key, the deletion limit) ends the run, and the passes after it do not
+//! run. Objects that could not be read or written fail the run too, but only once every pass
+//! has run.
 
 pub mod clerk;
 pub mod progress;
@@ -43,18 +51,79 @@ use tracing::Instrument as _;
 
 use crate::apply::{self, BatchFailure, Outcome};
 use crate::event::{Action, Event, Source};
+use crate::organizations;
 
 pub use clerk::{ClerkClient, ClerkConfig, ClerkError};
 pub use runs::Trigger;
 pub use schedule::ScheduledReconcile;
 
-/// Users asked for per page: Clerk's largest, so the fewest requests.
+/// Objects asked for per page: Clerk's largest, so the fewest requests.
 pub const PAGE_SIZE: u32 = clerk::MAX_PAGE;
 
-/// The type every listed user is applied as: a listed user is Clerk's current version, which
-/// is what a `user.updated` carries.
-const UPSERT_TYPE: &str = "user.updated";
-const DELETE_TYPE: &str = "user.deleted";
+/// The kinds of object a run converges, in the order it walks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Users,
+    Organizations,
+    Memberships,
+}
+
+impl Kind {
+    /// Every kind, in the order of a run.
+    pub const ALL: [Kind; 3] = [Kind::Users, Kind::Organizations, Kind::Memberships];
+
+    /// The key in the summary and in `reconcile_runs.counts`, and the metrics' `kind` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Users => "users",
+            Kind::Organizations => "organizations",
+            Kind::Memberships => "memberships",
+        }
+    }
+
+    /// The type a listed object is applied as: a listed object is Clerk's current version,
+    /// which is what an `.updated` event carries.
+    fn upsert_type(self) -> &'static str {
+        match self {
+            Kind::Users => "user.updated",
+            Kind::Organizations => "organization.updated",
+            Kind::Memberships => "organizationMembership.updated",
+        }
+    }
+
+    fn delete_type(self) -> &'static str {
+        match self {
+            Kind::Users => "user.deleted",
+            Kind::Organizations => "organization.deleted",
+            Kind::Memberships => "organizationMembership.deleted",
+        }
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Users => "users",
+            Kind::Organizations => "organizations",
+            Kind::Memberships => "organization_memberships",
+        }
+    }
+
+    /// The `data` of the `.deleted` event Clerk sends for an object of this kind: `{object,
+    /// id, deleted}` for users and organizations; for a membership the membership itself, of
+    /// which the delete rules need only the ids.
+    fn deleted_data(self, candidate: &Candidate) -> Value {
+        match self {
+            Kind::Users => json!({"object": "user", "id": candidate.id, "deleted": true}),
+            Kind::Organizations => {
+                json!({"object": "organization", "id": candidate.id, "deleted": true})
+            }
+            Kind::Memberships => json!({
+                "object": "organization_membership", "id": candidate.id,
+                "organization": {"id": candidate.organization_id},
+                "public_user_data": {"user_id": candidate.user_id},
+            }),
+        }
+    }
+}
 
 /// Transactions a page is split into and applied at once: like the worker's batches in flight.
 /// The command's pool has one connection more, for the reads.
@@ -72,11 +141,11 @@ pub struct ReconcileArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Skip the deletion phase: users missing from Clerk stay.
+    /// Skip the deletion phases: users, organizations and memberships missing from Clerk stay.
     #[arg(long)]
     pub no_delete: bool,
-    /// The most users the deletion phase may remove: a number (`250`) or a share of the table
-    /// (`25%`). Default: 10 % of the table, at least 10.
+    /// The most rows each deletion phase (users, organizations, memberships) may remove: a
+    /// number (`250`) or a share of the table (`25%`). Default: 10 % of the table, at least 10.
     #[arg(long, value_name = "N|P%", default_value_t = MaxDelete::default())]
     pub max_delete: MaxDelete,
 }
@@ -102,7 +171,7 @@ pub enum MaxDelete {
 }
 
 impl MaxDelete {
-    /// The least a percentage allows, so a small table can lose a few users.
+    /// The least a percentage allows, so a small table can lose a few rows.
     pub const FLOOR: u64 = 10;
 
     /// The number of rows allowed for a table of `rows`.
@@ -195,11 +264,42 @@ pub struct Counts {
 }
 
 /// The summary of a run: `--json` prints exactly this.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub users: Counts,
+    pub organizations: Counts,
+    pub memberships: Counts,
     /// Wall time of the run.
     pub seconds: f64,
+}
+
+impl Summary {
+    /// The counts of one kind.
+    pub fn of(&self, kind: Kind) -> &Counts {
+        match kind {
+            Kind::Users => &self.users,
+            Kind::Organizations => &self.organizations,
+            Kind::Memberships => &self.memberships,
+        }
+    }
+
+    fn of_mut(&mut self, kind: Kind) -> &mut Counts {
+        match kind {
+            Kind::Users => &mut self.users,
+            Kind::Organizations => &mut self.organizations,
+            Kind::Memberships => &mut self.memberships,
+        }
+    }
+
+    /// What `reconcile_runs.counts` holds: the counts of every kind, by name.
+    fn counts_json(&self) -> Value {
+        Value::Object(
+            Kind::ALL
+                .iter()
+                .map(|&kind| (kind.name().to_owned(), json!(self.of(kind))))
+                .collect(),
+        )
+    }
 }
 
 /// How a run ended.
@@ -220,27 +320,31 @@ impl Report {
 
     /// The one-paragraph summary for a person.
     pub fn paragraph(&self) -> String {
-        let c = &self.summary.users;
-        let verb = if self.dry_run {
-            "Dry run, nothing written: would have"
+        let dry = if self.dry_run {
+            " Dry run, nothing written: these are the changes it would have made."
         } else {
-            "Users:"
+            ""
         };
+        let kinds: String = Kind::ALL
+            .iter()
+            .map(|&kind| {
+                let c = self.summary.of(kind);
+                let name = kind.name();
+                let capital = name[..1].to_uppercase() + &name[1..];
+                format!(
+                    " {capital}: {} listed, {} created, {} updated, {} unchanged, {} stale, {} \
+                     deleted.",
+                    c.listed, c.created, c.updated, c.unchanged, c.stale, c.deleted
+                )
+            })
+            .collect();
         let end = match &self.failure {
             None => "The tables match Clerk.".to_owned(),
             Some(why) => format!("FAILED: {why}"),
         };
         format!(
-            "Reconcile {} in {:.1} s. {verb} {} listed, {} created, {} updated, {} unchanged, \
-             {} stale, {} deleted. {end}",
-            self.run_id,
-            self.summary.seconds,
-            c.listed,
-            c.created,
-            c.updated,
-            c.unchanged,
-            c.stale,
-            c.deleted
+            "Reconcile {} in {:.1} s.{dry}{kinds} {end}",
+            self.run_id, self.summary.seconds
         )
     }
 }
@@ -300,42 +404,36 @@ async fn run(
     run_id: String,
 ) -> Report {
     let started = Instant::now();
+    let mut summary = Summary::default();
     if !options.dry_run
         && let Err(error) = runs::start(db, &run_id, options.trigger).await
     {
+        summary.seconds = started.elapsed().as_secs_f64();
         return Report {
             run_id,
             dry_run: options.dry_run,
-            summary: Summary {
-                users: Counts::default(),
-                seconds: started.elapsed().as_secs_f64(),
-            },
+            summary,
             failure: Some(format!("cannot record the run in reconcile_runs: {error}")),
         };
     }
-    let mut users = UsersPass {
-        db,
-        client,
-        options,
-        run_id: &run_id,
-        counts: Counts::default(),
-        listed: HashSet::new(),
-        unreadable: Vec::new(),
-        failed: Vec::new(),
-    };
-    let failure = users.run().await.err();
-    let summary = Summary {
-        users: users.counts,
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let mut reasons = Vec::new();
+    for kind in Kind::ALL {
+        let mut pass = Pass::new(kind, db, client, options, &run_id);
+        let result = pass.run().await;
+        *summary.of_mut(kind) = pass.counts;
+        let shortfalls = pass.shortfalls();
+        if let Err(why) = result {
+            reasons.push(why);
+            reasons.extend(shortfalls);
+            break;
+        }
+        reasons.extend(shortfalls);
+    }
+    let failure = (!reasons.is_empty()).then(|| reasons.join("; "));
+    summary.seconds = started.elapsed().as_secs_f64();
     if !options.dry_run
-        && let Err(error) = runs::finish(
-            db,
-            &run_id,
-            json!({ "users": summary.users }),
-            failure.as_deref(),
-        )
-        .await
+        && let Err(error) =
+            runs::finish(db, &run_id, summary.counts_json(), failure.as_deref()).await
     {
         tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
     }
@@ -351,21 +449,54 @@ async fn run(
     }
 }
 
-/// What a page's users are in Postgres before anything is written.
+/// What a page's objects are in Postgres before anything is written.
 struct Stored {
     updated_at: Option<DateTime<Utc>>,
+    /// The object, or one it hangs on (a membership's organization or user), has a tombstone.
     tombstoned: bool,
 }
 
-/// Where a listed user goes, decided from what is stored.
+/// Where a listed object goes, decided from what is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
     Create,
     Update,
 }
 
-/// The users pass of one run.
-struct UsersPass<'a> {
+/// A stored object missing from the listing, with what its own GET needs.
+struct Candidate {
+    id: String,
+    /// A membership's organization and user; `None` for the other kinds.
+    organization_id: Option<String>,
+    user_id: Option<String>,
+}
+
+/// Pages of a listing: users have a cursor, organizations and memberships an offset.
+enum Listing<'a> {
+    Cursor(clerk::UserPages<'a>),
+    Offset(clerk::OffsetPages<'a>),
+}
+
+impl Listing<'_> {
+    async fn next(&mut self) -> Result<Option<Vec<Value>>, ClerkError> {
+        match self {
+            Listing::Cursor(pages) => pages.next().await,
+            Listing::Offset(pages) => pages.next().await,
+        }
+    }
+
+    /// The listing's own count, once a page was fetched (offset listings only).
+    fn total(&self) -> Option<u64> {
+        match self {
+            Listing::Cursor(_) => None,
+            Listing::Offset(pages) => pages.total(),
+        }
+    }
+}
+
+/// The pass of one kind of object in one run.
+struct Pass<'a> {
+    kind: Kind,
     db: &'a DatabaseConnection,
     client: &'a ClerkClient,
     options: &'a Options,
@@ -373,27 +504,62 @@ struct UsersPass<'a> {
     counts: Counts,
     /// Every id the listing returned: what is not in here is a deletion candidate.
     listed: HashSet<String>,
-    /// Listed users that cannot be read as a user (the reason of each).
+    /// Listed objects that cannot be read as their kind (the reason of each).
     unreadable: Vec<String>,
-    /// Users whose write failed on their own account.
+    /// Objects whose write failed on their own account.
     failed: Vec<String>,
 }
 
-impl UsersPass<'_> {
+impl<'a> Pass<'a> {
+    fn new(
+        kind: Kind,
+        db: &'a DatabaseConnection,
+        client: &'a ClerkClient,
+        options: &'a Options,
+        run_id: &'a str,
+    ) -> Self {
+        Self {
+            kind,
+            db,
+            client,
+            options,
+            run_id,
+            counts: Counts::default(),
+            listed: HashSet::new(),
+            unreadable: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// The listing, then the deletion phase. An error ends the run (the passes after this one
+    /// do not run); objects that could not be read or written do not: see [`Pass::shortfalls`].
     async fn run(&mut self) -> Result<(), String> {
-        let stored_rows = count_users(self.db)
-            .await
-            .map_err(|e| format!("cannot count the stored users: {e}"))?;
-        let total = self.client.count_users().await.map_err(|e| e.to_string())?;
-        let mut progress = progress::Progress::new(self.options.progress_bar, "users", total);
-        let mut pages = self.client.users(PAGE_SIZE);
+        let name = self.kind.name();
+        let stored_rows = retry_database(&format!("counting the stored {name}"), || {
+            count_rows(self.db, self.kind)
+        })
+        .await?;
+        // Users are counted first (also the first check of the key); the other listings say
+        // their count on every page.
+        let counted = match self.kind {
+            Kind::Users => Some(self.client.count_users().await.map_err(|e| e.to_string())?),
+            Kind::Organizations | Kind::Memberships => None,
+        };
+        let mut pages = match self.kind {
+            Kind::Users => Listing::Cursor(self.client.users(PAGE_SIZE)),
+            Kind::Organizations => Listing::Offset(self.client.organizations(PAGE_SIZE)),
+            Kind::Memberships => Listing::Offset(self.client.memberships(PAGE_SIZE)),
+        };
         let mut current = pages.next().await;
+        let total = counted.or(pages.total()).unwrap_or(0);
+        let mut progress = progress::Progress::new(self.options.progress_bar, name, total);
         loop {
             match current {
                 Ok(Some(page)) => {
                     let n = page.len() as u64;
                     // The next page is fetched while this one is applied.
-                    let (applied, next) = tokio::join!(self.apply_users(page, true), pages.next());
+                    let (applied, next) =
+                        tokio::join!(self.apply_objects(page, true), pages.next());
                     applied?;
                     progress.advance(n);
                     current = next;
@@ -401,8 +567,8 @@ impl UsersPass<'_> {
                 Ok(None) => break,
                 Err(error) => {
                     return Err(format!(
-                        "the listing did not complete ({} users listed): {error}; nothing was \
-                         deleted",
+                        "the {name} listing did not complete ({} {name} listed): {error}; no \
+                         {name} were deleted",
                         self.counts.listed
                     ));
                 }
@@ -411,43 +577,49 @@ impl UsersPass<'_> {
         if self.options.delete {
             self.delete_missing(stored_rows, &mut progress).await?;
         }
-        if !self.failed.is_empty() {
-            return Err(format!(
-                "{} users could not be written, e.g. {}",
-                self.failed.len(),
-                self.failed[0]
-            ));
-        }
-        if !self.unreadable.is_empty() {
-            return Err(format!(
-                "{} listed users could not be read and were left as they are, e.g. {}",
-                self.unreadable.len(),
-                self.unreadable[0]
-            ));
-        }
         Ok(())
     }
 
-    /// Compares users with what is stored and writes those that are newer. `listing` is false
-    /// for users fetched one by one in the deletion phase, which are not counted as listed.
-    async fn apply_users(&mut self, users: Vec<Value>, listing: bool) -> Result<(), String> {
-        // Keyed by id: a user listed twice (pages shift while users sign up) is applied once,
-        // in its last version.
-        let mut events: HashMap<String, Event> = HashMap::with_capacity(users.len());
-        for user in users {
-            let id = user.get("id").and_then(Value::as_str).map(str::to_owned);
+    /// Why the tables may still differ from the listing although the pass ran to its end.
+    fn shortfalls(&self) -> Vec<String> {
+        let name = self.kind.name();
+        let mut shortfalls = Vec::new();
+        if let Some(first) = self.failed.first() {
+            shortfalls.push(format!(
+                "{} {name} could not be written, e.g. {first}",
+                self.failed.len()
+            ));
+        }
+        if let Some(first) = self.unreadable.first() {
+            shortfalls.push(format!(
+                "{} listed {name} could not be read and were left as they are, e.g. {first}",
+                self.unreadable.len()
+            ));
+        }
+        shortfalls
+    }
+
+    /// Compares objects with what is stored and writes those that are newer. `listing` is
+    /// false for objects fetched one by one in the deletion phase, which are not counted as
+    /// listed.
+    async fn apply_objects(&mut self, objects: Vec<Value>, listing: bool) -> Result<(), String> {
+        // Keyed by id: an object listed twice (pages shift while objects are created) is
+        // applied once, in its last version.
+        let mut events: HashMap<String, Event> = HashMap::with_capacity(objects.len());
+        for object in objects {
+            let id = object.get("id").and_then(Value::as_str).map(str::to_owned);
             if listing {
                 self.counts.listed += 1;
                 if let Some(id) = &id {
                     self.listed.insert(id.clone());
                 }
             }
-            match self.upsert_event(user) {
+            match reconcile_event(self.run_id, self.options, self.kind.upsert_type(), object) {
                 Ok((id, event)) => {
                     events.insert(id, event);
                 }
                 Err(reason) => {
-                    tracing::warn!(user_id = ?id, %reason, "a listed user cannot be read; left as it is");
+                    tracing::warn!(kind = self.kind.name(), id = ?id, %reason, "a listed object cannot be read; left as it is");
                     self.unreadable
                         .push(format!("{}: {reason}", id.as_deref().unwrap_or("(no id)")));
                 }
@@ -456,12 +628,11 @@ impl UsersPass<'_> {
         if events.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = events.keys().cloned().collect();
-        let stored = self.stored(ids).await?;
+        let stored = self.stored(&events).await?;
         let mut writes = Vec::new();
         let mut changes = Vec::new();
         for (id, event) in events {
-            let Action::Upsert(record) = &event.action else {
+            let Some(listed_at) = version(&event.action) else {
                 continue;
             };
             let change = match stored.get(&id) {
@@ -471,14 +642,14 @@ impl UsersPass<'_> {
                 Some(Stored {
                     updated_at: Some(at),
                     ..
-                }) if *at == record.updated_at => {
+                }) if *at == listed_at => {
                     self.counts.unchanged += 1;
                     continue;
                 }
                 Some(Stored {
                     updated_at: Some(at),
                     ..
-                }) if *at > record.updated_at => None,
+                }) if *at > listed_at => None,
                 Some(Stored {
                     updated_at: Some(_),
                     ..
@@ -519,46 +690,32 @@ impl UsersPass<'_> {
         }
     }
 
-    /// A listed user as the `user.updated` event a webhook would have delivered, read by the
-    /// same code as a delivery.
-    fn upsert_event(&self, user: Value) -> Result<(String, Event), String> {
-        let id = user
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or("no id")?
-            .to_owned();
-        let body = json!({ "type": UPSERT_TYPE, "object": "event", "data": user });
-        let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-        let properties = BasicProperties::default().with_message_id(self.svix_id(&id).into());
-        let mut event =
-            Event::read(&body, &properties, &self.options.roles).map_err(|e| e.to_string())?;
-        event.source = Source::Reconcile;
-        if !self.options.store_payloads {
-            event = event.without_payload();
-        }
-        Ok((id, event))
-    }
-
-    /// The svix-id recorded for this run's event about `user_id`: never one Svix would send,
-    /// and unique per run, so a second run applies again.
-    fn svix_id(&self, user_id: &str) -> String {
-        format!("reconcile_{}_{user_id}", self.run_id)
-    }
-
-    /// Stored `updated_at` and tombstone of each id.
-    async fn stored(&self, ids: Vec<String>) -> Result<HashMap<String, Stored>, String> {
+    /// Stored `updated_at` of each id, and whether it, or what it hangs on, is tombstoned (ids
+    /// never collide across kinds: Clerk prefixes them).
+    async fn stored(
+        &self,
+        events: &HashMap<String, Event>,
+    ) -> Result<HashMap<String, Stored>, String> {
+        let batch: Vec<Value> = events
+            .iter()
+            .map(|(id, event)| json!({"id": id, "locks": event.action.lock_ids()}))
+            .collect();
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT ids.id, users.updated_at, (user_tombstones.id IS NOT NULL) AS tombstoned \
-             FROM unnest($1::text[]) AS ids(id) \
-             LEFT JOIN users ON users.id = ids.id \
-             LEFT JOIN user_tombstones ON user_tombstones.id = ids.id",
-            [ids.into()],
+            format!(
+                "SELECT b.id, t.updated_at, \
+                   EXISTS (SELECT 1 FROM user_tombstones WHERE id = ANY (b.locks)) \
+                   OR EXISTS (SELECT 1 FROM organization_tombstones WHERE id = ANY (b.locks)) \
+                   OR EXISTS (SELECT 1 FROM membership_tombstones WHERE id = ANY (b.locks)) \
+                     AS tombstoned \
+                 FROM jsonb_to_recordset($1::jsonb) AS b(id text, locks text[]) \
+                 LEFT JOIN {} AS t ON t.id = b.id",
+                self.kind.table()
+            ),
+            [Value::Array(batch).into()],
         );
-        let rows = retry_database("reading the stored users", || {
-            self.db.query_all_raw(statement.clone())
-        })
-        .await?;
+        let what = format!("reading the stored {}", self.kind.name());
+        let rows = retry_database(&what, || self.db.query_all_raw(statement.clone())).await?;
         let mut stored = HashMap::with_capacity(rows.len());
         for row in rows {
             let read = || -> Result<(String, Stored), DbErr> {
@@ -570,15 +727,15 @@ impl UsersPass<'_> {
                     },
                 ))
             };
-            let (id, entry) = read().map_err(|e| format!("reading the stored users: {e}"))?;
+            let (id, entry) = read().map_err(|e| format!("{what}: {e}"))?;
             stored.insert(id, entry);
         }
         Ok(stored)
     }
 
-    /// Applies events in [`WRITERS`] transactions at once (a page's users are distinct, so they
-    /// do not wait on each other's locks), keeping their order in the outcomes. `None` for an
-    /// event that failed on its own account.
+    /// Applies events in [`WRITERS`] transactions at once (a page's objects are distinct; those
+    /// that share a lock, like memberships of one organization, wait for each other), keeping
+    /// their order in the outcomes. `None` for an event that failed on its own account.
     async fn write(&mut self, events: &[Event]) -> Result<Vec<Option<Outcome>>, String> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -596,55 +753,43 @@ impl UsersPass<'_> {
         Ok(outcomes)
     }
 
-    /// The deletion phase: every stored user that was not listed is asked for on its own; the
-    /// ones Clerk answers 404 for are deleted, unless there are more than the limit.
+    /// The deletion phase: every stored object that was not listed is asked for on its own; the
+    /// ones Clerk no longer has are deleted, unless there are more than the limit.
     async fn delete_missing(
         &mut self,
         stored_rows: u64,
         progress: &mut progress::Progress,
     ) -> Result<(), String> {
+        let name = self.kind.name();
         let limit = self.options.max_delete.limit(stored_rows);
-        let statement = Statement::from_string(DbBackend::Postgres, "SELECT id FROM users");
-        let rows = retry_database("reading the stored user ids", || {
-            self.db.query_all_raw(statement.clone())
-        })
-        .await?;
-        let mut candidates = Vec::new();
-        for row in rows {
-            let id: String = row
-                .try_get("", "id")
-                .map_err(|e| format!("reading the stored user ids: {e}"))?;
-            if !self.listed.contains(&id) {
-                candidates.push(id);
-            }
-        }
+        let candidates = self.missing().await?;
         if candidates.is_empty() {
             return Ok(());
         }
         progress.phase(
-            "confirming the users missing from the listing",
+            &format!("confirming the {name} missing from the listing"),
             candidates.len() as u64,
         );
         let mut gone = Vec::new();
         let mut still_there = Vec::new();
-        for (checked, id) in candidates.iter().enumerate() {
-            match self.client.user(id).await {
-                Ok(None) => gone.push(id.clone()),
-                Ok(Some(user)) => still_there.push(user),
+        for (checked, candidate) in candidates.iter().enumerate() {
+            match self.confirm(candidate).await {
+                Ok(None) => gone.push(candidate),
+                Ok(Some(object)) => still_there.push(object),
                 Err(error) => {
                     return Err(format!(
-                        "confirming a user missing from the listing failed: {error}; nothing \
-                         was deleted"
+                        "confirming the {name} missing from the listing failed: {error}; no \
+                         {name} were deleted"
                     ));
                 }
             }
             progress.advance(1);
             if gone.len() as u64 > limit {
                 return Err(format!(
-                    "the deletion phase would remove more than {limit} users (--max-delete {}): \
-                     {} of the first {} of {} stored users missing from the listing are gone \
-                     from Clerk; nothing was deleted. A key of another Clerk instance looks like \
-                     this; if the deletions are meant, run again with a higher --max-delete",
+                    "the deletion phase would remove more than {limit} {name} (--max-delete {}): \
+                     {} of the first {} of {} stored {name} missing from the listing are gone \
+                     from Clerk; no {name} were deleted. A key of another Clerk instance looks \
+                     like this; if the deletions are meant, run again with a higher --max-delete",
                     self.options.max_delete,
                     gone.len(),
                     checked + 1,
@@ -652,27 +797,27 @@ impl UsersPass<'_> {
                 ));
             }
         }
-        // Users that an offset walk skipped, or that signed up while the listing ran.
+        // Objects that an offset walk skipped, or that were created while the listing ran.
         for chunk in still_there.chunks(PAGE_SIZE as usize) {
-            self.apply_users(chunk.to_vec(), false).await?;
+            self.apply_objects(chunk.to_vec(), false).await?;
         }
         if self.options.dry_run {
             self.counts.deleted += gone.len() as u64;
             return Ok(());
         }
         for chunk in gone.chunks(PAGE_SIZE as usize) {
-            let events: Vec<Event> = chunk
+            let events = chunk
                 .iter()
-                .map(|id| Event {
-                    svix_id: self.svix_id(id),
-                    event_type: DELETE_TYPE.to_owned(),
-                    action: Action::Delete { id: id.clone() },
-                    source: Source::Reconcile,
-                    payload: None,
-                    svix_timestamp: None,
-                    received_at: None,
+                .map(|candidate| {
+                    reconcile_event(
+                        self.run_id,
+                        self.options,
+                        self.kind.delete_type(),
+                        self.kind.deleted_data(candidate),
+                    )
+                    .map(|(_, event)| event)
                 })
-                .collect();
+                .collect::<Result<Vec<Event>, String>>()?;
             let outcomes = self.write(&events).await?;
             self.counts.deleted += outcomes
                 .iter()
@@ -680,6 +825,117 @@ impl UsersPass<'_> {
                 .count() as u64;
         }
         Ok(())
+    }
+
+    /// The stored objects the listing did not return.
+    async fn missing(&self) -> Result<Vec<Candidate>, String> {
+        let statement = Statement::from_string(
+            DbBackend::Postgres,
+            match self.kind {
+                Kind::Memberships => {
+                    "SELECT id, organization_id, user_id FROM organization_memberships".to_owned()
+                }
+                Kind::Users | Kind::Organizations => format!(
+                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {}",
+                    self.kind.table()
+                ),
+            },
+        );
+        let what = format!("reading the stored {} ids", self.kind.name());
+        let rows = retry_database(&what, || self.db.query_all_raw(statement.clone())).await?;
+        let mut candidates = Vec::new();
+        for row in rows {
+            let read = || -> Result<Candidate, DbErr> {
+                Ok(Candidate {
+                    id: row.try_get("", "id")?,
+                    organization_id: row.try_get("", "organization_id")?,
+                    user_id: row.try_get("", "user_id")?,
+                })
+            };
+            let candidate = read().map_err(|e| format!("{what}: {e}"))?;
+            if !self.listed.contains(&candidate.id) {
+                candidates.push(candidate);
+            }
+        }
+        Ok(candidates)
+    }
+
+    /// Asks Clerk for one object missing from the listing: `None` when it is gone. A user or
+    /// an organization has its own GET (404 when deleted); a membership is looked for among its
+    /// organization's memberships of its user, since none is read by id (a removed member's
+    /// membership is gone even when the member was added again: that is a new id).
+    async fn confirm(&self, candidate: &Candidate) -> Result<Option<Value>, ClerkError> {
+        match self.kind {
+            Kind::Users => self.client.user(&candidate.id).await,
+            Kind::Organizations => self.client.organization(&candidate.id).await,
+            Kind::Memberships => {
+                let (Some(organization_id), Some(user_id)) =
+                    (&candidate.organization_id, &candidate.user_id)
+                else {
+                    return Ok(None);
+                };
+                let found = self.client.memberships_of(organization_id, user_id).await?;
+                Ok(found.into_iter().flatten().find(|membership| {
+                    membership.get("id").and_then(Value::as_str) == Some(candidate.id.as_str())
+                }))
+            }
+        }
+    }
+}
+
+/// The event a webhook would have delivered with this type and `data` (which needs its `id`),
+/// read by the same code as a delivery, with this run's svix-id for the object: never one Svix
+/// would send, and unique per run, so a second run applies again. Every event a reconcile
+/// applies is made here, with source `reconcile` and the payload kept as `WORKER_STORE_PAYLOADS`
+/// says. Returns the object's id with the event.
+fn reconcile_event(
+    run_id: &str,
+    options: &Options,
+    event_type: &str,
+    data: Value,
+) -> Result<(String, Event), String> {
+    let id = data
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or("no id")?
+        .to_owned();
+    let body = json!({ "type": event_type, "object": "event", "data": data });
+    let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let svix_id = format!("reconcile_{run_id}_{id}");
+    let properties = BasicProperties::default().with_message_id(svix_id.into());
+    let mut event = Event::read(&body, &properties, &options.roles).map_err(|e| e.to_string())?;
+    event.source = Source::Reconcile;
+    if !options.store_payloads {
+        event = event.without_payload();
+    }
+    Ok((id, event))
+}
+
+/// The `updated_at` of the version an upsert event carries.
+fn version(action: &Action) -> Option<DateTime<Utc>> {
+    match action {
+        Action::Upsert(record) => Some(record.updated_at),
+        Action::Organization(organizations::Change::UpsertOrganization(record)) => {
+            Some(record.updated_at)
+        }
+        Action::Organization(organizations::Change::UpsertMembership(record)) => {
+            Some(record.updated_at)
+        }
+        _ => None,
+    }
+}
+
+/// The id of the object an event is about, for messages.
+fn subject(action: &Action) -> &str {
+    use organizations::Change as C;
+    match action {
+        Action::Upsert(record) => &record.id,
+        Action::Delete { id } => id,
+        Action::Organization(C::UpsertOrganization(record)) => &record.id,
+        Action::Organization(C::DeleteOrganization { id }) => id,
+        Action::Organization(C::UpsertMembership(record)) => &record.id,
+        Action::Organization(C::DeleteMembership(deletion)) => &deletion.id,
+        Action::Ignore => "",
     }
 }
 
@@ -711,9 +967,9 @@ async fn write(
                     match apply::apply(db, event).await {
                         Ok(outcome) => outcomes.push(Some(outcome)),
                         Err(error) => {
-                            let user = event.action.user_id().unwrap_or_default();
-                            tracing::error!(user_id = %user, %error, "cannot write a user");
-                            failed.push(format!("{user}: {error}"));
+                            let id = subject(&event.action);
+                            tracing::error!(%id, %error, "cannot write an object");
+                            failed.push(format!("{id}: {error}"));
                             outcomes.push(None);
                         }
                     }
@@ -724,11 +980,11 @@ async fn write(
     }
 }
 
-async fn count_users(db: &DatabaseConnection) -> Result<u64, DbErr> {
+async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
-            "SELECT count(*) AS n FROM users",
+            format!("SELECT count(*) AS n FROM {}", kind.table()),
         ))
         .await?;
     let n: i64 = match row {
@@ -796,12 +1052,58 @@ mod tests {
                 stale: 0,
                 deleted: 2,
             },
+            organizations: Counts {
+                listed: 2,
+                created: 2,
+                ..Counts::default()
+            },
+            memberships: Counts {
+                listed: 1,
+                stale: 1,
+                ..Counts::default()
+            },
             seconds: 1.5,
+        };
+        let zero = |listed, created, stale| {
+            json!({"listed": listed, "created": created, "updated": 0, "unchanged": 0,
+                   "stale": stale, "deleted": 0})
         };
         assert_eq!(
             serde_json::to_value(&summary).expect("json"),
             json!({"users": {"listed": 3, "created": 1, "updated": 1, "unchanged": 1,
-                             "stale": 0, "deleted": 2}, "seconds": 1.5})
+                             "stale": 0, "deleted": 2},
+                   "organizations": zero(2, 2, 0), "memberships": zero(1, 0, 1),
+                   "seconds": 1.5})
         );
+        let mut counts = summary.counts_json();
+        counts["seconds"] = json!(1.5);
+        assert_eq!(counts, serde_json::to_value(&summary).expect("json"));
+    }
+
+    #[test]
+    fn the_paragraph_names_every_kind() {
+        let report = Report {
+            run_id: "r1".into(),
+            dry_run: true,
+            summary: Summary {
+                memberships: Counts {
+                    deleted: 4,
+                    ..Counts::default()
+                },
+                ..Summary::default()
+            },
+            failure: None,
+        };
+        let text = report.paragraph();
+        assert!(text.contains("Dry run, nothing written"), "{text}");
+        assert!(text.contains(" Users: 0 listed"), "{text}");
+        assert!(text.contains(" Organizations: 0 listed"), "{text}");
+        assert!(
+            text.contains(
+                " Memberships: 0 listed, 0 created, 0 updated, 0 unchanged, 0 stale, 4 deleted."
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("The tables match Clerk."), "{text}");
     }
 }

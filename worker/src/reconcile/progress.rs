@@ -91,7 +91,7 @@ impl Progress {
     }
 
     /// A new phase with its own length, e.g. confirming the users missing from the listing.
-    pub fn phase(&mut self, message: &'static str, total: u64) {
+    pub fn phase(&mut self, message: &str, total: u64) {
         self.done = 0;
         self.total = total;
         self.last_line = Instant::now();
