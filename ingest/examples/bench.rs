@@ -9,9 +9,17 @@
 //! ratio ingest/raw, the ingest's peak RSS (VmHWM) and the load average. Everything
 //! runs on its own exchange and queues, purged between runs and deleted at the end.
 //!
+//! With `--processes 1,2` it compares instead that many ingest processes side by side (each on a
+//! port of its own, all publishing to the same exchange and queue), the C clients spread evenly
+//! over them, against the raw publisher; the order of the runs is reversed every other round. It
+//! also prints the CPU time each process used over the measured seconds (each ingest, this
+//! process as the load generator, the broker when it runs on this machine) and the machine's
+//! busy CPU, to show which of them bounds the rate.
+//!
 //! ```text
 //! cargo build --release -p ingest --bin ingest --example ingest-bench
 //! target/release/examples/ingest-bench --concurrency 64 --seconds 10
+//! target/release/examples/ingest-bench --processes 1,2 --rounds 3 --seconds 10
 //! ```
 
 use std::process::Stdio;
@@ -21,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Parser;
+use futures_util::future::try_join_all;
 use ingest::publisher::Message;
 use ingest::signature::{SignedHeaders, Verifier};
 use lapin::options::{
@@ -29,11 +38,10 @@ use lapin::options::{
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use shared::Topology;
+use test_support::signing::{SECRET, event_body};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-
-const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the ingest against a raw lapin publisher")]
@@ -50,9 +58,13 @@ struct Args {
     /// Rounds per arrangement, raw and ingest alternating; a summary row combines them.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Channel arrangements to compare, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
-    channels: Vec<usize>,
+    /// Channel arrangements to compare, comma-separated [default: 1,4,8; with --processes: 1].
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<usize>>,
+    /// Instead of the channel arrangements: numbers of ingest processes to compare side by side
+    /// on the one topology, comma-separated (e.g. `1,2`), the clients spread evenly over them.
+    #[arg(long, value_delimiter = ',')]
+    processes: Option<Vec<usize>>,
     /// The broker.
     #[arg(
         long,
@@ -79,19 +91,28 @@ struct Figures {
     failed: usize,
     elapsed: Duration,
     latencies_us: Vec<u32>,
-    /// CPU-seconds (user + system) of the measured process over the measured time: the ingest
-    /// process for an ingest run, this process (the raw publisher) for a raw run.
-    cpu_seconds: f64,
+    /// Requests completed through each measured process (one for a raw run).
+    completed_by: Vec<usize>,
+    cpu: CpuUse,
 }
+
+/// One client's or publishing task's count: the measured process it used (its index), requests
+/// completed and failed, and the latency of each completed one.
+type Part = (usize, usize, usize, Vec<u32>);
 
 impl Figures {
     fn rate(&self) -> f64 {
         self.completed as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// CPU-seconds per 1,000 completed requests.
+    /// CPU-seconds of the measured processes per 1,000 completed requests.
     fn cpu_per_thousand(&self) -> f64 {
-        self.cpu_seconds * 1000.0 / self.completed as f64
+        self.cpu.measured.iter().sum::<f64>() * 1000.0 / self.completed as f64
+    }
+
+    /// CPU-seconds per measured second: the cores `seconds` kept busy on average.
+    fn cores(&self, seconds: f64) -> f64 {
+        seconds / self.elapsed.as_secs_f64()
     }
 
     fn percentile_ms(&self, p: f64) -> f64 {
@@ -104,24 +125,37 @@ impl Figures {
 
     /// Several rounds as one: total count over total time, all latencies.
     fn combine(rounds: Vec<Figures>) -> Self {
-        let elapsed = rounds.iter().map(|round| round.elapsed).sum();
-        let cpu_seconds = rounds.iter().map(|round| round.cpu_seconds).sum();
-        let parts = rounds
-            .into_iter()
-            .map(|round| (round.completed, round.failed, round.latencies_us))
-            .collect();
-        Self::merge(parts, (elapsed, cpu_seconds))
+        let mut all = Self {
+            completed: 0,
+            failed: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+            completed_by: Vec::new(),
+            cpu: CpuUse::default(),
+        };
+        for round in rounds {
+            all.completed += round.completed;
+            all.failed += round.failed;
+            all.elapsed += round.elapsed;
+            all.latencies_us.extend(round.latencies_us);
+            all.completed_by.resize(round.completed_by.len(), 0);
+            for (sum, completed) in all.completed_by.iter_mut().zip(round.completed_by) {
+                *sum += completed;
+            }
+            all.cpu = all.cpu.plus(&round.cpu);
+        }
+        all.latencies_us.sort_unstable();
+        all
     }
 
-    fn merge(
-        parts: Vec<(usize, usize, Vec<u32>)>,
-        (elapsed, cpu_seconds): (Duration, f64),
-    ) -> Self {
+    fn merge(parts: Vec<Part>, (elapsed, cpu): (Duration, CpuUse)) -> Self {
         let mut latencies_us = Vec::new();
         let (mut completed, mut failed) = (0, 0);
-        for (ok, bad, latencies) in parts {
+        let mut completed_by = vec![0; cpu.measured.len().max(1)];
+        for (process, ok, bad, latencies) in parts {
             completed += ok;
             failed += bad;
+            completed_by[process] += ok;
             latencies_us.extend(latencies);
         }
         latencies_us.sort_unstable();
@@ -130,7 +164,62 @@ impl Figures {
             failed,
             elapsed,
             latencies_us,
-            cpu_seconds,
+            completed_by,
+            cpu,
+        }
+    }
+}
+
+/// CPU-seconds (user + system) used: as read at one moment (totals so far), or over the measured
+/// time (the difference of two readings).
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    /// Each measured process: the ingest processes of an ingest run, this process (the raw
+    /// publisher) for a raw run.
+    measured: Vec<f64>,
+    /// This process: the raw publisher, or the HTTP clients of an ingest run.
+    bench: f64,
+    /// The broker's process, when it runs on this machine and could be read.
+    broker: Option<f64>,
+    /// Busy time of all the machine's CPUs together (from `/proc/stat`).
+    machine: f64,
+}
+
+impl CpuUse {
+    fn read(measured: &[u32], broker: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            measured: measured
+                .iter()
+                .map(|&pid| cpu_seconds(pid))
+                .collect::<anyhow::Result<_>>()?,
+            bench: cpu_seconds(std::process::id())?,
+            broker: broker.and_then(|pid| cpu_seconds(pid).ok()),
+            machine: machine_busy_seconds()?,
+        })
+    }
+
+    fn minus(&self, earlier: &Self) -> Self {
+        self.zip(earlier, |now, then| now - then)
+    }
+
+    fn plus(&self, other: &Self) -> Self {
+        if self.measured.is_empty() {
+            return other.clone();
+        }
+        self.zip(other, |a, b| a + b)
+    }
+
+    fn zip(&self, other: &Self, operation: impl Fn(f64, f64) -> f64) -> Self {
+        Self {
+            measured: self
+                .measured
+                .iter()
+                .zip(&other.measured)
+                .map(|(&a, &b)| operation(a, b))
+                .collect(),
+            bench: operation(self.bench, other.bench),
+            broker: self.broker.zip(other.broker).map(|(a, b)| operation(a, b)),
+            machine: operation(self.machine, other.machine),
         }
     }
 }
@@ -166,9 +255,20 @@ async fn main() -> anyhow::Result<()> {
         args.size,
         redact(&args.amqp_url)
     );
-    let result = match args.stalled {
-        Some(stalled) => stalled_run(&args, &ingest_binary, &topology, stalled).await,
-        None => run_all(&args, &ingest_binary, &topology, &connection, &admin).await,
+    let result = match (args.stalled, &args.processes) {
+        (Some(stalled), _) => stalled_run(&args, &ingest_binary, &topology, stalled).await,
+        (None, Some(processes)) => {
+            scale_all(
+                &args,
+                &ingest_binary,
+                &topology,
+                &connection,
+                &admin,
+                processes,
+            )
+            .await
+        }
+        (None, None) => run_all(&args, &ingest_binary, &topology, &connection, &admin).await,
     };
     cleanup(&admin, &topology).await;
     let _ = connection.close(200, "bench done".into()).await;
@@ -203,14 +303,15 @@ async fn run_all(
          process for raw (it also builds and signs the events), of the ingest process for ingest \
          (0.0250 = 25 µs a request)"
     );
-    for &channels in &args.channels {
+    for channels in channel_arrangements(args) {
         // Raw and ingest alternate, so a burst of other load on the machine hits both sides.
         let mut rounds = Vec::new();
         for round in 1..=args.rounds {
             let raw = raw_run(args, topology, connection, channels).await?;
             purge(admin, topology).await?;
-            let (ingest, peak) = ingest_run(args, ingest_binary, topology, channels).await?;
+            let (ingest, peaks) = ingest_run(args, ingest_binary, topology, channels, 1).await?;
             purge(admin, topology).await?;
+            let peak = peaks.into_iter().max().unwrap_or(0);
             print_row(&format!("{channels} #{round}"), &raw, &ingest, peak);
             rounds.push((raw, ingest, peak));
         }
@@ -248,6 +349,171 @@ fn print_row(label: &str, raw: &Figures, ingest: &Figures, peak_rss_kib: u64) {
         peak_rss_kib as f64 / 1024.0,
         load_average().unwrap_or_default(),
     );
+}
+
+/// `--channels`, or its default: the three arrangements compared, or with `--processes` the
+/// ingest's own default of one channel.
+fn channel_arrangements(args: &Args) -> Vec<usize> {
+    match (&args.channels, &args.processes) {
+        (Some(channels), _) => channels.clone(),
+        (None, Some(_)) => vec![1],
+        (None, None) => vec![1, 4, 8],
+    }
+}
+
+/// One ingest process against several side by side, each against the raw publisher of the same
+/// round, for each channel arrangement.
+async fn scale_all(
+    args: &Args,
+    ingest_binary: &std::path::Path,
+    topology: &Topology,
+    connection: &Connection,
+    admin: &Channel,
+    processes: &[usize],
+) -> anyhow::Result<()> {
+    if processes.contains(&0) {
+        bail!("--processes: each count must be at least 1");
+    }
+    println!(
+        "CPUs {}  load average {}  broker process {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        std::fs::read_to_string("/proc/loadavg")?.trim(),
+        broker_pid(&args.amqp_url).map_or("not found".to_owned(), |pid| pid.to_string())
+    );
+    println!(
+        "cores: CPU-seconds per measured second (user + system, from /proc) of the ingest \
+         processes (of this process for raw), of this process (the load generator: HTTP clients, \
+         or the raw publisher), of the broker, and of the whole machine (busy time of all CPUs)"
+    );
+    println!(
+        "{:>12} | {:>8} {:>8} {:>8} {:>6} | {:>7} {:>7} | {:>8} | {:>6} {:>6} {:>6} {:>7} | {:>5}",
+        "run",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "/raw",
+        "/first",
+        "cpu s/1k",
+        "ingest",
+        "bench",
+        "broker",
+        "machine",
+        "load"
+    );
+    // `None` is the raw publisher.
+    let arrangements: Vec<Option<usize>> = std::iter::once(None)
+        .chain(processes.iter().copied().map(Some))
+        .collect();
+    for channels in channel_arrangements(args) {
+        println!("channels {channels}");
+        let mut measured: Vec<Vec<(Figures, Vec<u64>)>> =
+            arrangements.iter().map(|_| Vec::new()).collect();
+        for round in 1..=args.rounds {
+            // Every other round runs in the reverse order, so a drift of the machine's other
+            // load does not favour the arrangement that always runs first.
+            let mut order: Vec<usize> = (0..arrangements.len()).collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for index in order {
+                let run = match arrangements[index] {
+                    None => (
+                        raw_run(args, topology, connection, channels).await?,
+                        Vec::new(),
+                    ),
+                    Some(count) => {
+                        ingest_run(args, ingest_binary, topology, channels, count).await?
+                    }
+                };
+                purge(admin, topology).await?;
+                measured[index].push(run);
+            }
+            let this_round: Vec<_> = measured
+                .iter()
+                .map(|runs| runs.last().expect("measured this round"))
+                .collect();
+            print_scale_rows(&format!("#{round}"), &arrangements, &this_round);
+        }
+        if args.rounds > 1 {
+            let combined: Vec<(Figures, Vec<u64>)> = measured
+                .into_iter()
+                .map(|runs| {
+                    let peaks = runs.iter().fold(Vec::new(), |peaks: Vec<u64>, (_, run)| {
+                        (0..peaks.len().max(run.len()))
+                            .map(|process| {
+                                let earlier = peaks.get(process).copied().unwrap_or(0);
+                                earlier.max(run.get(process).copied().unwrap_or(0))
+                            })
+                            .collect()
+                    });
+                    let figures = Figures::combine(runs.into_iter().map(|(run, _)| run).collect());
+                    (figures, peaks)
+                })
+                .collect();
+            print_scale_rows("all", &arrangements, &combined.iter().collect::<Vec<_>>());
+        }
+    }
+    println!(
+        "load average at the end {}",
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
+    Ok(())
+}
+
+/// A row for each arrangement of one round (or of all rounds), the raw publisher's first; each
+/// ingest row with its ratio to the raw publisher and to the first process count, then a line
+/// with each process's share.
+fn print_scale_rows(label: &str, arrangements: &[Option<usize>], runs: &[&(Figures, Vec<u64>)]) {
+    let raw_rate = runs[0].0.rate();
+    let first_rate = runs.get(1).map_or(f64::NAN, |(figures, _)| figures.rate());
+    for (arrangement, (figures, peaks)) in arrangements.iter().zip(runs) {
+        let (name, to_raw, to_first) = match arrangement {
+            None => ("raw".to_owned(), String::new(), String::new()),
+            Some(count) => (
+                format!("{count} ingest"),
+                format!("{:.2}", figures.rate() / raw_rate),
+                format!("{:.2}", figures.rate() / first_rate),
+            ),
+        };
+        let cpu = &figures.cpu;
+        println!(
+            "{:>12} | {:>8.0} {:>8.2} {:>8.2} {:>6} | {:>7} {:>7} | {:>8.4} | {:>6.2} {:>6.2} {:>6} {:>7.2} | {:>5}",
+            format!("{label} {name}"),
+            figures.rate(),
+            figures.percentile_ms(0.50),
+            figures.percentile_ms(0.99),
+            figures.failed,
+            to_raw,
+            to_first,
+            figures.cpu_per_thousand(),
+            figures.cores(cpu.measured.iter().sum()),
+            figures.cores(cpu.bench),
+            cpu.broker.map_or("-".to_owned(), |seconds| format!(
+                "{:.2}",
+                figures.cores(seconds)
+            )),
+            figures.cores(cpu.machine),
+            load_average().unwrap_or_default(),
+        );
+        if arrangement.is_some() {
+            let processes: Vec<String> = figures
+                .completed_by
+                .iter()
+                .zip(&cpu.measured)
+                .zip(peaks)
+                .map(|((&completed, &seconds), &peak)| {
+                    format!(
+                        "{:.0} req/s, {:.2} cores, peak RSS {:.1} MiB",
+                        completed as f64 / figures.elapsed.as_secs_f64(),
+                        figures.cores(seconds),
+                        peak as f64 / 1024.0
+                    )
+                })
+                .collect();
+            println!("{:>12}   each: {}", "", processes.join(" | "));
+        }
+    }
 }
 
 /// C tasks publishing straight to the exchange, each awaiting its confirm before the next.
@@ -300,10 +566,10 @@ async fn raw_run(
                     }
                 }
             }
-            (ok, bad, latencies)
+            (0, ok, bad, latencies)
         }));
     }
-    let measured = measure(args, &measuring, &stop, std::process::id()).await?;
+    let measured = measure(args, &measuring, &stop, &[std::process::id()]).await?;
     let mut parts = Vec::new();
     for task in tasks {
         parts.push(task.await?);
@@ -343,22 +609,32 @@ impl RawPublisher {
     }
 }
 
-/// The release binary, driven over HTTP.
+/// `processes` release binaries side by side on the one topology, driven over HTTP by the C
+/// clients spread evenly over them. Returns the figures and each process's peak RSS (KiB).
 async fn ingest_run(
     args: &Args,
     binary: &std::path::Path,
     topology: &Topology,
     channels: usize,
-) -> anyhow::Result<(Figures, u64)> {
-    let (mut child, port) = start_ingest(args, binary, topology, channels).await?;
-    let pid = child.id().ok_or_else(|| anyhow!("the ingest exited"))?;
+    processes: usize,
+) -> anyhow::Result<(Figures, Vec<u64>)> {
+    // Started at the same time, as replicas of a deployment are.
+    let mut ingests =
+        try_join_all((0..processes).map(|_| start_ingest(args, binary, topology, channels)))
+            .await?;
+    let pids = ingests
+        .iter()
+        .map(|(child, _)| child.id().ok_or_else(|| anyhow!("an ingest exited")))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
     let verifier = Arc::new(verifier());
     let (measuring, stop) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
     );
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
+    for task in 0..args.concurrency {
+        let process = task % processes;
+        let port = ingests[process].1;
         let verifier = Arc::clone(&verifier);
         let (measuring, stop, size) = (Arc::clone(&measuring), Arc::clone(&stop), args.size);
         tasks.push(tokio::spawn(async move {
@@ -377,17 +653,22 @@ async fn ingest_run(
                     }
                 }
             }
-            anyhow::Ok((ok, bad, latencies))
+            anyhow::Ok((process, ok, bad, latencies))
         }));
     }
-    let measured = measure(args, &measuring, &stop, pid).await?;
+    let measured = measure(args, &measuring, &stop, &pids).await?;
     let mut parts = Vec::new();
     for task in tasks {
         parts.push(task.await??);
     }
-    let peak = peak_rss_kib(pid).unwrap_or(0);
-    stop_ingest(&mut child, pid).await?;
-    Ok((Figures::merge(parts, measured), peak))
+    let peaks = pids
+        .iter()
+        .map(|&pid| peak_rss_kib(pid).unwrap_or(0))
+        .collect();
+    for ((child, _), &pid) in ingests.iter_mut().zip(&pids) {
+        stop_ingest(child, pid).await?;
+    }
+    Ok((Figures::merge(parts, measured), peaks))
 }
 
 /// Junk traffic: `stalled` connections each send the head and ~1 MiB of an unsigned body and then
@@ -505,23 +786,24 @@ async fn stalled_run(
     Ok(())
 }
 
-/// Warm-up of one second, then `--seconds` measured; returns the measured time and the
-/// CPU-seconds process `pid` used in it.
+/// Warm-up of one second, then `--seconds` measured; returns the measured time and the CPU time
+/// used in it by the processes `measured` and the others [`CpuUse`] looks at.
 async fn measure(
     args: &Args,
     measuring: &AtomicBool,
     stop: &AtomicBool,
-    pid: u32,
-) -> anyhow::Result<(Duration, f64)> {
+    measured: &[u32],
+) -> anyhow::Result<(Duration, CpuUse)> {
+    let broker = broker_pid(&args.amqp_url);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu_before = cpu_seconds(pid)?;
+    let before = CpuUse::read(measured, broker)?;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
-    let cpu_after = cpu_seconds(pid)?;
+    let after = CpuUse::read(measured, broker)?;
     stop.store(true, Ordering::Relaxed);
-    Ok((started.elapsed(), cpu_after - cpu_before))
+    Ok((started.elapsed(), after.minus(&before)))
 }
 
 /// User + system CPU-seconds of every thread of process `pid` so far, from `/proc/PID/stat`.
@@ -557,6 +839,60 @@ fn clock_ticks_per_second() -> u64 {
             .and_then(|output| String::from_utf8(output.stdout).ok())
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(100)
+    })
+}
+
+/// Busy CPU-seconds of the whole machine so far, all CPUs together, from `/proc/stat`.
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("reading /proc/stat")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&index| fields.get(index))
+        .sum();
+    Ok(busy as f64 / clock_ticks_per_second() as f64)
+}
+
+/// The process listening on the broker's port on this machine, if any: found through the
+/// listening socket's inode in `/proc/net/tcp*` and the process holding it. `None` for a remote
+/// broker or without the permission to look at the broker's open files.
+fn broker_pid(amqp_url: &str) -> Option<u32> {
+    static PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        let uri: lapin::uri::AMQPUri = amqp_url.parse().ok()?;
+        let port = format!(":{:04X}", uri.authority.port);
+        let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .skip(1)
+                    .map(|line| line.split_whitespace().map(str::to_owned).collect())
+                    .collect::<Vec<Vec<String>>>()
+            })
+            // local_address, state 0A (listening), inode.
+            .find(|fields| fields.len() > 9 && fields[1].ends_with(&port) && fields[3] == "0A")
+            .map(|fields| format!("socket:[{}]", fields[9]))?;
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                    fds.filter_map(Result::ok).any(|fd| {
+                        std::fs::read_link(fd.path())
+                            .is_ok_and(|link| link.to_str() == Some(&inode))
+                    })
+                })
+            })
     })
 }
 
@@ -645,14 +981,8 @@ fn verifier() -> Verifier {
 
 /// A unique `user.created` event of `size` bytes and its signature.
 fn signed_event(verifier: &Verifier, size: usize) -> (String, SignedHeaders) {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let head = format!(
-        r#"{{"type":"user.created","object":"event","data":{{"id":"user_{id}","padding":""#
-    );
-    let tail = r#""}}"#;
-    let padding = "x".repeat(size.saturating_sub(head.len() + tail.len()));
-    let body = format!("{head}{padding}{tail}");
-    let message_id = format!("msg_{id}");
+    let body = event_body("user.created", size);
+    let message_id = test_support::signing::svix_id();
     let timestamp = chrono::Utc::now().timestamp();
     let signature = verifier
         .sign(&message_id, timestamp, body.as_bytes())
