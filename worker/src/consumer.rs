@@ -335,8 +335,7 @@ impl Handler {
     ) {
         let handler = self.clone();
         let working = working.clone();
-        // Its pauses must not hold up the acknowledgement of the deliveries after it either.
-        delivery.acks.parked(delivery.tag);
+        delivery.park();
         handler.metrics.retry_waiting.inc();
         tokio::spawn(
             async move {
@@ -464,6 +463,12 @@ impl HeldDelivery {
     /// not get through only means a redelivery, which the svix-id makes harmless.
     fn done(&self) {
         self.acks.done(self.tag);
+    }
+
+    /// Waiting for a retry: its pauses must not hold up the acknowledgement of the deliveries
+    /// received after it.
+    fn park(&self) {
+        self.acks.parked(self.tag);
     }
 }
 
