@@ -38,6 +38,7 @@ use lapin::options::{
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use shared::Topology;
+use test_support::proc_stats;
 use test_support::signing::{SECRET, event_body};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -190,10 +191,11 @@ impl CpuUse {
         Ok(Self {
             measured: measured
                 .iter()
-                .map(|&pid| cpu_seconds(pid))
+                .map(|&pid| proc_stats::cpu_seconds(pid).context("reading an ingest's CPU time"))
                 .collect::<anyhow::Result<_>>()?,
-            bench: cpu_seconds(std::process::id())?,
-            broker: broker.and_then(|pid| cpu_seconds(pid).ok()),
+            bench: proc_stats::cpu_seconds(std::process::id())
+                .context("reading the bench's CPU time")?,
+            broker: broker.and_then(proc_stats::cpu_seconds),
             machine: machine_busy_seconds()?,
         })
     }
@@ -347,7 +349,7 @@ fn print_row(label: &str, raw: &Figures, ingest: &Figures, peak_rss_kib: u64) {
         ingest.cpu_per_thousand(),
         ingest.rate() / raw.rate(),
         peak_rss_kib as f64 / 1024.0,
-        load_average().unwrap_or_default(),
+        proc_stats::load_average().unwrap_or_default(),
     );
 }
 
@@ -494,7 +496,7 @@ fn print_scale_rows(label: &str, arrangements: &[Option<usize>], runs: &[&(Figur
                 figures.cores(seconds)
             )),
             figures.cores(cpu.machine),
-            load_average().unwrap_or_default(),
+            proc_stats::load_average().unwrap_or_default(),
         );
         if arrangement.is_some() {
             let processes: Vec<String> = figures
@@ -663,7 +665,7 @@ async fn ingest_run(
     }
     let peaks = pids
         .iter()
-        .map(|&pid| peak_rss_kib(pid).unwrap_or(0))
+        .map(|&pid| proc_stats::peak_rss_kib(pid).unwrap_or(0))
         .collect();
     for ((child, _), &pid) in ingests.iter_mut().zip(&pids) {
         stop_ingest(child, pid).await?;
@@ -683,7 +685,7 @@ async fn stalled_run(
     const VALID_CLIENTS: usize = 4;
     let (mut child, port) = start_ingest(args, binary, topology, 1).await?;
     let pid = child.id().ok_or_else(|| anyhow!("the ingest exited"))?;
-    let rss_at_start = peak_rss_kib(pid).unwrap_or(0);
+    let rss_at_start = proc_stats::peak_rss_kib(pid).unwrap_or(0);
     // Declares the 1 MiB body limit and sends a little less, so the request is never complete.
     let junk: Arc<[u8]> = vec![b'x'; (1 << 20) - 1024].into();
     let head: Arc<str> = format!(
@@ -743,7 +745,7 @@ async fn stalled_run(
     let uploaded_in = started.elapsed();
     // The valid clients go on beside the stalled uploads for the measured time.
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-    let peak = peak_rss_kib(pid).unwrap_or(0);
+    let peak = proc_stats::peak_rss_kib(pid).unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
     let mut valid_statuses = std::collections::BTreeMap::<u16, usize>::new();
     for client in valid {
@@ -781,7 +783,7 @@ async fn stalled_run(
         "ingest peak RSS {:.1} MiB (at start {:.1} MiB)  load {}",
         peak as f64 / 1024.0,
         rss_at_start as f64 / 1024.0,
-        load_average().unwrap_or_default()
+        proc_stats::load_average().unwrap_or_default()
     );
     Ok(())
 }
@@ -806,42 +808,6 @@ async fn measure(
     Ok((started.elapsed(), after.minus(&before)))
 }
 
-/// User + system CPU-seconds of every thread of process `pid` so far, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
-    let after_name = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("reading /proc/PID/stat")?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, counted from 1 with the name as field 2.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .map(|&index| {
-            fields
-                .get(index)
-                .and_then(|value| value.parse::<u64>().ok())
-        })
-        .sum::<Option<u64>>()
-        .context("reading utime and stime")?;
-    Ok(ticks as f64 / clock_ticks_per_second() as f64)
-}
-
-/// The kernel's USER_HZ, in which `/proc` counts CPU time (100 on every Linux in practice).
-fn clock_ticks_per_second() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|output| String::from_utf8(output.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
 /// Busy CPU-seconds of the whole machine so far, all CPUs together, from `/proc/stat`.
 fn machine_busy_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
@@ -858,7 +824,7 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
         .iter()
         .filter_map(|&index| fields.get(index))
         .sum();
-    Ok(busy as f64 / clock_ticks_per_second() as f64)
+    Ok(busy as f64 / proc_stats::clock_ticks_per_second() as f64)
 }
 
 /// The process listening on the broker's port on this machine, if any: found through the
@@ -894,12 +860,6 @@ fn broker_pid(amqp_url: &str) -> Option<u32> {
                 })
             })
     })
-}
-
-/// The one-minute load average, as `uptime` shows it.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next().map(str::to_owned)
 }
 
 async fn start_ingest(
@@ -964,15 +924,6 @@ async fn stop_ingest(child: &mut Child, pid: u32) -> anyhow::Result<()> {
         bail!("the ingest exited with {status}");
     }
     Ok(())
-}
-
-/// VmHWM: the peak resident set size, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn verifier() -> Verifier {

@@ -138,7 +138,7 @@ async fn stalled_uploads_hold_at_most_the_body_budget_and_valid_events_are_still
     assert_eq!(answer.status, 200, "{answer:?}");
     accepted += 1;
 
-    let peak_mib = peak_rss_kib(pid) as f64 / 1024.0;
+    let peak_mib = test_support::proc_stats::peak_rss_kib(pid).expect("VmHWM") as f64 / 1024.0;
     println!(
         "{STALLED} stalled uploads of {UPLOAD} B against a budget of {BUDGET} B: {refused} \
          refused with 503, {held} held until 408; valid events accepted {accepted} of 11; \
@@ -182,16 +182,6 @@ async fn stalled_uploads_hold_at_most_the_body_budget_and_valid_events_are_still
     let _ = connection.close(200, "done".into()).await;
 
     terminate(&mut child, pid).await;
-}
-
-/// VmHWM of `pid`, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
 }
 
 /// SIGTERM through `kill`, then the exit status.

@@ -12,6 +12,7 @@
 //! - [`http`]: an HTTP client, and [`http::metric`] to read a Prometheus series.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`clerk_api`]: a stand-in for Clerk's Backend API, for `worker reconcile`.
+//! - [`proc_stats`]: CPU time, peak memory and load from `/proc`, for the benchmarks.
 
 pub mod broker;
 pub mod clerk_api;
@@ -19,6 +20,7 @@ pub mod database;
 pub mod events;
 pub mod http;
 pub mod ingest;
+pub mod proc_stats;
 pub mod proxy;
 pub mod rows;
 pub mod services;

@@ -18,6 +18,10 @@
 //! - Trickle: then `--trickle` events, one every 10 ms, to the idle worker; the latency of each
 //!   is from just before its publish to the commit that applied it (a trigger on
 //!   `processed_events` sends a notification, which Postgres delivers at commit).
+//! - Processes (`--processes 1,2`): for each count, the queue pre-filled again and drained by
+//!   that many release `worker` processes at once (spawned, same queue, same settings each),
+//!   timed from the first event recorded to the last; with each process's peak RSS and the CPU
+//!   the workers, the database's backends and the broker spent per 1,000 events.
 //!
 //! Prints events/s for each, the ratios worker/floor, worker/broker and worker/baseline, the
 //! trickle's latencies and the process's peak RSS. Uses `DATABASE_URL` (a database to create the bench
@@ -25,6 +29,8 @@
 //! deletes the queues it made afterwards.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -45,6 +51,8 @@ use sea_orm::{
 };
 use serde_json::json;
 use shared::{Backoff, Topology, headers};
+use test_support::proc_stats;
+use tokio::process::{Child, Command};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
 
@@ -65,6 +73,14 @@ struct Args {
     /// Events sent one every 10 ms after the backlog, for the latency figures.
     #[arg(long, default_value_t = 500)]
     trickle: usize,
+    /// Worker process counts to drain the pre-filled queue with, one drain each (e.g. `1,2`);
+    /// none by default.
+    #[arg(long, value_delimiter = ',')]
+    processes: Vec<usize>,
+    /// The `worker` binary for `--processes` (default: `worker` in the folder above this
+    /// example's, i.e. the release build beside it).
+    #[arg(long)]
+    worker: Option<PathBuf>,
 }
 
 fn user(n: usize) -> serde_json::Value {
@@ -135,8 +151,12 @@ async fn measure(
     Migrator::up(&db, None).await?;
 
     println!(
-        "events={} connections={} batch_size={} prefetch={}",
-        args.events, args.connections, args.batch_size, args.prefetch
+        "events={} connections={} batch_size={} prefetch={} load average {}",
+        args.events,
+        args.connections,
+        args.batch_size,
+        args.prefetch,
+        proc_stats::load_average().unwrap_or_else(|| "unknown".into())
     );
     let floor = floor(&db, args).await?;
     let floor_rate = args.events as f64 / floor.as_secs_f64();
@@ -247,15 +267,208 @@ async fn measure(
     );
     // The worker runs in this process, beside the pre-fill publisher and the baseline's pool, so
     // the process's peak is an upper bound for the worker's.
-    match peak_rss_kib() {
+    match proc_stats::peak_rss_kib(std::process::id()) {
         Some(kib) => println!(
             "peak RSS of this process (worker + bench driver): {:.1} MiB",
             kib as f64 / 1024.0
         ),
         None => println!("peak RSS: not available (no /proc/self/status)"),
     }
+    let mut single = None;
+    for &count in &args.processes {
+        db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
+            .await?;
+        prefill(amqp_url, topology, args.events).await?;
+        let drain = drain_with_processes(&db, db_url, amqp_url, topology, args, count).await?;
+        let rate = args.events as f64 / drain.elapsed.as_secs_f64();
+        let single_rate = *single.get_or_insert(rate);
+        let per_thousand = |cpu: Option<f64>| {
+            cpu.map_or("?".into(), |cpu| {
+                format!("{:.0}", 1000.0 * cpu * 1000.0 / args.events as f64)
+            })
+        };
+        println!(
+            "processes {count}: {} events in {:.2} s = {rate:.0} events/s, ratio to 1 process \
+             {:.2}, worker/floor {:.2}; peak RSS per process {}; CPU ms per 1000 events: \
+             workers {}, Postgres backends {}, broker {} (the whole broker, other traffic \
+             included)",
+            args.events,
+            drain.elapsed.as_secs_f64(),
+            rate / single_rate,
+            rate / floor_rate,
+            drain
+                .peak_rss_kib
+                .iter()
+                .map(|kib| kib.map_or("?".into(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0)))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            per_thousand(drain.worker_cpu),
+            per_thousand(drain.database_cpu),
+            per_thousand(drain.broker_cpu),
+        );
+    }
     db.close().await?;
     Ok(())
+}
+
+/// What a drain by worker processes measured.
+struct ProcessDrain {
+    elapsed: Duration,
+    peak_rss_kib: Vec<Option<u64>>,
+    worker_cpu: Option<f64>,
+    database_cpu: Option<f64>,
+    broker_cpu: Option<f64>,
+}
+
+/// Starts `count` release worker processes on the pre-filled queue and waits until every event
+/// is recorded; timed from the first recorded event, so the processes' start is not counted.
+async fn drain_with_processes(
+    db: &DatabaseConnection,
+    db_url: &str,
+    amqp_url: &str,
+    topology: &Topology,
+    args: &Args,
+    count: usize,
+) -> anyhow::Result<ProcessDrain> {
+    let binary = match &args.worker {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .map(|dir| dir.join("worker"))
+            .context("cannot locate the worker binary; pass --worker")?,
+    };
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p worker --bin worker`",
+            binary.display()
+        );
+    }
+    let broker_pids = proc_stats::pids_named("beam.smp");
+    let broker_cpu = || {
+        broker_pids
+            .iter()
+            .map(|&pid| proc_stats::cpu_seconds(pid))
+            .sum::<Option<f64>>()
+            .filter(|_| !broker_pids.is_empty())
+    };
+    // The bench's own pool has backends on this database too (busy in the earlier phases, and
+    // counting the recorded events now): only the workers' own backends, opened after this,
+    // count.
+    let backends_before = database_cpu(db).await?;
+    let mut children = Vec::with_capacity(count);
+    for _ in 0..count {
+        children.push(spawn_worker(&binary, db_url, amqp_url, topology, args)?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first = None;
+    loop {
+        let done = processed_events::Entity::find().count(db).await? as usize;
+        if done > 0 && first.is_none() {
+            first = Some((Instant::now(), broker_cpu()));
+        }
+        if done >= args.events {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{count} worker processes applied only {done} of {} events",
+                args.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (started, broker_before) = first.context("no event recorded")?;
+    let elapsed = started.elapsed();
+    let broker_cpu = broker_cpu()
+        .zip(broker_before)
+        .map(|(after, before)| after - before);
+    let pids: Vec<u32> = children.iter().filter_map(Child::id).collect();
+    let peak_rss_kib = pids
+        .iter()
+        .map(|&pid| proc_stats::peak_rss_kib(pid))
+        .collect();
+    // Whole lifetimes: the start and the few events before the clock are a small part.
+    let worker_cpu = pids
+        .iter()
+        .map(|&pid| proc_stats::cpu_seconds(pid))
+        .sum::<Option<f64>>();
+    let database_cpu = database_cpu(db)
+        .await?
+        .into_iter()
+        .filter(|(pid, _)| !backends_before.contains_key(pid))
+        .map(|(_, cpu)| cpu)
+        .sum::<Option<f64>>();
+    for (child, pid) in children.iter_mut().zip(&pids) {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+        if !status.success() {
+            bail!("a worker process exited with {status}");
+        }
+    }
+    Ok(ProcessDrain {
+        elapsed,
+        peak_rss_kib,
+        worker_cpu,
+        database_cpu,
+        broker_cpu,
+    })
+}
+
+/// CPU-seconds so far of each backend on the bench's database, other than this query's, by pid.
+async fn database_cpu(
+    db: &DatabaseConnection,
+) -> anyhow::Result<std::collections::HashMap<u32, Option<f64>>> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+               AND pid <> pg_backend_pid()",
+        ))
+        .await?;
+    let mut cpu = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let pid = u32::try_from(row.try_get::<i32>("", "pid")?)?;
+        cpu.insert(pid, proc_stats::cpu_seconds(pid));
+    }
+    Ok(cpu)
+}
+
+/// One release worker process on the bench's queue and database, with the bench's settings.
+fn spawn_worker(
+    binary: &std::path::Path,
+    db_url: &str,
+    amqp_url: &str,
+    topology: &Topology,
+    args: &Args,
+) -> anyhow::Result<Child> {
+    let mut command = Command::new(binary);
+    command.env_clear();
+    // The default log filter, as deployed (a line per event is part of the cost), unless the
+    // bench is given one.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        command.env("RUST_LOG", filter);
+    }
+    command
+        .env("DATABASE_URL", db_url)
+        .env("AMQP_URL", amqp_url)
+        .env("AMQP_EXCHANGE", &topology.exchange)
+        .env("AMQP_QUEUE", &topology.queue)
+        .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
+        .env("WORKER_LISTEN", "127.0.0.1:0")
+        .env("WORKER_RUN_MIGRATIONS", "false")
+        .env("WORKER_BATCH_SIZE", args.batch_size.to_string())
+        .env("WORKER_PREFETCH", args.prefetch.to_string())
+        .env("WORKER_DB_POOL_SIZE", args.connections.to_string())
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker process")
 }
 
 /// The bench's rows as SQL parameters: id, email, last name, role, created and updated (ms).
@@ -573,13 +786,4 @@ fn percentile(values: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-/// `VmHWM` of this process, in KiB: the most resident memory it has held so far.
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }

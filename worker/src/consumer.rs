@@ -13,8 +13,9 @@
 //! - a message that can never apply: dead-lettered at once as `permanent`.
 //!
 //! A delivery is acknowledged only after its transaction committed, or after its dead letter was
-//! confirmed. On shutdown, work in flight finishes; a delivery still waiting for a retry is left
-//! unacknowledged, so the broker hands it out again.
+//! confirmed; the acknowledgements go in ranges from a task of their own (`crate::acks`), so a
+//! batch's slot is free again as soon as it committed. On shutdown, work in flight finishes; a
+//! delivery still waiting for a retry is left unacknowledged, so the broker hands it out again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,12 +23,13 @@ use std::time::{Duration, Instant};
 use futures_util::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::Instrument;
 
+use crate::acks::Acks;
 use crate::apply::{self, ApplyError, BatchFailure, Outcome};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadKind, DeadLetters};
@@ -109,6 +111,7 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
         Err(error) => return End::Lost(format!("cannot start consuming: {error}")),
     };
     let handler = Arc::new(handler);
+    let (acks, acknowledging) = Acks::start(handler.config.broker_timeout);
     // Every task holds a clone of `working`; when all are dropped, `idle` yields None.
     let (working, mut idle) = mpsc::channel::<()>(1);
     let end = loop {
@@ -125,10 +128,7 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
             _ = stop.wait() => break End::Stopped,
             next = consumer.next() => next,
         };
-        let held = |delivery| HeldDelivery {
-            delivery,
-            _since: handler.metrics.held.hold(),
-        };
+        let held = |delivery| HeldDelivery::new(delivery, &acks, &handler.metrics);
         let mut batch = match first {
             Some(Ok(delivery)) => vec![held(delivery)],
             Some(Err(error)) => break End::Lost(error.to_string()),
@@ -172,6 +172,12 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
     }
     drop(working);
     let _ = idle.recv().await;
+    // Every delivery is settled or released now; what is due is acknowledged before the
+    // connection closes.
+    drop(acks);
+    if let Err(error) = acknowledging.await {
+        tracing::warn!(%error, "the acknowledging task failed");
+    }
     end
 }
 
@@ -243,7 +249,7 @@ impl Handler {
                         held.iter().zip(events.iter().zip(outcomes))
                     {
                         span.in_scope(|| apply::report(&self.metrics, event, outcome));
-                        self.ack(delivery).instrument(span.clone()).await;
+                        delivery.done();
                     }
                     return;
                 }
@@ -281,14 +287,14 @@ impl Handler {
     ) {
         match self.apply_until_settled(&event).await {
             None => {}
-            Some(Ok(outcome)) => self.settle(&delivery, &event, outcome).await,
+            Some(Ok(outcome)) => self.settle(&delivery, &event, outcome),
             Some(Err(reason)) => self.spawn_retry(delivery, reason, span, working),
         }
     }
 
-    async fn settle(&self, delivery: &Delivery, event: &Event, outcome: Outcome) {
+    fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
         apply::report(&self.metrics, event, outcome);
-        self.ack(delivery).await;
+        delivery.done();
     }
 
     /// Applies `event` alone, waiting out transient failures. None when a stop came first; the
@@ -329,6 +335,7 @@ impl Handler {
     ) {
         let handler = self.clone();
         let working = working.clone();
+        delivery.park();
         handler.metrics.retry_waiting.inc();
         tokio::spawn(
             async move {
@@ -370,7 +377,7 @@ impl Handler {
             match self.apply_until_settled(&event).await {
                 None => return,
                 Some(Ok(outcome)) => {
-                    self.settle(&delivery, &event, outcome).await;
+                    self.settle(&delivery, &event, outcome);
                     return;
                 }
                 Some(Err(again)) => reason = again,
@@ -383,7 +390,7 @@ impl Handler {
     /// redelivers the message anyway.
     async fn dead_letter(
         &self,
-        delivery: &Delivery,
+        delivery: &HeldDelivery,
         event_type: Option<&str>,
         kind: DeadKind,
         reason: &str,
@@ -408,7 +415,7 @@ impl Handler {
                         .unwrap_or_else(|| "unknown".into());
                     self.metrics.event(&event_type, "dead_lettered");
                     tracing::error!(kind = kind.as_str(), attempts, error = %reason, "dead-lettered");
-                    self.ack(delivery).await;
+                    delivery.done();
                     return;
                 }
                 Err(error) => {
@@ -428,34 +435,46 @@ impl Handler {
     }
 }
 
-impl Handler {
-    /// Acknowledges `delivery`, waiting at most `WORKER_BROKER_TIMEOUT_MS`: a blocked broker must
-    /// not hold a task (and so a shutdown) for ever. An acknowledgement that does not get through
-    /// only means a redelivery, which the svix-id makes harmless.
-    async fn ack(&self, delivery: &Delivery) {
-        let timeout = self.config.broker_timeout;
-        match tokio::time::timeout(timeout, delivery.acker.ack(BasicAckOptions::default())).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => tracing::warn!(
-                "cannot acknowledge: the channel is gone; the broker will redeliver and the svix-id makes that harmless"
-            ),
-            Ok(Err(error)) => tracing::warn!(
-                %error,
-                "cannot acknowledge; the broker will redeliver and the svix-id makes that harmless"
-            ),
-            Err(_) => tracing::warn!(
-                ?timeout,
-                "the broker did not take the acknowledgement in time; it will redeliver and the svix-id makes that harmless"
-            ),
+/// A delivery with its place among the held ones ([`crate::metrics::Held`]): the age of the
+/// oldest is a metric and decides readiness, and it leaves the list when this is dropped. Its
+/// acknowledgement goes through the channel's [`Acks`]: [`HeldDelivery::done`] once it is
+/// settled; dropped without that, it is left for the broker to hand out again.
+pub(crate) struct HeldDelivery {
+    delivery: Delivery,
+    tag: lapin::types::DeliveryTag,
+    acks: Acks,
+    _since: HeldSince,
+}
+
+impl HeldDelivery {
+    fn new(delivery: Delivery, acks: &Acks, metrics: &Metrics) -> Self {
+        let tag = delivery.delivery_tag;
+        acks.received(tag, delivery.acker.clone());
+        Self {
+            delivery,
+            tag,
+            acks: acks.clone(),
+            _since: metrics.held.hold(),
         }
+    }
+
+    /// Committed, or its dead letter confirmed: to be acknowledged. An acknowledgement that does
+    /// not get through only means a redelivery, which the svix-id makes harmless.
+    fn done(&self) {
+        self.acks.done(self.tag);
+    }
+
+    /// Waiting for a retry: its pauses must not hold up the acknowledgement of the deliveries
+    /// received after it.
+    fn park(&self) {
+        self.acks.parked(self.tag);
     }
 }
 
-/// A delivery with its place among the held ones ([`crate::metrics::Held`]): the age of the
-/// oldest is a metric and decides readiness, and it leaves the list when this is dropped.
-pub(crate) struct HeldDelivery {
-    delivery: Delivery,
-    _since: HeldSince,
+impl Drop for HeldDelivery {
+    fn drop(&mut self) {
+        self.acks.released(self.tag);
+    }
 }
 
 impl std::ops::Deref for HeldDelivery {

@@ -5,6 +5,7 @@
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
 //! [`run`] is what the binary calls; [`reconcile::execute`] is `worker reconcile`.
 
+mod acks;
 pub mod apply;
 pub mod config;
 mod consumer;
