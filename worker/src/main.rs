@@ -38,8 +38,8 @@ impl Command {
         use worker::reconcile::progress::shows_bar;
         match self {
             Command::Reconcile(args) => args.shows_bar(settings),
-            Command::Replay(args) => shows_bar(settings, args.json),
-            Command::Rebuild(args) => shows_bar(settings, args.json),
+            Command::Replay(args) => shows_bar(settings, args.flags.json),
+            Command::Rebuild(args) => shows_bar(settings, args.flags.json),
             Command::Run | Command::Dlq(_) => false,
         }
     }

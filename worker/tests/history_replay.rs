@@ -328,6 +328,23 @@ fn new_roles() -> Roles {
     Roles::new(["coach", "owner", "admin", "member"], "member").expect("roles")
 }
 
+fn only_members() -> Roles {
+    Roles::new(["member"], "member").expect("roles")
+}
+
+async fn rebuild_with(
+    env: &TestEnv,
+    roles: Roles,
+    dry_run: bool,
+) -> anyhow::Result<rebuild::Summary> {
+    let options = rebuild::Options {
+        dry_run,
+        roles,
+        progress_bar: false,
+    };
+    rebuild::rebuild(env.db(), &options).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_after_a_role_change_stores_what_a_reconcile_with_the_new_roles_would() {
     // The history: each user created with an older version, then updated to the newest.
@@ -343,25 +360,16 @@ async fn a_rebuild_after_a_role_change_stores_what_a_reconcile_with_the_new_role
     assert_eq!(before.iter().filter(|u| u.role == "client").count(), 6);
     let history = env.processed_count().await;
 
-    let options = rebuild::Options {
-        dry_run: true,
-        roles: new_roles(),
-        progress_bar: false,
-    };
-    let dry = rebuild::rebuild(env.db(), &options).await.expect("dry run");
+    let dry = rebuild_with(&env, new_roles(), true)
+        .await
+        .expect("dry run");
     assert!(!dry.committed);
     assert_eq!(users_table(&env).await, before, "a dry run writes nothing");
     assert_eq!(env.processed_count().await, history);
 
-    let summary = rebuild::rebuild(
-        env.db(),
-        &rebuild::Options {
-            dry_run: false,
-            ..options
-        },
-    )
-    .await
-    .expect("rebuild");
+    let summary = rebuild_with(&env, new_roles(), false)
+        .await
+        .expect("rebuild");
 
     assert!(summary.committed, "{summary:?}");
     assert_eq!(summary.users, dry.users, "the dry run said exactly this");
@@ -467,16 +475,9 @@ async fn a_rebuild_keeps_rows_it_cannot_derive_and_tombstones() {
     .await;
     let before = users_table(&env).await;
 
-    let summary = rebuild::rebuild(
-        env.db(),
-        &rebuild::Options {
-            dry_run: false,
-            roles: Roles::new(["member"], "member").expect("roles"),
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("rebuild");
+    let summary = rebuild_with(&env, only_members(), false)
+        .await
+        .expect("rebuild");
 
     assert!(summary.committed, "{summary:?}");
     assert_eq!(
@@ -518,16 +519,9 @@ async fn a_rebuild_of_history_kept_without_payloads_keeps_every_row() {
     worker.stop().await;
     let before = users_table(&env).await;
 
-    let summary = rebuild::rebuild(
-        env.db(),
-        &rebuild::Options {
-            dry_run: false,
-            roles: Roles::new(["member"], "member").expect("roles"),
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("rebuild");
+    let summary = rebuild_with(&env, only_members(), false)
+        .await
+        .expect("rebuild");
 
     assert_eq!(
         (summary.history.rows, summary.history.without_payload),
@@ -548,16 +542,9 @@ async fn a_rebuild_while_another_runs_stops_at_once_and_writes_nothing() {
         .await
         .expect("the rebuild lock");
 
-    let error = rebuild::rebuild(
-        env.db(),
-        &rebuild::Options {
-            dry_run: false,
-            roles: Roles::default(),
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect_err("a rebuild is running");
+    let error = rebuild_with(&env, Roles::default(), false)
+        .await
+        .expect_err("a rebuild is running");
 
     assert!(
         error.to_string().contains("another rebuild is running"),

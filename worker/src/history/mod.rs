@@ -176,6 +176,46 @@ impl Pages {
     }
 }
 
+/// The flags `worker replay` and `worker rebuild` share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+pub struct RunFlags {
+    /// Do the work inside a transaction that is rolled back: report exactly what would change,
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunFlags {
+    /// Prints a run's summary: `json` as one JSON object, else `text`.
+    pub(crate) fn print<S: serde::Serialize>(
+        &self,
+        summary: &S,
+        text: String,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string(summary)?);
+        } else {
+            print!("{text}");
+        }
+        Ok(())
+    }
+}
+
+/// Failures a summary names at most.
+const FAILURES_LISTED: usize = 10;
+
+/// Logs why an event could not be applied again, and keeps the first few reasons for the
+/// summary.
+pub(crate) fn note_failure(failures: &mut Vec<String>, failure: String) {
+    tracing::warn!(%failure, "an event of the history could not be applied again");
+    if failures.len() < FAILURES_LISTED {
+        failures.push(failure);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use sea_orm::{
 use serde::Serialize;
 use shared::Roles;
 
-use super::{Filter, Pages, event_from_row, rerun_svix_id};
+use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
 use crate::apply::LOCK_KEY;
 use crate::reconcile::progress::{self, Progress};
 use crate::storage::processed_events;
@@ -51,18 +51,11 @@ const TABLES: [(&str, &str); 3] = [
     ("organization_memberships", "membership"),
 ];
 
-/// Failures named in the summary at most.
-const FAILURES_LISTED: usize = 10;
-
 /// `worker rebuild [--dry-run] [--json]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebuildArgs {
-    /// Do all the work, then roll it back: report what would change, write nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Print the summary as one JSON object on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub flags: RunFlags,
 }
 
 /// What a run is asked to do.
@@ -166,19 +159,15 @@ impl Summary {
 /// failed (after the summary was printed), so the process exits non-zero.
 pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::Result<()> {
     let options = Options {
-        progress_bar: progress::shows_bar(settings, args.json),
-        dry_run: args.dry_run,
+        progress_bar: progress::shows_bar(settings, args.flags.json),
+        dry_run: args.flags.dry_run,
         roles: settings.roles()?,
     };
     let db = crate::startup::connect_command(settings, 1).await?;
     let summary = rebuild(&db, &options).await;
     db.close().await.ok();
     let summary = summary?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print!("{}", summary.text());
-    }
+    args.flags.print(&summary, summary.text())?;
     anyhow::ensure!(
         summary.failures.is_empty(),
         "the rebuild was rolled back: events could not be applied again"
@@ -241,7 +230,9 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
             let svix_id = rerun_svix_id("rebuild", run, &row.svix_id);
             match event_from_row(row, &svix_id, &options.roles, false) {
                 Some(Ok(event)) => events.push(event),
-                Some(Err(error)) => note_failure(&mut summary, format!("{}: {error}", row.svix_id)),
+                Some(Err(error)) => {
+                    note_failure(&mut summary.failures, format!("{}: {error}", row.svix_id))
+                }
                 None => {}
             }
         }
@@ -249,7 +240,7 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
             .await
             .map_err(|error| anyhow::anyhow!("the rebuild stopped: {error}"))?;
         for failure in failed {
-            note_failure(&mut summary, failure);
+            note_failure(&mut summary.failures, failure);
         }
         forget(
             &txn,
@@ -410,13 +401,6 @@ async fn compare(
         unchanged: count("unchanged")?,
         kept_without_history: count("kept")?,
     })
-}
-
-fn note_failure(summary: &mut Summary, failure: String) {
-    tracing::warn!(%failure, "an event could not be applied again");
-    if summary.failures.len() < FAILURES_LISTED {
-        summary.failures.push(failure);
-    }
 }
 
 async fn query_one<T: sea_orm::TryGetable>(

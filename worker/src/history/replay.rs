@@ -25,7 +25,7 @@ use sea_orm::{
 use serde::Serialize;
 use shared::Roles;
 
-use super::{Filter, Pages, event_from_row, rerun_svix_id};
+use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
 use crate::apply::Outcome;
 use crate::event::Event;
 use crate::reconcile::progress::{self, Progress};
@@ -42,12 +42,8 @@ pub const CHANGED_LISTED: usize = 50;
 pub struct ReplayArgs {
     #[command(flatten)]
     pub filter: Filter,
-    /// Apply inside a transaction that is rolled back: report what would change, write nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Print the summary as one JSON object on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub flags: RunFlags,
 }
 
 /// What a run is asked to do.
@@ -188,9 +184,9 @@ impl Summary {
 /// An error when events failed (after the summary was printed), so the process exits non-zero.
 pub async fn execute(settings: &shared::Settings, args: ReplayArgs) -> anyhow::Result<()> {
     let options = Options {
-        progress_bar: progress::shows_bar(settings, args.json),
+        progress_bar: progress::shows_bar(settings, args.flags.json),
         filter: args.filter,
-        dry_run: args.dry_run,
+        dry_run: args.flags.dry_run,
         roles: settings.roles()?,
         store_payloads: settings.worker_store_payloads,
     };
@@ -198,11 +194,7 @@ pub async fn execute(settings: &shared::Settings, args: ReplayArgs) -> anyhow::R
     let summary = replay(&db, &options).await;
     db.close().await.ok();
     let summary = summary?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print!("{}", summary.text());
-    }
+    args.flags.print(&summary, summary.text())?;
     let failed = summary.outcomes.failed + summary.unreadable;
     anyhow::ensure!(failed == 0, "{failed} events could not be replayed");
     Ok(())
@@ -297,7 +289,7 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
                 Some(Ok(event)) => events.push(event),
                 Some(Err(error)) => {
                     summary.unreadable += 1;
-                    note_failure(summary, format!("{}: {error}", row.svix_id));
+                    note_failure(&mut summary.failures, format!("{}: {error}", row.svix_id));
                 }
             }
         }
@@ -306,7 +298,7 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
             .await
             .map_err(|error| anyhow::anyhow!("replay stopped: {error}"))?;
         for failure in failed {
-            note_failure(summary, failure);
+            note_failure(&mut summary.failures, failure);
         }
         for (event, outcome) in events.iter().zip(outcomes) {
             summary.outcomes.count(event, outcome);
@@ -333,16 +325,6 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
             }
         }
         progress.advance(rows.len() as u64);
-    }
-}
-
-/// Failures named in the summary at most.
-const FAILURES_LISTED: usize = 10;
-
-fn note_failure(summary: &mut Summary, failure: String) {
-    tracing::warn!(%failure, "an event could not be replayed");
-    if summary.failures.len() < FAILURES_LISTED {
-        summary.failures.push(failure);
     }
 }
 
