@@ -31,8 +31,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Query};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityName, IdenStatic, RuntimeErr,
-    Statement, TransactionTrait,
+    ConnectionTrait, DbBackend, DbErr, EntityName, IdenStatic, RuntimeErr, Statement,
+    TransactionSession as _, TransactionTrait,
 };
 use serde_json::json;
 use shared::events::UserRecord;
@@ -147,7 +147,7 @@ fn to_apply_error(error: &DbErr) -> ApplyError {
 }
 
 /// Applies one event in a transaction of its own, rerunning it when it lost a unique race.
-pub async fn apply(db: &DatabaseConnection, event: &Event) -> Result<Outcome, ApplyError> {
+pub async fn apply<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome, ApplyError> {
     let mut reruns = 0;
     loop {
         match apply_alone(db, event).await {
@@ -161,7 +161,7 @@ pub async fn apply(db: &DatabaseConnection, event: &Event) -> Result<Outcome, Ap
     }
 }
 
-async fn apply_alone(db: &DatabaseConnection, event: &Event) -> Result<Outcome, DbErr> {
+async fn apply_alone<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome, DbErr> {
     let txn = db.begin().await?;
     let outcomes = apply_events(&txn, std::slice::from_ref(event)).await?;
     txn.commit().await?;
@@ -183,9 +183,10 @@ pub enum BatchFailure {
 
 /// Applies several events in one transaction, each with exactly the effect it would have alone;
 /// user events take a number of statements that does not grow with their number (see
-/// `apply_events`). Commits all or nothing.
-pub async fn apply_batch(
-    db: &DatabaseConnection,
+/// `apply_events`). Commits all or nothing; inside a transaction (`worker replay --dry-run`,
+/// `worker rebuild`), as a savepoint.
+pub async fn apply_batch<C: TransactionTrait>(
+    db: &C,
     events: &[Event],
 ) -> Result<Vec<Outcome>, BatchFailure> {
     let sort = |error: DbErr| match classify(&error) {
@@ -248,6 +249,9 @@ async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Ve
     Ok(outcomes)
 }
 
+/// The advisory lock key of an `id` (a column or value of that name in the query).
+pub(crate) const LOCK_KEY: &str = "hashtextextended(id, 0)";
+
 /// Takes the transaction-scoped advisory lock of every id given (user, organization and
 /// membership ids never collide: Clerk prefixes them), in the order of the lock keys.
 pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
@@ -260,9 +264,11 @@ pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
     }
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT pg_advisory_xact_lock(key) FROM \
-           (SELECT DISTINCT hashtextextended(id, 0) AS key FROM unnest($1::text[]) AS ids(id) \
-            ORDER BY key) AS keys",
+        format!(
+            "SELECT pg_advisory_xact_lock(key) FROM \
+               (SELECT DISTINCT {LOCK_KEY} AS key FROM unnest($1::text[]) AS ids(id) \
+                ORDER BY key) AS keys"
+        ),
         [ids.into()],
     ))
     .await?;

@@ -95,6 +95,15 @@ impl Action {
         }
     }
 
+    /// Whether the event removes what it concerns (its history outcome is then `deleted`).
+    pub fn deletes(&self) -> bool {
+        match self {
+            Action::Delete { .. } => true,
+            Action::Organization(change) => change.deletes(),
+            Action::Upsert(_) | Action::Ignore => false,
+        }
+    }
+
     /// The ids whose advisory locks applying the event needs: the user's, or the organization's,
     /// member's and membership's.
     pub fn lock_ids(&self) -> Vec<&str> {

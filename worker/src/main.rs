@@ -1,6 +1,6 @@
 //! `worker`: applies Clerk user events to Postgres (`worker run`, the default), inspects and
-//! replays dead letters (`worker dlq …`), and converges the tables from Clerk's Backend API
-//! (`worker reconcile`).
+//! replays dead letters (`worker dlq …`), converges the tables from Clerk's Backend API
+//! (`worker reconcile`), and applies the event history again (`worker replay`, `worker rebuild`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,23 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Bring the tables to what Clerk's Backend API holds (needs CLERK_SECRET_KEY).
     Reconcile(worker::reconcile::ReconcileArgs),
+    /// Apply the stored events of a time window again, recorded with source `replay`.
+    Replay(worker::history::replay::ReplayArgs),
+    /// Derive the users, organizations and memberships again from the stored events.
+    Rebuild(worker::history::rebuild::RebuildArgs),
+}
+
+impl Command {
+    /// Whether the command shows a progress bar on this terminal.
+    fn shows_bar(&self, settings: &shared::Settings) -> bool {
+        use worker::reconcile::progress::shows_bar;
+        match self {
+            Command::Reconcile(args) => args.shows_bar(settings),
+            Command::Replay(args) => shows_bar(settings, args.flags.json),
+            Command::Rebuild(args) => shows_bar(settings, args.flags.json),
+            Command::Run | Command::Dlq(_) => false,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -37,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if matches!(&cli.command, Some(Command::Reconcile(args)) if args.shows_bar(&settings)) {
+    if cli.command.as_ref().is_some_and(|c| c.shows_bar(&settings)) {
         worker::reconcile::progress::init_telemetry_with_bar();
     } else {
         shared::telemetry::init(settings.log_format);
@@ -54,6 +71,8 @@ fn main() -> ExitCode {
             Command::Run => worker::run(settings).await,
             Command::Dlq(command) => dlq::execute(&settings, command).await,
             Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
+            Command::Replay(args) => worker::history::replay::execute(&settings, args).await,
+            Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
         }
     });
     match result {

@@ -96,7 +96,7 @@ impl Change {
     }
 
     /// Whether the change removes what it concerns.
-    fn deletes(&self) -> bool {
+    pub fn deletes(&self) -> bool {
         matches!(
             self,
             Change::DeleteOrganization { .. } | Change::DeleteMembership(_)

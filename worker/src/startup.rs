@@ -344,6 +344,24 @@ pub(crate) async fn connect_database(
     Database::connect(options).await
 }
 
+/// The database pool of a one-off command (`worker reconcile`, `replay`, `rebuild`), with the
+/// pending migrations applied first when `WORKER_RUN_MIGRATIONS` allows.
+pub(crate) async fn connect_command(
+    settings: &shared::Settings,
+    pool_size: u32,
+) -> anyhow::Result<DatabaseConnection> {
+    let database_url = settings.database_url()?;
+    let db = connect_database(&database_url, pool_size)
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")?;
+    if settings.worker_run_migrations {
+        migrate(&database_url)
+            .await
+            .context("cannot apply the migrations (DATABASE_URL)")?;
+    }
+    Ok(db)
+}
+
 /// Applies pending migrations under a session advisory lock, on a connection of its own.
 pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
     let db = connect_database(database_url, 1).await?;

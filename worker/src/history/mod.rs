@@ -1,11 +1,21 @@
 //! The event history: `processed_events` keeps every handled event (svix-id, type, subject,
 //! payload, times, outcome and its reason, source), written by the apply path in the same
 //! statement that decides the outcome. This module reads it: which rows a command is about
-//! ([`Filter`]).
+//! ([`Filter`]), page by page ([`Pages`]), and the event a row recorded ([`event_from_row`]).
+//! `worker replay` ([`replay`]) and `worker rebuild` ([`rebuild`]) apply those events again.
+
+pub mod rebuild;
+pub mod replay;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select};
+use lapin::BasicProperties;
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Select,
+};
+use shared::Roles;
 
+use crate::event::{Event, ReadError, Source};
 use crate::storage::processed_events;
 
 /// Which history rows a command is about; every part is optional and they all must hold.
@@ -70,6 +80,142 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| format!("{text:?} reaches too far back"))
 }
 
+/// The event a history row recorded, read again from its stored payload with `roles` (the
+/// settings of now: that is the point after a mapping change), with source `replay` and the
+/// svix-id `svix_id`; `None` for a row without a payload. The svix timestamp and the received
+/// time stay the original's; the payload is kept only when `store_payloads` allows.
+pub fn event_from_row(
+    row: &processed_events::Model,
+    svix_id: &str,
+    roles: &Roles,
+    store_payloads: bool,
+) -> Option<Result<Event, ReadError>> {
+    let payload = row.payload.as_ref()?;
+    let properties = BasicProperties::default().with_message_id(svix_id.into());
+    let event = Event::read(payload.to_string().as_bytes(), &properties, roles).map(|event| {
+        let event = Event {
+            source: Source::Replay,
+            svix_timestamp: row.svix_timestamp.map(|at| at.with_timezone(&Utc)),
+            received_at: row.received_at.map(|at| at.with_timezone(&Utc)),
+            ..event
+        };
+        if store_payloads {
+            event
+        } else {
+            event.without_payload()
+        }
+    });
+    Some(event)
+}
+
+/// The svix-id of an event applied again by run `run` of `command` (`replay`, `rebuild`):
+/// `replay_<run>_<original>`. The svix-id is the dedup key, so each run needs its own; the
+/// prefixes of earlier runs are taken off the original, so ids do not grow and a run applies an
+/// event once even when the history also holds earlier replays of it.
+pub fn rerun_svix_id(command: &str, run: i64, svix_id: &str) -> String {
+    format!("{command}_{run}_{}", original_svix_id(svix_id))
+}
+
+fn original_svix_id(mut svix_id: &str) -> &str {
+    loop {
+        let Some(rest) = svix_id
+            .strip_prefix("replay_")
+            .or_else(|| svix_id.strip_prefix("rebuild_"))
+        else {
+            return svix_id;
+        };
+        match rest.split_once('_') {
+            Some((run, original)) if !run.is_empty() && run.bytes().all(|b| b.is_ascii_digit()) => {
+                svix_id = original;
+            }
+            _ => return svix_id,
+        }
+    }
+}
+
+/// Reads the rows of a selection a page at a time, in the order of [`Filter::select`] (applied
+/// time, then svix-id), each page starting after the last row read, so rows written meanwhile
+/// never shift a page and the whole history is never held in memory.
+pub(crate) struct Pages {
+    select: Select<processed_events::Entity>,
+    size: u64,
+    after: Option<(sea_orm::prelude::DateTimeWithTimeZone, String)>,
+}
+
+impl Pages {
+    /// `select` must be ordered as [`Filter::select`] orders.
+    pub(crate) fn new(select: Select<processed_events::Entity>, size: u64) -> Self {
+        Self {
+            select,
+            size,
+            after: None,
+        }
+    }
+
+    /// The next page; empty at the end.
+    pub(crate) async fn next<C: ConnectionTrait>(
+        &mut self,
+        db: &C,
+    ) -> Result<Vec<processed_events::Model>, DbErr> {
+        use processed_events::Column;
+        let mut select = self.select.clone();
+        if let Some((at, svix_id)) = &self.after {
+            select = select.filter(
+                Condition::any().add(Column::ProcessedAt.gt(*at)).add(
+                    Condition::all()
+                        .add(Column::ProcessedAt.eq(*at))
+                        .add(Column::SvixId.gt(svix_id.as_str())),
+                ),
+            );
+        }
+        let rows = select.limit(self.size).all(db).await?;
+        if let Some(last) = rows.last() {
+            self.after = Some((last.processed_at, last.svix_id.clone()));
+        }
+        Ok(rows)
+    }
+}
+
+/// The flags `worker replay` and `worker rebuild` share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+pub struct RunFlags {
+    /// Do the work inside a transaction that is rolled back: report exactly what would change,
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunFlags {
+    /// Prints a run's summary: `json` as one JSON object, else `text`.
+    pub(crate) fn print<S: serde::Serialize>(
+        &self,
+        summary: &S,
+        text: String,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string(summary)?);
+        } else {
+            print!("{text}");
+        }
+        Ok(())
+    }
+}
+
+/// Failures a summary names at most.
+const FAILURES_LISTED: usize = 10;
+
+/// Logs why an event could not be applied again, and keeps the first few reasons for the
+/// summary.
+pub(crate) fn note_failure(failures: &mut Vec<String>, failure: String) {
+    tracing::warn!(%failure, "an event of the history could not be applied again");
+    if failures.len() < FAILURES_LISTED {
+        failures.push(failure);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +235,23 @@ mod tests {
         );
         let error = parse_time("yesterday-ish").expect_err("neither");
         assert!(error.contains("neither an RFC 3339 time"), "{error}");
+    }
+
+    #[test]
+    fn a_rerun_svix_id_names_the_run_and_the_original_once() {
+        assert_eq!(rerun_svix_id("replay", 17, "msg_1"), "replay_17_msg_1");
+        assert_eq!(
+            rerun_svix_id("rebuild", 20, "replay_17_msg_1"),
+            "rebuild_20_msg_1"
+        );
+        assert_eq!(
+            rerun_svix_id("replay", 30, "replay_20_replay_17_reconcile_x_user_1"),
+            "replay_30_reconcile_x_user_1"
+        );
+        // Not a run's prefix: kept whole.
+        assert_eq!(
+            rerun_svix_id("replay", 5, "replay_later_msg"),
+            "replay_5_replay_later_msg"
+        );
     }
 }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
 use serde::Serialize;
 use serde_json::{Value, json};
 use shared::Roles;
@@ -154,9 +154,7 @@ impl ReconcileArgs {
     /// Whether the run shows a progress bar: on a terminal, with human-readable logs, and not
     /// for `--json`.
     pub fn shows_bar(&self, settings: &shared::Settings) -> bool {
-        !self.json
-            && settings.log_format == shared::telemetry::LogFormat::Pretty
-            && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        progress::shows_bar(settings, self.json)
     }
 }
 
@@ -353,16 +351,8 @@ impl Report {
 /// the run failed (after the summary was printed), so the process exits non-zero.
 pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow::Result<()> {
     let clerk = ClerkConfig::from_settings(settings)?;
-    let database_url = settings.database_url()?;
     let client = ClerkClient::new(clerk).context("cannot set up the Backend API client")?;
-    let db = crate::startup::connect_database(&database_url, WRITERS as u32 + 1)
-        .await
-        .context("cannot set up the database pool (DATABASE_URL)")?;
-    if settings.worker_run_migrations {
-        crate::startup::migrate(&database_url)
-            .await
-            .context("cannot apply the migrations (DATABASE_URL)")?;
-    }
+    let db = crate::startup::connect_command(settings, WRITERS as u32 + 1).await?;
     let options = Options {
         progress_bar: args.shows_bar(settings),
         dry_run: args.dry_run,
@@ -552,7 +542,8 @@ impl<'a> Pass<'a> {
         };
         let mut current = pages.next().await;
         let total = counted.or(pages.total()).unwrap_or(0);
-        let mut progress = progress::Progress::new(self.options.progress_bar, name, total);
+        let mut progress =
+            progress::Progress::new(self.options.progress_bar, "reconciling", name, total);
         loop {
             match current {
                 Ok(Some(page)) => {
@@ -941,9 +932,9 @@ fn subject(action: &Action) -> &str {
 
 /// Applies events in one transaction, retrying it while the database fails on its own account;
 /// when one event fails on its own, the events are applied one by one so only that one fails
-/// (and is named in the second list).
-async fn write(
-    db: &DatabaseConnection,
+/// (and is named in the second list). Also `worker replay` and `worker rebuild`'s way to apply.
+pub(crate) async fn write<C: TransactionTrait>(
+    db: &C,
     events: &[Event],
 ) -> Result<(Vec<Option<Outcome>>, Vec<String>), String> {
     let mut retries = 0;

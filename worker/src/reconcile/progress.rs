@@ -1,5 +1,6 @@
-//! Progress of a reconcile: one bar on a terminal (through `tracing-indicatif`, so log lines are
-//! printed above it instead of tearing it), plain progress log lines otherwise.
+//! Progress of a long command (`worker reconcile`, `worker replay`, `worker rebuild`): one bar on
+//! a terminal (through `tracing-indicatif`, so log lines are printed above it instead of tearing
+//! it), plain progress log lines otherwise.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,15 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 /// How often a progress line is logged when there is no bar.
 const LINE_EVERY: Duration = Duration::from_secs(5);
 
-/// Installs the global subscriber of `worker reconcile` on a terminal: the usual human-readable
+/// Whether a command shows a progress bar: on a terminal, with human-readable logs, and not for
+/// `--json`.
+pub fn shows_bar(settings: &shared::Settings, json: bool) -> bool {
+    !json
+        && settings.log_format == shared::telemetry::LogFormat::Pretty
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// Installs the global subscriber of a command with a bar on a terminal: the usual human-readable
 /// lines, written through the bar's writer, and the bar of the one span that asks for it.
 pub fn init_telemetry_with_bar() {
     let bars = IndicatifLayer::new()
@@ -33,6 +42,7 @@ pub fn init_telemetry_with_bar() {
 /// Reports how far a pass is.
 pub struct Progress {
     bar: Option<Span>,
+    doing: &'static str,
     what: &'static str,
     total: u64,
     done: u64,
@@ -40,11 +50,11 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar when `bar` is set (and a bar layer is installed), log lines otherwise. `what` names
-    /// the objects counted, e.g. `users`.
-    pub fn new(bar: bool, what: &'static str, total: u64) -> Self {
+    /// A bar when `bar` is set (and a bar layer is installed), log lines otherwise. `doing` names
+    /// the work (`reconciling`) and `what` the objects counted (`users`).
+    pub fn new(bar: bool, doing: &'static str, what: &'static str, total: u64) -> Self {
         let bar = bar.then(|| {
-            let span = tracing::info_span!("reconcile", indicatif.pb_show = tracing::field::Empty);
+            let span = tracing::info_span!("progress", indicatif.pb_show = tracing::field::Empty);
             if let Ok(style) = ProgressStyle::with_template(
                 "{msg} [{bar:40}] {pos}/{len} ({per_sec}, about {eta} left)",
             ) {
@@ -55,9 +65,10 @@ impl Progress {
             span.pb_start();
             span
         });
-        tracing::info!(total, "reconciling {what}");
+        tracing::info!(total, "{doing} {what}");
         Self {
             bar,
+            doing,
             what,
             total,
             done: 0,
@@ -82,7 +93,8 @@ impl Progress {
                 tracing::info!(
                     done = self.done,
                     total = self.total,
-                    "listing {}",
+                    "{} {}",
+                    self.doing,
                     self.what
                 );
             }
