@@ -1,6 +1,6 @@
 //! `worker`: applies Clerk user events to Postgres (`worker run`, the default), inspects and
-//! replays dead letters (`worker dlq …`), and converges the tables from Clerk's Backend API
-//! (`worker reconcile`).
+//! replays dead letters (`worker dlq …`), converges the tables from Clerk's Backend API
+//! (`worker reconcile`), and reads the event history (`worker explain ID`, `worker events …`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,11 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Bring the tables to what Clerk's Backend API holds (needs CLERK_SECRET_KEY).
     Reconcile(worker::reconcile::ReconcileArgs),
+    /// Explain a user, organization or membership: row, tombstone, history, dead letters.
+    Explain(worker::history::explain::ExplainArgs),
+    /// Read the event history.
+    #[command(subcommand)]
+    Events(worker::history::list::EventsCommand),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,8 @@ fn main() -> ExitCode {
             Command::Run => worker::run(settings).await,
             Command::Dlq(command) => dlq::execute(&settings, command).await,
             Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
+            Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
+            Command::Events(command) => worker::history::list::execute(&settings, command).await,
         }
     });
     match result {
