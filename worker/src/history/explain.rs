@@ -346,11 +346,11 @@ pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result
     }
 
     writeln!(out)?;
-    writeln!(
-        out,
-        "history ({} events, oldest first):",
-        explanation.history.len()
-    )?;
+    let events = match explanation.history.len() {
+        1 => "1 event".to_string(),
+        count => format!("{count} events"),
+    };
+    writeln!(out, "history ({events}, oldest first):")?;
     if !explanation.history.is_empty() {
         write_table(out, &explanation.history)?;
     }
