@@ -99,11 +99,20 @@ enum Plan {
 
 /// Every dead letter's summary, in queue order; the letters all stay in the queue.
 pub async fn summaries(broker: &Broker) -> Result<Vec<Summary>, DlqError> {
+    inspect(broker, |letter| Some(letter.summary().clone())).await
+}
+
+/// Looks at every dead letter present now and keeps what `pick` makes of it, in queue order. The
+/// letters are taken unacknowledged and all given back, also when this fails.
+pub async fn inspect<T>(
+    broker: &Broker,
+    mut pick: impl FnMut(&DeadLetter) -> Option<T>,
+) -> Result<Vec<T>, DlqError> {
     let mut session = broker.session().await?;
-    let mut summaries = Vec::new();
+    let mut picked = Vec::new();
     let outcome = async {
         while let Some(letter) = session.fetch().await? {
-            summaries.push(letter.summary().clone());
+            picked.extend(pick(&letter));
             session.hold(letter);
         }
         Ok::<_, DlqError>(())
@@ -111,7 +120,7 @@ pub async fn summaries(broker: &Broker) -> Result<Vec<Summary>, DlqError> {
     .await;
     session.release().await;
     outcome?;
-    Ok(summaries)
+    Ok(picked)
 }
 
 async fn list(

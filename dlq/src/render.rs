@@ -12,10 +12,10 @@ const REASON_WIDTH: usize = 60;
 /// Prints the summaries as a table with a header line, one letter a line.
 pub fn table(out: &mut impl Write, summaries: &[Summary]) -> io::Result<()> {
     let header = ["ID", "TYPE", "KIND", "REASON", "ATTEMPTS", "FAILED AT"];
-    let rows: Vec<[String; 6]> = summaries
+    let rows: Vec<Vec<String>> = summaries
         .iter()
         .map(|summary| {
-            [
+            vec![
                 or_dash(summary.id.as_deref()),
                 or_dash(summary.event_type.as_deref()),
                 summary.kind.clone(),
@@ -27,27 +27,7 @@ pub fn table(out: &mut impl Write, summaries: &[Summary]) -> io::Result<()> {
             ]
         })
         .collect();
-    let mut widths = header.map(|title| title.chars().count());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let header = header.map(str::to_string);
-    for row in std::iter::once(&header).chain(&rows) {
-        let mut line = String::new();
-        for (index, (cell, width)) in row.iter().zip(widths).enumerate() {
-            if index + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let padding = width - cell.chars().count();
-                line.push_str(cell);
-                line.push_str(&" ".repeat(padding + 2));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
+    shared::table::write(out, &header, &rows)
 }
 
 /// Prints the summaries as one pretty JSON array.

@@ -1,6 +1,6 @@
 //! What the clerk-sync binaries agree on: the event types (users in `events`, organizations and
-//! memberships in `organizations`), the header names, the RabbitMQ topology, configuration and
-//! telemetry. Nothing here talks to a database.
+//! memberships in `organizations`), the header names, the RabbitMQ topology, configuration,
+//! telemetry and the text tables of the command-line tools. Nothing here talks to a database.
 
 pub mod backoff;
 pub mod broker;
@@ -9,6 +9,7 @@ pub mod events;
 pub mod headers;
 pub mod organizations;
 pub mod roles;
+pub mod table;
 pub mod telemetry;
 pub mod topology;
 

@@ -5,6 +5,11 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 use shared::headers;
 
+/// The envelope Clerk sends around an event's `data`, as the tests publish it.
+pub fn envelope(event_type: &str, data: Value) -> Value {
+    json!({"type": event_type, "object": "event", "timestamp": 1, "data": data})
+}
+
 /// Clerk's user JSON with the fields the sync reads, shaped like the documented payload.
 pub fn clerk_user(id: &str, email: Option<&str>, role: Option<&str>, updated_at: i64) -> Value {
     let email_id = format!("idn_{id}");

@@ -8,18 +8,20 @@ use lapin::types::FieldTable;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use shared::Backoff;
 use worker::{StopHandle, WorkerConfig};
 
 use crate::broker::{BrokerChannel, TestTopology};
 use crate::database::TestDatabase;
-use crate::events::event_properties;
+use crate::events::{envelope, event_properties};
+use crate::eventually;
 use crate::http::get;
 use crate::rows::{
     organization_memberships, organizations, processed_events, user_tombstones, users,
 };
 use crate::services::amqp_url;
+use crate::signing::svix_id;
 
 /// One test's database and declared topology, and a confirming channel on the broker. Dropped,
 /// it deletes both, even when the test failed.
@@ -79,6 +81,20 @@ impl TestEnv {
         TestWorker::start(config).await
     }
 
+    /// The binary `program` (`env!("CARGO_BIN_EXE_worker")`) as a command for this test: its
+    /// database, the shared broker, its topology names, and logs of errors only.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(program);
+        command
+            .env("DATABASE_URL", self.db_url())
+            .env("AMQP_URL", amqp_url())
+            .env("AMQP_EXCHANGE", &self.topology.exchange)
+            .env("AMQP_QUEUE", &self.topology.queue)
+            .env("AMQP_DEAD_QUEUE", &self.topology.dead_queue)
+            .env("RUST_LOG", "error");
+        command
+    }
+
     /// Publishes an event the way the ingest does, and waits for the broker's confirm.
     pub async fn publish(&self, svix_id: &str, event_type: &str, body: &[u8]) {
         let confirmation = self
@@ -95,9 +111,26 @@ impl TestEnv {
 
     /// Publishes an envelope `{"type": …, "data": …}`.
     pub async fn publish_event(&self, svix_id: &str, event_type: &str, data: Value) {
-        let body = json!({"type": event_type, "object": "event", "timestamp": 1, "data": data});
+        let body = envelope(event_type, data);
         self.publish(svix_id, event_type, body.to_string().as_bytes())
             .await;
+    }
+
+    /// Publishes the events one after another, each recorded in the history before the next is
+    /// sent, so their outcomes do not depend on how a running worker batches them; returns their
+    /// svix-ids.
+    pub async fn apply_in_order(&self, events: &[(&str, Value)]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for (event_type, data) in events {
+            let id = svix_id();
+            self.publish_event(&id, event_type, data.clone()).await;
+            eventually(Duration::from_secs(20), "the event recorded", || async {
+                self.processed(&id).await.is_some()
+            })
+            .await;
+            ids.push(id);
+        }
+        ids
     }
 
     /// The stored user `id`.

@@ -1,6 +1,7 @@
 //! `worker`: applies Clerk user events to Postgres (`worker run`, the default), inspects and
 //! replays dead letters (`worker dlq …`), converges the tables from Clerk's Backend API
-//! (`worker reconcile`), and applies the event history again (`worker replay`, `worker rebuild`).
+//! (`worker reconcile`), reads the event history (`worker explain ID`, `worker events …`) and
+//! applies it again (`worker replay`, `worker rebuild`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,11 @@ enum Command {
     Replay(worker::history::replay::ReplayArgs),
     /// Derive the users, organizations and memberships again from the stored events.
     Rebuild(worker::history::rebuild::RebuildArgs),
+    /// Explain a user, organization or membership: row, tombstone, history, dead letters.
+    Explain(worker::history::explain::ExplainArgs),
+    /// Read the event history.
+    #[command(subcommand)]
+    Events(worker::history::list::EventsCommand),
 }
 
 impl Command {
@@ -40,7 +46,7 @@ impl Command {
             Command::Reconcile(args) => args.shows_bar(settings),
             Command::Replay(args) => shows_bar(settings, args.flags.json),
             Command::Rebuild(args) => shows_bar(settings, args.flags.json),
-            Command::Run | Command::Dlq(_) => false,
+            Command::Run | Command::Dlq(_) | Command::Explain(_) | Command::Events(_) => false,
         }
     }
 }
@@ -73,6 +79,8 @@ fn main() -> ExitCode {
             Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
             Command::Replay(args) => worker::history::replay::execute(&settings, args).await,
             Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
+            Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
+            Command::Events(command) => worker::history::list::execute(&settings, command).await,
         }
     });
     match result {

@@ -2,7 +2,7 @@
 //! list them as JSON, replay one by id, refuse a purge without `--yes` and a replay without a
 //! selector.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
@@ -20,15 +20,10 @@ const WITHIN: Duration = Duration::from_secs(20);
 /// Runs `worker dlq ARGS` against this test's names, with no database configured (the commands
 /// need only the broker).
 fn dlq(env: &TestEnv, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
+    env.command(env!("CARGO_BIN_EXE_worker"))
         .arg("dlq")
         .args(args)
         .env_remove("DATABASE_URL")
-        .env("AMQP_URL", amqp_url())
-        .env("AMQP_EXCHANGE", &env.topology.exchange)
-        .env("AMQP_QUEUE", &env.topology.queue)
-        .env("AMQP_DEAD_QUEUE", &env.topology.dead_queue)
-        .env("RUST_LOG", "error")
         .output()
         .expect("run the worker binary")
 }

@@ -4,37 +4,15 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use test_support::clerk_api::ClerkApi;
-use test_support::events::{clerk_membership, clerk_organization, clerk_user};
+use test_support::events::{clerk_membership, clerk_organization, clerk_user, envelope};
 use test_support::rows::processed_events;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
 use worker::reconcile::{ClerkClient, ClerkConfig, Options};
 
 const WITHIN: Duration = Duration::from_secs(20);
-
-/// The envelope the tests publish, so the stored payload can be compared with it.
-fn envelope(event_type: &str, data: Value) -> Value {
-    json!({"type": event_type, "object": "event", "timestamp": 1, "data": data})
-}
-
-/// Publishes events one after another, each applied before the next is sent, so their outcomes
-/// do not depend on how the worker batches them; returns their svix-ids.
-async fn apply_in_order(env: &TestEnv, events: &[(&str, Value)]) -> Vec<String> {
-    let mut ids = Vec::new();
-    for (event_type, data) in events {
-        let id = svix_id();
-        let body = envelope(event_type, data.clone()).to_string();
-        env.publish(&id, event_type, body.as_bytes()).await;
-        eventually(WITHIN, "the event recorded", || async {
-            env.processed(&id).await.is_some()
-        })
-        .await;
-        ids.push(id);
-    }
-    ids
-}
 
 async fn row(env: &TestEnv, svix_id: &str) -> processed_events::Model {
     env.processed(svix_id).await.expect("history row")
@@ -48,17 +26,15 @@ async fn each_outcome_of_a_webhook_is_kept_with_its_subject_payload_times_and_re
     let older = clerk_user("user_h1", Some("h1@example.org"), None, 1_000);
     let deleted = json!({"id": "user_h1", "object": "user", "deleted": true});
     let late = clerk_user("user_h1", Some("h1@example.org"), None, 9_000);
-    let ids = apply_in_order(
-        &env,
-        &[
+    let ids = env
+        .apply_in_order(&[
             ("user.created", newer.clone()),
             ("user.updated", older),
             ("session.created", json!({"id": "sess_1"})),
             ("user.deleted", deleted),
             ("user.updated", late),
-        ],
-    )
-    .await;
+        ])
+        .await;
     worker.stop().await;
 
     let applied = row(&env, &ids[0]).await;
@@ -114,9 +90,8 @@ async fn organization_and_membership_events_are_kept_under_their_own_subjects() 
         1_000,
         2_000,
     );
-    let ids = apply_in_order(
-        &env,
-        &[
+    let ids = env
+        .apply_in_order(&[
             ("organization.created", organization.clone()),
             ("organizationMembership.created", membership.clone()),
             (
@@ -124,9 +99,8 @@ async fn organization_and_membership_events_are_kept_under_their_own_subjects() 
                 clerk_organization("org_h1", "Acme", 1_500),
             ),
             ("organizationMembership.deleted", membership),
-        ],
-    )
-    .await;
+        ])
+        .await;
     worker.stop().await;
 
     let created = row(&env, &ids[0]).await;
@@ -155,14 +129,12 @@ async fn without_stored_payloads_the_history_keeps_everything_but_the_body() {
     let mut config = env.config();
     config.store_payloads = false;
     let worker = env.start_worker(config).await;
-    let ids = apply_in_order(
-        &env,
-        &[(
+    let ids = env
+        .apply_in_order(&[(
             "user.created",
             clerk_user("user_h3", Some("h3@example.org"), None, 1_000),
-        )],
-    )
-    .await;
+        )])
+        .await;
     worker.stop().await;
     let kept = row(&env, &ids[0]).await;
     assert_eq!(kept.payload, None);

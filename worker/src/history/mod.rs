@@ -2,16 +2,20 @@
 //! payload, times, outcome and its reason, source), written by the apply path in the same
 //! statement that decides the outcome. This module reads it: which rows a command is about
 //! ([`Filter`]), page by page ([`Pages`]), and the event a row recorded ([`event_from_row`]).
-//! `worker replay` ([`replay`]) and `worker rebuild` ([`rebuild`]) apply those events again.
+//! [`list`] is `worker events list` and [`explain`] is `worker explain ID`; `worker replay`
+//! ([`replay`]) and `worker rebuild` ([`rebuild`]) apply those events again.
 
+pub mod explain;
+pub mod list;
 pub mod rebuild;
 pub mod replay;
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Select,
 };
 use shared::Roles;
 
@@ -36,9 +40,44 @@ pub struct Filter {
     pub until: Option<DateTime<Utc>>,
 }
 
+/// A filter no event can pass, refused before the database is asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("--since {since} is not before --until {until}: no event can match")]
+    EmptyRange {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+}
+
 impl Filter {
+    /// Refuses a time range that is empty (`--since` at or after `--until`).
+    pub fn check(&self) -> Result<(), FilterError> {
+        match (self.since, self.until) {
+            (Some(since), Some(until)) if since >= until => {
+                Err(FilterError::EmptyRange { since, until })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The matching rows, oldest first (by the time they were applied, then svix-id).
     pub fn select(&self) -> Select<processed_events::Entity> {
+        use processed_events::Column;
+        self.matching()
+            .order_by_asc(Column::ProcessedAt)
+            .order_by_asc(Column::SvixId)
+    }
+
+    /// The matching rows, newest first: what a limited listing keeps.
+    pub fn select_newest_first(&self) -> Select<processed_events::Entity> {
+        use processed_events::Column;
+        self.matching()
+            .order_by_desc(Column::ProcessedAt)
+            .order_by_desc(Column::SvixId)
+    }
+
+    fn matching(&self) -> Select<processed_events::Entity> {
         use processed_events::Column;
         let mut select = processed_events::Entity::find();
         if let Some(subject) = &self.subject {
@@ -54,14 +93,21 @@ impl Filter {
             select = select.filter(Column::ProcessedAt.lt(until));
         }
         select
-            .order_by_asc(Column::ProcessedAt)
-            .order_by_asc(Column::SvixId)
     }
 
     /// [`Filter::select`] with at most `limit` rows.
     pub fn select_at_most(&self, limit: u64) -> Select<processed_events::Entity> {
         self.select().limit(limit)
     }
+}
+
+/// The database for a history command: a small pool and no migrations, since these commands
+/// only read.
+pub(crate) async fn connect(settings: &shared::Settings) -> anyhow::Result<DatabaseConnection> {
+    let database_url = settings.database_url()?;
+    crate::startup::connect_database(&database_url, 2)
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")
 }
 
 /// Reads a time given on the command line: RFC 3339, or an age before now in humantime's form
@@ -253,5 +299,33 @@ mod tests {
             rerun_svix_id("replay", 5, "replay_later_msg"),
             "replay_5_replay_later_msg"
         );
+    }
+
+    #[test]
+    fn a_range_must_start_before_it_ends() {
+        let at = |text| parse_time(text).expect("time");
+        let range = |since, until| Filter {
+            since: Some(at(since)),
+            until: Some(at(until)),
+            ..Filter::default()
+        };
+        assert_eq!(
+            range("2026-11-30T12:00:00Z", "2026-11-30T13:00:00Z").check(),
+            Ok(())
+        );
+        let error = range("2026-11-30T13:00:00Z", "2026-11-30T12:00:00Z")
+            .check()
+            .expect_err("reversed");
+        assert_eq!(
+            error.to_string(),
+            "--since 2026-11-30 13:00:00 UTC is not before --until 2026-11-30 12:00:00 UTC: \
+             no event can match"
+        );
+        assert!(
+            range("2026-11-30T12:00:00Z", "2026-11-30T12:00:00Z")
+                .check()
+                .is_err()
+        );
+        assert_eq!(Filter::default().check(), Ok(()));
     }
 }

@@ -1,0 +1,391 @@
+//! `worker explain ID`: why a user, organization or membership looks as it does. The current row,
+//! its tombstone, the memberships that hang on it, every event recorded about it in order with
+//! its outcome and reason, and the dead letters that concern it.
+//!
+//! The database part is read first and always printed. The dead letters are read with the `dlq`
+//! crate's session (taken unacknowledged, all given back); when the broker cannot be read the
+//! command still prints the rest, says so, and exits non-zero, so a script never takes a partial
+//! answer for a whole one. `--no-dead-letters` leaves the broker out (and exits 0).
+
+use std::io::{self, Write};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::Filter;
+use super::list::{Event, utc, write_table};
+
+/// `worker explain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExplainArgs {
+    /// A user, organization or membership id (`user_…`, `org_…`, `orgmem_…`).
+    pub id: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not read the dead-letter queue (no broker needed).
+    #[arg(long)]
+    pub no_dead_letters: bool,
+}
+
+/// Why `explain` ended with an error. The database part has been printed before any but
+/// `Database`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("nothing is known about {id}: no row, tombstone, recorded event or dead letter")]
+    Unknown { id: String },
+    #[error(
+        "nothing in the database concerns {id}, and the dead letters could not be read: {reason}"
+    )]
+    UnknownAndUnread { id: String, reason: String },
+    #[error("the dead letters could not be read ({reason}); the rest above is complete")]
+    DeadLettersUnread { reason: String },
+    #[error("cannot read the database: {0}")]
+    Database(#[from] DbErr),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// Everything known about one id.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Explanation {
+    pub id: String,
+    /// `user`, `organization` or `membership`; null when only dead letters mention the id.
+    pub kind: Option<String>,
+    /// The current row, every column.
+    pub row: Option<Value>,
+    /// When it was deleted, if it was.
+    pub deleted_at: Option<String>,
+    /// For a user, the user's memberships; for an organization, its members; for a membership,
+    /// none.
+    pub memberships: Vec<Membership>,
+    /// Every recorded event about it, oldest first.
+    pub history: Vec<Event>,
+    /// The dead letters that concern it, in queue order; null when they were not read.
+    pub dead_letters: Option<Vec<dlq::Summary>>,
+    /// Why the dead letters were not read.
+    pub dead_letters_unread: Option<String>,
+}
+
+/// One current membership, as `explain` lists it under its user or organization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Membership {
+    pub id: String,
+    pub organization_id: String,
+    pub user_id: String,
+    pub role: String,
+    pub updated_at: String,
+}
+
+/// Runs `worker explain` with the process's stdout.
+pub async fn execute(settings: &shared::Settings, args: ExplainArgs) -> anyhow::Result<()> {
+    let db = super::connect(settings).await?;
+    let found = from_database(&db, &args.id).await;
+    db.close().await.ok();
+    let mut explanation = found?;
+    if args.no_dead_letters {
+        explanation.dead_letters_unread = Some("not read (--no-dead-letters)".into());
+    } else {
+        explanation.dead_letters = match read_dead_letters(settings, &args.id).await {
+            Ok(letters) => Some(letters),
+            Err(reason) => {
+                explanation.dead_letters_unread = Some(reason);
+                None
+            }
+        };
+    }
+    write(
+        &mut io::stdout(),
+        &explanation,
+        args.json,
+        !args.no_dead_letters,
+    )?;
+    Ok(())
+}
+
+/// Prints `explanation` (text or JSON) unless nothing at all is known, and says whether the
+/// answer is whole: an error when the id is unknown or when the dead letters were wanted and
+/// could not be read.
+pub fn write(
+    out: &mut impl Write,
+    explanation: &Explanation,
+    json: bool,
+    dead_letters_wanted: bool,
+) -> Result<(), ExplainError> {
+    let in_database = explanation.kind.is_some() || !explanation.history.is_empty();
+    let in_dead_letters = explanation
+        .dead_letters
+        .as_ref()
+        .is_some_and(|letters| !letters.is_empty());
+    let unread = match &explanation.dead_letters_unread {
+        Some(reason) if dead_letters_wanted => Some(reason.clone()),
+        _ => None,
+    };
+    if !in_database && !in_dead_letters {
+        let id = explanation.id.clone();
+        return Err(match unread {
+            Some(reason) => ExplainError::UnknownAndUnread { id, reason },
+            None => ExplainError::Unknown { id },
+        });
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut *out, explanation).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        write_text(out, explanation)?;
+    }
+    match unread {
+        Some(reason) => Err(ExplainError::DeadLettersUnread { reason }),
+        None => Ok(()),
+    }
+}
+
+/// Reads the row, tombstone, memberships and history of `id`; the dead letters are left unread.
+pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanation, DbErr> {
+    let found = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            FIND_BY_ID,
+            [id.into()],
+        ))
+        .await?;
+    // Clerk's ids carry their kind in their prefix, so at most one kind matches; should several,
+    // the first (user, organization, membership) is shown.
+    let (kind, row, deleted_at) = match found.first() {
+        Some(found) => (
+            Some(found.try_get::<String>("", "kind")?),
+            found.try_get::<Option<Value>>("", "row")?,
+            found
+                .try_get::<Option<chrono::DateTime<chrono::FixedOffset>>>("", "deleted_at")?
+                .as_ref()
+                .map(utc),
+        ),
+        None => (None, None, None),
+    };
+    let history: Vec<Event> = Filter {
+        subject: Some(id.to_owned()),
+        ..Filter::default()
+    }
+    .select()
+    .all(db)
+    .await?
+    .into_iter()
+    .map(Event::from)
+    .collect();
+    // Only the history names the kind of an id whose row and tombstone are gone (pruned or
+    // never written).
+    let kind = kind.or_else(|| history.iter().find_map(|event| event.subject_kind.clone()));
+    let members_of = match kind.as_deref() {
+        Some("user") => Some("user_id"),
+        Some("organization") => Some("organization_id"),
+        _ => None,
+    };
+    let memberships = match members_of {
+        Some(column) => memberships(db, column, id).await?,
+        None => Vec::new(),
+    };
+    Ok(Explanation {
+        id: id.to_owned(),
+        kind,
+        row,
+        deleted_at,
+        memberships,
+        history,
+        dead_letters: None,
+        dead_letters_unread: None,
+    })
+}
+
+/// For each kind, the row and the tombstone with that id; only kinds with either are returned.
+const FIND_BY_ID: &str = "\
+SELECT kind, row, deleted_at FROM (
+  SELECT 1 AS rank, 'user' AS kind,
+         (SELECT row_to_json(u) FROM users u WHERE u.id = $1) AS row,
+         (SELECT deleted_at FROM user_tombstones WHERE id = $1) AS deleted_at
+  UNION ALL
+  SELECT 2, 'organization',
+         (SELECT row_to_json(o) FROM organizations o WHERE o.id = $1),
+         (SELECT deleted_at FROM organization_tombstones WHERE id = $1)
+  UNION ALL
+  SELECT 3, 'membership',
+         (SELECT row_to_json(m) FROM organization_memberships m WHERE m.id = $1),
+         (SELECT deleted_at FROM membership_tombstones WHERE id = $1)
+) found
+WHERE row IS NOT NULL OR deleted_at IS NOT NULL
+ORDER BY rank";
+
+async fn memberships(
+    db: &DatabaseConnection,
+    column: &'static str,
+    id: &str,
+) -> Result<Vec<Membership>, DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "SELECT id, organization_id, user_id, role, updated_at \
+                 FROM organization_memberships WHERE {column} = $1 ORDER BY organization_id, user_id"
+            ),
+            [id.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Membership {
+                id: row.try_get("", "id")?,
+                organization_id: row.try_get("", "organization_id")?,
+                user_id: row.try_get("", "user_id")?,
+                role: row.try_get("", "role")?,
+                updated_at: utc(&row.try_get("", "updated_at")?),
+            })
+        })
+        .collect()
+}
+
+/// The dead letters that concern `id`, read through the broker the settings name; the error is
+/// the line to print.
+async fn read_dead_letters(
+    settings: &shared::Settings,
+    id: &str,
+) -> Result<Vec<dlq::Summary>, String> {
+    let topology = settings.topology().map_err(|error| error.to_string())?;
+    let nodes = settings.amqp_nodes().map_err(|error| error.to_string())?;
+    let broker = dlq::Broker::connect(&nodes, topology)
+        .await
+        .map_err(|error| error.to_string())?;
+    let letters = dead_letters_about(&broker, id).await;
+    broker.close().await;
+    letters.map_err(|error| error.to_string())
+}
+
+/// The dead letters that concern `id`, in queue order. Every letter goes back to the queue.
+pub async fn dead_letters_about(
+    broker: &dlq::Broker,
+    id: &str,
+) -> Result<Vec<dlq::Summary>, dlq::DlqError> {
+    dlq::inspect(broker, |letter| {
+        concerns(letter.body(), id).then(|| letter.summary().clone())
+    })
+    .await
+}
+
+/// Whether an event body is about `id`: its `data.id`, or for a membership the user
+/// (`data.public_user_data.user_id`) or organization (`data.organization.id`) it joins.
+pub fn concerns(body: &[u8], id: &str) -> bool {
+    let Ok(event) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let data = &event["data"];
+    [
+        &data["id"],
+        &data["public_user_data"]["user_id"],
+        &data["organization"]["id"],
+    ]
+    .into_iter()
+    .any(|candidate| candidate.as_str() == Some(id))
+}
+
+/// The explanation as text: a heading a part, tables for the lists.
+pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result<()> {
+    let kind = explanation.kind.as_deref().unwrap_or("unknown kind");
+    writeln!(out, "{kind} {}", explanation.id)?;
+
+    writeln!(out)?;
+    match &explanation.row {
+        Some(Value::Object(columns)) => {
+            writeln!(out, "current row:")?;
+            let width = columns.keys().map(String::len).max().unwrap_or(0);
+            for (column, value) in columns {
+                let shown = match (column.as_str(), value) {
+                    // The whole Clerk object: in `--json` only, it would bury the columns.
+                    ("clerk_data", Value::Null) => "null".to_string(),
+                    ("clerk_data", _) => "(the Clerk object; see --json)".to_string(),
+                    (_, Value::String(text)) => text.clone(),
+                    (_, other) => other.to_string(),
+                };
+                writeln!(out, "  {column:width$}  {shown}")?;
+            }
+        }
+        _ => writeln!(out, "current row: none")?,
+    }
+    match &explanation.deleted_at {
+        Some(at) => writeln!(
+            out,
+            "tombstone: deleted at {at}; later creates and updates are recorded as stale"
+        )?,
+        None => writeln!(out, "tombstone: none")?,
+    }
+
+    if matches!(
+        explanation.kind.as_deref(),
+        Some("user") | Some("organization")
+    ) {
+        writeln!(out)?;
+        writeln!(out, "memberships ({}):", explanation.memberships.len())?;
+        if !explanation.memberships.is_empty() {
+            let rows: Vec<Vec<String>> = explanation
+                .memberships
+                .iter()
+                .map(|membership| {
+                    vec![
+                        membership.id.clone(),
+                        membership.organization_id.clone(),
+                        membership.user_id.clone(),
+                        membership.role.clone(),
+                        membership.updated_at.clone(),
+                    ]
+                })
+                .collect();
+            shared::table::write(
+                out,
+                &["ID", "ORGANIZATION", "USER", "ROLE", "UPDATED AT"],
+                &rows,
+            )?;
+        }
+    }
+
+    writeln!(out)?;
+    let events = match explanation.history.len() {
+        1 => "1 event".to_string(),
+        count => format!("{count} events"),
+    };
+    writeln!(out, "history ({events}, oldest first):")?;
+    if !explanation.history.is_empty() {
+        write_table(out, &explanation.history)?;
+    }
+
+    writeln!(out)?;
+    match (&explanation.dead_letters, &explanation.dead_letters_unread) {
+        (Some(letters), _) => {
+            writeln!(out, "dead letters ({}):", letters.len())?;
+            if !letters.is_empty() {
+                dlq::render::table(out, letters)?;
+            }
+        }
+        (None, Some(reason)) => writeln!(out, "dead letters: {reason}")?,
+        (None, None) => writeln!(out, "dead letters: not read")?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_concerns_its_subject_and_a_membership_its_user_and_organization() {
+        let user = br#"{"type":"user.updated","data":{"id":"user_1"}}"#;
+        assert!(concerns(user, "user_1"));
+        assert!(!concerns(user, "user_2"));
+        let membership = br#"{"type":"organizationMembership.created","data":{
+            "id":"orgmem_1","organization":{"id":"org_1"},
+            "public_user_data":{"user_id":"user_1"}}}"#;
+        for id in ["orgmem_1", "org_1", "user_1"] {
+            assert!(concerns(membership, id), "{id}");
+        }
+        assert!(!concerns(membership, "org_2"));
+        assert!(!concerns(b"not json", "user_1"));
+        assert!(!concerns(br#"{"data":{"id":7}}"#, "7"));
+    }
+}
