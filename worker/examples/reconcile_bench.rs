@@ -18,11 +18,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
@@ -31,6 +29,7 @@ use serde_json::{Value, json};
 use shared::Backoff;
 use shared::{Topology, headers};
 use test_support::clerk_api::ClerkApi;
+use test_support::{TestDatabase, TestTopology, amqp_url};
 use worker::reconcile::{ClerkClient, ClerkConfig, Options, Report};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
@@ -65,43 +64,10 @@ fn user(n: usize) -> Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let amqp_url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let db_name = format!("bench_{suffix}");
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database")?;
-    let db_url = format!("{base}/{db_name}");
-    let topology = Topology::prefixed(&format!("bench.{suffix}"));
-
-    let admin = Database::connect(admin_url.as_str()).await?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
-        .await?;
-    let outcome = measure(&args, &db_url, &amqp_url, &topology).await;
-
-    if let Ok(connection) = Connection::connect(&amqp_url, ConnectionProperties::default()).await {
-        let channel = connection.create_channel().await?;
-        for queue in [&topology.queue, &topology.dead_queue] {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = channel
-            .exchange_delete(
-                topology.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        let _ = connection.close(200, "bench done".into()).await;
-    }
-    admin
-        .execute_unprepared(&format!("DROP DATABASE \"{db_name}\" WITH (FORCE)"))
-        .await?;
-    outcome
+    // A database and broker names of the bench's own, dropped and deleted whatever happens.
+    let database = TestDatabase::empty().await;
+    let topology = TestTopology::names();
+    measure(&args, &database.url, &amqp_url(), &topology).await
 }
 
 async fn measure(
