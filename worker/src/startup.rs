@@ -344,22 +344,31 @@ pub(crate) async fn connect_database(
     Database::connect(options).await
 }
 
-/// The database pool of a one-off command (`worker reconcile`, `replay`, `rebuild`), with the
-/// pending migrations applied first when `WORKER_RUN_MIGRATIONS` allows.
+/// The database pool of a one-off command that writes (`worker reconcile`, `replay`,
+/// `rebuild`), with the pending migrations applied first when `WORKER_RUN_MIGRATIONS` allows.
 pub(crate) async fn connect_command(
     settings: &shared::Settings,
     pool_size: u32,
 ) -> anyhow::Result<DatabaseConnection> {
-    let database_url = settings.database_url()?;
-    let db = connect_database(&database_url, pool_size)
-        .await
-        .context("cannot set up the database pool (DATABASE_URL)")?;
+    let db = connect_reader(settings, pool_size).await?;
     if settings.worker_run_migrations {
-        migrate(&database_url)
+        migrate(&settings.database_url()?)
             .await
             .context("cannot apply the migrations (DATABASE_URL)")?;
     }
     Ok(db)
+}
+
+/// The database pool of a one-off command that only reads (`worker explain`, `events list`):
+/// it never applies migrations.
+pub(crate) async fn connect_reader(
+    settings: &shared::Settings,
+    pool_size: u32,
+) -> anyhow::Result<DatabaseConnection> {
+    let database_url = settings.database_url()?;
+    connect_database(&database_url, pool_size)
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")
 }
 
 /// Applies pending migrations under a session advisory lock, on a connection of its own.

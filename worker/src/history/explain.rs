@@ -80,7 +80,7 @@ pub struct Membership {
 
 /// Runs `worker explain` with the process's stdout.
 pub async fn execute(settings: &shared::Settings, args: ExplainArgs) -> anyhow::Result<()> {
-    let db = super::connect(settings).await?;
+    let db = crate::startup::connect_reader(settings, 2).await?;
     let found = from_database(&db, &args.id).await;
     db.close().await.ok();
     let mut explanation = found?;

@@ -10,12 +10,11 @@ pub mod list;
 pub mod rebuild;
 pub mod replay;
 
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Select,
+    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Select,
 };
 use shared::Roles;
 
@@ -99,15 +98,6 @@ impl Filter {
     pub fn select_at_most(&self, limit: u64) -> Select<processed_events::Entity> {
         self.select().limit(limit)
     }
-}
-
-/// The database for a history command: a small pool and no migrations, since these commands
-/// only read.
-pub(crate) async fn connect(settings: &shared::Settings) -> anyhow::Result<DatabaseConnection> {
-    let database_url = settings.database_url()?;
-    crate::startup::connect_database(&database_url, 2)
-        .await
-        .context("cannot set up the database pool (DATABASE_URL)")
 }
 
 /// Reads a time given on the command line: RFC 3339, or an age before now in humantime's form
