@@ -93,11 +93,6 @@ impl Filter {
         }
         select
     }
-
-    /// [`Filter::select`] with at most `limit` rows.
-    pub fn select_at_most(&self, limit: u64) -> Select<processed_events::Entity> {
-        self.select().limit(limit)
-    }
 }
 
 /// Reads a time given on the command line: RFC 3339, or an age before now in humantime's form
