@@ -34,6 +34,11 @@ use worker::reconcile::{ClerkClient, ClerkConfig, Options, Report};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
 
+// The same allocator as the `worker` binary, so that the worker measured in this process is the
+// one that runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Users in the stand-in (and events in the queue).
