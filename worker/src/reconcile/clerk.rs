@@ -19,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -175,8 +176,17 @@ struct TotalCount {
 /// A page of the listings that answer `{"data": [...], "total_count": N}`.
 #[derive(Debug, Deserialize)]
 struct DataPage {
-    data: Vec<Value>,
+    data: Vec<Box<RawValue>>,
     total_count: u64,
+}
+
+/// The `id` of an object as Clerk wrote it, read without building the rest of it.
+pub fn object_id(object: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    serde_json::from_str::<Id>(object.get()).ok()?.id
 }
 
 /// One answer that is neither a success nor final.
@@ -250,8 +260,13 @@ impl ClerkClient {
                 &query,
             )
             .await?;
+        // Read from a value already parsed, so not as raw text like the listings' pages.
+        #[derive(Deserialize)]
+        struct Memberships {
+            data: Vec<Value>,
+        }
         found
-            .map(serde_json::from_value::<DataPage>)
+            .map(serde_json::from_value::<Memberships>)
             .transpose()
             .map(|page| page.map(|page| page.data))
             .map_err(|error| ClerkError::Decode {
@@ -515,8 +530,8 @@ pub struct UserPages<'a> {
 }
 
 impl UserPages<'_> {
-    /// The next page of raw user objects, or `None` after the last.
-    pub async fn next(&mut self) -> Result<Option<Vec<Value>>, ClerkError> {
+    /// The next page of user objects as Clerk wrote them, or `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         if self.done {
             return Ok(None);
         }
@@ -529,16 +544,12 @@ impl UserPages<'_> {
             query.push(("starting_after", cursor.clone()));
         }
         let body = self.client.get(call, "/v1/users", &query).await?;
-        let page: Vec<Value> = decode(call, &body)?;
+        let page: Vec<Box<RawValue>> = decode(call, &body)?;
         if page.len() < self.limit as usize {
             self.done = true;
         }
-        match page
-            .last()
-            .and_then(|user| user.get("id"))
-            .and_then(Value::as_str)
-        {
-            Some(id) => self.cursor = Some(id.to_owned()),
+        match page.last().and_then(|user| object_id(user)) {
+            Some(id) => self.cursor = Some(id),
             None if page.is_empty() => return Ok(None),
             None => {
                 return Err(ClerkError::Decode {
@@ -584,8 +595,8 @@ impl<'a> OffsetPages<'a> {
         self.total
     }
 
-    /// The next page of raw objects, or `None` after the last.
-    pub async fn next(&mut self) -> Result<Option<Vec<Value>>, ClerkError> {
+    /// The next page of objects as Clerk wrote them, or `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         if self.done {
             return Ok(None);
         }

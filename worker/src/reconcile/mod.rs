@@ -42,9 +42,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt as _;
 use lapin::BasicProperties;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use shared::Roles;
 use tracing::Instrument as _;
@@ -446,6 +448,25 @@ struct Stored {
     tombstoned: bool,
 }
 
+/// A page read as events and compared with what is stored, before anything is counted or
+/// written.
+struct Prepared {
+    /// The page's objects.
+    objects: u64,
+    /// The id of each listed object (`None`: it has none); empty outside the listing.
+    listed: Vec<Option<String>>,
+    unreadable: Vec<String>,
+    /// The events newer than what is stored, with the change each makes.
+    writes: Vec<Event>,
+    changes: Vec<Change>,
+    unchanged: u64,
+    stale: u64,
+}
+
+/// The outcome of each write (`None`: it failed on its own account) and the reasons of the
+/// failed ones.
+type Written = Result<(Vec<Option<Outcome>>, Vec<String>), String>;
+
 /// Where a listed object goes, decided from what is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -468,7 +489,7 @@ enum Listing<'a> {
 }
 
 impl Listing<'_> {
-    async fn next(&mut self) -> Result<Option<Vec<Value>>, ClerkError> {
+    async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         match self {
             Listing::Cursor(pages) => pages.next().await,
             Listing::Offset(pages) => pages.next().await,
@@ -544,26 +565,57 @@ impl<'a> Pass<'a> {
         let total = counted.or(pages.total()).unwrap_or(0);
         let mut progress =
             progress::Progress::new(self.options.progress_bar, "reconciling", name, total);
+        // Three pages at once: one written, the next compared with what is stored, the one
+        // after fetched. A page's writes would otherwise wait for the comparison, a single
+        // statement that keeps one core busy while the other idles.
+        let mut compared: Option<Prepared> = None;
         loop {
-            match current {
-                Ok(Some(page)) => {
-                    let n = page.len() as u64;
-                    // The next page is fetched while this one is applied.
-                    let (applied, next) =
-                        tokio::join!(self.apply_objects(page, true), pages.next());
-                    applied?;
-                    progress.advance(n);
-                    current = next;
-                }
-                Ok(None) => break,
+            let page = match current {
+                Ok(page) => page,
                 Err(error) => {
+                    // What was listed before the failure is still written.
+                    if let Some(mut prepared) = compared.take() {
+                        let written = self
+                            .write_prepared(std::mem::take(&mut prepared.writes))
+                            .await;
+                        self.absorb_written(prepared, written)?;
+                    }
                     return Err(format!(
                         "the {name} listing did not complete ({} {name} listed): {error}; no \
                          {name} were deleted",
                         self.counts.listed
                     ));
                 }
+            };
+            if page.is_none() && compared.is_none() {
+                break;
             }
+            let mut writing = compared.take();
+            let writes = writing.as_mut().map(|p| std::mem::take(&mut p.writes));
+            let (written, (next_compared, next)) = tokio::join!(
+                async {
+                    match writes {
+                        Some(writes) => Some(self.write_prepared(writes).await),
+                        None => None,
+                    }
+                },
+                async {
+                    match page {
+                        Some(objects) => {
+                            tokio::join!(self.prepare(objects, true).map(Some), pages.next())
+                        }
+                        None => (None, Ok(None)),
+                    }
+                },
+            );
+            if let (Some(prepared), Some(written)) = (writing, written) {
+                progress.advance(prepared.objects);
+                self.absorb_written(prepared, written)?;
+            }
+            if let Some(prepared) = next_compared {
+                compared = Some(self.absorb_compared(prepared?));
+            }
+            current = next;
         }
         if self.options.delete {
             self.delete_missing(stored_rows, &mut progress).await?;
@@ -593,35 +645,60 @@ impl<'a> Pass<'a> {
     /// Compares objects with what is stored and writes those that are newer. `listing` is
     /// false for objects fetched one by one in the deletion phase, which are not counted as
     /// listed.
-    async fn apply_objects(&mut self, objects: Vec<Value>, listing: bool) -> Result<(), String> {
+    async fn apply_objects(
+        &mut self,
+        objects: Vec<Box<RawValue>>,
+        listing: bool,
+    ) -> Result<(), String> {
+        let prepared = self.prepare(objects, listing).await?;
+        let mut prepared = self.absorb_compared(prepared);
+        let written = self
+            .write_prepared(std::mem::take(&mut prepared.writes))
+            .await;
+        self.absorb_written(prepared, written)
+    }
+
+    /// Reads objects as events and compares them with what is stored; writes nothing and
+    /// changes no count (see [`Pass::absorb_compared`]), so that it can run while an earlier
+    /// page is written.
+    async fn prepare(
+        &self,
+        objects: Vec<Box<RawValue>>,
+        listing: bool,
+    ) -> Result<Prepared, String> {
+        let mut prepared = Prepared {
+            objects: objects.len() as u64,
+            listed: Vec::new(),
+            unreadable: Vec::new(),
+            writes: Vec::new(),
+            changes: Vec::new(),
+            unchanged: 0,
+            stale: 0,
+        };
         // Keyed by id: an object listed twice (pages shift while objects are created) is
         // applied once, in its last version.
         let mut events: HashMap<String, Event> = HashMap::with_capacity(objects.len());
         for object in objects {
-            let id = object.get("id").and_then(Value::as_str).map(str::to_owned);
+            let id = clerk::object_id(&object);
             if listing {
-                self.counts.listed += 1;
-                if let Some(id) = &id {
-                    self.listed.insert(id.clone());
-                }
+                prepared.listed.push(id.clone());
             }
-            match reconcile_event(self.run_id, self.options, self.kind.upsert_type(), object) {
+            match reconcile_event(self.run_id, self.options, self.kind.upsert_type(), &object) {
                 Ok((id, event)) => {
                     events.insert(id, event);
                 }
                 Err(reason) => {
                     tracing::warn!(kind = self.kind.name(), id = ?id, %reason, "a listed object cannot be read; left as it is");
-                    self.unreadable
+                    prepared
+                        .unreadable
                         .push(format!("{}: {reason}", id.as_deref().unwrap_or("(no id)")));
                 }
             }
         }
         if events.is_empty() {
-            return Ok(());
+            return Ok(prepared);
         }
         let stored = self.stored(&events).await?;
-        let mut writes = Vec::new();
-        let mut changes = Vec::new();
         for (id, event) in events {
             let Some(listed_at) = version(&event.action) else {
                 continue;
@@ -634,7 +711,7 @@ impl<'a> Pass<'a> {
                     updated_at: Some(at),
                     ..
                 }) if *at == listed_at => {
-                    self.counts.unchanged += 1;
+                    prepared.unchanged += 1;
                     continue;
                 }
                 Some(Stored {
@@ -648,21 +725,39 @@ impl<'a> Pass<'a> {
                 _ => Some(Change::Create),
             };
             match change {
-                None => self.counts.stale += 1,
+                None => prepared.stale += 1,
                 Some(change) => {
-                    writes.push(event);
-                    changes.push(change);
+                    prepared.writes.push(event);
+                    prepared.changes.push(change);
                 }
             }
         }
+        Ok(prepared)
+    }
+
+    /// Counts what a comparison found; returns what is left to write.
+    fn absorb_compared(&mut self, mut prepared: Prepared) -> Prepared {
+        self.counts.listed += prepared.listed.len() as u64;
+        self.listed.extend(prepared.listed.drain(..).flatten());
+        self.unreadable.append(&mut prepared.unreadable);
+        self.counts.unchanged += prepared.unchanged;
+        self.counts.stale += prepared.stale;
+        prepared
+    }
+
+    /// Writes what a comparison found newer (nothing in a dry run).
+    async fn write_prepared(&self, writes: Vec<Event>) -> Written {
         if self.options.dry_run {
-            for change in changes {
-                self.count_change(change);
-            }
-            return Ok(());
+            return Ok((vec![Some(Outcome::Applied); writes.len()], Vec::new()));
         }
-        let outcomes = self.write(&writes).await?;
-        for (change, outcome) in changes.into_iter().zip(outcomes) {
+        self.write(writes).await
+    }
+
+    /// Counts what the writes of a comparison did.
+    fn absorb_written(&mut self, prepared: Prepared, written: Written) -> Result<(), String> {
+        let (outcomes, failed) = written?;
+        self.failed.extend(failed);
+        for (change, outcome) in prepared.changes.into_iter().zip(outcomes) {
             match outcome {
                 Some(Outcome::Applied) => self.count_change(change),
                 // A webhook got there first with a newer version (or a delete).
@@ -726,22 +821,33 @@ impl<'a> Pass<'a> {
 
     /// Applies events in [`WRITERS`] transactions at once (a page's objects are distinct; those
     /// that share a lock, like memberships of one organization, wait for each other), keeping
-    /// their order in the outcomes. `None` for an event that failed on its own account.
-    async fn write(&mut self, events: &[Event]) -> Result<Vec<Option<Outcome>>, String> {
+    /// their order in the outcomes. `None` for an event that failed on its own account. Each
+    /// transaction is a task of its own, so that building its statements (serializing the
+    /// rows) runs on every core rather than on the one that polls the pass.
+    async fn write(&self, events: Vec<Event>) -> Written {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let size = events.len().div_ceil(WRITERS);
-        let written =
-            futures_util::future::join_all(events.chunks(size).map(|chunk| write(self.db, chunk)))
-                .await;
-        let mut outcomes = Vec::with_capacity(events.len());
-        for chunk in written {
-            let (chunk_outcomes, failed) = chunk?;
+        let mut events = events.into_iter();
+        let tasks: Vec<_> = std::iter::from_fn(|| {
+            let chunk: Vec<Event> = events.by_ref().take(size).collect();
+            (!chunk.is_empty()).then(|| {
+                let db = self.db.clone();
+                tokio::spawn(async move { write(&db, &chunk).await }.in_current_span())
+            })
+        })
+        .collect();
+        let mut outcomes = Vec::new();
+        let mut failed = Vec::new();
+        for task in tasks {
+            let (chunk_outcomes, chunk_failed) = task
+                .await
+                .map_err(|error| format!("a write task failed: {error}"))??;
             outcomes.extend(chunk_outcomes);
-            self.failed.extend(failed);
+            failed.extend(chunk_failed);
         }
-        Ok(outcomes)
+        Ok((outcomes, failed))
     }
 
     /// The deletion phase: every stored object that was not listed is asked for on its own; the
@@ -766,7 +872,8 @@ impl<'a> Pass<'a> {
         for (checked, candidate) in candidates.iter().enumerate() {
             match self.confirm(candidate).await {
                 Ok(None) => gone.push(candidate),
-                Ok(Some(object)) => still_there.push(object),
+                Ok(Some(object)) => still_there
+                    .push(serde_json::value::to_raw_value(&object).map_err(|e| e.to_string())?),
                 Err(error) => {
                     return Err(format!(
                         "confirming the {name} missing from the listing failed: {error}; no \
@@ -800,16 +907,14 @@ impl<'a> Pass<'a> {
             let events = chunk
                 .iter()
                 .map(|candidate| {
-                    reconcile_event(
-                        self.run_id,
-                        self.options,
-                        self.kind.delete_type(),
-                        self.kind.deleted_data(candidate),
-                    )
-                    .map(|(_, event)| event)
+                    let data = serde_json::value::to_raw_value(&self.kind.deleted_data(candidate))
+                        .map_err(|e| e.to_string())?;
+                    reconcile_event(self.run_id, self.options, self.kind.delete_type(), &data)
+                        .map(|(_, event)| event)
                 })
                 .collect::<Result<Vec<Event>, String>>()?;
-            let outcomes = self.write(&events).await?;
+            let (outcomes, failed) = self.write(events).await?;
+            self.failed.extend(failed);
             self.counts.deleted += outcomes
                 .iter()
                 .filter(|o| **o == Some(Outcome::Applied))
@@ -883,18 +988,20 @@ fn reconcile_event(
     run_id: &str,
     options: &Options,
     event_type: &str,
-    data: Value,
+    data: &RawValue,
 ) -> Result<(String, Event), String> {
-    let id = data
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or("no id")?
-        .to_owned();
-    let body = json!({ "type": event_type, "object": "event", "data": data });
-    let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let id = clerk::object_id(data).ok_or("no id")?;
+    // The envelope around the object as Clerk wrote it: no second parse and serialization of
+    // the object (a backfill does this for every user).
+    let body = format!(
+        r#"{{"type":{},"object":"event","data":{}}}"#,
+        Value::from(event_type),
+        data.get()
+    );
     let svix_id = format!("reconcile_{run_id}_{id}");
     let properties = BasicProperties::default().with_message_id(svix_id.into());
-    let mut event = Event::read(&body, &properties, &options.roles).map_err(|e| e.to_string())?;
+    let mut event =
+        Event::read(body.as_bytes(), &properties, &options.roles).map_err(|e| e.to_string())?;
     event.source = Source::Reconcile;
     if !options.store_payloads {
         event = event.without_payload();
