@@ -34,7 +34,7 @@ use sea_orm::{
     ConnectionTrait, DbBackend, DbErr, EntityName, IdenStatic, RuntimeErr, Statement,
     TransactionSession as _, TransactionTrait,
 };
-use serde_json::json;
+use serde::Serialize;
 use shared::events::UserRecord;
 use shared::roles::RoleSource;
 
@@ -282,35 +282,44 @@ async fn record_and_decide<C: ConnectionTrait>(
     events: &[Event],
     together: &[bool],
 ) -> Result<HashMap<String, Outcome>, DbErr> {
-    let batch: Vec<serde_json::Value> = events
+    let batch: Vec<BatchRow> = events
         .iter()
         .zip(together)
         .enumerate()
         .filter(|(_, (_, together))| **together)
         .map(|(ordinal, (event, _))| {
             let (user_id, updated_at, deletes) = match &event.action {
-                Action::Upsert(record) => (Some(&record.id), Some(record.updated_at), false),
-                Action::Delete { id } => (Some(id), None, true),
+                Action::Upsert(record) => {
+                    (Some(record.id.as_str()), Some(record.updated_at), false)
+                }
+                Action::Delete { id } => (Some(id.as_str()), None, true),
                 Action::Organization(_) | Action::Ignore => (None, None, false),
             };
             let subject = event.action.subject();
-            json!({
-                "ordinal": ordinal, "svix_id": event.svix_id, "event_type": event.event_type,
-                "user_id": user_id, "updated_at": updated_at, "deletes": deletes,
-                "source": event.source.as_str(), "subject_kind": subject.map(|s| s.kind),
-                "subject_id": subject.map(|s| s.id), "payload": event.payload,
-                "svix_timestamp": event.svix_timestamp, "received_at": event.received_at,
-            })
+            BatchRow {
+                ordinal,
+                svix_id: &event.svix_id,
+                event_type: &event.event_type,
+                user_id,
+                updated_at,
+                deletes,
+                source: event.source.as_str(),
+                subject_kind: subject.map(|s| s.kind),
+                subject_id: subject.map(|s| s.id),
+                payload: event.payload.as_deref(),
+                svix_timestamp: event.svix_timestamp,
+                received_at: event.received_at,
+            }
         })
         .collect();
+    // As text, written straight from the events: a tree of JSON values would copy every
+    // payload once more.
+    let batch = serde_json::to_string(&batch).map_err(|e| DbErr::Custom(e.to_string()))?;
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             RECORD_AND_DECIDE,
-            [
-                serde_json::Value::Array(batch).into(),
-                REASON_TIME_FORMAT.into(),
-            ],
+            [batch.into(), REASON_TIME_FORMAT.into()],
         ))
         .await?;
     let mut recorded = HashMap::with_capacity(rows.len());
@@ -327,6 +336,24 @@ async fn record_and_decide<C: ConnectionTrait>(
         recorded.insert(svix_id, outcome);
     }
     Ok(recorded)
+}
+
+/// An event as [`RECORD_AND_DECIDE`] reads it.
+#[derive(Serialize)]
+struct BatchRow<'a> {
+    ordinal: usize,
+    svix_id: &'a str,
+    event_type: &'a str,
+    user_id: Option<&'a str>,
+    updated_at: Option<DateTime<Utc>>,
+    deletes: bool,
+    source: &'a str,
+    subject_kind: Option<&'a str>,
+    subject_id: Option<&'a str>,
+    /// The body, as a JSON string (Postgres parses it into the history's `jsonb`).
+    payload: Option<&'a str>,
+    svix_timestamp: Option<DateTime<Utc>>,
+    received_at: Option<DateTime<Utc>>,
 }
 
 /// One statement for the whole batch (`$1`: a JSON array of `{ordinal, svix_id, event_type,
@@ -347,7 +374,7 @@ async fn record_and_decide<C: ConnectionTrait>(
 /// as JSON rather than arrays because sea-query's array values cannot hold NULL elements.
 const RECORD_AND_DECIDE: &str = "\
 WITH batch AS ( \
-  SELECT * FROM jsonb_to_recordset($1::jsonb) AS b( \
+  SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS b( \
     ordinal int, svix_id text, event_type text, user_id text, updated_at timestamptz, \
     deletes boolean, source text, subject_kind text, subject_id text, payload text, \
     svix_timestamp timestamptz, received_at timestamptz)), \
@@ -477,31 +504,32 @@ FROM incoming i JOIN winners w ON w.email = i.email WHERE w.id <> i.id \
 UNION ALL \
 SELECT 'freed', winner, holder FROM freed WHERE holder <> ALL ($4::text[])";
 
-/// The columns of `users` an event writes, with this version's values. The JSON rows, the
-/// insert's column list and the update's `SET` list all come from this one list, so a new
-/// column is one line here.
+/// The columns of `users` an event writes, each with this version's value as JSON text. The
+/// rows, the insert's column list and the update's `SET` list all come from this one list, so a
+/// new column is one line here.
 fn user_columns(
     record: &UserRecord,
     email: Option<&str>,
-) -> Vec<(users::Column, serde_json::Value)> {
+) -> Result<Vec<(users::Column, String)>, serde_json::Error> {
+    use serde_json::to_string as json;
     use users::Column;
-    vec![
-        (Column::Id, json!(record.id)),
-        (Column::Email, json!(email)),
-        (Column::FirstName, json!(record.first_name)),
-        (Column::LastName, json!(record.last_name)),
-        (Column::Role, json!(record.role)),
-        (Column::Phone, json!(record.phone)),
-        (Column::CreatedAt, json!(record.created_at)),
-        (Column::UpdatedAt, json!(record.updated_at)),
-        (Column::Username, json!(record.username)),
-        (Column::ImageUrl, json!(record.image_url)),
-        (Column::ExternalId, json!(record.external_id)),
-        (Column::PublicMetadata, json!(record.public_metadata)),
-        (Column::PrivateMetadata, json!(record.private_metadata)),
-        (Column::LastSignInAt, json!(record.last_sign_in_at)),
-        (Column::ClerkData, json!(record.clerk_data)),
-    ]
+    Ok(vec![
+        (Column::Id, json(&record.id)?),
+        (Column::Email, json(&email)?),
+        (Column::FirstName, json(&record.first_name)?),
+        (Column::LastName, json(&record.last_name)?),
+        (Column::Role, json(&record.role)?),
+        (Column::Phone, json(&record.phone)?),
+        (Column::CreatedAt, json(&record.created_at)?),
+        (Column::UpdatedAt, json(&record.updated_at)?),
+        (Column::Username, json(&record.username)?),
+        (Column::ImageUrl, json(&record.image_url)?),
+        (Column::ExternalId, json(&record.external_id)?),
+        (Column::PublicMetadata, json(&record.public_metadata)?),
+        (Column::PrivateMetadata, json(&record.private_metadata)?),
+        (Column::LastSignInAt, json(&record.last_sign_in_at)?),
+        (Column::ClerkData, json(&record.clerk_data)?),
+    ])
 }
 
 /// Writes the winning versions in one statement:
@@ -514,7 +542,7 @@ async fn write_users<C: ConnectionTrait>(
     writers: &[&UserRecord],
     without_email: &HashSet<String>,
 ) -> Result<(), DbErr> {
-    let rows: Vec<_> = writers
+    let rows = writers
         .iter()
         .map(|w| {
             let email = w
@@ -523,23 +551,33 @@ async fn write_users<C: ConnectionTrait>(
                 .filter(|_| !without_email.contains(&w.id));
             user_columns(w, email)
         })
-        .collect();
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DbErr::Custom(e.to_string()))?;
     let Some(columns) = rows
         .first()
         .map(|row| row.iter().map(|(column, _)| *column).collect::<Vec<_>>())
     else {
         return Ok(());
     };
-    let json = serde_json::Value::Array(
-        rows.into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|(column, value)| (column.as_str().to_owned(), value))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
-            })
-            .collect(),
-    );
+    // The rows as one JSON text, put together from each value's own text (column names need
+    // no escaping): a tree of JSON values would copy every user's data, and the statement
+    // builder copies its values again.
+    let mut json = String::with_capacity(rows.iter().flatten().map(|(_, v)| v.len() + 24).sum());
+    json.push('[');
+    for (r, row) in rows.iter().enumerate() {
+        json.push_str(if r == 0 { "{" } else { ",{" });
+        for (c, (column, value)) in row.iter().enumerate() {
+            if c > 0 {
+                json.push(',');
+            }
+            json.push('"');
+            json.push_str(column.as_str());
+            json.push_str("\":");
+            json.push_str(value);
+        }
+        json.push('}');
+    }
+    json.push(']');
     let table = users::Entity.table_name();
     let incoming = Query::select()
         .columns(columns.iter().copied())
@@ -547,7 +585,7 @@ async fn write_users<C: ConnectionTrait>(
         .from_function(
             Func::cust("jsonb_populate_recordset")
                 .arg(Expr::cust(format!("NULL::{table}")))
-                .arg(Expr::val(json)),
+                .arg(Expr::val(json).cast_as("jsonb")),
             "incoming",
         )
         .to_owned();
