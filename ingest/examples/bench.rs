@@ -22,7 +22,6 @@
 //! target/release/examples/ingest-bench --processes 1,2 --rounds 3 --seconds 10
 //! ```
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,11 +37,11 @@ use lapin::options::{
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use shared::Topology;
+use test_support::http_load::{HttpClient, start_ingest, stop_ingest};
 use test_support::proc_stats;
 use test_support::signing::{SECRET, event_body};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the ingest against a raw lapin publisher")]
@@ -621,9 +620,11 @@ async fn ingest_run(
     processes: usize,
 ) -> anyhow::Result<(Figures, Vec<u64>)> {
     // Started at the same time, as replicas of a deployment are.
-    let mut ingests =
-        try_join_all((0..processes).map(|_| start_ingest(args, binary, topology, channels)))
-            .await?;
+    let settings = ingest_settings(args, channels);
+    let mut ingests = try_join_all(
+        (0..processes).map(|_| start_ingest(binary, &args.amqp_url, topology, &settings)),
+    )
+    .await?;
     let pids = ingests
         .iter()
         .map(|(child, _)| child.id().ok_or_else(|| anyhow!("an ingest exited")))
@@ -683,7 +684,8 @@ async fn stalled_run(
     stalled: usize,
 ) -> anyhow::Result<()> {
     const VALID_CLIENTS: usize = 4;
-    let (mut child, port) = start_ingest(args, binary, topology, 1).await?;
+    let (mut child, port) =
+        start_ingest(binary, &args.amqp_url, topology, &ingest_settings(args, 1)).await?;
     let pid = child.id().ok_or_else(|| anyhow!("the ingest exited"))?;
     let rss_at_start = proc_stats::peak_rss_kib(pid).unwrap_or(0);
     // Declares the 1 MiB body limit and sends a little less, so the request is never complete.
@@ -862,68 +864,14 @@ fn broker_pid(amqp_url: &str) -> Option<u32> {
     })
 }
 
-async fn start_ingest(
-    args: &Args,
-    binary: &std::path::Path,
-    topology: &Topology,
-    channels: usize,
-) -> anyhow::Result<(Child, u16)> {
-    let mut command = Command::new(binary);
-    command.env_clear();
+/// The ingest's settings for a run on `channels` publishing channels: `INGEST_PUBLISH_CHANNELS`,
+/// and `INGEST_WORKERS` when `--workers` is given.
+fn ingest_settings(args: &Args, channels: usize) -> Vec<(&'static str, String)> {
+    let mut settings = vec![("INGEST_PUBLISH_CHANNELS", channels.to_string())];
     if let Some(workers) = args.workers {
-        command.env("INGEST_WORKERS", workers.to_string());
+        settings.push(("INGEST_WORKERS", workers.to_string()));
     }
-    let mut child = command
-        .env("CLERK_WEBHOOK_SECRET", SECRET)
-        .env("AMQP_URL", &args.amqp_url)
-        .env("AMQP_EXCHANGE", &topology.exchange)
-        .env("AMQP_QUEUE", &topology.queue)
-        .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
-        .env("INGEST_LISTEN", "127.0.0.1:0")
-        .env("INGEST_PUBLISH_CHANNELS", channels.to_string())
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the ingest")?;
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let port = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("waiting for the ingest to listen")??
-            .ok_or_else(|| anyhow!("the ingest exited before listening"))?;
-        if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
-            && entry["message"] == "ingest listening"
-        {
-            break entry["port"].as_u64().context("port")? as u16;
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut client = HttpClient::connect(port).await?;
-        if client.get("/readyz").await? == 200 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the ingest did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok((child, port))
-}
-
-async fn stop_ingest(child: &mut Child, pid: u32) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-    if !status.success() {
-        bail!("the ingest exited with {status}");
-    }
-    Ok(())
+    settings
 }
 
 fn verifier() -> Verifier {
@@ -946,94 +894,6 @@ fn signed_event(verifier: &Verifier, size: usize) -> (String, SignedHeaders) {
             signature,
         },
     )
-}
-
-/// A minimal HTTP/1.1 keep-alive client: the load generator shares two cores with the ingest
-/// and the broker, so it should cost as little as possible.
-struct HttpClient {
-    stream: TcpStream,
-    buffer: Vec<u8>,
-    request: Vec<u8>,
-}
-
-impl HttpClient {
-    async fn connect(port: u16) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            stream,
-            buffer: Vec::with_capacity(4096),
-            request: Vec::with_capacity(4096),
-        })
-    }
-
-    async fn post(&mut self, body: &str, signed: &SignedHeaders) -> anyhow::Result<u16> {
-        self.request.clear();
-        self.request.extend_from_slice(
-            format!(
-                "POST /api/webhooks HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\nsvix-id: {}\r\nsvix-timestamp: {}\r\nsvix-signature: {}\r\n\r\n",
-                body.len(),
-                signed.id,
-                signed.timestamp,
-                signed.signature
-            )
-            .as_bytes(),
-        );
-        self.request.extend_from_slice(body.as_bytes());
-        self.stream.write_all(&self.request).await?;
-        self.read_response().await
-    }
-
-    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
-        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
-        self.stream.write_all(request.as_bytes()).await?;
-        self.read_response().await
-    }
-
-    /// Reads one response with a `content-length` body; returns its status.
-    async fn read_response(&mut self) -> anyhow::Result<u16> {
-        self.buffer.clear();
-        let head_end = loop {
-            if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
-                break end + 4;
-            }
-            self.fill().await?;
-        };
-        let head = std::str::from_utf8(&self.buffer[..head_end])?;
-        let status: u16 = head
-            .get(9..12)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| anyhow!("bad status line"))?;
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while self.buffer.len() < head_end + length {
-            self.fill().await?;
-        }
-        Ok(status)
-    }
-
-    async fn fill(&mut self) -> anyhow::Result<()> {
-        let mut chunk = [0_u8; 4096];
-        let read = self.stream.read(&mut chunk).await?;
-        if read == 0 {
-            bail!("connection closed");
-        }
-        self.buffer.extend_from_slice(&chunk[..read]);
-        Ok(())
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 async fn purge(channel: &Channel, topology: &Topology) -> anyhow::Result<()> {

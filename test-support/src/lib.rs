@@ -10,6 +10,8 @@
 //! - [`signing`] and [`events`]: signed requests and Clerk-shaped events.
 //! - [`CuttableProxy`]: a TCP proxy the test cuts, freezes and restores.
 //! - [`http`]: an HTTP client, and [`http::metric`] to read a Prometheus series.
+//! - [`http_load`]: a release `ingest` process and a minimal keep-alive client to load it, for
+//!   the benchmarks.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`clerk_api`]: a stand-in for Clerk's Backend API, for `worker reconcile`.
 //! - [`proc_stats`]: CPU time, peak memory and load from `/proc`, for the benchmarks.
@@ -19,6 +21,7 @@ pub mod clerk_api;
 pub mod database;
 pub mod events;
 pub mod http;
+pub mod http_load;
 pub mod ingest;
 pub mod proc_stats;
 pub mod proxy;

@@ -22,6 +22,21 @@
 //!   that many release `worker` processes at once (spawned, same queue, same settings each),
 //!   timed from the first event recorded to the last; with each process's peak RSS and the CPU
 //!   the workers, the database's backends and the broker spent per 1,000 events.
+//! - End to end (`--end-to-end`): last, the tables and the queue emptied, one release `ingest`
+//!   process and one release `worker` process started (both from the folder above this
+//!   example's unless `--ingest` and `--worker` say otherwise); `--clients` keep-alive HTTP
+//!   clients POST the N `user.created` events, each signed with a svix-id of its own, to the
+//!   ingest, which publishes them to the queue the worker drains into Postgres. Timed from the
+//!   first request to the last 2xx answer (the ingest's accept rate) and to the last event
+//!   recorded in `processed_events` (the end-to-end rate, compared with the baseline); with the
+//!   CPU the ingest, the worker, the worker's database backends, the broker and this process
+//!   (the load generator) spent per 1,000 events over that time, the machine's idle share, and
+//!   the two processes' peak RSS. Built and run with:
+//!
+//! ```text
+//! cargo build --release -p worker -p ingest --bins --examples
+//! target/release/examples/worker-bench --events 20000 --end-to-end
+//! ```
 //!
 //! Prints events/s for each, the ratios worker/floor, worker/broker and worker/baseline, the
 //! trickle's latencies and the process's peak RSS. Uses `DATABASE_URL` (a database to create the bench
@@ -40,7 +55,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -51,10 +66,17 @@ use sea_orm::{
 };
 use serde_json::json;
 use shared::{Backoff, Topology, headers};
+use test_support::http_load::{self, HttpClient, SignedHeaders};
+use test_support::signing::SECRET;
 use test_support::{TestDatabase, TestTopology, amqp_url, proc_stats};
 use tokio::process::{Child, Command};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
+
+// The same allocator as the `worker` binary, so that the worker measured in this process is the
+// one that runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -77,10 +99,21 @@ struct Args {
     /// none by default.
     #[arg(long, value_delimiter = ',')]
     processes: Vec<usize>,
-    /// The `worker` binary for `--processes` (default: `worker` in the folder above this
-    /// example's, i.e. the release build beside it).
+    /// The `worker` binary for `--processes` and `--end-to-end` (default: `worker` in the folder
+    /// above this example's, i.e. the release build beside it).
     #[arg(long)]
     worker: Option<PathBuf>,
+    /// Last, drive one `ingest` and one `worker` process with signed HTTP requests and time the
+    /// events from the first request until the last is applied.
+    #[arg(long)]
+    end_to_end: bool,
+    /// Concurrent keep-alive HTTP clients for `--end-to-end`.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// The `ingest` binary for `--end-to-end` (default: `ingest` in the folder above this
+    /// example's, beside the release `worker`).
+    #[arg(long)]
+    ingest: Option<PathBuf>,
 }
 
 fn user(n: usize) -> serde_json::Value {
@@ -115,6 +148,15 @@ async fn measure(
         .sqlx_logging(false);
     let db = Database::connect(options).await?;
     Migrator::up(&db, None).await?;
+    // Located first, so that a missing build fails the run before the long phases do.
+    let end_to_end_binaries = if args.end_to_end {
+        Some(Binaries {
+            worker: release_binary(args.worker.as_deref(), "worker")?,
+            ingest: release_binary(args.ingest.as_deref(), "ingest")?,
+        })
+    } else {
+        None
+    };
 
     println!(
         "events={} connections={} batch_size={} prefetch={} load average {}",
@@ -224,13 +266,17 @@ async fn measure(
     println!("ratio worker/floor:    {:.2}", worker_rate / floor_rate);
     println!("ratio worker/broker:   {:.2}", worker_rate / broker_rate);
     println!("ratio worker/baseline: {:.2}", worker_rate / baseline_rate);
-    println!(
-        "trickle: {} events, one every 10 ms, publish to commit: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        latencies.len(),
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 1.0),
-    );
+    if latencies.is_empty() {
+        println!("trickle: none (--trickle 0)");
+    } else {
+        println!(
+            "trickle: {} events, one every 10 ms, publish to commit: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            latencies.len(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0),
+        );
+    }
     // The worker runs in this process, beside the pre-fill publisher and the baseline's pool, so
     // the process's peak is an upper bound for the worker's.
     match proc_stats::peak_rss_kib(std::process::id()) {
@@ -240,6 +286,14 @@ async fn measure(
         ),
         None => println!("peak RSS: not available (no /proc/self/status)"),
     }
+    // CPU-seconds as milliseconds per 1,000 events.
+    let per_thousand = |cpu: Option<f64>| {
+        cpu.map_or("?".into(), |cpu| {
+            format!("{:.0}", 1000.0 * cpu * 1000.0 / args.events as f64)
+        })
+    };
+    let mib =
+        |kib: Option<u64>| kib.map_or("?".into(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0));
     let mut single = None;
     for &count in &args.processes {
         db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
@@ -248,11 +302,6 @@ async fn measure(
         let drain = drain_with_processes(&db, db_url, amqp_url, topology, args, count).await?;
         let rate = args.events as f64 / drain.elapsed.as_secs_f64();
         let single_rate = *single.get_or_insert(rate);
-        let per_thousand = |cpu: Option<f64>| {
-            cpu.map_or("?".into(), |cpu| {
-                format!("{:.0}", 1000.0 * cpu * 1000.0 / args.events as f64)
-            })
-        };
         println!(
             "processes {count}: {} events in {:.2} s = {rate:.0} events/s, ratio to 1 process \
              {:.2}, worker/floor {:.2}; peak RSS per process {}; CPU ms per 1000 events: \
@@ -265,7 +314,7 @@ async fn measure(
             drain
                 .peak_rss_kib
                 .iter()
-                .map(|kib| kib.map_or("?".into(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0)))
+                .map(|&kib| mib(kib))
                 .collect::<Vec<_>>()
                 .join(" / "),
             per_thousand(drain.worker_cpu),
@@ -273,7 +322,285 @@ async fn measure(
             per_thousand(drain.broker_cpu),
         );
     }
+    if let Some(binaries) = &end_to_end_binaries {
+        let run = end_to_end(&db, db_url, amqp_url, topology, args, binaries).await?;
+        let applied_rate = args.events as f64 / run.applied.as_secs_f64();
+        println!(
+            "end to end: {} events, HTTP accepted in {:.2} s = {:.0} ev/s, applied in {:.2} s = \
+             {applied_rate:.0} ev/s, ratio to one-row-per-commit baseline {:.2}",
+            args.events,
+            run.accepted.as_secs_f64(),
+            args.events as f64 / run.accepted.as_secs_f64(),
+            run.applied.as_secs_f64(),
+            applied_rate / baseline_rate,
+        );
+        println!(
+            "end to end, CPU ms per 1000 events over the {:.2} s applied: ingest {}, worker {}, \
+             worker's Postgres backends {}, broker {} (the whole broker, other traffic included), \
+             load generator (this process) {}; machine idle {}; peak RSS ingest {}, worker {}",
+            run.applied.as_secs_f64(),
+            per_thousand(run.ingest_cpu),
+            per_thousand(run.worker_cpu),
+            per_thousand(run.database_cpu),
+            per_thousand(run.broker_cpu),
+            per_thousand(run.bench_cpu),
+            run.idle_share
+                .map_or("?".into(), |share| format!("{:.0}%", 100.0 * share)),
+            mib(run.ingest_peak_rss_kib),
+            mib(run.worker_peak_rss_kib),
+        );
+    }
     db.close().await?;
+    Ok(())
+}
+
+/// The release binaries `--end-to-end` starts.
+struct Binaries {
+    worker: PathBuf,
+    ingest: PathBuf,
+}
+
+/// What an end-to-end run measured: times from the first request, CPU-seconds over the time to
+/// the last event applied, peak RSS in KiB.
+struct EndToEnd {
+    /// To the last 2xx answer.
+    accepted: Duration,
+    /// To the last event recorded in `processed_events`.
+    applied: Duration,
+    ingest_cpu: Option<f64>,
+    worker_cpu: Option<f64>,
+    /// The worker's own backends.
+    database_cpu: Option<f64>,
+    broker_cpu: Option<f64>,
+    /// This process: the HTTP clients and the polling.
+    bench_cpu: Option<f64>,
+    /// The machine's idle share of all its CPUs' time (iowait included).
+    idle_share: Option<f64>,
+    ingest_peak_rss_kib: Option<u64>,
+    worker_peak_rss_kib: Option<u64>,
+}
+
+/// The CPU time used so far by what [`end_to_end`] looks at.
+struct CpuReading {
+    ingest: Option<f64>,
+    worker: Option<f64>,
+    /// Each of the worker's backends, by pid.
+    backends: std::collections::HashMap<u32, Option<f64>>,
+    broker: Option<f64>,
+    bench: Option<f64>,
+    /// Idle and total ticks of the machine's CPUs.
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuReading {
+    /// Reads it now; `bench_backends` are the backends to leave out, the bench's own.
+    async fn now(
+        db: &DatabaseConnection,
+        bench_backends: &std::collections::HashMap<u32, Option<f64>>,
+        ingest: u32,
+        worker: u32,
+        broker: &[u32],
+    ) -> anyhow::Result<Self> {
+        let mut backends = database_cpu(db).await?;
+        backends.retain(|pid, _| !bench_backends.contains_key(pid));
+        Ok(Self {
+            ingest: proc_stats::cpu_seconds(ingest),
+            worker: proc_stats::cpu_seconds(worker),
+            backends,
+            broker: broker
+                .iter()
+                .map(|&pid| proc_stats::cpu_seconds(pid))
+                .sum::<Option<f64>>()
+                .filter(|_| !broker.is_empty()),
+            bench: proc_stats::cpu_seconds(std::process::id()),
+            machine: machine_ticks(),
+        })
+    }
+}
+
+/// One release ingest and one release worker process on the emptied tables and queue; N unique
+/// `user.created` events POSTed signed by `--clients` keep-alive clients, timed from the first
+/// request to the last 2xx answer and to the last event recorded in `processed_events`.
+async fn end_to_end(
+    db: &DatabaseConnection,
+    db_url: &str,
+    amqp_url: &str,
+    topology: &Topology,
+    args: &Args,
+    binaries: &Binaries,
+) -> anyhow::Result<EndToEnd> {
+    db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
+        .await?;
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel
+        .queue_purge(topology.queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    let (ready, _) = queue_counts(&channel, &topology.queue).await?;
+    if ready > 0 {
+        bail!("the queue still holds {ready} messages after the purge");
+    }
+
+    // The bench's own backends, open from the earlier phases: only those opened after this,
+    // the worker's, count.
+    let bench_backends = database_cpu(db).await?;
+    let mut worker = spawn_worker(&binaries.worker, db_url, amqp_url, topology, args)?;
+    let worker_pid = worker.id().context("the worker exited")?;
+    let (mut ingest, port) =
+        http_load::start_ingest(&binaries.ingest, amqp_url, topology, &[]).await?;
+    let ingest_pid = ingest.id().context("the ingest exited")?;
+    // The worker is ready once it consumes: the clock starts with both processes ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_counts(&channel, &topology.queue).await?.1 == 0 {
+        if let Some(status) = worker.try_wait()? {
+            bail!("the worker exited with {status} before consuming");
+        }
+        if Instant::now() > deadline {
+            bail!("the worker did not start consuming within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = connection.close(200, "ready".into()).await;
+
+    let mut clients = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        clients.push(HttpClient::connect(port).await?);
+    }
+    let broker_pids = proc_stats::pids_named("beam.smp");
+    let before = CpuReading::now(db, &bench_backends, ingest_pid, worker_pid, &broker_pids).await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let (next, events) = (next.clone(), args.events);
+            tokio::spawn(async move {
+                let signer = test_support::signing::signer(SECRET);
+                let mut last_accepted = None;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= events {
+                        return anyhow::Ok(last_accepted);
+                    }
+                    let body = json!({"type": "user.created", "object": "event", "data": user(n)})
+                        .to_string();
+                    let id = test_support::signing::svix_id();
+                    let timestamp = chrono::Utc::now().timestamp();
+                    let signature = signer.sign(&id, timestamp, body.as_bytes())?;
+                    let signed = SignedHeaders {
+                        id: id.into(),
+                        timestamp,
+                        signature,
+                    };
+                    let status = client.post(&body, &signed).await?;
+                    if !(200..300).contains(&status) {
+                        bail!("the ingest answered event {n} with {status}");
+                    }
+                    last_accepted = Some(Instant::now());
+                }
+            })
+        })
+        .collect();
+    let mut last_accepted = started;
+    for task in tasks {
+        if let Some(accepted) = task.await?? {
+            last_accepted = last_accepted.max(accepted);
+        }
+    }
+    let accepted = last_accepted.duration_since(started);
+
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = processed_events::Entity::find().count(db).await? as usize;
+        if done >= args.events {
+            break;
+        }
+        if let Some(status) = worker.try_wait()? {
+            bail!("the worker exited with {status} after {done} events");
+        }
+        if Instant::now() > deadline {
+            bail!("the worker applied only {done} of {} events", args.events);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied = started.elapsed();
+    let after = CpuReading::now(db, &bench_backends, ingest_pid, worker_pid, &broker_pids).await?;
+    let ingest_peak_rss_kib = proc_stats::peak_rss_kib(ingest_pid);
+    let worker_peak_rss_kib = proc_stats::peak_rss_kib(worker_pid);
+    http_load::stop_ingest(&mut ingest, ingest_pid).await?;
+    stop_worker(&mut worker, worker_pid).await?;
+
+    let difference = |after: Option<f64>, before: Option<f64>| Some(after? - before?);
+    Ok(EndToEnd {
+        accepted,
+        applied,
+        ingest_cpu: difference(after.ingest, before.ingest),
+        worker_cpu: difference(after.worker, before.worker),
+        // A backend opened during the run counts from zero.
+        database_cpu: after
+            .backends
+            .iter()
+            .map(|(pid, &cpu)| {
+                difference(cpu, before.backends.get(pid).copied().unwrap_or(Some(0.0)))
+            })
+            .sum(),
+        broker_cpu: difference(after.broker, before.broker),
+        bench_cpu: difference(after.bench, before.bench),
+        idle_share: after.machine.zip(before.machine).and_then(
+            |((idle_after, total_after), (idle_before, total_before))| {
+                let total = total_after
+                    .checked_sub(total_before)
+                    .filter(|&total| total > 0)?;
+                Some(idle_after.saturating_sub(idle_before) as f64 / total as f64)
+            },
+        ),
+        ingest_peak_rss_kib,
+        worker_peak_rss_kib,
+    })
+}
+
+/// Ready messages and consumers of `queue`, by a passive declare.
+async fn queue_counts(channel: &lapin::Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((declared.message_count(), declared.consumer_count()))
+}
+
+/// Idle (iowait included) and total ticks of all the machine's CPUs so far, from `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
+    let total = fields.iter().take(8).sum();
+    Some((fields.get(3)? + fields.get(4)?, total))
+}
+
+/// Stops a worker process with SIGTERM, as a deployment does, and waits up to 30 s for it to
+/// exit; fails unless it exits successfully.
+async fn stop_worker(child: &mut Child, pid: u32) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    if !status.success() {
+        bail!("a worker process exited with {status}");
+    }
     Ok(())
 }
 
@@ -296,20 +623,7 @@ async fn drain_with_processes(
     args: &Args,
     count: usize,
 ) -> anyhow::Result<ProcessDrain> {
-    let binary = match &args.worker {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(|examples| examples.parent())
-            .map(|dir| dir.join("worker"))
-            .context("cannot locate the worker binary; pass --worker")?,
-    };
-    if !binary.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p worker --bin worker`",
-            binary.display()
-        );
-    }
+    let binary = release_binary(args.worker.as_deref(), "worker")?;
     let broker_pids = proc_stats::pids_named("beam.smp");
     let broker_cpu = || {
         broker_pids
@@ -365,15 +679,8 @@ async fn drain_with_processes(
         .filter(|(pid, _)| !backends_before.contains_key(pid))
         .map(|(_, cpu)| cpu)
         .sum::<Option<f64>>();
-    for (child, pid) in children.iter_mut().zip(&pids) {
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-        if !status.success() {
-            bail!("a worker process exited with {status}");
-        }
+    for (child, &pid) in children.iter_mut().zip(&pids) {
+        stop_worker(child, pid).await?;
     }
     Ok(ProcessDrain {
         elapsed,
@@ -382,6 +689,26 @@ async fn drain_with_processes(
         database_cpu,
         broker_cpu,
     })
+}
+
+/// The binary `name` (`worker` or `ingest`): `given` by its flag, or else the release build in
+/// the folder above this example's. Fails, saying how to build it, when it is not there.
+fn release_binary(given: Option<&std::path::Path>, name: &str) -> anyhow::Result<PathBuf> {
+    let binary = match given {
+        Some(path) => path.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .map(|dir| dir.join(name))
+            .with_context(|| format!("cannot locate the {name} binary; pass --{name}"))?,
+    };
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p {name} --bin {name}`",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 /// CPU-seconds so far of each backend on the bench's database, other than this query's, by pid.
@@ -740,6 +1067,10 @@ async fn trickle(
     }
     publisher.await??;
     let _ = connection.close(200, "trickle done".into()).await;
+    // A notification per recorded event is the trickle's own cost: the phases after it run
+    // without it, as a deployed worker does.
+    db.execute_unprepared("DROP TRIGGER bench_notify ON processed_events")
+        .await?;
     Ok(latencies)
 }
 
