@@ -1,8 +1,10 @@
 //! The consume loop and what happens to each delivery.
 //!
-//! The loop is dumb on purpose: it takes a free slot, waits for a delivery, adds whatever else is
-//! already waiting (up to `WORKER_BATCH_SIZE`), and hands the batch to a task. Prefetch bounds the
-//! deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the transactions in flight.
+//! The loop is simple on purpose: it takes a free slot, waits for a delivery, adds whatever else
+//! is already waiting (up to `WORKER_BATCH_SIZE`), and hands the batch to a task. While other
+//! batches are in flight, a batch that is not full first gathers what arrives until one of them
+//! is done. Prefetch bounds the deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the
+//! transactions in flight.
 //!
 //! Retry policy (also in the crate README):
 //! - transient failures (database or broker unusable, serialization failure, deadlock): the same
@@ -26,7 +28,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::acks::Acks;
@@ -36,6 +38,10 @@ use crate::dead_letter::{DeadKind, DeadLetters};
 use crate::event::{Event, ReadError, text};
 use crate::metrics::{HeldSince, Metrics};
 use shared::headers;
+
+/// The longest a batch that is not full waits for a batch in flight to be done before it starts
+/// beside it: about one transaction of a full batch on a loaded machine.
+const GATHER_AT_MOST: Duration = Duration::from_millis(20);
 
 /// A view of the stop signal that tasks can wait on.
 #[derive(Clone)]
@@ -92,7 +98,10 @@ pub(crate) struct Handler {
 pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
     let mut stop = handler.stop.clone();
     let batch_size = handler.config.batch_size;
-    let slots = Arc::new(Semaphore::new(handler.config.db_pool_size as usize));
+    let slot_count = handler.config.db_pool_size as usize;
+    let slots = Arc::new(Semaphore::new(slot_count));
+    // Woken each time a batch is done with its slot.
+    let finished = Arc::new(Notify::new());
     let mut consumer = match channel
         .basic_consume(
             handler.config.topology.queue.as_str().into(),
@@ -150,11 +159,53 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
                 None => break,
             }
         }
+        // With a batch already in flight, a second small one beside it would cost a transaction
+        // for a few events: this one gathers what arrives until a batch in flight is done, it is
+        // full, or `GATHER_AT_MOST` passed (a batch in flight may wait long on a lock or a
+        // retry). So a steady flow goes in batches as large as a transaction's time lets arrive,
+        // a backlog fills every slot with full batches, and an event that finds nothing in flight
+        // starts at once.
+        let done = finished.notified();
+        tokio::pin!(done);
+        // Registered before the count is read, so a batch finishing in between still wakes it.
+        done.as_mut().enable();
+        let others_in_flight = slot_count - 1 - slots.available_permits();
+        if broken.is_none() && batch.len() < batch_size && others_in_flight > 0 {
+            let gathered = tokio::time::sleep(GATHER_AT_MOST);
+            tokio::pin!(gathered);
+            loop {
+                tokio::select! {
+                    biased;
+                    // The batch is applied all the same; the loop stops on its next turn.
+                    _ = stop.wait() => break,
+                    _ = &mut done => break,
+                    _ = &mut gathered => break,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            batch.push(held(delivery));
+                            if batch.len() >= batch_size {
+                                break;
+                            }
+                        }
+                        Some(Err(error)) => {
+                            broken = Some(error.to_string());
+                            break;
+                        }
+                        None => {
+                            broken = Some("the broker cancelled the consumer".into());
+                            break;
+                        }
+                    },
+                }
+            }
+        }
         let handler = handler.clone();
         let working = working.clone();
+        let finished = finished.clone();
         tokio::spawn(async move {
             handler.handle_batch(batch, &working).await;
             drop(slot);
+            finished.notify_waiters();
         });
         if let Some(reason) = broken {
             break End::Lost(reason);
