@@ -37,7 +37,7 @@ use lapin::options::{
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use shared::Topology;
-use test_support::http_load::{HttpClient, start_ingest, stop_ingest};
+use test_support::http_load::{HttpClient, start_ingest, stop_process};
 use test_support::proc_stats;
 use test_support::signing::{SECRET, event_body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -669,7 +669,7 @@ async fn ingest_run(
         .map(|&pid| proc_stats::peak_rss_kib(pid).unwrap_or(0))
         .collect();
     for ((child, _), &pid) in ingests.iter_mut().zip(&pids) {
-        stop_ingest(child, pid).await?;
+        stop_process(child, pid).await?;
     }
     Ok((Figures::merge(parts, measured), peaks))
 }
@@ -770,7 +770,7 @@ async fn stalled_run(
             };
         *endings.entry(ending).or_default() += 1;
     }
-    stop_ingest(&mut child, pid).await?;
+    stop_process(&mut child, pid).await?;
     println!(
         "stalled uploads {stalled} of {} B each (sent in {:.1} s): {endings:?}",
         junk.len(),

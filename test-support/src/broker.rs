@@ -153,19 +153,11 @@ impl BrokerChannel {
     /// declare on a channel of its own: a missing queue fails the test and not this channel.
     pub async fn ready(&self, queue: &str) -> u32 {
         let channel = self.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let (ready, _) = queue_counts(&channel, queue)
             .await
             .unwrap_or_else(|error| panic!("queue {queue} exists: {error}"));
         let _ = channel.close(200, "done".into()).await;
-        declared.message_count()
+        ready
     }
 
     /// Waits until `queue` holds exactly `expected` ready messages (the broker settles returns
@@ -252,4 +244,20 @@ pub fn message_id(delivery: &Delivery) -> String {
         .as_ref()
         .map(|id| id.to_string())
         .unwrap_or_default()
+}
+
+/// Ready messages and consumers of `queue`, by a passive declare (which fails, and closes
+/// `channel`, when the queue does not exist).
+pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((declared.message_count(), declared.consumer_count()))
 }

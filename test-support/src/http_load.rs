@@ -73,16 +73,16 @@ pub async fn start_ingest(
     Ok((child, port))
 }
 
-/// Stops a process started by [`start_ingest`] (`pid` is its id) with SIGTERM, as a deployment
-/// does, and waits up to 30 s for it to exit; fails unless it exits successfully.
-pub async fn stop_ingest(child: &mut Child, pid: u32) -> anyhow::Result<()> {
+/// Stops a process a bench started (an ingest, a worker; `pid` is its id) with SIGTERM, as a
+/// deployment does, and waits up to 30 s for it to exit; fails unless it exits successfully.
+pub async fn stop_process(child: &mut Child, pid: u32) -> anyhow::Result<()> {
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .await?;
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
     if !status.success() {
-        bail!("the ingest exited with {status}");
+        bail!("process {pid} exited with {status}");
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -66,6 +66,7 @@ use sea_orm::{
 };
 use serde_json::json;
 use shared::{Backoff, Topology, headers};
+use test_support::broker::queue_counts;
 use test_support::http_load::{self, HttpClient, SignedHeaders};
 use test_support::signing::SECRET;
 use test_support::{TestDatabase, TestTopology, amqp_url, proc_stats};
@@ -528,8 +529,8 @@ async fn end_to_end(
     let after = CpuReading::now(db, &bench_backends, ingest_pid, worker_pid, &broker_pids).await?;
     let ingest_peak_rss_kib = proc_stats::peak_rss_kib(ingest_pid);
     let worker_peak_rss_kib = proc_stats::peak_rss_kib(worker_pid);
-    http_load::stop_ingest(&mut ingest, ingest_pid).await?;
-    stop_worker(&mut worker, worker_pid).await?;
+    http_load::stop_process(&mut ingest, ingest_pid).await?;
+    http_load::stop_process(&mut worker, worker_pid).await?;
 
     let difference = |after: Option<f64>, before: Option<f64>| Some(after? - before?);
     Ok(EndToEnd {
@@ -560,21 +561,6 @@ async fn end_to_end(
     })
 }
 
-/// Ready messages and consumers of `queue`, by a passive declare.
-async fn queue_counts(channel: &lapin::Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((declared.message_count(), declared.consumer_count()))
-}
-
 /// Idle (iowait included) and total ticks of all the machine's CPUs so far, from `/proc/stat`.
 fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -588,20 +574,6 @@ fn machine_ticks() -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
     let total = fields.iter().take(8).sum();
     Some((fields.get(3)? + fields.get(4)?, total))
-}
-
-/// Stops a worker process with SIGTERM, as a deployment does, and waits up to 30 s for it to
-/// exit; fails unless it exits successfully.
-async fn stop_worker(child: &mut Child, pid: u32) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-    if !status.success() {
-        bail!("a worker process exited with {status}");
-    }
-    Ok(())
 }
 
 /// What a drain by worker processes measured.
@@ -680,7 +652,7 @@ async fn drain_with_processes(
         .map(|(_, cpu)| cpu)
         .sum::<Option<f64>>();
     for (child, &pid) in children.iter_mut().zip(&pids) {
-        stop_worker(child, pid).await?;
+        http_load::stop_process(child, pid).await?;
     }
     Ok(ProcessDrain {
         elapsed,
