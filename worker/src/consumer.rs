@@ -3,7 +3,7 @@
 //! The loop is simple on purpose: it takes a free slot, waits for a delivery, adds whatever else
 //! is already waiting (up to `WORKER_BATCH_SIZE`), and hands the batch to a task. While other
 //! batches are in flight, a batch that is not full first gathers what arrives until one of them
-//! is done. Prefetch bounds the deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the
+//! is done, it is full, or 20 ms passed. Prefetch bounds the deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the
 //! transactions in flight.
 //!
 //! Retry policy (also in the crate README):

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// Reading a batch builds and drops a tree of JSON values per event, and writing it serializes
-// them again: glibc's allocator took about half of the worker's CPU time (see BENCHMARKS.md).
+// Reading an event builds and drops a tree of JSON values, and a reconcile does so for every
+// listed object: with glibc's allocator, allocating took about half of the worker's CPU time
+// (see BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
