@@ -858,6 +858,33 @@ async fn an_organization_deleted_in_clerk_is_deleted_with_its_memberships_and_to
     );
 }
 
+/// A dry run counts what the real run then does: the memberships of an organization it would
+/// delete go with it, and are not counted again by the memberships pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_counts_an_organizations_deletion_as_the_real_run_does() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    organizations_and_members(&api, CREATED + 5);
+    assert!(run(&env, &api).await.succeeded());
+    api.delete_organization(&organization_id(0));
+
+    let options = Options {
+        dry_run: true,
+        ..Options::default()
+    };
+    let dry = reconcile(&env, &api, options).await;
+    assert!(dry.succeeded(), "{dry:?}");
+    assert!(env.organization(&organization_id(0)).await.is_some());
+    assert!(env.membership(&membership_id(0, 1)).await.is_some());
+
+    let real = run(&env, &api).await;
+    assert!(real.succeeded(), "{real:?}");
+    assert_eq!(dry.summary.organizations, counts(1, 0, 0, 1, 0, 1));
+    assert_eq!(dry.summary.memberships, counts(1, 0, 0, 1, 0, 0));
+    assert_eq!(dry.summary.organizations, real.summary.organizations);
+    assert_eq!(dry.summary.memberships, real.summary.memberships);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_membership_missing_from_a_complete_listing_is_deleted_unless_clerk_still_has_it() {
     let env = TestEnv::new().await;

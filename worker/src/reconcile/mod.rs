@@ -409,11 +409,14 @@ async fn run(
         };
     }
     let mut reasons = Vec::new();
+    let mut dry_deleted = HashSet::new();
     for kind in Kind::ALL {
-        let mut pass = Pass::new(kind, db, client, options, &run_id);
+        let mut pass = Pass::new(kind, db, client, options, &run_id, &dry_deleted);
         let result = pass.run().await;
         *summary.of_mut(kind) = pass.counts;
         let shortfalls = pass.shortfalls();
+        let would_delete = std::mem::take(&mut pass.would_delete);
+        dry_deleted.extend(would_delete);
         if let Err(why) = result {
             reasons.push(why);
             reasons.extend(shortfalls);
@@ -519,6 +522,11 @@ struct Pass<'a> {
     unreadable: Vec<String>,
     /// Objects whose write failed on their own account.
     failed: Vec<String>,
+    /// In a dry run, the ids the earlier passes counted as deleted: a real run would have
+    /// removed their memberships with them, so the memberships pass does not count those again.
+    deleted_before: &'a HashSet<String>,
+    /// In a dry run, the ids this pass counted as deleted.
+    would_delete: Vec<String>,
 }
 
 impl<'a> Pass<'a> {
@@ -528,6 +536,7 @@ impl<'a> Pass<'a> {
         client: &'a ClerkClient,
         options: &'a Options,
         run_id: &'a str,
+        deleted_before: &'a HashSet<String>,
     ) -> Self {
         Self {
             kind,
@@ -539,6 +548,8 @@ impl<'a> Pass<'a> {
             listed: HashSet::new(),
             unreadable: Vec::new(),
             failed: Vec::new(),
+            deleted_before,
+            would_delete: Vec::new(),
         }
     }
 
@@ -901,6 +912,8 @@ impl<'a> Pass<'a> {
         }
         if self.options.dry_run {
             self.counts.deleted += gone.len() as u64;
+            self.would_delete
+                .extend(gone.iter().map(|candidate| candidate.id.clone()));
             return Ok(());
         }
         for chunk in gone.chunks(PAGE_SIZE as usize) {
@@ -949,7 +962,11 @@ impl<'a> Pass<'a> {
                 })
             };
             let candidate = read().map_err(|e| format!("{what}: {e}"))?;
-            if !self.listed.contains(&candidate.id) {
+            let goes_with_its_owner = [&candidate.organization_id, &candidate.user_id]
+                .into_iter()
+                .flatten()
+                .any(|owner| self.deleted_before.contains(owner));
+            if !self.listed.contains(&candidate.id) && !goes_with_its_owner {
                 candidates.push(candidate);
             }
         }
