@@ -232,6 +232,16 @@ async fn explain_lists_an_organizations_members_and_a_users_memberships() {
         .collect();
     assert_eq!(organizations, ["org_e3", "org_e4"]);
 
+    // Known only as a member: no row and no event of its own, but its membership.
+    let member = explain_with_dead_letters(&env, "user_e4").await;
+    assert_eq!(member.kind.as_deref(), Some("user"));
+    assert!(member.row.is_none());
+    let memberships: Vec<&str> = member.memberships.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(memberships, ["orgmem_e2"]);
+    let shown = text(&member);
+    assert!(shown.contains("current row: none"), "{shown}");
+    assert!(shown.contains("memberships (1):"), "{shown}");
+
     let membership = explain_with_dead_letters(&env, "orgmem_e1").await;
     assert_eq!(membership.kind.as_deref(), Some("membership"));
     assert_eq!(membership.row.as_ref().expect("row")["role"], "org:admin");

@@ -176,14 +176,22 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
     // Only the history names the kind of an id whose row and tombstone are gone (pruned or
     // never written).
     let kind = kind.or_else(|| history.iter().find_map(|event| event.subject_kind.clone()));
-    let members_of = match kind.as_deref() {
-        Some("user") => Some("user_id"),
-        Some("organization") => Some("organization_id"),
-        _ => None,
-    };
-    let memberships = match members_of {
-        Some(column) => memberships(db, column, id).await?,
-        None => Vec::new(),
+    let (kind, memberships) = match kind.as_deref() {
+        Some("user") => (kind, memberships(db, "user_id", id).await?),
+        Some("organization") => (kind, memberships(db, "organization_id", id).await?),
+        Some(_) => (kind, Vec::new()),
+        // No row, tombstone or history of its own, but maybe a membership's member or
+        // organization: a membership event can come before, or without, the user's own events.
+        None => {
+            let as_member = memberships(db, "user_id", id).await?;
+            if !as_member.is_empty() {
+                (Some("user".to_owned()), as_member)
+            } else {
+                let as_organization = memberships(db, "organization_id", id).await?;
+                let kind = (!as_organization.is_empty()).then(|| "organization".to_owned());
+                (kind, as_organization)
+            }
+        }
     };
     Ok(Explanation {
         id: id.to_owned(),
