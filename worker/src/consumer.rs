@@ -224,10 +224,18 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
     drop(working);
     let _ = idle.recv().await;
     // Every delivery is settled or released now; what is due is acknowledged before the
-    // connection closes.
+    // connection closes, within one broker timeout in all: a blocked broker would otherwise
+    // hold each round of acknowledgements that long. What is left unacknowledged is delivered
+    // again, and the svix-id makes that harmless.
     drop(acks);
-    if let Err(error) = acknowledging.await {
-        tracing::warn!(%error, "the acknowledging task failed");
+    let mut acknowledging = acknowledging;
+    match tokio::time::timeout(handler.config.broker_timeout, &mut acknowledging).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "the acknowledging task failed"),
+        Err(_) => {
+            acknowledging.abort();
+            tracing::warn!("the broker did not take the last acknowledgements in time");
+        }
     }
     end
 }
