@@ -15,6 +15,15 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks_per_second() as f64)
 }
 
+/// User + system CPU-seconds so far of all the processes `pids` together (a broker's several
+/// processes, a bench's workers); `None` when there are none or one cannot be read.
+pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
+}
+
 /// `VmHWM` of process `pid` (`std::process::id()` for this one), in KiB: the most resident
 /// memory it has held so far.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {

@@ -408,11 +408,7 @@ impl CpuReading {
             ingest: proc_stats::cpu_seconds(ingest),
             worker: proc_stats::cpu_seconds(worker),
             backends,
-            broker: broker
-                .iter()
-                .map(|&pid| proc_stats::cpu_seconds(pid))
-                .sum::<Option<f64>>()
-                .filter(|_| !broker.is_empty()),
+            broker: proc_stats::total_cpu_seconds(broker),
             bench: proc_stats::cpu_seconds(std::process::id()),
             machine: machine_ticks(),
         })
@@ -597,13 +593,7 @@ async fn drain_with_processes(
 ) -> anyhow::Result<ProcessDrain> {
     let binary = release_binary(args.worker.as_deref(), "worker")?;
     let broker_pids = proc_stats::pids_named("beam.smp");
-    let broker_cpu = || {
-        broker_pids
-            .iter()
-            .map(|&pid| proc_stats::cpu_seconds(pid))
-            .sum::<Option<f64>>()
-            .filter(|_| !broker_pids.is_empty())
-    };
+    let broker_cpu = || proc_stats::total_cpu_seconds(&broker_pids);
     // The bench's own pool has backends on this database too (busy in the earlier phases, and
     // counting the recorded events now): only the workers' own backends, opened after this,
     // count.
@@ -641,10 +631,7 @@ async fn drain_with_processes(
         .map(|&pid| proc_stats::peak_rss_kib(pid))
         .collect();
     // Whole lifetimes: the start and the few events before the clock are a small part.
-    let worker_cpu = pids
-        .iter()
-        .map(|&pid| proc_stats::cpu_seconds(pid))
-        .sum::<Option<f64>>();
+    let worker_cpu = proc_stats::total_cpu_seconds(&pids);
     let database_cpu = database_cpu(db)
         .await?
         .into_iter()
