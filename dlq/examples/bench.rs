@@ -17,12 +17,12 @@ use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use shared::{Settings, Topology};
+use test_support::broker::queue_counts;
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -239,17 +239,8 @@ async fn publish_windowed(channel: &Channel, queue: &str, letters: u32) -> anyho
 }
 
 async fn ready(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(declared.message_count())
+    let (ready, _) = queue_counts(channel, queue).await?;
+    Ok(ready)
 }
 
 async fn wait_for_ready(channel: &Channel, queue: &str, expected: u32) -> anyhow::Result<()> {
