@@ -4,9 +4,12 @@
 //! cargo run --release -p worker --example worker-bench -- --events 20000
 //! ```
 //!
-//! - Floor: the same N user rows written straight into Postgres as one multi-row
-//!   `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer` per `--batch-size` rows, one
-//!   transaction each, over `--connections` connections at once: the fastest way to write them.
+//! - Floor: the N `users` rows the worker writes for the bench's events (every column, mapped by
+//!   the same code) written straight into Postgres as one multi-row `INSERT … ON CONFLICT (id)
+//!   DO UPDATE … WHERE newer` per `--batch-size` rows, one transaction each, over
+//!   `--connections` connections at once: the fastest way to write them. Then the same with each
+//!   transaction also inserting its events' `processed_events` rows (svix-id, type, outcome,
+//!   subject, the body as `jsonb`) in one more statement: the least the contract asks per event.
 //! - Baseline: the same N rows, one transaction per row, over the same connections (what a
 //!   route handler inserting per request does).
 //! - Broker: a fresh queue pre-filled with N unique `user.created` events, consumed with the
@@ -22,26 +25,30 @@
 //!   that many release `worker` processes at once (spawned, same queue, same settings each),
 //!   timed from the first event recorded to the last; with each process's peak RSS and the CPU
 //!   the workers, the database's backends and the broker spent per 1,000 events.
+//! - Route handler (with `--end-to-end`): the usual alternative to the pipeline, under the same
+//!   load as the end-to-end run below: this bench started again as an actix-web endpoint that
+//!   verifies each signed request and upserts its user row in a transaction of its own before
+//!   answering (`bench/route_handler.rs`), timed from the first request to the last answer.
 //! - End to end (`--end-to-end`): last, the tables and the queue emptied, one release `ingest`
 //!   process and one release `worker` process started (both from the folder above this
 //!   example's unless `--ingest` and `--worker` say otherwise); `--clients` keep-alive HTTP
 //!   clients POST the N `user.created` events, each signed with a svix-id of its own, to the
 //!   ingest, which publishes them to the queue the worker drains into Postgres. Timed from the
 //!   first request to the last 2xx answer (the ingest's accept rate) and to the last event
-//!   recorded in `processed_events` (the end-to-end rate, compared with the baseline); with the
-//!   CPU the ingest, the worker, the worker's database backends, the broker and this process
-//!   (the load generator) spent per 1,000 events over that time, the machine's idle share, and
-//!   the two processes' peak RSS. Built and run with:
+//!   recorded in `processed_events` (the end-to-end rate, compared with the route handler and
+//!   the baseline); with the CPU the ingest, the worker, the worker's database backends, the
+//!   broker and this process (the load generator) spent per 1,000 events over that time, the
+//!   machine's idle share, and the two processes' peak RSS. Built and run with:
 //!
 //! ```text
 //! cargo build --release -p worker -p ingest --bins --examples
 //! target/release/examples/worker-bench --events 20000 --end-to-end
 //! ```
 //!
-//! Prints events/s for each, the ratios worker/floor, worker/broker and worker/baseline, the
-//! trickle's latencies and the process's peak RSS. Uses `DATABASE_URL` (a database to create the bench
-//! database from; default the local `test` database) and `AMQP_URL`, and drops the database and
-//! deletes the queues it made afterwards.
+//! Prints events/s for each, the ratios worker/floor (both floors), worker/broker and
+//! worker/baseline, the trickle's latencies and the process's peak RSS. Uses `DATABASE_URL` (a
+//! database to create the bench database from; default the local `test` database) and
+//! `AMQP_URL`, and drops the database and deletes the queues it made afterwards.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,9 +77,15 @@ use test_support::broker::queue_counts;
 use test_support::http_load::{self, HttpClient, SignedHeaders};
 use test_support::signing::SECRET;
 use test_support::{TestDatabase, TestTopology, amqp_url, proc_stats};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use worker::storage::processed_events;
+use worker::storage::{processed_events, users};
 use worker::{Application, WorkerConfig};
+
+#[path = "bench/route_handler.rs"]
+mod route_handler;
+#[path = "bench/rows.rs"]
+mod rows;
 
 // The same allocator as the `worker` binary, so that the worker measured in this process is the
 // one that runs.
@@ -115,6 +128,10 @@ struct Args {
     /// example's, beside the release `worker`).
     #[arg(long)]
     ingest: Option<PathBuf>,
+    /// Instead of measuring, serve the route handler `--end-to-end` compares with, on this
+    /// database (the bench starts itself so, as a process of its own).
+    #[arg(long, hide = true, value_name = "DATABASE_URL")]
+    serve_route_handler: Option<String>,
 }
 
 fn user(n: usize) -> serde_json::Value {
@@ -131,6 +148,9 @@ fn user(n: usize) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(database_url) = &args.serve_route_handler {
+        return route_handler::serve(database_url, args.connections).await;
+    }
     // A database and broker names of the bench's own, dropped and deleted whatever happens.
     let database = TestDatabase::empty().await;
     let topology = TestTopology::names();
@@ -167,14 +187,25 @@ async fn measure(
         args.prefetch,
         proc_stats::load_average().unwrap_or_else(|| "unknown".into())
     );
-    let floor = floor(&db, args).await?;
-    let floor_rate = args.events as f64 / floor.as_secs_f64();
+    let plain_floor = floor(&db, args, false).await?;
+    let floor_rate = args.events as f64 / plain_floor.as_secs_f64();
     println!(
-        "floor:    {} rows as multi-row upserts of {}, one transaction each, in {:.2} s = {:.0} rows/s",
+        "floor:    {} users rows as multi-row upserts of {}, one transaction each, in {:.2} s = {:.0} rows/s",
         args.events,
         args.batch_size,
-        floor.as_secs_f64(),
+        plain_floor.as_secs_f64(),
         floor_rate
+    );
+    db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
+        .await?;
+    let recorded_floor = floor(&db, args, true).await?;
+    let recorded_floor_rate = args.events as f64 / recorded_floor.as_secs_f64();
+    println!(
+        "floor with the history: the same, each transaction also inserting the {} events' \
+         processed_events rows in one statement, in {:.2} s = {:.0} rows/s",
+        args.batch_size,
+        recorded_floor.as_secs_f64(),
+        recorded_floor_rate
     );
     db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
         .await?;
@@ -234,18 +265,20 @@ async fn measure(
     let stop = app.stop_handle();
     let started = Instant::now();
     let running = tokio::spawn(app.run_until_stopped());
+    let committed = Committed::InProcess(&metrics);
     let deadline = started + Duration::from_secs(600);
     loop {
-        let done = processed_events::Entity::find().count(&db).await?;
-        if done as usize >= args.events {
+        let done = committed.events().await?;
+        if done >= args.events {
             break;
         }
         if Instant::now() > deadline {
             bail!("the worker applied only {done} of {} events", args.events);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
     let worker = started.elapsed();
+    confirm_recorded(&db, args.events).await?;
     let latencies = trickle(&db, db_url, amqp_url, topology, args).await;
     stop.stop();
     running.await??;
@@ -265,6 +298,10 @@ async fn measure(
             / metrics.apply_seconds.get_sample_count().max(1) as f64,
     );
     println!("ratio worker/floor:    {:.2}", worker_rate / floor_rate);
+    println!(
+        "ratio worker/floor with the history: {:.2}",
+        worker_rate / recorded_floor_rate
+    );
     println!("ratio worker/broker:   {:.2}", worker_rate / broker_rate);
     println!("ratio worker/baseline: {:.2}", worker_rate / baseline_rate);
     if latencies.is_empty() {
@@ -295,6 +332,8 @@ async fn measure(
     };
     let mib =
         |kib: Option<u64>| kib.map_or("?".into(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0));
+    let percent =
+        |share: Option<f64>| share.map_or("?".into(), |share| format!("{:.0}%", 100.0 * share));
     let mut single = None;
     for &count in &args.processes {
         db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
@@ -324,15 +363,31 @@ async fn measure(
         );
     }
     if let Some(binaries) = &end_to_end_binaries {
+        let handler = route_handler_run(&db, db_url, args).await?;
+        let handler_rate = args.events as f64 / handler.elapsed.as_secs_f64();
+        println!(
+            "route handler: {} events, signed HTTP, each verified and upserted in a transaction of \
+             its own before its answer, in {:.2} s = {handler_rate:.0} ev/s; CPU ms per 1000 \
+             events: handler {}, its Postgres backends {}, load generator (this process) {}; \
+             machine idle {}",
+            args.events,
+            handler.elapsed.as_secs_f64(),
+            per_thousand(handler.handler_cpu),
+            per_thousand(handler.database_cpu),
+            per_thousand(handler.bench_cpu),
+            percent(handler.idle_share),
+        );
         let run = end_to_end(&db, db_url, amqp_url, topology, args, binaries).await?;
         let applied_rate = args.events as f64 / run.applied.as_secs_f64();
         println!(
             "end to end: {} events, HTTP accepted in {:.2} s = {:.0} ev/s, applied in {:.2} s = \
-             {applied_rate:.0} ev/s, ratio to one-row-per-commit baseline {:.2}",
+             {applied_rate:.0} ev/s, ratio to the route handler {:.2}, to the one-row-per-commit \
+             baseline {:.2}",
             args.events,
             run.accepted.as_secs_f64(),
             args.events as f64 / run.accepted.as_secs_f64(),
             run.applied.as_secs_f64(),
+            applied_rate / handler_rate,
             applied_rate / baseline_rate,
         );
         println!(
@@ -345,8 +400,7 @@ async fn measure(
             per_thousand(run.database_cpu),
             per_thousand(run.broker_cpu),
             per_thousand(run.bench_cpu),
-            run.idle_share
-                .map_or("?".into(), |share| format!("{:.0}%", 100.0 * share)),
+            percent(run.idle_share),
             mib(run.ingest_peak_rss_kib),
             mib(run.worker_peak_rss_kib),
         );
@@ -381,11 +435,11 @@ struct EndToEnd {
     worker_peak_rss_kib: Option<u64>,
 }
 
-/// The CPU time used so far by what [`end_to_end`] looks at.
+/// The CPU time used so far by what [`end_to_end`] and [`route_handler_run`] look at.
 struct CpuReading {
-    ingest: Option<f64>,
-    worker: Option<f64>,
-    /// Each of the worker's backends, by pid.
+    /// The processes asked for, in their order.
+    processes: Vec<Option<f64>>,
+    /// Each of their database backends, by pid.
     backends: std::collections::HashMap<u32, Option<f64>>,
     broker: Option<f64>,
     bench: Option<f64>,
@@ -398,20 +452,44 @@ impl CpuReading {
     async fn now(
         db: &DatabaseConnection,
         bench_backends: &std::collections::HashMap<u32, Option<f64>>,
-        ingest: u32,
-        worker: u32,
+        processes: &[u32],
         broker: &[u32],
     ) -> anyhow::Result<Self> {
         let mut backends = database_cpu(db).await?;
         backends.retain(|pid, _| !bench_backends.contains_key(pid));
         Ok(Self {
-            ingest: proc_stats::cpu_seconds(ingest),
-            worker: proc_stats::cpu_seconds(worker),
+            processes: processes
+                .iter()
+                .map(|&pid| proc_stats::cpu_seconds(pid))
+                .collect(),
             backends,
             broker: proc_stats::total_cpu_seconds(broker),
             bench: proc_stats::cpu_seconds(std::process::id()),
             machine: machine_ticks(),
         })
+    }
+
+    /// CPU-seconds of the `i`th process since `before`.
+    fn process_since(&self, before: &Self, i: usize) -> Option<f64> {
+        Some(self.processes.get(i).copied()?? - before.processes.get(i).copied()??)
+    }
+
+    /// CPU-seconds of the backends since `before`; one opened meanwhile counts from zero.
+    fn backends_since(&self, before: &Self) -> Option<f64> {
+        self.backends
+            .iter()
+            .map(|(pid, &cpu)| Some(cpu? - before.backends.get(pid).copied().unwrap_or(Some(0.0))?))
+            .sum()
+    }
+
+    /// The machine's idle share of all its CPUs' time since `before`.
+    fn idle_share_since(&self, before: &Self) -> Option<f64> {
+        let ((idle_after, total_after), (idle_before, total_before)) =
+            self.machine.zip(before.machine)?;
+        let total = total_after
+            .checked_sub(total_before)
+            .filter(|&total| total > 0)?;
+        Some(idle_after.saturating_sub(idle_before) as f64 / total as f64)
     }
 }
 
@@ -442,7 +520,15 @@ async fn end_to_end(
     // The bench's own backends, open from the earlier phases: only those opened after this,
     // the worker's, count.
     let bench_backends = database_cpu(db).await?;
-    let mut worker = spawn_worker(&binaries.worker, db_url, amqp_url, topology, args)?;
+    let worker_port = free_port()?;
+    let mut worker = spawn_worker(
+        &binaries.worker,
+        db_url,
+        amqp_url,
+        topology,
+        args,
+        worker_port,
+    )?;
     let worker_pid = worker.id().context("the worker exited")?;
     let (mut ingest, port) =
         http_load::start_ingest(&binaries.ingest, amqp_url, topology, &[]).await?;
@@ -465,13 +551,127 @@ async fn end_to_end(
         clients.push(HttpClient::connect(port).await?);
     }
     let broker_pids = proc_stats::pids_named("beam.smp");
-    let before = CpuReading::now(db, &bench_backends, ingest_pid, worker_pid, &broker_pids).await?;
-    let next = Arc::new(AtomicUsize::new(0));
+    let processes = [ingest_pid, worker_pid];
+    let before = CpuReading::now(db, &bench_backends, &processes, &broker_pids).await?;
     let started = Instant::now();
+    let accepted = post_events(clients, args.events)
+        .await?
+        .duration_since(started);
+
+    let committed = Committed::processes(vec![worker_port]);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = committed.events().await?;
+        if done >= args.events {
+            break;
+        }
+        if let Some(status) = worker.try_wait()? {
+            bail!("the worker exited with {status} after {done} events");
+        }
+        if Instant::now() > deadline {
+            bail!("the worker applied only {done} of {} events", args.events);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let applied = started.elapsed();
+    let after = CpuReading::now(db, &bench_backends, &processes, &broker_pids).await?;
+    let ingest_peak_rss_kib = proc_stats::peak_rss_kib(ingest_pid);
+    let worker_peak_rss_kib = proc_stats::peak_rss_kib(worker_pid);
+    http_load::stop_process(&mut ingest, ingest_pid).await?;
+    http_load::stop_process(&mut worker, worker_pid).await?;
+    confirm_recorded(db, args.events).await?;
+
+    Ok(EndToEnd {
+        accepted,
+        applied,
+        ingest_cpu: after.process_since(&before, 0),
+        worker_cpu: after.process_since(&before, 1),
+        database_cpu: after.backends_since(&before),
+        broker_cpu: after.broker.zip(before.broker).map(|(a, b)| a - b),
+        bench_cpu: after.bench.zip(before.bench).map(|(a, b)| a - b),
+        idle_share: after.idle_share_since(&before),
+        ingest_peak_rss_kib,
+        worker_peak_rss_kib,
+    })
+}
+
+/// What the route handler's run measured: the time from the first request to the last answer
+/// (each answered after its commit), and CPU-seconds over it.
+struct RouteHandlerRun {
+    elapsed: Duration,
+    handler_cpu: Option<f64>,
+    /// The handler's own backends.
+    database_cpu: Option<f64>,
+    /// This process: the HTTP clients.
+    bench_cpu: Option<f64>,
+    idle_share: Option<f64>,
+}
+
+/// The same signed load as [`end_to_end`], sent to the usual route handler instead
+/// ([`route_handler`]: this bench started again as a process of its own) on the emptied tables.
+async fn route_handler_run(
+    db: &DatabaseConnection,
+    db_url: &str,
+    args: &Args,
+) -> anyhow::Result<RouteHandlerRun> {
+    db.execute_unprepared("TRUNCATE users, processed_events, user_tombstones")
+        .await?;
+    let bench_backends = database_cpu(db).await?;
+    let mut handler = Command::new(std::env::current_exe()?)
+        .arg("--serve-route-handler")
+        .arg(db_url)
+        .arg("--connections")
+        .arg(args.connections.to_string())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the route handler")?;
+    let pid = handler.id().context("the route handler exited")?;
+    let mut lines = BufReader::new(handler.stdout.take().context("stdout")?).lines();
+    let port: u16 = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("waiting for the route handler to listen")??
+            .context("the route handler exited before listening")?;
+        if let Some(port) = line.strip_prefix(route_handler::LISTENING) {
+            break port.parse()?;
+        }
+    };
+    let mut clients = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        clients.push(HttpClient::connect(port).await?);
+    }
+    let before = CpuReading::now(db, &bench_backends, &[pid], &[]).await?;
+    let started = Instant::now();
+    let elapsed = post_events(clients, args.events)
+        .await?
+        .duration_since(started);
+    let after = CpuReading::now(db, &bench_backends, &[pid], &[]).await?;
+    http_load::stop_process(&mut handler, pid).await?;
+    let stored = users::Entity::find().count(db).await? as usize;
+    if stored != args.events {
+        bail!(
+            "the route handler answered every request but stored {stored} of {} users",
+            args.events
+        );
+    }
+    Ok(RouteHandlerRun {
+        elapsed,
+        handler_cpu: after.process_since(&before, 0),
+        database_cpu: after.backends_since(&before),
+        bench_cpu: after.bench.zip(before.bench).map(|(a, b)| a - b),
+        idle_share: after.idle_share_since(&before),
+    })
+}
+
+/// POSTs the N bench users as `user.created` events, each signed with a svix-id of its own,
+/// spread over the clients; fails on any answer but 2xx. Returns when the last was answered.
+async fn post_events(clients: Vec<HttpClient>, events: usize) -> anyhow::Result<Instant> {
+    let next = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|mut client| {
-            let (next, events) = (next.clone(), args.events);
+            let next = next.clone();
             tokio::spawn(async move {
                 let signer = test_support::signing::signer(SECRET);
                 let mut last_accepted = None;
@@ -492,69 +692,18 @@ async fn end_to_end(
                     };
                     let status = client.post(&body, &signed).await?;
                     if !(200..300).contains(&status) {
-                        bail!("the ingest answered event {n} with {status}");
+                        bail!("event {n} was answered {status}");
                     }
                     last_accepted = Some(Instant::now());
                 }
             })
         })
         .collect();
-    let mut last_accepted = started;
+    let mut last_accepted = None;
     for task in tasks {
-        if let Some(accepted) = task.await?? {
-            last_accepted = last_accepted.max(accepted);
-        }
+        last_accepted = last_accepted.max(task.await??);
     }
-    let accepted = last_accepted.duration_since(started);
-
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let done = processed_events::Entity::find().count(db).await? as usize;
-        if done >= args.events {
-            break;
-        }
-        if let Some(status) = worker.try_wait()? {
-            bail!("the worker exited with {status} after {done} events");
-        }
-        if Instant::now() > deadline {
-            bail!("the worker applied only {done} of {} events", args.events);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let applied = started.elapsed();
-    let after = CpuReading::now(db, &bench_backends, ingest_pid, worker_pid, &broker_pids).await?;
-    let ingest_peak_rss_kib = proc_stats::peak_rss_kib(ingest_pid);
-    let worker_peak_rss_kib = proc_stats::peak_rss_kib(worker_pid);
-    http_load::stop_process(&mut ingest, ingest_pid).await?;
-    http_load::stop_process(&mut worker, worker_pid).await?;
-
-    let difference = |after: Option<f64>, before: Option<f64>| Some(after? - before?);
-    Ok(EndToEnd {
-        accepted,
-        applied,
-        ingest_cpu: difference(after.ingest, before.ingest),
-        worker_cpu: difference(after.worker, before.worker),
-        // A backend opened during the run counts from zero.
-        database_cpu: after
-            .backends
-            .iter()
-            .map(|(pid, &cpu)| {
-                difference(cpu, before.backends.get(pid).copied().unwrap_or(Some(0.0)))
-            })
-            .sum(),
-        broker_cpu: difference(after.broker, before.broker),
-        bench_cpu: difference(after.bench, before.bench),
-        idle_share: after.machine.zip(before.machine).and_then(
-            |((idle_after, total_after), (idle_before, total_before))| {
-                let total = total_after
-                    .checked_sub(total_before)
-                    .filter(|&total| total > 0)?;
-                Some(idle_after.saturating_sub(idle_before) as f64 / total as f64)
-            },
-        ),
-        ingest_peak_rss_kib,
-        worker_peak_rss_kib,
-    })
+    last_accepted.context("no event sent")
 }
 
 /// Idle (iowait included) and total ticks of all the machine's CPUs so far, from `/proc/stat`.
@@ -599,13 +748,19 @@ async fn drain_with_processes(
     // count.
     let backends_before = database_cpu(db).await?;
     let mut children = Vec::with_capacity(count);
+    let mut ports = Vec::with_capacity(count);
     for _ in 0..count {
-        children.push(spawn_worker(&binary, db_url, amqp_url, topology, args)?);
+        let port = free_port()?;
+        children.push(spawn_worker(
+            &binary, db_url, amqp_url, topology, args, port,
+        )?);
+        ports.push(port);
     }
+    let committed = Committed::processes(ports);
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first = None;
     loop {
-        let done = processed_events::Entity::find().count(db).await? as usize;
+        let done = committed.events().await?;
         if done > 0 && first.is_none() {
             first = Some((Instant::now(), broker_cpu()));
         }
@@ -618,7 +773,7 @@ async fn drain_with_processes(
                 args.events
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
     let (started, broker_before) = first.context("no event recorded")?;
     let elapsed = started.elapsed();
@@ -641,6 +796,7 @@ async fn drain_with_processes(
     for (child, &pid) in children.iter_mut().zip(&pids) {
         http_load::stop_process(child, pid).await?;
     }
+    confirm_recorded(db, args.events).await?;
     Ok(ProcessDrain {
         elapsed,
         peak_rss_kib,
@@ -648,6 +804,92 @@ async fn drain_with_processes(
         database_cpu,
         broker_cpu,
     })
+}
+
+/// How often the bench looks whether the workers are done.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Where the bench reads how many events the workers recorded: the events of their committed
+/// transactions (`clerk_sync_worker_batch_size`) less the duplicates among them (a delivery
+/// the broker made twice). Waiting so costs the database nothing, where a `count(*)` of
+/// `processed_events` every few milliseconds scans the whole table and takes CPU from the
+/// worker it measures; [`confirm_recorded`] counts once at the end.
+enum Committed<'a> {
+    /// The worker running in this process.
+    InProcess(&'a worker::metrics::Metrics),
+    /// Worker processes, by the port each serves `/metrics` on.
+    Processes {
+        http: reqwest::Client,
+        ports: Vec<u16>,
+    },
+}
+
+impl Committed<'_> {
+    fn processes(ports: Vec<u16>) -> Self {
+        Self::Processes {
+            http: reqwest::Client::new(),
+            ports,
+        }
+    }
+
+    /// Events recorded so far, all workers together.
+    async fn events(&self) -> anyhow::Result<usize> {
+        match self {
+            Self::InProcess(metrics) => Ok((metrics.batch_size.get_sample_sum() as u64)
+                .saturating_sub(metrics.duplicates.get())
+                as usize),
+            Self::Processes { http, ports } => {
+                let mut events = 0;
+                for port in ports {
+                    let response = match http
+                        .get(format!("http://127.0.0.1:{port}/metrics"))
+                        .send()
+                        .await
+                    {
+                        // Not listening yet: a worker starting has recorded nothing.
+                        Err(error) if error.is_connect() => continue,
+                        response => response?,
+                    };
+                    let text = response.error_for_status()?.text().await?;
+                    let value = |name: &str| {
+                        text.lines()
+                            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                            .with_context(|| format!("no {name} in a worker's metrics"))?
+                            .trim()
+                            .parse::<f64>()
+                            .map_err(anyhow::Error::from)
+                    };
+                    let committed = value("clerk_sync_worker_batch_size_sum")?;
+                    let duplicates = value("clerk_sync_worker_duplicates_total")?;
+                    events += (committed - duplicates).max(0.0) as usize;
+                }
+                Ok(events)
+            }
+        }
+    }
+}
+
+/// Waits up to 10 s for `processed_events` to hold the `events` the workers said they recorded
+/// (their two counters are read one after the other), and fails if it does not.
+async fn confirm_recorded(db: &DatabaseConnection, events: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recorded = processed_events::Entity::find().count(db).await? as usize;
+        if recorded == events {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the workers recorded {events} events, but processed_events holds {recorded}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A local port free now, for a process the bench starts to listen on.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The binary `name` (`worker` or `ingest`): `given` by its flag, or else the release build in
@@ -689,13 +931,15 @@ async fn database_cpu(
     Ok(cpu)
 }
 
-/// One release worker process on the bench's queue and database, with the bench's settings.
+/// One release worker process on the bench's queue and database, with the bench's settings,
+/// serving its metrics on `port`.
 fn spawn_worker(
     binary: &std::path::Path,
     db_url: &str,
     amqp_url: &str,
     topology: &Topology,
     args: &Args,
+    port: u16,
 ) -> anyhow::Result<Child> {
     let mut command = Command::new(binary);
     command.env_clear();
@@ -710,7 +954,7 @@ fn spawn_worker(
         .env("AMQP_EXCHANGE", &topology.exchange)
         .env("AMQP_QUEUE", &topology.queue)
         .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
-        .env("WORKER_LISTEN", "127.0.0.1:0")
+        .env("WORKER_LISTEN", format!("127.0.0.1:{port}"))
         .env("WORKER_RUN_MIGRATIONS", "false")
         .env("WORKER_BATCH_SIZE", args.batch_size.to_string())
         .env("WORKER_PREFETCH", args.prefetch.to_string())
@@ -723,33 +967,12 @@ fn spawn_worker(
         .context("starting a worker process")
 }
 
-/// The bench's rows as SQL parameters: id, email, last name, role, created and updated (ms).
-fn row_values(n: usize) -> [sea_orm::Value; 6] {
-    [
-        format!("user_{n:08}").into(),
-        format!("user{n}@example.org").into(),
-        format!("No{n}").into(),
-        (if n.is_multiple_of(10) {
-            "trainer"
-        } else {
-            "client"
-        })
-        .into(),
-        1_654_012_591_514_i64.into(),
-        (1_654_012_591_835_i64 + n as i64).into(),
-    ]
-}
-
-const UPSERT_TAIL: &str = "\
-ON CONFLICT (id) DO UPDATE SET \
-  email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
-  role = excluded.role, phone = excluded.phone, created_at = excluded.created_at, \
-  updated_at = excluded.updated_at, synced_at = excluded.synced_at \
-WHERE users.updated_at < excluded.updated_at";
-
 /// N rows in chunks of `batch_size`, one `BEGIN; INSERT … VALUES (…), (…), … ON CONFLICT … DO
-/// UPDATE … WHERE newer; COMMIT` per chunk, spread over `connections` tasks.
-async fn floor(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Duration> {
+/// UPDATE … WHERE newer; COMMIT` per chunk, spread over `connections` tasks. With `history`,
+/// each chunk's transaction also inserts each event's `processed_events` row (svix-id, type,
+/// outcome, source, subject and the body as `jsonb`, as the worker records it) in one
+/// multi-row insert: the least the contract asks per event.
+async fn floor(db: &DatabaseConnection, args: &Args, history: bool) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -761,41 +984,53 @@ async fn floor(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Duration>
             loop {
                 let start = next.fetch_add(batch_size, Ordering::Relaxed);
                 if start >= events {
-                    return Ok::<_, sea_orm::DbErr>(());
+                    return anyhow::Ok(());
                 }
-                let rows = start..(start + batch_size).min(events);
-                let mut sql = String::from(
-                    "INSERT INTO users \
-                       (id, email, first_name, last_name, role, phone, created_at, updated_at, synced_at) \
-                     VALUES ",
+                let chunk = start..(start + batch_size).min(events);
+                let mut users = format!("INSERT INTO users ({}) VALUES ", rows::COLUMNS);
+                let mut user_values = Vec::with_capacity(chunk.len() * rows::PARAMETERS);
+                let mut recorded = String::from(
+                    "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, \
+                       source, subject_kind, subject_id, payload) VALUES ",
                 );
-                let mut values = Vec::with_capacity(rows.len() * 6);
-                for (i, n) in rows.enumerate() {
-                    let p = i * 6;
+                let mut recorded_values = Vec::with_capacity(chunk.len() * 3);
+                for (i, n) in chunk.enumerate() {
                     if i > 0 {
-                        sql.push_str(", ");
+                        users.push_str(", ");
+                        recorded.push_str(", ");
                     }
-                    sql.push_str(&format!(
-                        "(${}, ${}, 'Bench', ${}, ${}, NULL, to_timestamp(${} / 1000.0), \
-                          to_timestamp(${} / 1000.0), now())",
-                        p + 1,
-                        p + 2,
-                        p + 3,
-                        p + 4,
-                        p + 5,
-                        p + 6
+                    users.push_str(&rows::placeholders(i * rows::PARAMETERS));
+                    user_values.extend(rows::values(rows::record(user(n))?));
+                    recorded.push_str(&format!(
+                        "(${}, 'user.created', 'applied', now(), 'webhook', 'user', ${}, ${})",
+                        3 * i + 1,
+                        3 * i + 2,
+                        3 * i + 3
                     ));
-                    values.extend(row_values(n));
+                    let (svix_id, body, _) = bench_event(n);
+                    recorded_values.extend([
+                        svix_id.into(),
+                        format!("user_{n:08}").into(),
+                        serde_json::from_slice::<serde_json::Value>(&body)?.into(),
+                    ]);
                 }
-                sql.push(' ');
-                sql.push_str(UPSERT_TAIL);
+                users.push(' ');
+                users.push_str(rows::UPSERT_TAIL);
                 let txn = db.begin().await?;
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    sql,
-                    values,
+                    users,
+                    user_values,
                 ))
                 .await?;
+                if history {
+                    txn.execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        recorded,
+                        recorded_values,
+                    ))
+                    .await?;
+                }
                 txn.commit().await?;
             }
         }));
@@ -817,22 +1052,22 @@ async fn baseline(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Durati
         let next = next.clone();
         let events = args.events;
         tasks.push(tokio::spawn(async move {
+            let sql = format!(
+                "INSERT INTO users ({}) VALUES {} {}",
+                rows::COLUMNS,
+                rows::placeholders(0),
+                rows::UPSERT_TAIL
+            );
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= events {
-                    return Ok::<_, sea_orm::DbErr>(());
+                    return anyhow::Ok(());
                 }
                 let txn = db.begin().await?;
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    format!(
-                        "INSERT INTO users \
-                           (id, email, first_name, last_name, role, phone, created_at, updated_at, \
-                            synced_at) \
-                         VALUES ($1, $2, 'Bench', $3, $4, NULL, to_timestamp($5 / 1000.0), \
-                                 to_timestamp($6 / 1000.0), now()) {UPSERT_TAIL}"
-                    ),
-                    row_values(n),
+                    sql.as_str(),
+                    rows::values(rows::record(user(n))?),
                 ))
                 .await?;
                 txn.commit().await?;
