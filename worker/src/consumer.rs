@@ -3,8 +3,8 @@
 //! The loop is simple on purpose: it takes a free slot, waits for a delivery, adds whatever else
 //! is already waiting (up to `WORKER_BATCH_SIZE`), and hands the batch to a task. While other
 //! batches are in flight, a batch that is not full first gathers what arrives until one of them
-//! is done, it is full, or 20 ms passed. Prefetch bounds the deliveries held; the slots (`WORKER_DB_POOL_SIZE`) bound the
-//! transactions in flight.
+//! is done, it is full, or [`GATHER_AT_MOST`] passed. Prefetch bounds the deliveries held; the
+//! slots (`WORKER_DB_POOL_SIZE`) bound the transactions in flight.
 //!
 //! Retry policy (also in the crate README):
 //! - transient failures (database or broker unusable, serialization failure, deadlock): the same
@@ -93,6 +93,15 @@ pub(crate) struct Handler {
     pub(crate) stop: Stop,
 }
 
+/// What the consumer stream gave: a delivery, or why there will be no more.
+fn delivered(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, String> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(error)) => Err(error.to_string()),
+        None => Err("the broker cancelled the consumer".into()),
+    }
+}
+
 /// Consumes from the worker queue on `channel` until a stop or until the consumer breaks, then
 /// waits for every task it started.
 pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
@@ -138,25 +147,22 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
             next = consumer.next() => next,
         };
         let held = |delivery| HeldDelivery::new(delivery, &acks, &handler.metrics);
-        let mut batch = match first {
-            Some(Ok(delivery)) => vec![held(delivery)],
-            Some(Err(error)) => break End::Lost(error.to_string()),
-            None => break End::Lost("the broker cancelled the consumer".into()),
+        let mut batch = match delivered(first) {
+            Ok(delivery) => vec![held(delivery)],
+            Err(reason) => break End::Lost(reason),
         };
         let mut broken = None;
         while batch.len() < batch_size {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(delivery))) => batch.push(held(delivery)),
-                Some(Some(Err(error))) => {
-                    broken = Some(error.to_string());
+            // Nothing more waiting: go with what there is rather than wait for a full batch.
+            let Some(next) = consumer.next().now_or_never() else {
+                break;
+            };
+            match delivered(next) {
+                Ok(delivery) => batch.push(held(delivery)),
+                Err(reason) => {
+                    broken = Some(reason);
                     break;
                 }
-                Some(None) => {
-                    broken = Some("the broker cancelled the consumer".into());
-                    break;
-                }
-                // Nothing more waiting: go with what there is rather than wait for a full batch.
-                None => break,
             }
         }
         // With a batch already in flight, a second small one beside it would cost a transaction
@@ -180,19 +186,15 @@ pub(crate) async fn consume(channel: &Channel, handler: Handler) -> End {
                     _ = stop.wait() => break,
                     _ = &mut done => break,
                     _ = &mut gathered => break,
-                    next = consumer.next() => match next {
-                        Some(Ok(delivery)) => {
+                    next = consumer.next() => match delivered(next) {
+                        Ok(delivery) => {
                             batch.push(held(delivery));
                             if batch.len() >= batch_size {
                                 break;
                             }
                         }
-                        Some(Err(error)) => {
-                            broken = Some(error.to_string());
-                            break;
-                        }
-                        None => {
-                            broken = Some("the broker cancelled the consumer".into());
+                        Err(reason) => {
+                            broken = Some(reason);
                             break;
                         }
                     },
