@@ -145,6 +145,16 @@ fn user(n: usize) -> serde_json::Value {
     })
 }
 
+/// The `user.created` event of bench user `n`, as Clerk sends it.
+fn envelope(n: usize) -> serde_json::Value {
+    json!({"type": "user.created", "object": "event", "data": user(n)})
+}
+
+/// The svix-id the bench's pre-filled and recorded events carry for user `n`.
+fn bench_svix_id(n: usize) -> String {
+    format!("msg_bench_{n:08}")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -681,8 +691,7 @@ async fn post_events(clients: Vec<HttpClient>, events: usize) -> anyhow::Result<
                     if n >= events {
                         return anyhow::Ok(last_accepted);
                     }
-                    let body = json!({"type": "user.created", "object": "event", "data": user(n)})
-                        .to_string();
+                    let body = envelope(n).to_string();
                     let id = test_support::signing::svix_id();
                     let timestamp = chrono::Utc::now().timestamp();
                     let signature = signer.sign(&id, timestamp, body.as_bytes())?;
@@ -990,30 +999,12 @@ async fn floor(db: &DatabaseConnection, args: &Args, history: bool) -> anyhow::R
                 let chunk = start..(start + batch_size).min(events);
                 let mut users = format!("INSERT INTO users ({}) VALUES ", rows::COLUMNS);
                 let mut user_values = Vec::with_capacity(chunk.len() * rows::PARAMETERS);
-                let mut recorded = String::from(
-                    "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, \
-                       source, subject_kind, subject_id, payload) VALUES ",
-                );
-                let mut recorded_values = Vec::with_capacity(chunk.len() * 3);
-                for (i, n) in chunk.enumerate() {
+                for (i, n) in chunk.clone().enumerate() {
                     if i > 0 {
                         users.push_str(", ");
-                        recorded.push_str(", ");
                     }
                     users.push_str(&rows::placeholders(i * rows::PARAMETERS));
                     user_values.extend(rows::values(rows::record(user(n))?));
-                    recorded.push_str(&format!(
-                        "(${}, 'user.created', 'applied', now(), 'webhook', 'user', ${}, ${})",
-                        3 * i + 1,
-                        3 * i + 2,
-                        3 * i + 3
-                    ));
-                    let (svix_id, body, _) = bench_event(n);
-                    recorded_values.extend([
-                        svix_id.into(),
-                        format!("user_{n:08}").into(),
-                        serde_json::from_slice::<serde_json::Value>(&body)?.into(),
-                    ]);
                 }
                 users.push(' ');
                 users.push_str(rows::UPSERT_TAIL);
@@ -1025,6 +1016,27 @@ async fn floor(db: &DatabaseConnection, args: &Args, history: bool) -> anyhow::R
                 ))
                 .await?;
                 if history {
+                    let mut recorded = String::from(
+                        "INSERT INTO processed_events (svix_id, event_type, outcome, \
+                           processed_at, source, subject_kind, subject_id, payload) VALUES ",
+                    );
+                    let mut recorded_values = Vec::with_capacity(chunk.len() * 3);
+                    for (i, n) in chunk.enumerate() {
+                        if i > 0 {
+                            recorded.push_str(", ");
+                        }
+                        recorded.push_str(&format!(
+                            "(${}, 'user.created', 'applied', now(), 'webhook', 'user', ${}, ${})",
+                            3 * i + 1,
+                            3 * i + 2,
+                            3 * i + 3
+                        ));
+                        recorded_values.extend([
+                            bench_svix_id(n).into(),
+                            format!("user_{n:08}").into(),
+                            envelope(n).into(),
+                        ]);
+                    }
                     txn.execute_raw(Statement::from_sql_and_values(
                         DbBackend::Postgres,
                         recorded,
@@ -1128,8 +1140,8 @@ async fn drain(
 
 /// Event `n` as the ingest publishes it: its svix-id, body and properties.
 fn bench_event(n: usize) -> (String, Vec<u8>, BasicProperties) {
-    let svix_id = format!("msg_bench_{n:08}");
-    let body = json!({"type": "user.created", "object": "event", "data": user(n)});
+    let svix_id = bench_svix_id(n);
+    let body = envelope(n);
     let mut table = FieldTable::default();
     table.insert(
         headers::SVIX_ID.into(),
