@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::broker::AmqpNodes;
 use crate::roles::{Roles, RolesError};
@@ -31,17 +31,24 @@ pub enum ConfigError {
 
 /// Every setting of both binaries, as loaded. Required ones are `Option` here and checked by the
 /// accessor the binary calls.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// It serializes to the same keys it is loaded from, with the secrets written as `"[redacted]"`
+/// (null when unset): `serde_json::to_value(Settings::default())` lists every setting with
+/// its default, which is how the configuration reference (docs/configuration.md) is checked.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Settings {
     /// `CLERK_WEBHOOK_SECRET`: one or more `whsec_…` signing secrets, separated by spaces or
     /// commas (several during rotation). Required by the ingest.
+    #[serde(serialize_with = "redacted")]
     pub clerk_webhook_secret: Option<SecretString>,
     /// `AMQP_URL`: the RabbitMQ URL, `amqp://user:pass@host:5672/%2f`, or several separated by
     /// commas (the nodes of one cluster, tried in a shuffled order). Required by both.
+    #[serde(serialize_with = "redacted")]
     pub amqp_url: Option<SecretString>,
     /// `DATABASE_URL`: the Postgres URL, `postgres://user:pass@host:5432/db`. Required by the
     /// worker and the migrations.
+    #[serde(serialize_with = "redacted")]
     pub database_url: Option<SecretString>,
     /// `LOG_FORMAT`: `pretty` (default) or `json`.
     pub log_format: LogFormat,
@@ -66,7 +73,7 @@ pub struct Settings {
     /// is answered 503 (default 5000).
     pub ingest_confirm_timeout_ms: u64,
     /// `INGEST_PUBLISH_CHANNELS`: AMQP channels the ingest publishes on (default 1, the fastest
-    /// arrangement in the ingest's benchmark; see ingest/README.md).
+    /// arrangement in the ingest's benchmark; see BENCHMARKS.md).
     pub ingest_publish_channels: usize,
     /// `INGEST_MAX_CONCURRENT_REQUESTS`: requests handled at once; beyond it the answer is 503
     /// (default 1024).
@@ -101,7 +108,8 @@ pub struct Settings {
     pub worker_retry_max_ms: u64,
     /// `WORKER_RUN_MIGRATIONS`: apply pending migrations at start (default true).
     pub worker_run_migrations: bool,
-    /// `WORKER_DB_POOL_SIZE`: database connections the worker keeps at most (default 8).
+    /// `WORKER_DB_POOL_SIZE`: transactions (batches) the worker applies at once (default 8); its
+    /// pool holds one connection more, for `/readyz`.
     pub worker_db_pool_size: u32,
     /// `WORKER_ROLES`: the roles a user can hold, separated by commas (default
     /// `admin,trainer,client`).
@@ -115,6 +123,7 @@ pub struct Settings {
 
     /// `CLERK_SECRET_KEY`: the Backend API key of the Clerk instance (`sk_live_…`/`sk_test_…`).
     /// Required by `worker reconcile` and by a scheduled reconcile only.
+    #[serde(serialize_with = "redacted")]
     pub clerk_secret_key: Option<SecretString>,
     /// `CLERK_API_URL`: the Backend API's base URL (default `https://api.clerk.com`).
     pub clerk_api_url: String,
@@ -306,6 +315,14 @@ impl Settings {
     }
 }
 
+/// A secret as serialized: never its value.
+fn redacted<S: Serializer>(value: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_some("[redacted]"),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn required(
     value: &Option<SecretString>,
     variable: &'static str,
@@ -399,6 +416,24 @@ mod tests {
         assert!(
             line.starts_with("configuration: WORKER_ROLES is malformed"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_serialized_redacted_and_unset_ones_as_null() {
+        let settings = Settings {
+            clerk_webhook_secret: Some("whsec_topsecret".into()),
+            amqp_url: Some("amqp://guest:hunter2@localhost".into()),
+            ..Settings::default()
+        };
+        let value = serde_json::to_value(&settings).expect("serializable");
+        assert_eq!(value["clerk_webhook_secret"], "[redacted]");
+        assert_eq!(value["amqp_url"], "[redacted]");
+        assert!(value["database_url"].is_null());
+        let text = value.to_string();
+        assert!(
+            !text.contains("topsecret") && !text.contains("hunter2"),
+            "{text}"
         );
     }
 

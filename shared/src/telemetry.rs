@@ -1,10 +1,10 @@
 //! Logging set-up, the same for every binary.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
 /// `LOG_FORMAT`: human-readable lines or one JSON object a line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -25,9 +25,11 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The filter every binary logs with: `RUST_LOG`, else info without the database driver's
-/// per-statement lines and the AMQP client's chatter.
+/// The filter when `RUST_LOG` is not set: info, without the database driver's per-statement
+/// lines and the AMQP client's chatter.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=warn,sea_orm_migration=warn";
+
+/// The filter every binary logs with: `RUST_LOG`, else [`DEFAULT_FILTER`].
 pub fn filter() -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,sea_orm_migration=warn"))
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
 }
