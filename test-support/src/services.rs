@@ -80,6 +80,17 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// The broker environment of a child process (the ingest, the worker, a command): `AMQP_URL`
+/// and the names of `topology`, for `Command::envs`.
+pub fn broker_env(amqp_url: &str, topology: &shared::Topology) -> [(&'static str, String); 4] {
+    [
+        ("AMQP_URL", amqp_url.to_owned()),
+        ("AMQP_EXCHANGE", topology.exchange.clone()),
+        ("AMQP_QUEUE", topology.queue.clone()),
+        ("AMQP_DEAD_QUEUE", topology.dead_queue.clone()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

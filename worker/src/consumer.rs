@@ -28,52 +28,27 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::Instrument;
 
+use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use shared::headers;
+use shared::roles::RoleSource;
+
 use crate::acks::Acks;
-use crate::apply::{self, ApplyError, BatchFailure, Outcome};
+use crate::apply::{
+    self, Action, ApplyError, BatchFailure, Event, Message, Outcome, ReadError, Source,
+};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadKind, DeadLetters};
-use crate::event::{Event, ReadError, text};
 use crate::metrics::{HeldSince, Metrics};
-use shared::headers;
+use crate::stop::Stop;
 
 /// The longest a batch that is not full waits for a batch in flight to be done before it starts
 /// beside it: about one transaction of a full batch on a loaded machine.
 const GATHER_AT_MOST: Duration = Duration::from_millis(20);
-
-/// A view of the stop signal that tasks can wait on.
-#[derive(Clone)]
-pub(crate) struct Stop(pub(crate) watch::Receiver<bool>);
-
-impl Stop {
-    pub(crate) fn requested(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    pub(crate) async fn wait(&mut self) {
-        // An error means the sender is gone, which also means stop.
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-
-    /// Sleeps for `delay`; false when a stop came first.
-    pub(crate) async fn sleep(&mut self, delay: Duration) -> bool {
-        self.unless_stopped(tokio::time::sleep(delay))
-            .await
-            .is_some()
-    }
-
-    /// Runs `work` to its end, or gives it up (None) as soon as a stop is requested: a
-    /// connection attempt to an unresponsive host must not hold up a shutdown.
-    pub(crate) async fn unless_stopped<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            biased;
-            _ = self.wait() => None,
-            output = work => Some(output),
-        }
-    }
-}
 
 /// How consuming ended.
 #[derive(Debug)]
@@ -278,7 +253,11 @@ impl Handler {
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let span = span_for(&delivery);
-            match self.config.read_event(&delivery.data, &delivery.properties) {
+            match self
+                .config
+                .reading
+                .read(&message(&delivery.data, &delivery.properties))
+            {
                 Ok(event) => {
                     held.push((delivery, span));
                     events.push(event);
@@ -309,7 +288,7 @@ impl Handler {
                     for ((delivery, span), (event, outcome)) in
                         held.iter().zip(events.iter().zip(outcomes))
                     {
-                        span.in_scope(|| apply::report(&self.metrics, event, outcome));
+                        span.in_scope(|| report(&self.metrics, event, outcome));
                         delivery.done();
                     }
                     return;
@@ -354,7 +333,7 @@ impl Handler {
     }
 
     fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
-        apply::report(&self.metrics, event, outcome);
+        report(&self.metrics, event, outcome);
         delivery.done();
     }
 
@@ -423,7 +402,11 @@ impl Handler {
                 return;
             }
             attempts += 1;
-            let event = match self.config.read_event(&delivery.data, &delivery.properties) {
+            let event = match self
+                .config
+                .reading
+                .read(&message(&delivery.data, &delivery.properties))
+            {
                 Ok(event) => event,
                 Err(ReadError::Message(again)) => {
                     reason = again;
@@ -543,5 +526,119 @@ impl std::ops::Deref for HeldDelivery {
 
     fn deref(&self) -> &Delivery {
         &self.delivery
+    }
+}
+
+/// Counts and logs what became of an event, once its transaction committed.
+fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
+    metrics.event(&event.event_type, outcome.as_str());
+    if outcome == Outcome::Duplicate {
+        metrics.duplicates.inc();
+    }
+    if let Action::Upsert(record) = &event.action
+        && let RoleSource::Unknown(value) = &record.role_source
+        && outcome == Outcome::Applied
+    {
+        metrics.unknown_roles.inc();
+        tracing::warn!(
+            user_id = %record.id, role = %value, stored_as = %record.role,
+            "unknown role in public_metadata; stored as the default role"
+        );
+    }
+    tracing::info!(outcome = outcome.as_str(), "event handled");
+}
+
+/// What a delivery hands the door: its body and what the ingest put in its properties (the
+/// `svix-id` header, else the message id; the `svix-timestamp` and `received-at` headers).
+fn message<'a>(body: &'a [u8], properties: &BasicProperties) -> Message<'a> {
+    Message {
+        body,
+        svix_id: header(properties, headers::SVIX_ID)
+            .or_else(|| properties.message_id().as_ref().map(|id| id.to_string())),
+        svix_timestamp: header(properties, headers::SVIX_TIMESTAMP)
+            .and_then(|seconds| seconds.trim().parse().ok())
+            .and_then(|seconds| DateTime::from_timestamp(seconds, 0)),
+        received_at: header(properties, headers::RECEIVED_AT)
+            .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
+            .map(|at| at.with_timezone(&Utc)),
+        source: Source::Webhook,
+    }
+}
+
+/// A header's text value.
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(name))
+        .and_then(text)
+}
+
+/// A header's value as text, whichever string type the publisher chose.
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldTable, LongString};
+    use shared::Roles;
+
+    fn properties(svix_id: Option<&str>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(id) = svix_id {
+            headers.insert(
+                headers::SVIX_ID.into(),
+                AMQPValue::LongString(LongString::from(id)),
+            );
+        }
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn the_message_id_stands_in_for_a_missing_svix_id_header() {
+        let body = br#"{"type":"session.created","data":{}}"#;
+        let props = properties(None).with_message_id("msg_2".into());
+        let event = Event::read(&message(body, &props), &Roles::default()).expect("event");
+        assert_eq!(event.svix_id, "msg_2");
+        assert_eq!(event.action, Action::Ignore);
+        let error = Event::read(&message(body, &properties(None)), &Roles::default())
+            .expect_err("no id at all");
+        assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+    }
+
+    #[test]
+    fn the_svix_id_header_and_the_times_are_read_from_the_properties() {
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            (headers::SVIX_ID, "msg_1"),
+            (headers::SVIX_TIMESTAMP, "1700000000"),
+            (headers::RECEIVED_AT, "2026-11-30T12:00:00Z"),
+        ] {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("other".into());
+        let message = message(b"{}", &props);
+        assert_eq!(message.svix_id.as_deref(), Some("msg_1"));
+        assert_eq!(
+            message.svix_timestamp,
+            DateTime::from_timestamp(1_700_000_000, 0)
+        );
+        assert_eq!(
+            message.received_at,
+            Some(
+                DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+                    .expect("time")
+                    .to_utc()
+            )
+        );
+        assert_eq!(message.source, Source::Webhook);
     }
 }
