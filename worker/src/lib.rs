@@ -25,6 +25,7 @@ pub mod config;
 mod consumer;
 mod database;
 pub mod dead_letter;
+mod delivery;
 mod depth;
 pub mod history;
 mod http;
