@@ -90,7 +90,7 @@ pub enum Action {
     Upsert(Box<UserRecord>),
     /// `user.deleted`: remove the user for good.
     Delete { id: String },
-    /// An organization or membership event (see [`crate::organizations`]).
+    /// An organization or membership event (see [`super::organizations`]).
     Organization(Change),
     /// A type the worker does not handle: recorded as `ignored`.
     Ignore,
