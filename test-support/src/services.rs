@@ -81,14 +81,9 @@ pub fn closed_port() -> u16 {
 }
 
 /// The broker environment of a child process (the ingest, the worker, a command): `AMQP_URL`
-/// and the names of `topology`, for `Command::envs`.
+/// and the names of `topology` ([`shared::Topology::child_env`]), for `Command::envs`.
 pub fn broker_env(amqp_url: &str, topology: &shared::Topology) -> [(&'static str, String); 4] {
-    [
-        ("AMQP_URL", amqp_url.to_owned()),
-        ("AMQP_EXCHANGE", topology.exchange.clone()),
-        ("AMQP_QUEUE", topology.queue.clone()),
-        ("AMQP_DEAD_QUEUE", topology.dead_queue.clone()),
-    ]
+    topology.child_env(amqp_url)
 }
 
 #[cfg(test)]
