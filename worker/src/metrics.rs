@@ -180,26 +180,18 @@ impl Metrics {
         })
     }
 
-    /// Counts a finished reconcile and what it changed.
-    pub fn reconcile_run(&self, report: &crate::reconcile::Report) {
-        let outcome = if report.succeeded() {
-            "succeeded"
-        } else {
-            "failed"
-        };
+    /// Counts a finished scheduled reconcile.
+    pub fn reconcile_run(&self, succeeded: bool) {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
         self.reconcile_runs.with_label_values(&[outcome]).inc();
-        for kind in crate::reconcile::Kind::ALL {
-            let counts = report.summary.of(kind);
-            for (change, count) in [
-                ("created", counts.created),
-                ("updated", counts.updated),
-                ("deleted", counts.deleted),
-            ] {
-                self.reconcile_changes
-                    .with_label_values(&[kind.name(), change])
-                    .inc_by(count);
-            }
-        }
+    }
+
+    /// Counts the rows of `kind` a scheduled reconcile changed by `change` (`created`,
+    /// `updated`, `deleted`).
+    pub fn reconcile_changes(&self, kind: &str, change: &str, count: u64) {
+        self.reconcile_changes
+            .with_label_values(&[kind, change])
+            .inc_by(count);
     }
 
     /// Counts one event. Types outside Clerk's shape are counted as `other`, so a stream of junk

@@ -1,7 +1,7 @@
 //! A replayed dead letter goes all the way: a real worker (in-process) applies it to a fresh
 //! Postgres database.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -151,10 +151,10 @@ async fn with_the_broker_blocked_a_dead_letter_times_out_and_sigterm_still_ends_
     let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .arg("run")
         .env("DATABASE_URL", env.db_url())
-        .env("AMQP_URL", node.amqp_url())
-        .env("AMQP_EXCHANGE", &env.topology.exchange)
-        .env("AMQP_QUEUE", &env.topology.queue)
-        .env("AMQP_DEAD_QUEUE", &env.topology.dead_queue)
+        .envs(test_support::services::broker_env(
+            &node.amqp_url(),
+            &env.topology,
+        ))
         .env("WORKER_LISTEN", format!("127.0.0.1:{port}"))
         .env("WORKER_BROKER_TIMEOUT_MS", "1000")
         .env("WORKER_RETRY_BASE_MS", "50")

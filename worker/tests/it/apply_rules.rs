@@ -294,7 +294,7 @@ async fn clerk_data_answers_json_path_queries_on_fields_without_a_column() {
 async fn configured_roles_are_kept_and_anything_else_takes_the_configured_default() {
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.roles = Roles::new(["owner", "editor", "viewer"], "viewer").expect("roles");
+    config.reading.roles = Roles::new(["owner", "editor", "viewer"], "viewer").expect("roles");
     let worker = env.start_worker(config).await;
     for (user, role) in [
         ("user_owner", json!("owner")),

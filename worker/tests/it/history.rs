@@ -10,7 +10,8 @@ use test_support::events::{clerk_membership, clerk_organization, clerk_user, env
 use test_support::rows::processed_events;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
-use worker::reconcile::{ClerkClient, ClerkConfig, Options};
+use worker::clerk::{ClerkClient, ClerkConfig};
+use worker::reconcile::Options;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
@@ -127,7 +128,7 @@ async fn organization_and_membership_events_are_kept_under_their_own_subjects() 
 async fn without_stored_payloads_the_history_keeps_everything_but_the_body() {
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.store_payloads = false;
+    config.reading.store_payloads = false;
     let worker = env.start_worker(config).await;
     let ids = env
         .apply_in_order(&[(

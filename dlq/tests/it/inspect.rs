@@ -1,6 +1,6 @@
 //! `list`, `show` and `purge` against the real RabbitMQ, and the refusal of bad input.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -13,8 +13,9 @@ use shared::headers;
 use shared::organizations::{MembershipRecord, OrganizationRecord};
 use test_support::events::{clerk_membership, clerk_organization, clerk_user, fixture};
 use test_support::signing::svix_id;
+use test_support::worker::apply_changes;
 use test_support::{TestEnv, TestWorker, eventually};
-use worker::organizations::{Change, apply_changes};
+use worker::apply::organizations::Change;
 
 const WITHIN: Duration = Duration::from_secs(20);
 

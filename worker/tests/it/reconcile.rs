@@ -12,11 +12,12 @@ use test_support::clerk_api::{ClerkApi, Fault};
 use test_support::events::{clerk_membership, clerk_organization};
 use test_support::rows::user_tombstones;
 use test_support::signing::svix_id;
+use test_support::worker::apply_changes;
 use test_support::{TestEnv, eventually};
-use worker::organizations::{Change, apply_changes};
-use worker::reconcile::{
-    ClerkClient, ClerkConfig, Counts, MaxDelete, Options, Report, ScheduledReconcile,
-};
+use worker::apply::organizations::Change;
+use worker::clerk::{ClerkClient, ClerkConfig};
+use worker::config::ScheduledReconcile;
+use worker::reconcile::{Counts, MaxDelete, Options, Report};
 use worker::storage::users;
 
 const KEY: &str = "sk_test_standin_key";
@@ -170,7 +171,7 @@ async fn a_backfill_fills_an_empty_table_over_several_pages_and_records_the_run(
     assert!(
         served
             .iter()
-            .all(|s| s.api_version.as_deref() == Some(worker::reconcile::clerk::API_VERSION)),
+            .all(|s| s.api_version.as_deref() == Some(worker::clerk::API_VERSION)),
         "{served:?}"
     );
     let runs = recorded_runs(&env).await;
@@ -663,8 +664,6 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
     config.reconcile = Some(ScheduledReconcile {
         interval: Duration::from_secs(3600),
         clerk: quick(ClerkConfig::new(api.url(), KEY.to_owned().into())),
-        roles: config.roles.clone(),
-        store_payloads: true,
     });
     let first = env.start_worker(config.clone()).await;
     let second = env.start_worker(config).await;

@@ -25,10 +25,10 @@ fn worker_command(env: &TestEnv, batch_size: usize) -> Command {
     command
         .arg("run")
         .env("DATABASE_URL", env.db_url())
-        .env("AMQP_URL", amqp_url())
-        .env("AMQP_EXCHANGE", &env.topology.exchange)
-        .env("AMQP_QUEUE", &env.topology.queue)
-        .env("AMQP_DEAD_QUEUE", &env.topology.dead_queue)
+        .envs(test_support::services::broker_env(
+            &amqp_url(),
+            &env.topology,
+        ))
         .env("WORKER_LISTEN", "127.0.0.1:0")
         .env("WORKER_BATCH_SIZE", batch_size.to_string())
         .env("WORKER_PREFETCH", "50");

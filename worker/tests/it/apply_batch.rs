@@ -4,17 +4,16 @@
 use serde_json::{Value, json};
 use shared::Roles;
 use test_support::TestEnv;
-use test_support::events::{clerk_user, event_properties};
+use test_support::events::clerk_user;
 use test_support::signing::svix_id;
 use worker::Outcome;
-use worker::apply::apply_batch;
-use worker::event::Event;
+use worker::apply::{Event, Message, Source, apply_batch};
 
 fn event(svix_id: &str, event_type: &str, data: Value) -> Event {
     let body = json!({"type": event_type, "object": "event", "timestamp": 1, "data": data});
+    let body = body.to_string();
     Event::read(
-        body.to_string().as_bytes(),
-        &event_properties(svix_id, event_type),
+        &Message::new(body.as_bytes(), svix_id, Source::Webhook),
         &Roles::default(),
     )
     .expect("a readable event")

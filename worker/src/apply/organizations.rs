@@ -16,18 +16,20 @@
 //!
 //! The caller holds the transaction-scoped advisory locks of [`Change::lock_ids`] (the
 //! organization, the user and the membership), so changes to one organization, one member or
-//! one membership never interleave, whichever worker applies them. The record-level functions
-//! ([`apply_change`], [`apply_changes`]) need no svix-id, for callers other than the event path.
+//! one membership never interleave, whichever worker applies them.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use serde_json::Value;
 use shared::organizations::{
     MembershipDeletion, MembershipRecord, OrganizationDataError, OrganizationEventKind,
     OrganizationRecord, deleted_organization_id,
 };
 
-use crate::apply::Outcome;
-use crate::event::{Event, ReadError, Subject};
+use super::Outcome;
+use super::event::{Event, ReadError};
+use super::history;
+use super::subject::{Subject, SubjectKind};
 
 /// What an organization or membership event asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,21 +79,30 @@ impl Change {
     pub fn subject(&self) -> Subject<'_> {
         match self {
             Change::UpsertOrganization(record) => Subject {
-                kind: "organization",
+                kind: SubjectKind::Organization,
                 id: &record.id,
             },
             Change::DeleteOrganization { id } => Subject {
-                kind: "organization",
+                kind: SubjectKind::Organization,
                 id,
             },
             Change::UpsertMembership(record) => Subject {
-                kind: "membership",
+                kind: SubjectKind::Membership,
                 id: &record.id,
             },
             Change::DeleteMembership(deletion) => Subject {
-                kind: "membership",
+                kind: SubjectKind::Membership,
                 id: &deletion.id,
             },
+        }
+    }
+
+    /// The `updated_at` of the version an upsert carries; `None` for a delete.
+    pub fn version(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Change::UpsertOrganization(record) => Some(record.updated_at),
+            Change::UpsertMembership(record) => Some(record.updated_at),
+            Change::DeleteOrganization { .. } | Change::DeleteMembership(_) => None,
         }
     }
 
@@ -126,79 +137,32 @@ impl Change {
 
 /// Applies an event's change inside the caller's transaction: records the svix-id first (a
 /// duplicate changes nothing), then applies, and records `stale` when nothing was written.
-pub(crate) async fn apply_event<C: ConnectionTrait>(
+pub(super) async fn apply_event<C: ConnectionTrait>(
     db: &C,
     event: &Event,
     change: &Change,
 ) -> Result<Outcome, DbErr> {
-    let subject = change.subject();
     let outcome = if change.deletes() {
         "deleted"
     } else {
         "applied"
     };
-    let recorded = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
-               subject_kind, subject_id, payload, svix_timestamp, received_at) \
-             VALUES ($1, $2, $3, now(), $4, $5, $6, $7::jsonb, $8, $9) \
-             ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id",
-            [
-                event.svix_id.clone().into(),
-                event.event_type.clone().into(),
-                outcome.into(),
-                event.source.as_str().into(),
-                subject.kind.into(),
-                subject.id.into(),
-                event.payload.clone().into(),
-                event.svix_timestamp.into(),
-                event.received_at.into(),
-            ],
-        ))
-        .await?;
-    if recorded.is_none() {
+    if !history::record(db, event, outcome).await? {
         return Ok(Outcome::Duplicate);
     }
     if apply_change(db, change).await? {
         return Ok(Outcome::Applied);
     }
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "UPDATE processed_events SET outcome = 'stale', reason = $2 WHERE svix_id = $1",
-        [event.svix_id.clone().into(), STALE_REASON.into()],
-    ))
-    .await?;
+    history::mark_stale(db, &event.svix_id, STALE_REASON).await?;
     Ok(Outcome::Stale)
 }
 
 /// Why an organization or membership event wrote nothing.
 const STALE_REASON: &str = "a version with a later updated_at, or a tombstone, was already stored";
 
-/// Applies several changes in one transaction, taking their locks first in one sorted statement;
-/// returns for each whether it wrote anything. For callers without events (a reconcile).
-pub async fn apply_changes(
-    db: &DatabaseConnection,
-    changes: &[Change],
-) -> Result<Vec<bool>, DbErr> {
-    let txn = db.begin().await?;
-    let ids: Vec<String> = changes
-        .iter()
-        .flat_map(Change::lock_ids)
-        .map(str::to_owned)
-        .collect();
-    crate::apply::lock_keys(&txn, ids.iter().map(String::as_str)).await?;
-    let mut written = Vec::with_capacity(changes.len());
-    for change in changes {
-        written.push(apply_change(&txn, change).await?);
-    }
-    txn.commit().await?;
-    Ok(written)
-}
-
 /// Applies one change inside the caller's transaction, which holds its locks. True when a row
 /// was written or deleted; a delete always counts as written.
-pub async fn apply_change<C: ConnectionTrait>(db: &C, change: &Change) -> Result<bool, DbErr> {
+async fn apply_change<C: ConnectionTrait>(db: &C, change: &Change) -> Result<bool, DbErr> {
     match change {
         Change::UpsertOrganization(record) => upsert_organization(db, record).await,
         Change::DeleteOrganization { id } => {
@@ -222,7 +186,7 @@ pub async fn apply_change<C: ConnectionTrait>(db: &C, change: &Change) -> Result
 
 /// Writes the organization when it is not tombstoned and newer than the stored row. True when
 /// written.
-pub async fn upsert_organization<C: ConnectionTrait>(
+async fn upsert_organization<C: ConnectionTrait>(
     db: &C,
     record: &OrganizationRecord,
 ) -> Result<bool, DbErr> {
@@ -258,7 +222,7 @@ pub async fn upsert_organization<C: ConnectionTrait>(
 
 /// Deletes the organization and its memberships and writes its tombstone (a second delete keeps
 /// the first deletion time).
-pub async fn delete_organization<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
+async fn delete_organization<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "WITH memberships AS (DELETE FROM organization_memberships WHERE organization_id = $1), \
@@ -272,7 +236,7 @@ pub async fn delete_organization<C: ConnectionTrait>(db: &C, id: &str) -> Result
 }
 
 /// Deletes the membership by id and writes its tombstone.
-pub async fn delete_membership<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
+async fn delete_membership<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "WITH deleted AS (DELETE FROM organization_memberships WHERE id = $1) \
@@ -300,7 +264,7 @@ LEFT JOIN organization_memberships AS other \
 /// later-created membership holds its (organization, user) pair, and it is newer than the
 /// stored row. An older membership holding the pair is deleted and tombstoned. True when
 /// anything was written.
-pub async fn upsert_membership<C: ConnectionTrait>(
+async fn upsert_membership<C: ConnectionTrait>(
     db: &C,
     record: &MembershipRecord,
 ) -> Result<bool, DbErr> {
@@ -321,8 +285,7 @@ pub async fn upsert_membership<C: ConnectionTrait>(
         return Ok(false);
     }
     let other_id: Option<String> = standing.try_get("", "other_id")?;
-    let other_created_at: Option<chrono::DateTime<chrono::Utc>> =
-        standing.try_get("", "other_created_at")?;
+    let other_created_at: Option<DateTime<Utc>> = standing.try_get("", "other_created_at")?;
     if let (Some(other_id), Some(other_created_at)) = (other_id, other_created_at) {
         // One membership per pair at a time: the later one is current, and the earlier one
         // has been deleted in Clerk, whether or not its delete has arrived yet.
@@ -336,8 +299,7 @@ pub async fn upsert_membership<C: ConnectionTrait>(
             "a newer membership of the same member replaced the older one"
         );
     }
-    let stored_updated_at: Option<chrono::DateTime<chrono::Utc>> =
-        standing.try_get("", "stored_updated_at")?;
+    let stored_updated_at: Option<DateTime<Utc>> = standing.try_get("", "stored_updated_at")?;
     if stored_updated_at.is_some_and(|stored| stored >= record.updated_at) {
         return Ok(false);
     }

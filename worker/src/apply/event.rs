@@ -1,16 +1,45 @@
-//! A delivery read as an event: its svix-id, its type and what it asks of the database. Reading
+//! A message read as an event: its svix-id, its type and what it asks of the database. Reading
 //! needs no I/O, so a whole batch is read before its transaction starts.
 
 use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
-use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
 use shared::organizations::OrganizationEventKind;
-use shared::{Roles, headers, sanitize};
+use shared::{Roles, sanitize};
 
-use crate::organizations::Change;
+use super::organizations::Change;
+use super::subject::{Subject, SubjectKind};
+
+/// What a source hands the door: a message as it came, without its transport. The queue
+/// consumer takes it from a delivery's body and headers; reconcile, replay and rebuild make it
+/// from what they listed or stored.
+#[derive(Debug, Clone)]
+pub struct Message<'a> {
+    /// The body: a Clerk event envelope (`{"type", "data", …}`), as Clerk sent it.
+    pub body: &'a [u8],
+    /// The svix-id, the idempotency key; a message without one can never apply.
+    pub svix_id: Option<String>,
+    /// When Svix sent the event (the `svix-timestamp` header).
+    pub svix_timestamp: Option<DateTime<Utc>>,
+    /// When the ingest accepted it (the `received-at` header).
+    pub received_at: Option<DateTime<Utc>>,
+    /// Where it came from, kept in its history row.
+    pub source: Source,
+}
+
+impl<'a> Message<'a> {
+    /// A message with a svix-id of its own and no times, as the commands make them.
+    pub fn new(body: &'a [u8], svix_id: impl Into<String>, source: Source) -> Self {
+        Self {
+            body,
+            svix_id: Some(svix_id.into()),
+            svix_timestamp: None,
+            received_at: None,
+            source,
+        }
+    }
+}
 
 /// One event, ready to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +68,10 @@ pub enum Source {
     Webhook,
     /// Made by `worker reconcile` from what Clerk's Backend API listed.
     Reconcile,
-    /// Re-applied from the history by `worker replay`.
+    /// Re-applied from the history by `worker replay` (and `worker rebuild`).
     Replay,
+    /// Fetched from Clerk's Backend API for one object on request.
+    OnDemand,
 }
 
 impl Source {
@@ -50,16 +81,9 @@ impl Source {
             Source::Webhook => "webhook",
             Source::Reconcile => "reconcile",
             Source::Replay => "replay",
+            Source::OnDemand => "on_demand",
         }
     }
-}
-
-/// What an event concerns: the row its history belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subject<'a> {
-    /// `user`, `organization` or `membership`.
-    pub kind: &'static str,
-    pub id: &'a str,
 }
 
 /// What an event asks for.
@@ -69,7 +93,7 @@ pub enum Action {
     Upsert(Box<UserRecord>),
     /// `user.deleted`: remove the user for good.
     Delete { id: String },
-    /// An organization or membership event (see [`crate::organizations`]).
+    /// An organization or membership event (see [`super::organizations`]).
     Organization(Change),
     /// A type the worker does not handle: recorded as `ignored`.
     Ignore,
@@ -89,12 +113,25 @@ impl Action {
     pub fn subject(&self) -> Option<Subject<'_>> {
         match self {
             Action::Upsert(record) => Some(Subject {
-                kind: "user",
+                kind: SubjectKind::User,
                 id: &record.id,
             }),
-            Action::Delete { id } => Some(Subject { kind: "user", id }),
+            Action::Delete { id } => Some(Subject {
+                kind: SubjectKind::User,
+                id,
+            }),
             Action::Organization(change) => Some(change.subject()),
             Action::Ignore => None,
+        }
+    }
+
+    /// The `updated_at` of the version an upsert carries; `None` for a delete or an ignored
+    /// type.
+    pub fn version(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Action::Upsert(record) => Some(record.updated_at),
+            Action::Organization(change) => change.version(),
+            Action::Delete { .. } | Action::Ignore => None,
         }
     }
 
@@ -117,7 +154,7 @@ impl Action {
     }
 }
 
-/// Why a delivery cannot be read as an event.
+/// Why a message cannot be read as an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// It can never apply, however often it is tried: dead-lettered at once.
@@ -129,21 +166,22 @@ pub enum ReadError {
 }
 
 impl Event {
-    /// Reads a delivery's body and properties, the way the ingest published them; a user's role
-    /// is resolved against `roles`. Every source of events reads them here, so this is where
-    /// the body loses what Postgres cannot store (NUL, lone surrogates; see
-    /// [`shared::sanitize`]): the columns and the history payload are read from the clean text.
-    pub fn read(
-        body: &[u8],
-        properties: &BasicProperties,
-        roles: &Roles,
-    ) -> Result<Self, ReadError> {
-        let clean = sanitize::strip_unstorable(body);
+    /// Reads a message; a user's role is resolved against `roles`. The payload is kept (see
+    /// [`super::Reading::read`] for `WORKER_STORE_PAYLOADS`). Every source of events reads them
+    /// here, so this is where the body loses what Postgres cannot store (NUL, lone surrogates;
+    /// see [`shared::sanitize`]): the columns and the history payload are read from the clean
+    /// text.
+    pub fn read(message: &Message<'_>, roles: &Roles) -> Result<Self, ReadError> {
+        let clean = sanitize::strip_unstorable(message.body);
         let body = clean.as_ref();
         let envelope = Envelope::parse(body).map_err(|e| ReadError::Permanent(e.to_string()))?;
-        let svix_id = svix_id(properties).ok_or_else(|| {
-            ReadError::Permanent("message has no svix-id header and no message id".into())
-        })?;
+        let svix_id = message
+            .svix_id
+            .clone()
+            .filter(|id| !id.trim().is_empty())
+            .ok_or_else(|| {
+                ReadError::Permanent("message has no svix-id header and no message id".into())
+            })?;
         if matches!(clean, Cow::Owned(_)) {
             tracing::info!(
                 svix_id,
@@ -181,14 +219,10 @@ impl Event {
             svix_id,
             event_type: envelope.event_type,
             action,
-            source: Source::Webhook,
+            source: message.source,
             payload: storable(body),
-            svix_timestamp: header(properties, headers::SVIX_TIMESTAMP)
-                .and_then(|seconds| seconds.trim().parse().ok())
-                .and_then(|seconds| DateTime::from_timestamp(seconds, 0)),
-            received_at: header(properties, headers::RECEIVED_AT)
-                .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
-                .map(|at| at.with_timezone(&Utc)),
+            svix_timestamp: message.svix_timestamp,
+            received_at: message.received_at,
         })
     }
 
@@ -206,50 +240,23 @@ fn storable(body: &[u8]) -> Option<String> {
     std::str::from_utf8(body).ok().map(str::to_owned)
 }
 
-/// A header's text value.
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(name))
-        .and_then(text)
-}
-
-/// The `svix-id` header, else the message id (the ingest sets both to the same value).
-fn svix_id(properties: &BasicProperties) -> Option<String> {
-    header(properties, headers::SVIX_ID)
-        .or_else(|| properties.message_id().as_ref().map(|id| id.to_string()))
-        .filter(|id| !id.trim().is_empty())
-}
-
-/// A header's value as text, whichever string type the publisher chose.
-pub(crate) fn text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.to_string()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{FieldTable, LongString};
 
-    fn properties(svix_id: Option<&str>) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        if let Some(id) = svix_id {
-            headers.insert(
-                headers::SVIX_ID.into(),
-                AMQPValue::LongString(LongString::from(id)),
-            );
+    fn message<'a>(body: &'a [u8], svix_id: Option<&str>) -> Message<'a> {
+        Message {
+            body,
+            svix_id: svix_id.map(str::to_owned),
+            svix_timestamp: None,
+            received_at: None,
+            source: Source::Webhook,
         }
-        BasicProperties::default().with_headers(headers)
     }
 
     #[test]
     fn a_body_that_is_not_json_is_permanent() {
-        let error = Event::read(b"{nope", &properties(Some("msg_1")), &Roles::default())
+        let error = Event::read(&message(b"{nope", Some("msg_1")), &Roles::default())
             .expect_err("not json");
         assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
     }
@@ -257,8 +264,7 @@ mod tests {
     #[test]
     fn a_body_without_type_is_permanent() {
         let error = Event::read(
-            br#"{"data":{}}"#,
-            &properties(Some("msg_1")),
+            &message(br#"{"data":{}}"#, Some("msg_1")),
             &Roles::default(),
         )
         .expect_err("no type");
@@ -269,7 +275,7 @@ mod tests {
     fn a_delete_without_id_is_permanent() {
         let body = br#"{"type":"user.deleted","data":{"deleted":true,"object":"user"}}"#;
         let error =
-            Event::read(body, &properties(Some("msg_1")), &Roles::default()).expect_err("no id");
+            Event::read(&message(body, Some("msg_1")), &Roles::default()).expect_err("no id");
         assert_eq!(
             error,
             ReadError::Permanent("user.deleted without data.id".into())
@@ -279,20 +285,21 @@ mod tests {
     #[test]
     fn a_user_without_updated_at_is_a_message_failure() {
         let body = br#"{"type":"user.updated","data":{"id":"user_1","created_at":1}}"#;
-        let error = Event::read(body, &properties(Some("msg_1")), &Roles::default())
+        let error = Event::read(&message(body, Some("msg_1")), &Roles::default())
             .expect_err("no updated_at");
         assert!(matches!(error, ReadError::Message(_)), "{error:?}");
     }
 
     #[test]
-    fn the_message_id_stands_in_for_a_missing_svix_id_header() {
+    fn a_message_without_a_svix_id_is_permanent() {
         let body = br#"{"type":"session.created","data":{}}"#;
-        let props = properties(None).with_message_id("msg_2".into());
-        let event = Event::read(body, &props, &Roles::default()).expect("event");
+        let event = Event::read(&message(body, Some("msg_2")), &Roles::default()).expect("event");
         assert_eq!(event.svix_id, "msg_2");
         assert_eq!(event.action, Action::Ignore);
-        let error =
-            Event::read(body, &properties(None), &Roles::default()).expect_err("no id at all");
-        assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+        for svix_id in [None, Some(" ")] {
+            let error =
+                Event::read(&message(body, svix_id), &Roles::default()).expect_err("no id at all");
+            assert!(matches!(error, ReadError::Permanent(_)), "{error:?}");
+        }
     }
 }

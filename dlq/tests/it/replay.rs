@@ -1,6 +1,6 @@
 //! `replay` against the real RabbitMQ: what moves, what stays, and that nothing is ever lost.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,9 @@
 //!
 //! Errors name the call (`GET /v1/users`), the status and Clerk's `errors[0].code`; never the key.
 
-use std::collections::VecDeque;
+mod limiter;
+mod pages;
+
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -20,8 +22,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
+
+use limiter::RateLimiter;
+pub use pages::{OffsetPages, UserPages};
 
 /// The Backend API version every request pins, so a change of Clerk's default never changes what
 /// this client reads.
@@ -522,154 +525,9 @@ fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ClerkError>
     })
 }
 
-/// The users of the instance as pages, walked with the `starting_after` cursor in
-/// `+created_at` order (an offset walk gets slow on large instances, and skips users when
-/// others are deleted meanwhile). A page shorter than the limit is the last.
-pub struct UserPages<'a> {
-    client: &'a ClerkClient,
-    limit: u32,
-    cursor: Option<String>,
-    done: bool,
-}
-
-impl UserPages<'_> {
-    /// The next page of user objects as Clerk wrote them, or `None` after the last.
-    pub async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
-        if self.done {
-            return Ok(None);
-        }
-        let call = "GET /v1/users";
-        let mut query = vec![
-            ("limit", self.limit.to_string()),
-            ("order_by", "+created_at".to_owned()),
-        ];
-        if let Some(cursor) = &self.cursor {
-            query.push(("starting_after", cursor.clone()));
-        }
-        let body = self.client.get(call, "/v1/users", &query).await?;
-        let page: Vec<Box<RawValue>> = decode(call, &body)?;
-        if page.len() < self.limit as usize {
-            self.done = true;
-        }
-        match page.last().and_then(|user| object_id(user)) {
-            Some(id) => self.cursor = Some(id),
-            None if page.is_empty() => return Ok(None),
-            None => {
-                return Err(ClerkError::Decode {
-                    call: call.into(),
-                    reason: "the last user of a page has no id".into(),
-                });
-            }
-        }
-        Ok(Some(page))
-    }
-}
-
-/// A listing that answers `{"data": [...], "total_count": N}` (organizations, memberships), as
-/// pages walked with `offset` in `+created_at` order: these endpoints have no cursor. Objects
-/// created meanwhile come last, so they shift nothing; one deleted meanwhile shifts the later
-/// ones back, and one of them may be skipped: a listing never proves a deletion on its own.
-/// A page shorter than the limit is the last.
-pub struct OffsetPages<'a> {
-    client: &'a ClerkClient,
-    call: &'static str,
-    path: &'static str,
-    limit: u32,
-    offset: u64,
-    total: Option<u64>,
-    done: bool,
-}
-
-impl<'a> OffsetPages<'a> {
-    fn new(client: &'a ClerkClient, call: &'static str, path: &'static str, limit: u32) -> Self {
-        Self {
-            client,
-            call,
-            path,
-            limit: limit.clamp(1, MAX_PAGE),
-            offset: 0,
-            total: None,
-            done: false,
-        }
-    }
-
-    /// Clerk's `total_count` of the latest page, once one was fetched.
-    pub fn total(&self) -> Option<u64> {
-        self.total
-    }
-
-    /// The next page of objects as Clerk wrote them, or `None` after the last.
-    pub async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
-        if self.done {
-            return Ok(None);
-        }
-        let query = [
-            ("limit", self.limit.to_string()),
-            ("offset", self.offset.to_string()),
-            ("order_by", "+created_at".to_owned()),
-        ];
-        let body = self.client.get(self.call, self.path, &query).await?;
-        let page: DataPage = decode(self.call, &body)?;
-        self.total = Some(page.total_count);
-        self.offset += page.data.len() as u64;
-        if page.data.len() < self.limit as usize {
-            self.done = true;
-        }
-        if page.data.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(page.data))
-    }
-}
-
-/// At most `limit` requests in any `window`: the send times of the last `limit` requests are
-/// kept, and a request waits until the oldest of them leaves the window. (A token bucket would
-/// allow a full burst plus its refill inside one window, i.e. up to twice the limit.)
-struct RateLimiter {
-    limit: usize,
-    window: Duration,
-    sent: Mutex<VecDeque<Instant>>,
-}
-
-impl RateLimiter {
-    fn new(limit: u32, window: Duration) -> Self {
-        let limit = limit.max(1) as usize;
-        Self {
-            limit,
-            window,
-            // Capped: a limit set very high for a benchmark must not allocate it all up front.
-            sent: Mutex::new(VecDeque::with_capacity(limit.min(1024))),
-        }
-    }
-
-    async fn acquire(&self) {
-        // Held while waiting, so callers go out in turn.
-        let mut sent = self.sent.lock().await;
-        if sent.len() == self.limit
-            && let Some(oldest) = sent.pop_front()
-        {
-            tokio::time::sleep_until(oldest + self.window).await;
-        }
-        sent.push_back(Instant::now());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_limit_holds_for_any_window() {
-        let limiter = RateLimiter::new(3, Duration::from_secs(10));
-        let start = Instant::now();
-        let mut times = Vec::new();
-        for _ in 0..7 {
-            limiter.acquire().await;
-            times.push(start.elapsed());
-        }
-        let secs: Vec<u64> = times.iter().map(Duration::as_secs).collect();
-        assert_eq!(secs, [0, 0, 0, 10, 10, 10, 20]);
-    }
 
     #[test]
     fn a_config_never_shows_its_key() {

@@ -17,8 +17,9 @@ use test_support::events::{clerk_membership, clerk_organization, clerk_user};
 use test_support::rows::processed_events;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::Reading;
+use worker::clerk::{ClerkClient, ClerkConfig};
 use worker::history::{Filter, rebuild, replay};
-use worker::reconcile::{ClerkClient, ClerkConfig};
 use worker::storage::users;
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -85,8 +86,10 @@ fn replay_options(filter: Filter) -> replay::Options {
     replay::Options {
         filter,
         dry_run: false,
-        roles: Roles::default(),
-        store_payloads: true,
+        reading: Reading {
+            roles: Roles::default(),
+            store_payloads: true,
+        },
         progress_bar: false,
     }
 }
@@ -270,7 +273,7 @@ async fn a_dry_run_reports_what_would_change_and_writes_nothing() {
 async fn events_kept_without_payloads_are_counted_and_not_replayed() {
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.store_payloads = false;
+    config.reading.store_payloads = false;
     let worker = env.start_worker(config).await;
     let start = Utc::now() - chrono::Duration::seconds(1);
     publish_all(&env, &[("user.created", user(1, None, 1_000))]).await;
@@ -414,7 +417,10 @@ async fn a_rebuild_after_a_role_change_stores_what_a_reconcile_with_the_new_role
         reconciled.db(),
         &client,
         &worker::reconcile::Options {
-            roles: new_roles(),
+            reading: Reading {
+                roles: new_roles(),
+                store_payloads: true,
+            },
             ..Default::default()
         },
     )
@@ -513,7 +519,7 @@ async fn a_rebuild_keeps_rows_it_cannot_derive_and_tombstones() {
 async fn a_rebuild_of_history_kept_without_payloads_keeps_every_row() {
     let env = TestEnv::new().await;
     let mut config = env.config();
-    config.store_payloads = false;
+    config.reading.store_payloads = false;
     let worker = env.start_worker(config).await;
     publish_all(&env, &[("user.created", user(1, Some("admin"), 1_000))]).await;
     worker.stop().await;

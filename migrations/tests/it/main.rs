@@ -1,0 +1,4 @@
+//! The integration tests of `migrations`, one binary: each file of this folder is a module.
+
+mod command;
+mod schema;
