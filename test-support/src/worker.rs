@@ -73,6 +73,7 @@ impl TestEnv {
             broker_timeout: Duration::from_secs(5),
             roles: shared::Roles::default(),
             reconcile: None,
+            lock_timeout: Duration::from_secs(5),
         }
     }
 

@@ -269,6 +269,7 @@ async fn measure(
         store_payloads: true,
         stalled_after: Duration::from_secs(300),
         broker_timeout: Duration::from_secs(10),
+        lock_timeout: Duration::from_secs(5),
     };
     let app = Application::build(config).await?;
     let metrics = app.metrics().clone();

@@ -139,7 +139,7 @@ fn infrastructure_sqlstate(code: &str) -> bool {
 
 fn to_apply_error(error: &DbErr) -> ApplyError {
     match classify(error) {
-        DbFailure::Transient => ApplyError::Transient(error.to_string()),
+        DbFailure::Transient => ApplyError::Transient(crate::lock_timeout::reason(error)),
         DbFailure::Race | DbFailure::Message => {
             ApplyError::Message(format!("database rejected the event: {error}"))
         }

@@ -14,6 +14,7 @@ mod depth;
 pub mod event;
 pub mod history;
 mod http;
+mod lock_timeout;
 pub mod metrics;
 pub mod organizations;
 mod prune;

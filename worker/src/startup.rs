@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
-use migrations::{Migrator, MigratorTrait};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
     Statement,
@@ -30,10 +29,6 @@ use crate::http::{self, BrokerState};
 use crate::metrics::Metrics;
 use crate::reconcile;
 use crate::{depth, prune};
-
-/// Any number fixed for the project: the advisory lock that keeps two workers starting at once
-/// from running the migrations side by side.
-const MIGRATION_LOCK: i64 = 0x636c_6572_6b73_796e; // "clerksyn"
 
 /// How long one broker node may take to answer before the next one is tried (an unreachable
 /// host would otherwise hang for the operating system's TCP timeout).
@@ -67,9 +62,13 @@ impl Application {
     /// meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("cannot register the metrics")?;
-        let db = connect_database(&config.database_url, config.db_pool_size + 1)
-            .await
-            .context("cannot set up the database pool (DATABASE_URL)")?;
+        let db = connect_database(
+            &config.database_url,
+            config.db_pool_size + 1,
+            config.lock_timeout,
+        )
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")?;
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
@@ -131,6 +130,7 @@ impl Application {
                     schedule,
                     self.db.clone(),
                     self.config.database_url.clone(),
+                    self.config.lock_timeout,
                     self.metrics.clone(),
                     Stop(self.stop.subscribe()),
                 ))
@@ -228,7 +228,7 @@ async fn wait_for_database(
     loop {
         let attempt = async {
             if config.run_migrations {
-                migrate(&config.database_url).await
+                migrate(&config.database_url, config.lock_timeout).await
             } else {
                 db.ping().await
             }
@@ -303,8 +303,9 @@ async fn unlisted_roles(
 }
 
 /// Whether a database failure at start is worth waiting out: the server unreachable, starting
-/// up, shutting down, out of connections or not accepting them. A refused login, a missing
-/// database or a failing migration is a mistake to fix, not to wait for.
+/// up, shutting down, out of connections or not accepting them, or a migration that kept timing
+/// out on a table lock (55P03). A refused login, a missing database or a failing migration is a
+/// mistake to fix, not to wait for.
 fn worth_waiting_for(error: &DbErr) -> bool {
     match error {
         DbErr::Conn(RuntimeErr::SqlxError(e))
@@ -318,6 +319,7 @@ fn worth_waiting_for(error: &DbErr) -> bool {
                     || code.starts_with("53")
                     || code.starts_with("57")
                     || code == "55000"
+                    || code == "55P03"
             }),
             // Refused, reset, timed out, TLS or protocol trouble, the pool's own timeout.
             _ => true,
@@ -327,9 +329,11 @@ fn worth_waiting_for(error: &DbErr) -> bool {
     }
 }
 
+/// A pool whose every connection has `lock_timeout` (`WORKER_LOCK_TIMEOUT`).
 pub(crate) async fn connect_database(
     database_url: &SecretString,
     pool_size: u32,
+    lock_timeout: Duration,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let mut options = ConnectOptions::new(database_url.expose_secret());
     options
@@ -341,6 +345,7 @@ pub(crate) async fn connect_database(
         .sqlx_logging(false)
         // No connection at start: the worker waits for the database in `run_until_stopped`.
         .connect_lazy(true);
+    migrations::online::set_lock_timeout(&mut options, lock_timeout);
     Database::connect(options).await
 }
 
@@ -352,7 +357,7 @@ pub(crate) async fn connect_command(
 ) -> anyhow::Result<DatabaseConnection> {
     let db = connect_reader(settings, pool_size).await?;
     if settings.worker_run_migrations {
-        migrate(&settings.database_url()?)
+        migrate(&settings.database_url()?, settings.lock_timeout()?)
             .await
             .context("cannot apply the migrations (DATABASE_URL)")?;
     }
@@ -366,17 +371,19 @@ pub(crate) async fn connect_reader(
     pool_size: u32,
 ) -> anyhow::Result<DatabaseConnection> {
     let database_url = settings.database_url()?;
-    connect_database(&database_url, pool_size)
+    connect_database(&database_url, pool_size, settings.lock_timeout()?)
         .await
         .context("cannot set up the database pool (DATABASE_URL)")
 }
 
-/// Applies pending migrations under a session advisory lock, on a connection of its own.
-pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
-    let db = connect_database(database_url, 1).await?;
-    db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-        .await?;
-    let result = Migrator::up(&db, None).await;
+/// Applies pending migrations as `migrations up` does (the same advisory lock, lock timeout and
+/// retries: [`migrations::online::up`]), on a connection of its own.
+pub(crate) async fn migrate(
+    database_url: &SecretString,
+    lock_timeout: Duration,
+) -> Result<(), DbErr> {
+    let db = migrations::online::connect(database_url.expose_secret(), lock_timeout).await?;
+    let result = migrations::online::up(&db, None).await;
     // Closing the only connection releases the lock whatever happened.
     db.close().await?;
     result?;
