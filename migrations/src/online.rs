@@ -57,7 +57,8 @@ pub async fn connect(url: &str, lock_timeout: Duration) -> Result<DatabaseConnec
     let mut options = ConnectOptions::new(url);
     options
         .max_connections(1)
-        .min_connections(1)
+        // None kept open in the background either: a replacement would not hold the lock.
+        .min_connections(0)
         .connect_timeout(Duration::from_secs(5))
         // Statements are not logged one by one; the migrations log their own steps.
         .sqlx_logging(false);
