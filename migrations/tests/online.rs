@@ -293,3 +293,80 @@ async fn an_index_left_invalid_by_an_interrupted_build_is_built_again() {
     assert_eq!(unvalidated, 0, "every constraint validated");
     assert_eq!(pending(&database.db).await, 0, "every migration applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_worker_migrates_under_the_same_lock() {
+    let env = test_support::TestEnv {
+        broker: test_support::BrokerChannel::open().await,
+        database: TestDatabase::empty().await,
+        topology: test_support::TestTopology::declared().await,
+    };
+    let holder = online::connect(env.db_url(), Duration::from_secs(5))
+        .await
+        .expect("holder session");
+    holder
+        .execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+        .await
+        .expect("take the migration lock, as a running `migrations up` holds it");
+
+    let worker = env.start_worker(env.config()).await;
+    // The worker's migrating session asks for the lock, and is refused, again and again.
+    test_support::eventually(
+        WITHIN,
+        "the worker asking for the migration lock",
+        || async {
+            let row = env
+                .db()
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND query LIKE 'SELECT pg_try_advisory_lock(%'",
+                ))
+                .await
+                .expect("pg_stat_activity")
+                .expect("a row");
+            row.try_get::<i64>("", "n").expect("n") > 0
+        },
+    )
+    .await;
+    assert!(
+        !table_exists(env.db(), "seaql_migrations").await,
+        "the worker did not migrate while the lock was held"
+    );
+    assert_ne!(
+        worker.get("/readyz").await.0,
+        200,
+        "not ready before its schema"
+    );
+
+    holder
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+        .await
+        .expect("release the migration lock");
+    test_support::eventually(WITHIN, "the worker ready", || async {
+        worker.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        pending(env.db()).await,
+        0,
+        "the worker applied every migration"
+    );
+    worker.stop().await;
+    let _ = holder.close().await;
+}
+
+#[test]
+fn a_malformed_lock_timeout_is_named_in_one_line() {
+    let output = up("postgres://postgres@127.0.0.1:1/none", "soon")
+        .output()
+        .expect("run migrations up");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("WORKER_LOCK_TIMEOUT is malformed"),
+        "{stderr}"
+    );
+}
