@@ -8,7 +8,9 @@
 //!   a starting worker never migrate side by side.
 //! - [`up`]: applies pending migrations under the lock; a migration whose statement timed out on
 //!   a table lock (SQLSTATE 55P03) is tried again after a pause, so a DDL statement never holds a
-//!   queue of live statements behind it for longer than the lock timeout.
+//!   queue of live statements behind it for longer than the lock timeout. Only the statements no
+//!   live statement can queue behind (an index built concurrently, a constraint validated) wait
+//!   without the timeout.
 //!
 //! The rules each migration follows are in `docs/upgrades.md`.
 
@@ -177,8 +179,8 @@ async fn lock(db: &DatabaseConnection) -> Result<(), DbErr> {
 }
 
 /// Builds index `name` on `table (columns)` with `CREATE INDEX CONCURRENTLY`: reads and writes of
-/// the table go on while it builds (it holds SHARE UPDATE EXCLUSIVE, and waits for the
-/// transactions that were running when it started). The migration calling it must run outside a
+/// the table go on while it builds (it holds SHARE UPDATE EXCLUSIVE, and waits, without a lock
+/// timeout, for the transactions that were running when it started). The migration calling it must run outside a
 /// transaction (`use_transaction()` is `Some(false)`). It can be run again after an interruption:
 /// an index an interrupted build left invalid is dropped (concurrently too) and built again; a
 /// valid one is kept. The result is the index a plain `CREATE INDEX` builds.
@@ -214,19 +216,25 @@ pub(crate) async fn create_index_concurrently(
         .map(|column| quoted(column))
         .collect::<Vec<_>>()
         .join(", ");
-    tracing::info!(index = name, table, "building the index concurrently");
-    db.execute_unprepared(&format!(
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({columns})",
-        quoted(name),
-        quoted(table)
-    ))
-    .await?;
-    Ok(())
+    tracing::info!(
+        index = name,
+        table,
+        "building the index concurrently (after the transactions already running end)"
+    );
+    without_lock_timeout(
+        manager,
+        &format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({columns})",
+            quoted(name),
+            quoted(table)
+        ),
+    )
+    .await
 }
 
 /// Adds a `CHECK` constraint without a long lock: added `NOT VALID` (ACCESS EXCLUSIVE for a
-/// moment, no scan), then validated (a full scan under SHARE UPDATE EXCLUSIVE, which lets reads
-/// and writes go on). A constraint of that name is replaced, so the step can be run again. The
+/// moment, no scan, under the lock timeout), then validated (a full scan under SHARE UPDATE
+/// EXCLUSIVE, which lets reads and writes go on, without a lock timeout). A constraint of that name is replaced, so the step can be run again. The
 /// result is the constraint a plain `ADD CONSTRAINT … CHECK` gives.
 pub(crate) async fn add_check(
     manager: &SchemaManager<'_>,
@@ -242,8 +250,26 @@ pub(crate) async fn add_check(
     ))
     .await?;
     tracing::info!(%table, constraint = %name, "validating the constraint");
-    db.execute_unprepared(&format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}"))
-        .await?;
+    without_lock_timeout(
+        manager,
+        &format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}"),
+    )
+    .await
+}
+
+/// Runs `sql`, a statement that takes no lock stronger than SHARE UPDATE EXCLUSIVE, with the
+/// session's `lock_timeout` lifted, then restores it (`RESET` returns to the value the connection
+/// started with). No read or write queues behind such a statement while it waits, so it may wait
+/// as long as it must: a `CREATE INDEX CONCURRENTLY` waits for every transaction older than its
+/// build (a report, a `pg_dump`), and under the timeout it would fail, leave an invalid index, and
+/// start the build over on each retry. On the migrating session (a pool of one connection).
+async fn without_lock_timeout(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    db.execute_unprepared("SET lock_timeout = 0").await?;
+    let result = db.execute_unprepared(sql).await;
+    let reset = db.execute_unprepared("RESET lock_timeout").await;
+    result?;
+    reset?;
     Ok(())
 }
 

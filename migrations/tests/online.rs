@@ -261,6 +261,20 @@ async fn an_index_left_invalid_by_an_interrupted_build_is_built_again() {
         .await
         .expect("connect");
     online::up(&db, None).await.expect("up");
+    let restored: String = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SHOW lock_timeout",
+        ))
+        .await
+        .expect("show")
+        .expect("a row")
+        .try_get("", "lock_timeout")
+        .expect("lock_timeout");
+    assert_eq!(
+        restored, "5s",
+        "the builds lifted the session's lock timeout only for themselves"
+    );
     let _ = db.close().await;
 
     let index = database
@@ -369,4 +383,87 @@ fn a_malformed_lock_timeout_is_named_in_one_line() {
         stderr.contains("WORKER_LOCK_TIMEOUT is malformed"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_build_waits_for_an_older_transaction_past_the_lock_timeout_without_failing() {
+    let database = TestDatabase::empty().await;
+    let names: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let history = names
+        .iter()
+        .position(|name| name == "m20261130_000006_extend_processed_events_into_history")
+        .expect("the history migration is listed");
+    Migrator::up(&database.db, Some(u32::try_from(history).expect("a few")))
+        .await
+        .expect("up to the migration before the history one");
+
+    // A long transaction with a snapshot (a report, a pg_dump) on another table: a concurrent
+    // index build waits for it to end, and nothing queues behind that wait.
+    let report = database.db.begin().await.expect("begin");
+    report
+        .execute_unprepared("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .expect("repeatable read");
+    report
+        .execute_unprepared("SELECT count(*) FROM users")
+        .await
+        .expect("read");
+
+    let mut child = up(&database.url, "200ms")
+        .spawn()
+        .expect("start migrations up");
+    let lines = log_lines(&mut child);
+    let mut seen = Vec::new();
+    wait_for_line(&lines, &mut seen, "building the index concurrently").await;
+    // Waiting for the report for well past the lock timeout.
+    let probe = database.db.clone();
+    tokio::time::timeout(WITHIN, async move {
+        loop {
+            let waiting: i64 = probe
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE query LIKE 'CREATE INDEX CONCURRENTLY%' AND wait_event_type = 'Lock' \
+                       AND clock_timestamp() - query_start > interval '1 second'",
+                ))
+                .await
+                .expect("pg_stat_activity")
+                .expect("a row")
+                .try_get("", "n")
+                .expect("n");
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+    .expect("the index build waiting for the report");
+
+    report.commit().await.expect("the report ends");
+    let status = finished(child).await;
+    while let Ok(line) = lines.try_recv() {
+        seen.push(line);
+    }
+    assert!(status.success(), "{seen:#?}");
+    assert!(
+        !seen.iter().any(|line| line.contains("trying it again")),
+        "the build waited instead of failing on the lock timeout: {seen:#?}"
+    );
+    assert_eq!(pending(&database.db).await, 0, "every migration applied");
+    let invalid: i64 = database
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM pg_index WHERE NOT indisvalid",
+        ))
+        .await
+        .expect("pg_index")
+        .expect("a row")
+        .try_get("", "n")
+        .expect("n");
+    assert_eq!(invalid, 0, "no index left invalid");
 }
