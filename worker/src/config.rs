@@ -47,6 +47,8 @@ pub struct WorkerConfig {
     pub stalled_after: Duration,
     /// `WORKER_BROKER_TIMEOUT_MS`: the deadline of every single wait on the broker.
     pub broker_timeout: Duration,
+    /// `WORKER_LOCK_TIMEOUT`: Postgres's `lock_timeout` on every connection the worker opens.
+    pub lock_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -120,6 +122,7 @@ impl WorkerConfig {
             processed_retention,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
+            lock_timeout: settings.lock_timeout()?,
         })
     }
 }
@@ -185,6 +188,7 @@ mod tests {
         assert_eq!(config.max_attempts, 5);
         assert!(config.run_migrations);
         assert_eq!(config.listen.port(), 3001);
+        assert_eq!(config.lock_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -292,6 +292,9 @@ impl Handler {
                 Err(BatchFailure::Transient(error)) => {
                     retry += 1;
                     self.metrics.retries.with_label_values(&["transient"]).inc();
+                    if crate::apply::lock_timeout::is(&error) {
+                        self.metrics.lock_timeouts.inc();
+                    }
                     tracing::warn!(
                         %error, retry, events = events.len(),
                         "database unavailable; retrying the batch after a pause"
@@ -344,6 +347,9 @@ impl Handler {
                 Err(ApplyError::Transient(error)) => {
                     retry += 1;
                     self.metrics.retries.with_label_values(&["transient"]).inc();
+                    if crate::apply::lock_timeout::is_reason(&error) {
+                        self.metrics.lock_timeouts.inc();
+                    }
                     tracing::warn!(%error, retry, "database unavailable; retrying after a pause");
                     if !stop.sleep(self.config.backoff.delay(retry)).await {
                         return None;

@@ -2,18 +2,15 @@
 
 use std::time::Duration;
 
-use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 use secrecy::{ExposeSecret, SecretString};
 
-/// Any number fixed for the project: the advisory lock that keeps two workers starting at once
-/// from running the migrations side by side.
-const MIGRATION_LOCK: i64 = 0x636c_6572_6b73_796e; // "clerksyn"
-
-/// A pool of at most `pool_size` connections that connects on first use.
+/// A pool of at most `pool_size` connections that connects on first use, every connection with
+/// `lock_timeout` (`WORKER_LOCK_TIMEOUT`).
 pub(crate) async fn connect_database(
     database_url: &SecretString,
     pool_size: u32,
+    lock_timeout: Duration,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let mut options = ConnectOptions::new(database_url.expose_secret());
     options
@@ -25,15 +22,18 @@ pub(crate) async fn connect_database(
         .sqlx_logging(false)
         // No connection at start: the worker waits for the database in `run_until_stopped`.
         .connect_lazy(true);
+    migrations::online::set_lock_timeout(&mut options, lock_timeout);
     Database::connect(options).await
 }
 
-/// Applies pending migrations under a session advisory lock, on a connection of its own.
-pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
-    let db = connect_database(database_url, 1).await?;
-    db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-        .await?;
-    let result = Migrator::up(&db, None).await;
+/// Applies pending migrations as `migrations up` does (the same advisory lock, lock timeout and
+/// retries: [`migrations::online::up`]), on a connection of its own.
+pub(crate) async fn migrate(
+    database_url: &SecretString,
+    lock_timeout: Duration,
+) -> Result<(), DbErr> {
+    let db = migrations::online::connect(database_url.expose_secret(), lock_timeout).await?;
+    let result = migrations::online::up(&db, None).await;
     // Closing the only connection releases the lock whatever happened.
     db.close().await?;
     result?;

@@ -53,6 +53,10 @@ pub struct Metrics {
     /// `clerk_sync_worker_processed_events_pruned_total`: rows pruned after
     /// `WORKER_PROCESSED_RETENTION`.
     pub pruned: IntCounter,
+    /// `clerk_sync_worker_lock_timeouts_total`: statements that waited longer than
+    /// `WORKER_LOCK_TIMEOUT` for a lock; their transaction was retried (also counted in
+    /// `retries_total{reason="transient"}`).
+    pub lock_timeouts: IntCounter,
     /// The deliveries held unacknowledged, with the time each arrived.
     pub held: Held,
 }
@@ -145,6 +149,11 @@ impl Metrics {
         registry.register(Box::new(oldest_unacked.clone()))?;
         registry.register(Box::new(retry_waiting.clone()))?;
         registry.register(Box::new(pruned.clone()))?;
+        let lock_timeouts = IntCounter::new(
+            "clerk_sync_worker_lock_timeouts_total",
+            "Statements that waited longer than WORKER_LOCK_TIMEOUT for a lock, then retried.",
+        )?;
+        registry.register(Box::new(lock_timeouts.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
@@ -176,6 +185,7 @@ impl Metrics {
             oldest_unacked,
             retry_waiting,
             pruned,
+            lock_timeouts,
             held: Held::default(),
         })
     }

@@ -60,9 +60,13 @@ impl Application {
     /// meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("cannot register the metrics")?;
-        let db = connect_database(&config.database_url, config.db_pool_size + 1)
-            .await
-            .context("cannot set up the database pool (DATABASE_URL)")?;
+        let db = connect_database(
+            &config.database_url,
+            config.db_pool_size + 1,
+            config.lock_timeout,
+        )
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")?;
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
@@ -125,6 +129,7 @@ impl Application {
                     self.config.reading.clone(),
                     self.db.clone(),
                     self.config.database_url.clone(),
+                    self.config.lock_timeout,
                     self.metrics.clone(),
                     Stop(self.stop.subscribe()),
                 ))
@@ -222,7 +227,7 @@ async fn wait_for_database(
     loop {
         let attempt = async {
             if config.run_migrations {
-                migrate(&config.database_url).await
+                migrate(&config.database_url, config.lock_timeout).await
             } else {
                 db.ping().await
             }

@@ -74,7 +74,7 @@ pub fn transient_sqlstate(code: &str) -> bool {
 /// What a source is told of a database error.
 pub(super) fn to_apply_error(error: &DbErr) -> ApplyError {
     match classify(error) {
-        DbFailure::Transient => ApplyError::Transient(error.to_string()),
+        DbFailure::Transient => ApplyError::Transient(super::lock_timeout::reason(error)),
         DbFailure::Race | DbFailure::Message => {
             ApplyError::Message(format!("database rejected the event: {error}"))
         }

@@ -42,6 +42,7 @@
 pub mod errors;
 pub mod event;
 mod history;
+pub(crate) mod lock_timeout;
 pub mod locks;
 pub mod organizations;
 pub mod subject;

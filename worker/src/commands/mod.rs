@@ -16,7 +16,7 @@ pub(crate) async fn connect_command(
 ) -> anyhow::Result<DatabaseConnection> {
     let db = connect_reader(settings, pool_size).await?;
     if settings.worker_run_migrations {
-        migrate(&settings.database_url()?)
+        migrate(&settings.database_url()?, settings.lock_timeout()?)
             .await
             .context("cannot apply the migrations (DATABASE_URL)")?;
     }
@@ -30,7 +30,7 @@ pub(crate) async fn connect_reader(
     pool_size: u32,
 ) -> anyhow::Result<DatabaseConnection> {
     let database_url = settings.database_url()?;
-    connect_database(&database_url, pool_size)
+    connect_database(&database_url, pool_size, settings.lock_timeout()?)
         .await
         .context("cannot set up the database pool (DATABASE_URL)")
 }

@@ -30,6 +30,7 @@ pub(crate) async fn run(
     reading: Reading,
     db: DatabaseConnection,
     database_url: SecretString,
+    lock_timeout: Duration,
     metrics: Metrics,
     mut stop: Stop,
 ) {
@@ -52,7 +53,15 @@ pub(crate) async fn run(
         if !stop.sleep(wait).await {
             return;
         }
-        let attempt = run_if_due(&schedule, &reading, &client, &db, &database_url, &metrics);
+        let attempt = run_if_due(
+            &schedule,
+            &reading,
+            &client,
+            &db,
+            &database_url,
+            lock_timeout,
+            &metrics,
+        );
         match stop.unless_stopped(attempt).await {
             None => return,
             Some(Ok(())) => {}
@@ -85,9 +94,10 @@ async fn run_if_due(
     client: &ClerkClient,
     db: &DatabaseConnection,
     database_url: &SecretString,
+    lock_timeout: Duration,
     metrics: &Metrics,
 ) -> Result<(), sea_orm::DbErr> {
-    let lock_db = connect_database(database_url, 1).await?;
+    let lock_db = connect_database(database_url, 1, lock_timeout).await?;
     let txn = lock_db.begin().await?;
     let locked: bool = txn
         .query_one_raw(Statement::from_string(

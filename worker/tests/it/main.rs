@@ -11,6 +11,7 @@ mod failures;
 mod history;
 mod history_explain;
 mod history_replay;
+mod lock_timeout;
 mod organizations;
 mod pipeline_health;
 mod process;
