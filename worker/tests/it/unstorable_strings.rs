@@ -15,8 +15,10 @@ use test_support::clerk_api::ClerkApi;
 use test_support::events::{clerk_membership, clerk_organization, clerk_user, envelope};
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::Reading;
+use worker::clerk::{ClerkClient, ClerkConfig};
 use worker::history::{Filter, rebuild, replay};
-use worker::reconcile::{ClerkClient, ClerkConfig, Options};
+use worker::reconcile::Options;
 
 const WITHIN: Duration = Duration::from_secs(60);
 const KEY: &str = "sk_test_standin_key";
@@ -273,8 +275,10 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
                 ..Filter::default()
             },
             dry_run: false,
-            roles: Roles::default(),
-            store_payloads: true,
+            reading: Reading {
+                roles: Roles::default(),
+                store_payloads: true,
+            },
             progress_bar: false,
         },
     )
