@@ -11,6 +11,7 @@ pub mod config;
 mod consumer;
 pub mod dead_letter;
 mod depth;
+pub mod doctor;
 pub mod event;
 pub mod history;
 mod http;
