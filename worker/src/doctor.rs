@@ -12,7 +12,8 @@
 //! - `last event`: the age of the last event received from Clerk (`processed_events`);
 //! - `webhook secret`: whether `CLERK_WEBHOOK_SECRET` is the public demo secret, where this
 //!   process sees the ingest's setting (the compose file gives the worker the same one);
-//! - `clerk key`: `CLERK_SECRET_KEY` set and accepted by the Backend API (one call);
+//! - `clerk key`: `CLERK_SECRET_KEY` set and accepted by the Backend API (one call,
+//!   `GET /v1/instance`, which names the instance the key belongs to);
 //! - `last reconcile`: the last reconcile run and its outcome (`reconcile_runs`).
 //!
 //! Verdicts: `ok`, `warn` (works, but look), `FAIL` (broken: the command exits non-zero) and
@@ -546,11 +547,18 @@ async fn clerk_key(settings: &shared::Settings) -> Check {
         Ok(client) => client,
         Err(error) => return Check::new(NAME, Verdict::Fail, format!("{error:#}")),
     };
-    match client.count_users().await {
-        Ok(users) => Check::ok(
-            NAME,
-            format!("accepted by {api_url}: the instance holds {users} users"),
-        ),
+    match client.instance().await {
+        Ok(instance) => {
+            let text = |field: &str| instance[field].as_str().unwrap_or("?").to_owned();
+            Check::ok(
+                NAME,
+                format!(
+                    "accepted by {api_url}: instance {} ({})",
+                    text("id"),
+                    text("environment_type")
+                ),
+            )
+        }
         Err(error @ ClerkError::Unauthorized { .. }) => {
             Check::new(NAME, Verdict::Fail, error.to_string()).fix(
                 "copy the Secret key of the same instance as the webhook (Dashboard -> Configure \

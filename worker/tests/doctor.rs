@@ -6,7 +6,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use sea_orm::ConnectionTrait;
 use secrecy::SecretString;
-use test_support::clerk_api::ClerkApi;
+use test_support::clerk_api::{ClerkApi, INSTANCE_ID};
 use test_support::{TestDatabase, TestEnv, TestTopology, amqp_url};
 use worker::doctor::{Report, Verdict, diagnose};
 
@@ -60,7 +60,6 @@ async fn a_healthy_setup_passes_every_check() {
     let env = TestEnv::new().await;
     let worker = env.start_worker(env.config()).await;
     let api = ClerkApi::start(KEY).await;
-    api.put_user(serde_json::json!({"id": "user_doctor", "created_at": 1}));
     let svix_id = test_support::signing::svix_id();
     let user = test_support::events::clerk_user("user_doctor", Some("d@example.org"), None, 1);
     env.publish_event(&svix_id, "user.created", user).await;
@@ -107,7 +106,11 @@ async fn a_healthy_setup_passes_every_check() {
             .contains("all 9 migrations applied")
     );
     assert!(line(&report, "consumers").1.starts_with("1 on "));
-    assert!(line(&report, "clerk key").1.contains("holds 1 users"));
+    assert!(
+        line(&report, "clerk key")
+            .1
+            .ends_with(&format!("instance {INSTANCE_ID} (development)"))
+    );
     assert!(
         line(&report, "last reconcile")
             .1
