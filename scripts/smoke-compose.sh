@@ -240,10 +240,46 @@ stack_up=true
 # step behind. BuildKit (Compose v2) leaves none anyway.
 build_flags=()
 if [ "${compose_cmd[0]}" = docker-compose ]; then build_flags=(--force-rm); fi
-compose build "${build_flags[@]}"
+# The builder's output goes to a file: each step is summed up in one line ("[cached]" when the
+# layer was reused), with cargo's closing lines; on a failure its tail is printed.
+summarise_build() { # log file
+  sed 's/\x1b\[[0-9;]*m//g' "$1" | awk '
+    function flush_step() { if (step != "") { out = out step "\n"; step = "" } }
+    function flush_block() {
+      flush_step()
+      if (name != "" && steps > 0 && cached == steps - stages) {
+        print name ": all " steps " steps cached"
+      } else if (name != "" || out != "") {
+        if (name != "") print name
+        printf "%s", out
+      }
+      name = ""; out = ""; steps = 0; cached = 0; stages = 0
+    }
+    /^Building [a-z0-9_-]+$/ { flush_block(); name = $0; next }
+    /^Step [0-9]+\/[0-9]+ :/ {
+      flush_step(); steps++; step = "  " substr($0, 1, 100)
+      if ($4 == "FROM") stages++
+      next
+    }
+    / ---> Using cache/ { step = step "  [cached]"; cached++; next }
+    /Finished `release`|Installed package|Successfully tagged/ {
+      flush_step(); out = out "  " $0 "\n"; next
+    }
+    /^(Creating|Starting|Recreating) / { flush_block(); print "  " $0; next }
+    END { flush_block() }'
+}
+if ! compose build "${build_flags[@]}" >"$work/build.log" 2>&1; then
+  sed 's/\x1b\[[0-9;]*m//g' "$work/build.log" | grep -v -e '^ ---> ' -e '^Removing intermediate' | tail -n 40
+  fail "the image did not build"
+fi
+summarise_build "$work/build.log"
 
 phase "up -d --build"
-compose up -d --build
+if ! compose up -d --build >"$work/up.log" 2>&1; then
+  sed 's/\x1b\[[0-9;]*m//g' "$work/up.log" | tail -n 40
+  fail "up -d --build failed"
+fi
+summarise_build "$work/up.log"
 
 phase "wait until every service is healthy"
 service_state() { # service -> health or state, and the exit code of a stopped one
