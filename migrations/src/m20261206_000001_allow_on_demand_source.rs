@@ -1,48 +1,53 @@
 //! `processed_events.source` accepts `on_demand`: the events the worker's on-demand sync API
-//! applies (`POST /v1/sync/users/{id}`, `POST /v1/sync/organizations/{id}`).
+//! applies (`POST /v1/sync/users/{id}`, `POST /v1/sync/organizations/{id}`). A looser check, so
+//! the previous release's workers (which never write it) are unaffected.
 //!
-//! Locks: `processed_events` ACCESS EXCLUSIVE for the swap of the check (no scan: the new check is
-//! added `NOT VALID`), then the validation reads the table once. Every row satisfies it already
-//! (it only widens the old check), so the validation cannot fail. Each statement waits at most
-//! `lock_timeout` for its lock, so a long transaction on the table fails the migration instead of
-//! queueing every writer behind it.
+//! Locks, on `processed_events` (the largest table), outside a transaction: ACCESS EXCLUSIVE for
+//! a moment to swap the check for the wider one, added `NOT VALID` (no scan, under
+//! `WORKER_LOCK_TIMEOUT`), then a full scan under SHARE UPDATE EXCLUSIVE to validate it (reads and
+//! writes go on). Every existing row satisfied the narrower check, so the validation cannot fail,
+//! and the step can be run again.
 
 use sea_orm_migration::prelude::*;
+
+use crate::online::add_check;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-/// Raw SQL: sea-query's `ALTER TABLE` adds and drops columns, not constraints.
-const WITH_ON_DEMAND: &str = "\
-SET LOCAL lock_timeout = '10s'; \
-ALTER TABLE processed_events DROP CONSTRAINT IF EXISTS processed_events_source_check, \
-  ADD CONSTRAINT processed_events_source_check \
-    CHECK (source IN ('webhook', 'reconcile', 'replay', 'on_demand')) NOT VALID; \
-ALTER TABLE processed_events VALIDATE CONSTRAINT processed_events_source_check";
+const SOURCE_CHECK: &str = "processed_events_source_check";
 
-/// Fails, changing nothing, while the history holds `on_demand` rows: they are the operator's to
-/// prune (or wait out `WORKER_PROCESSED_RETENTION`) first.
+/// In one transaction of its own (ACCESS EXCLUSIVE on `processed_events` until it commits); fails,
+/// changing nothing, while the history holds `on_demand` rows: they are the operator's to prune
+/// first. Rolling back is an operator's deliberate step, not an online one.
 const WITHOUT_ON_DEMAND: &str = "\
-SET LOCAL lock_timeout = '10s'; \
 ALTER TABLE processed_events DROP CONSTRAINT IF EXISTS processed_events_source_check, \
   ADD CONSTRAINT processed_events_source_check \
     CHECK (source IN ('webhook', 'reconcile', 'replay'))";
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
+    /// Step by step, each step committed on its own: see the module comment.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(false)
+    }
+
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(WITH_ON_DEMAND)
-            .await?;
-        Ok(())
+        add_check(
+            manager,
+            "processed_events",
+            SOURCE_CHECK,
+            "source IN ('webhook', 'reconcile', 'replay', 'on_demand')",
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let manager = manager.begin().await?;
         manager
             .get_connection()
             .execute_unprepared(WITHOUT_ON_DEMAND)
             .await?;
-        Ok(())
+        manager.commit().await
     }
 }
