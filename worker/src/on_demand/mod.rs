@@ -345,7 +345,10 @@ impl Inner {
                 (Object::Organization, 0) => "organization.updated",
                 (Object::Organization, _) => "organizationMembership.updated",
             };
-            if data.get("id").and_then(Value::as_str).is_none() && n > 0 {
+            // A membership without an id can never apply: left out rather than failing the
+            // organization it came with.
+            if n > 0 && data.get("id").and_then(Value::as_str).is_none() {
+                tracing::warn!(organization_id = %id, "a membership without an id; left out");
                 continue;
             }
             events.push(event(event_type, data)?);
