@@ -6,8 +6,8 @@
 //! 1. a tombstoned id is gone for good: 404, without asking Clerk;
 //! 2. an object synced less than `WORKER_API_REUSE_MS` ago is answered from its stored row;
 //! 3. otherwise `GET /v1/users/{id}`, or `GET /v1/organizations/{id}` and that organization's
-//!    memberships, made into the `.updated` events a webhook would carry (by the reconcile's
-//!    [`synthesized_event`], source `on_demand`) and applied in one transaction by
+//!    memberships, made into the `.updated` events a webhook would carry (by the door's
+//!    [`Reading::read_object`], as reconcile makes its own; source `on_demand`) and applied in one transaction by
 //!    [`apply::apply_batch`], under the same rules as every event: last writer wins, tombstones
 //!    hold. A 404 from Clerk is applied as the `.deleted` event instead (row removed, tombstone
 //!    written) and answered 404;
@@ -39,7 +39,6 @@ use shared::{ConfigError, Settings};
 use crate::apply::{self, Action, BatchFailure, DbFailure, Event, Outcome, Reading, Source};
 use crate::clerk::{ClerkClient, ClerkConfig, ClerkError};
 use crate::metrics::Metrics;
-use crate::reconcile::synthesized_event;
 use single_flight::SingleFlight;
 
 /// Database connections of the API's own pool: syncs never take the consumer's connections.
@@ -382,7 +381,8 @@ impl Inner {
 
     /// The event a webhook would have carried for `data` (reconcile's way of making one).
     fn event(&self, batch: &str, event_type: &str, data: &RawValue) -> Result<Event> {
-        synthesized_event(Source::OnDemand, batch, &self.reading, event_type, data)
+        self.reading
+            .read_object(Source::OnDemand, batch, event_type, data)
             .map(|(_, event)| event)
             .map_err(|reason| {
                 SyncError::Failed(format!("{event_type} from the Backend API: {reason}"))

@@ -60,7 +60,6 @@ pub use args::{MaxDelete, Options, ReconcileArgs};
 pub use report::{Counts, Report, Summary};
 pub use runs::Trigger;
 
-pub(crate) use pass::synthesized_event;
 use pass::{Candidate, Pass};
 
 /// Objects asked for per page: Clerk's largest, so the fewest requests.
