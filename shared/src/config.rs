@@ -160,6 +160,21 @@ pub struct Settings {
     /// statement that waits longer for a lock fails with SQLSTATE 55P03 and is retried, instead
     /// of waiting (and making others wait behind it) for as long as the lock is held.
     pub worker_lock_timeout: String,
+
+    /// `WORKER_API_TOKEN`: the bearer token of the worker's on-demand sync API (`POST
+    /// /v1/sync/users/{id}`, `POST /v1/sync/organizations/{id}`). Unset or empty: the API is off.
+    /// Needs `CLERK_SECRET_KEY`.
+    #[serde(serialize_with = "redacted")]
+    pub worker_api_token: Option<SecretString>,
+    /// `WORKER_API_LISTEN`: a separate address for the on-demand sync API, e.g. `0.0.0.0:3002`
+    /// (unset or empty: the API shares `WORKER_LISTEN`).
+    pub worker_api_listen: Option<String>,
+    /// `WORKER_API_TIMEOUT_MS`: the longest an on-demand sync request waits (for the rate limit,
+    /// Clerk and the database together) before it is answered 503 (default 5000).
+    pub worker_api_timeout_ms: u64,
+    /// `WORKER_API_REUSE_MS`: for this long after an on-demand sync of an object, another request
+    /// for it is answered from the stored row without asking Clerk again (default 2000; 0: never).
+    pub worker_api_reuse_ms: u64,
 }
 
 impl Default for Settings {
@@ -204,6 +219,10 @@ impl Default for Settings {
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
             worker_lock_timeout: "5s".into(),
+            worker_api_token: None,
+            worker_api_listen: None,
+            worker_api_timeout_ms: 5_000,
+            worker_api_reuse_ms: 2_000,
         }
     }
 }
@@ -344,6 +363,11 @@ impl Settings {
     /// `CLERK_SECRET_KEY`, required.
     pub fn clerk_secret_key(&self) -> Result<SecretString, ConfigError> {
         required(&self.clerk_secret_key, "CLERK_SECRET_KEY")
+    }
+
+    /// `WORKER_API_TOKEN`, when set and not blank: the on-demand sync API is on.
+    pub fn worker_api_token(&self) -> Option<SecretString> {
+        required(&self.worker_api_token, "WORKER_API_TOKEN").ok()
     }
 
     /// `INGEST_CONFIRM_TIMEOUT_MS` as a duration.

@@ -15,16 +15,19 @@
 //!   gone;
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
-//! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make the listings
-//! fail from some position on, rewrite the text of the answers (to serve what a
-//! `serde_json::Value` cannot hold, like a lone surrogate escape), and read back every request
-//! served.
+//! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make every request
+//! answer so until told otherwise ([`ClerkApi::go_down`], [`ClerkApi::throttle`]), slow every
+//! answer down ([`ClerkApi::answer_after`]), make the listings fail from some position on,
+//! rewrite the text of the answers (to serve what a `serde_json::Value` cannot hold, like a lone
+//! surrogate escape), and read back every request served (all of them, or the number per path
+//! with [`ClerkApi::calls`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
+use actix_web::dev::{ServerHandle, Service as _};
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
@@ -103,6 +106,10 @@ struct State {
     /// Text replaced in every successful answer's body: (from, to).
     rewrites: Vec<(String, String)>,
     served: Vec<Served>,
+    /// Answered to every request while set (after the injected faults).
+    outage: Option<Fault>,
+    /// How long every answer waits before it is made.
+    latency: Duration,
 }
 
 /// The running stand-in. Dropped, it stops.
@@ -126,8 +133,21 @@ impl ClerkApi {
             key: secret_key.to_owned(),
             state: state.clone(),
         });
+        let delays = state.clone();
         let server = HttpServer::new(move || {
+            let delays = delays.clone();
             App::new()
+                .wrap_fn(move |request, service| {
+                    let latency = lock(&delays).latency;
+                    // The handler runs when the call is polled: after the wait.
+                    let call = service.call(request);
+                    async move {
+                        if !latency.is_zero() {
+                            tokio::time::sleep(latency).await;
+                        }
+                        call.await
+                    }
+                })
                 .app_data(shared.clone())
                 .route("/v1/users", web::get().to(list))
                 .route("/v1/users/count", web::get().to(count))
@@ -274,6 +294,37 @@ impl ClerkApi {
         self.state().rewrites.push((from.to_owned(), to.to_owned()));
     }
 
+    /// Every request from now on answers 503 (after any injected faults), as an outage of the
+    /// Backend API does, until [`ClerkApi::come_back`].
+    pub fn go_down(&self) {
+        self.state().outage = Some(Fault::Status(503));
+    }
+
+    /// Every request from now on answers 429 with `Retry-After: retry_after`, until
+    /// [`ClerkApi::come_back`].
+    pub fn throttle(&self, retry_after: u64) {
+        self.state().outage = Some(Fault::RateLimited { retry_after });
+    }
+
+    /// Ends [`ClerkApi::go_down`] and [`ClerkApi::throttle`].
+    pub fn come_back(&self) {
+        self.state().outage = None;
+    }
+
+    /// Every answer from now on waits this long before it is made (zero: none).
+    pub fn answer_after(&self, latency: Duration) {
+        self.state().latency = latency;
+    }
+
+    /// How many requests for exactly this path (no query) were served, whatever the answer.
+    pub fn calls(&self, path: &str) -> usize {
+        self.state()
+            .served
+            .iter()
+            .filter(|served| served.path == path)
+            .count()
+    }
+
     /// Every request served so far, oldest first.
     pub fn served(&self) -> Vec<Served> {
         self.state().served.clone()
@@ -322,7 +373,8 @@ fn gate(request: &HttpRequest, shared: &Shared) -> Option<HttpResponse> {
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         == Some(expected.as_str());
-    let answer = match state.faults.pop_front() {
+    let fault = state.faults.pop_front().or_else(|| state.outage.clone());
+    let answer = match fault {
         Some(Fault::RateLimited { retry_after }) => Some(
             HttpResponse::TooManyRequests()
                 .insert_header(("Retry-After", retry_after.to_string()))

@@ -64,8 +64,20 @@ impl Client {
 
     /// GETs `url`; `Err` when no answer came.
     pub async fn try_get(&self, url: &str) -> anyhow::Result<Answer> {
-        let request = hyper::Request::get(url).body(Full::new(Bytes::new()))?;
-        self.send(request).await
+        self.try_get_with(url, &[]).await
+    }
+
+    /// GETs `url` with `headers`; `Err` when no answer came.
+    pub async fn try_get_with(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<Answer> {
+        let mut request = hyper::Request::get(url);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        self.send(request.body(Full::new(Bytes::new()))?).await
     }
 
     async fn send(&self, request: hyper::Request<Full<Bytes>>) -> anyhow::Result<Answer> {

@@ -220,6 +220,8 @@ impl TestEnv {
 pub struct TestWorker {
     /// Its health and metrics port.
     pub port: u16,
+    /// The port of its on-demand sync API, when that is on.
+    pub api_port: Option<u16>,
     /// Its metrics, to read without HTTP.
     pub metrics: worker::metrics::Metrics,
     stop: StopHandle,
@@ -233,11 +235,13 @@ impl TestWorker {
             .await
             .expect("the worker builds");
         let port = app.port();
+        let api_port = app.api_port();
         let metrics = app.metrics().clone();
         let stop = app.stop_handle();
         let task = tokio::spawn(app.run_until_stopped());
         Self {
             port,
+            api_port,
             metrics,
             stop,
             task,

@@ -8,6 +8,7 @@ use shared::{AmqpNodes, Backoff, ConfigError, Settings, Topology};
 
 use crate::apply::Reading;
 use crate::clerk::ClerkConfig;
+use crate::on_demand::OnDemandConfig;
 
 /// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`].
 #[derive(Debug, Clone)]
@@ -49,6 +50,10 @@ pub struct WorkerConfig {
     pub broker_timeout: Duration,
     /// `WORKER_LOCK_TIMEOUT`: Postgres's `lock_timeout` on every connection the worker opens.
     pub lock_timeout: Duration,
+    /// `WORKER_API_TOKEN` (with `WORKER_API_LISTEN`, `WORKER_API_TIMEOUT_MS`,
+    /// `WORKER_API_REUSE_MS` and the `CLERK_*` settings): the on-demand sync API, or `None` (the
+    /// default) for none.
+    pub on_demand: Option<OnDemandConfig>,
 }
 
 impl WorkerConfig {
@@ -123,6 +128,7 @@ impl WorkerConfig {
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
             lock_timeout: settings.lock_timeout()?,
+            on_demand: OnDemandConfig::from_settings(settings)?,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! Health and metrics on `WORKER_LISTEN`: `/healthz` (alive), `/readyz` (database and broker
-//! usable, no delivery held longer than `WORKER_STALLED_AFTER`), `/metrics` (Prometheus text).
+//! usable, no delivery held longer than `WORKER_STALLED_AFTER`), `/metrics` (Prometheus text);
+//! and the on-demand sync API ([`crate::on_demand::api`]) when it has no address of its own.
 
 use std::net::TcpListener;
 use std::sync::{Arc, RwLock};
@@ -12,6 +13,7 @@ use sea_orm::DatabaseConnection;
 use serde_json::json;
 
 use crate::metrics::Metrics;
+use crate::on_demand::api::{self, Api};
 
 /// The consuming channel and its broker node (`host:port`) while there is one; `/readyz` asks
 /// the channel whether it is connected.
@@ -53,6 +55,7 @@ pub(crate) fn serve(
     broker: Arc<BrokerState>,
     metrics: Metrics,
     stalled_after: Duration,
+    on_demand: Option<web::Data<Api>>,
 ) -> std::io::Result<Server> {
     let probe = web::Data::new(Probe {
         db,
@@ -66,6 +69,11 @@ pub(crate) fn serve(
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(render_metrics))
+            .configure(|config| {
+                if let Some(on_demand) = &on_demand {
+                    api::routes(config, on_demand.clone());
+                }
+            })
     })
     .workers(1)
     .disable_signals()

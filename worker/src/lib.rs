@@ -10,7 +10,8 @@
 //!   writer) over [`storage`] (the entities);
 //! - the sources that hand it events: `consumer` (the queue, with `acks` and [`dead_letter`]),
 //!   [`reconcile`] (Clerk's Backend API through [`clerk`]), [`history`] (`replay`, `rebuild`,
-//!   and the read-only `explain` and `events`);
+//!   and the read-only `explain` and `events`), [`on_demand`] (the authenticated API that syncs
+//!   one user or organization now, through the same client);
 //! - around them, the commands' scaffolding ([`commands`]: pools, summaries, progress) and the
 //!   service's wiring (`startup`, [`config`], `database`, `http`, `depth`, `prune`, [`metrics`],
 //!   `stop`).
@@ -31,6 +32,7 @@ pub mod doctor;
 pub mod history;
 mod http;
 pub mod metrics;
+pub mod on_demand;
 mod prune;
 pub mod reconcile;
 mod startup;

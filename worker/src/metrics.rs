@@ -212,6 +212,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Adds a metric defined elsewhere (the on-demand sync's) to this registry.
+    pub(crate) fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// The Prometheus text format of every metric.
     pub fn render(&self) -> String {
         self.oldest_unacked

@@ -1,4 +1,5 @@
-//! Wiring: [`Application::build`] binds the health server; [`Application::run_until_stopped`]
+//! Wiring: [`Application::build`] binds the health server (and the on-demand sync API, on the
+//! same port or its own); [`Application::run_until_stopped`]
 //! waits for the database (and migrates it), then consumes until [`StopHandle::stop`] is called,
 //! reconnecting to the broker whenever it is lost.
 //!
@@ -19,12 +20,15 @@ use shared::Roles;
 use tokio::sync::watch;
 
 use crate::apply::errors::transient_sqlstate;
+use crate::clerk::ClerkClient;
 use crate::config::WorkerConfig;
 use crate::consumer::{self, End, Handler};
 use crate::database::{connect_database, migrate};
 use crate::dead_letter::DeadLetters;
 use crate::http::{self, BrokerState};
 use crate::metrics::Metrics;
+use crate::on_demand::api::Api;
+use crate::on_demand::{self, OnDemand};
 use crate::stop::Stop;
 use crate::{depth, prune, reconcile};
 
@@ -50,6 +54,12 @@ pub struct Application {
     broker: Arc<BrokerState>,
     server: actix_web::dev::Server,
     port: u16,
+    /// The on-demand sync API's server when it has an address of its own, and its port.
+    api_server: Option<actix_web::dev::Server>,
+    api_port: Option<u16>,
+    /// The one Backend API client (and rate limit) of the scheduled reconcile and the on-demand
+    /// sync, when either is on.
+    clerk: Option<Arc<ClerkClient>>,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -71,14 +81,48 @@ impl Application {
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
         let broker = Arc::new(BrokerState::default());
+        let clerk = match config
+            .reconcile
+            .as_ref()
+            .map(|schedule| &schedule.clerk)
+            .or(config.on_demand.as_ref().map(|api| &api.clerk))
+        {
+            Some(clerk) => Some(Arc::new(
+                ClerkClient::new(clerk.clone()).context("cannot set up the Backend API client")?,
+            )),
+            None => None,
+        };
+        let api = match (&config.on_demand, &clerk) {
+            (Some(api), Some(client)) => Some(on_demand_api(&config, api, client, &metrics).await?),
+            _ => None,
+        };
+        // The API on its own address, or next to the health endpoints.
+        let (api_server, api_port, shared_api) =
+            match (config.on_demand.as_ref().and_then(|api| api.listen), api) {
+                (Some(address), Some(api)) => {
+                    let listener = TcpListener::bind(address).with_context(|| {
+                        format!("cannot listen on {address} (WORKER_API_LISTEN)")
+                    })?;
+                    let api_port = listener.local_addr()?.port();
+                    let server = on_demand::api::serve(listener, api)
+                        .context("cannot start the on-demand sync API")?;
+                    (Some(server), Some(api_port), None)
+                }
+                (None, Some(api)) => (None, Some(port), Some(api)),
+                (_, None) => (None, None, None),
+            };
         let server = http::serve(
             listener,
             db.clone(),
             broker.clone(),
             metrics.clone(),
             config.stalled_after,
+            shared_api,
         )
         .context("cannot start the health server")?;
+        if let Some(api_port) = api_port {
+            tracing::info!(port = api_port, "on-demand sync API on");
+        }
         let (stop, _) = watch::channel(false);
         Ok(Self {
             config,
@@ -87,8 +131,17 @@ impl Application {
             broker,
             server,
             port,
+            api_server,
+            api_port,
+            clerk,
             stop: Arc::new(stop),
         })
+    }
+
+    /// The port of the on-demand sync API (`WORKER_LISTEN`'s or `WORKER_API_LISTEN`'s), when it
+    /// is on.
+    pub fn api_port(&self) -> Option<u16> {
+        self.api_port
     }
 
     /// The port of the health and metrics server.
@@ -113,6 +166,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let server = self.server.handle();
         let server_task = tokio::spawn(self.server);
+        let api_server = self.api_server.map(|api| (api.handle(), tokio::spawn(api)));
         let mut stop = Stop(self.stop.subscribe());
         let database = wait_for_database(&self.config, &self.db, &mut stop).await;
         if matches!(database, Ok(true)) {
@@ -123,17 +177,23 @@ impl Application {
                 self.metrics.clone(),
                 stop.clone(),
             ));
-            let scheduled = self.config.reconcile.clone().map(|schedule| {
-                tokio::spawn(reconcile::schedule::run(
-                    schedule,
-                    self.config.reading.clone(),
-                    self.db.clone(),
-                    self.config.database_url.clone(),
-                    self.config.lock_timeout,
-                    self.metrics.clone(),
-                    Stop(self.stop.subscribe()),
-                ))
-            });
+            let scheduled =
+                self.config
+                    .reconcile
+                    .clone()
+                    .zip(self.clerk)
+                    .map(|(schedule, client)| {
+                        tokio::spawn(reconcile::schedule::run(
+                            schedule,
+                            self.config.reading.clone(),
+                            client,
+                            self.db.clone(),
+                            self.config.database_url.clone(),
+                            self.config.lock_timeout,
+                            self.metrics.clone(),
+                            Stop(self.stop.subscribe()),
+                        ))
+                    });
             consume_until_stopped(&self.config, &self.db, &self.metrics, &self.broker, stop).await;
             let _ = pruning.await;
             if let Some(task) = scheduled {
@@ -143,9 +203,33 @@ impl Application {
         }
         server.stop(true).await;
         let _ = server_task.await;
+        if let Some((api, task)) = api_server {
+            api.stop(true).await;
+            let _ = task.await;
+        }
         self.db.close().await.context("closing the database pool")?;
         database.map(|_| ())
     }
+}
+
+/// The on-demand sync API on a database pool of its own (so its requests never take the
+/// consumer's connections), drawing on the worker's one Backend API rate limit.
+async fn on_demand_api(
+    config: &WorkerConfig,
+    api: &on_demand::OnDemandConfig,
+    client: &ClerkClient,
+    metrics: &Metrics,
+) -> anyhow::Result<actix_web::web::Data<Api>> {
+    let db = connect_database(
+        &config.database_url,
+        on_demand::API_DB_POOL,
+        config.lock_timeout,
+    )
+    .await
+    .context("cannot set up the on-demand sync API's database pool (DATABASE_URL)")?;
+    let service = OnDemand::new(api, db, client, config.reading.clone(), metrics)
+        .context("cannot register the on-demand sync metrics")?;
+    Ok(actix_web::web::Data::new(Api::new(service, &api.token)))
 }
 
 /// Consumes until a stop, reconnecting to the broker (with back-off) whenever it is unusable.

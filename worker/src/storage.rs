@@ -52,7 +52,7 @@ pub mod processed_events {
         pub outcome: String,
         /// When the event was applied (its transaction's time).
         pub processed_at: DateTimeWithTimeZone,
-        /// `webhook`, `reconcile` or `replay`.
+        /// `webhook`, `reconcile`, `replay` or `on_demand`.
         pub source: String,
         /// `user`, `organization` or `membership`; null for an ignored type.
         pub subject_kind: Option<String>,

@@ -52,6 +52,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbErr, TransactionSession as _, TransactionTrait};
+use serde_json::value::RawValue;
 use shared::events::UserRecord;
 use shared::{Backoff, ConfigError, Roles, Settings};
 
@@ -117,6 +118,41 @@ impl Reading {
         } else {
             event.without_payload()
         })
+    }
+
+    /// Reads an object as Clerk's Backend API answered it (`data`, which needs its `id`) as the
+    /// event a webhook would have delivered with `event_type`, by the same code as a delivery:
+    /// how the sources that ask the Backend API (reconcile, the on-demand sync) make their
+    /// events. Its svix-id is `{source}_{batch}_{object id}`: never one Svix would send, and
+    /// unique per run or request, so a second one applies again. Returns the object's id with
+    /// the event.
+    pub fn read_object(
+        &self,
+        source: Source,
+        batch: &str,
+        event_type: &str,
+        data: &RawValue,
+    ) -> Result<(String, Event), String> {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            id: Option<String>,
+        }
+        let id = serde_json::from_str::<Id>(data.get())
+            .ok()
+            .and_then(|object| object.id)
+            .ok_or("no id")?;
+        // The envelope around the object as Clerk wrote it: no second parse and serialization
+        // of the object (a backfill does this for every user).
+        let body = format!(
+            r#"{{"type":{},"object":"event","data":{}}}"#,
+            serde_json::Value::from(event_type),
+            data.get()
+        );
+        let svix_id = format!("{}_{batch}_{id}", source.as_str());
+        let event = self
+            .read(&Message::new(body.as_bytes(), svix_id, source))
+            .map_err(|e| e.to_string())?;
+        Ok((id, event))
     }
 }
 

@@ -9,11 +9,16 @@
 //! - 401 and 403 stop at once: the key is wrong, missing or of no use, and waiting will not fix it;
 //! - any other status fails the call with Clerk's error code.
 //!
+//! A client someone is waiting for ([`ClerkClient::impatient`], the on-demand sync API) draws on
+//! the same rate limit, but waits for it only so long, answers a 429 at once with
+//! [`ClerkError::RateLimited`], and retries a failure only once, quickly.
+//!
 //! Errors name the call (`GET /v1/users`), the status and Clerk's `errors[0].code`; never the key.
 
 mod limiter;
 mod pages;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -139,6 +144,10 @@ pub enum ClerkError {
         attempts: u32,
         last: String,
     },
+    /// The rate limit was reached, for an impatient client: Clerk answered 429, or the shared
+    /// client-side limit (`CLERK_API_RATE_LIMIT`) has no room soon enough.
+    #[error("{call}: rate limited, next request possible in {} ms", retry_after.as_millis())]
+    RateLimited { call: String, retry_after: Duration },
     /// A 2xx whose body is not what the API describes.
     #[error("{call}: unexpected answer: {reason}")]
     Decode { call: String, reason: String },
@@ -200,11 +209,23 @@ enum Retry {
     BackOff(String),
 }
 
-/// The Backend API client. Cheap to share by reference; one rate limit per client.
+/// How a client takes being held back.
+#[derive(Debug, Clone, Copy)]
+enum Patience {
+    /// Waits for the rate limit and waits out 429s (a reconcile).
+    Waits,
+    /// Waits for the rate limit at most this long, and answers a 429 at once (a request someone
+    /// is waiting for).
+    AtMost(Duration),
+}
+
+/// The Backend API client. Cheap to share by reference; one rate limit per client and the
+/// clients made from it by [`ClerkClient::impatient`].
 pub struct ClerkClient {
     http: reqwest::Client,
     config: ClerkConfig,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
+    patience: Patience,
 }
 
 impl ClerkClient {
@@ -214,12 +235,32 @@ impl ClerkClient {
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("clerk-sync/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let limiter = RateLimiter::new(config.rate_limit, RATE_WINDOW);
+        let limiter = Arc::new(RateLimiter::new(config.rate_limit, RATE_WINDOW));
         Ok(Self {
             http,
             config,
             limiter,
+            patience: Patience::Waits,
         })
+    }
+
+    /// A client for calls someone is waiting for, on the same rate limit and connections as
+    /// this one: it waits for the limit at most `patience` (else [`ClerkError::RateLimited`]
+    /// with the time until there is room), answers Clerk's 429 at once the same way, gives each
+    /// request at most `patience`, and retries a 5xx, a timeout or a connection failure once.
+    pub fn impatient(&self, patience: Duration) -> Self {
+        Self {
+            http: self.http.clone(),
+            config: ClerkConfig {
+                timeout: self.config.timeout.min(patience),
+                retries: 1,
+                retry_base: Duration::from_millis(50),
+                retry_max: Duration::from_millis(200),
+                ..self.config.clone()
+            },
+            limiter: self.limiter.clone(),
+            patience: Patience::AtMost(patience),
+        }
     }
 
     /// `GET /v1/users/count`: how many users the instance holds.
@@ -283,6 +324,47 @@ impl ClerkClient {
                 call: call.into(),
                 reason: error.to_string(),
             })
+    }
+
+    /// `GET /v1/organizations/{id}/memberships`, every page: all the memberships of the
+    /// organization, or `None` when Clerk answers 404 (the organization is gone).
+    pub async fn organization_memberships(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<Vec<Value>>, ClerkError> {
+        let call = "GET /v1/organizations/{id}/memberships";
+        #[derive(Deserialize)]
+        struct Page {
+            data: Vec<Value>,
+        }
+        let mut memberships = Vec::new();
+        loop {
+            let query = [
+                ("limit", MAX_PAGE.to_string()),
+                ("offset", memberships.len().to_string()),
+                ("order_by", "+created_at".to_owned()),
+            ];
+            let Some(found) = self
+                .get_found(
+                    call,
+                    &["v1", "organizations", organization_id, "memberships"],
+                    &query,
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let page =
+                serde_json::from_value::<Page>(found).map_err(|error| ClerkError::Decode {
+                    call: call.into(),
+                    reason: error.to_string(),
+                })?;
+            let last = page.data.len() < MAX_PAGE as usize;
+            memberships.extend(page.data);
+            if last {
+                return Ok(Some(memberships));
+            }
+        }
     }
 
     /// A GET of one resource by path segments (escaped); `None` when Clerk answers 404.
@@ -377,7 +459,17 @@ impl ClerkClient {
         let mut attempts = 0;
         let mut rate_limited = 0;
         loop {
-            self.limiter.acquire().await;
+            match self.patience {
+                Patience::Waits => self.limiter.acquire().await,
+                Patience::AtMost(longest) => {
+                    if let Err(retry_after) = self.limiter.acquire_within(longest).await {
+                        return Err(Answer::Failed(ClerkError::RateLimited {
+                            call: call.into(),
+                            retry_after,
+                        }));
+                    }
+                }
+            }
             attempts += 1;
             let retry = match self.attempt(call, url.clone(), query).await {
                 Ok(body) => return Ok(body),
@@ -385,6 +477,12 @@ impl ClerkClient {
                 Err(Attempt::Retry(retry)) => retry,
             };
             let (delay, last) = match retry {
+                Retry::After(delay, _) if matches!(self.patience, Patience::AtMost(_)) => {
+                    return Err(Answer::Failed(ClerkError::RateLimited {
+                        call: call.into(),
+                        retry_after: delay,
+                    }));
+                }
                 Retry::After(delay, last) => {
                     rate_limited += 1;
                     if rate_limited > RATE_LIMITED_IN_A_ROW {
@@ -425,6 +523,7 @@ impl ClerkClient {
             .http
             .get(url)
             .query(query)
+            .timeout(self.config.timeout)
             .bearer_auth(self.config.secret_key.expose_secret())
             .header("Clerk-API-Version", API_VERSION)
             .send()

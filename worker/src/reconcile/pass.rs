@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tracing::Instrument as _;
 
-use crate::apply::{self, Event, Message, Outcome, Source, SubjectKind, retry_read};
+use crate::apply::{self, Event, Outcome, Source, SubjectKind, retry_read};
 use crate::clerk::{self, ClerkClient, ClerkError};
 use crate::commands::progress;
 
@@ -437,28 +437,19 @@ impl<'a> Pass<'a> {
 }
 
 /// The event a webhook would have delivered with this type and `data` (which needs its `id`),
-/// read by the same code as a delivery, with this run's svix-id for the object: never one Svix
-/// would send, and unique per run, so a second run applies again. Every event a reconcile
-/// applies is made here, with source `reconcile` and the payload kept as `WORKER_STORE_PAYLOADS`
-/// says. Returns the object's id with the event.
+/// read by the door like a delivery, with this run's svix-id for the object
+/// (`reconcile_<run>_<id>`). Every event a reconcile applies is made here, with source
+/// `reconcile` and the payload kept as `WORKER_STORE_PAYLOADS` says. Returns the object's id
+/// with the event.
 pub(super) fn reconcile_event(
     run_id: &str,
     options: &Options,
     event_type: &str,
     data: &RawValue,
 ) -> Result<(String, Event), String> {
-    let id = clerk::object_id(data).ok_or("no id")?;
-    // The envelope around the object as Clerk wrote it: no second parse and serialization of
-    // the object (a backfill does this for every user).
-    let body = format!(
-        r#"{{"type":{},"object":"event","data":{}}}"#,
-        Value::from(event_type),
-        data.get()
-    );
-    let svix_id = format!("reconcile_{run_id}_{id}");
-    let message = Message::new(body.as_bytes(), svix_id, Source::Reconcile);
-    let event = options.reading.read(&message).map_err(|e| e.to_string())?;
-    Ok((id, event))
+    options
+        .reading
+        .read_object(Source::Reconcile, run_id, event_type, data)
 }
 
 async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {

@@ -4,6 +4,7 @@
 //! backfill). Only one worker runs it at a time: the run holds a transaction-scoped advisory
 //! lock on a connection of its own, which Postgres releases even if the worker dies.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
@@ -24,23 +25,19 @@ const RECONCILE_LOCK: i64 = 0x636c_6b72_6563_6f6e; // "clkrecon"
 /// lock, so a database outage does not make a busy loop.
 const AFTER_TROUBLE: Duration = Duration::from_secs(60);
 
-/// Reconciles whenever one is due, until the stop.
+/// Reconciles whenever one is due, until the stop, with `client` (the worker's one Backend API
+/// client, whose rate limit the on-demand sync shares).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     schedule: ScheduledReconcile,
     reading: Reading,
+    client: Arc<ClerkClient>,
     db: DatabaseConnection,
     database_url: SecretString,
     lock_timeout: Duration,
     metrics: Metrics,
     mut stop: Stop,
 ) {
-    let client = match ClerkClient::new(schedule.clerk.clone()) {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "scheduled reconcile off: cannot set up the Backend API client");
-            return;
-        }
-    };
     tracing::info!(interval = %humantime::format_duration(schedule.interval), "scheduled reconcile on");
     loop {
         let wait = match runs::last_started(&db).await {

@@ -13,6 +13,7 @@ mod history;
 mod history_explain;
 mod history_replay;
 mod lock_timeout;
+mod on_demand;
 mod organizations;
 mod pipeline_health;
 mod process;

@@ -1,0 +1,47 @@
+//! The history accepts the source `on_demand` (the worker's on-demand sync API), and only the
+//! known sources; `down` takes it back out.
+
+use migrations::{Migrator, MigratorTrait};
+use sea_orm_migration::sea_orm::ConnectionTrait;
+use test_support::TestDatabase;
+
+fn insert(id: &str, source: &str) -> String {
+    format!(
+        "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source) \
+         VALUES ('{id}', 'user.updated', 'applied', now(), '{source}')"
+    )
+}
+
+#[tokio::test]
+async fn the_history_accepts_on_demand_and_down_refuses_it_again() {
+    let test = TestDatabase::empty().await;
+    Migrator::up(&test.db, None).await.expect("up");
+    for source in ["webhook", "reconcile", "replay", "on_demand"] {
+        test.db
+            .execute_unprepared(&insert(source, source))
+            .await
+            .unwrap_or_else(|e| panic!("{source}: {e}"));
+    }
+    assert!(
+        test.db
+            .execute_unprepared(&insert("x", "carrier_pigeon"))
+            .await
+            .is_err(),
+        "an unknown source was accepted"
+    );
+    // Down refuses while on_demand rows exist; without them it restores the narrower check.
+    assert!(Migrator::down(&test.db, Some(1)).await.is_err());
+    test.db
+        .execute_unprepared("DELETE FROM processed_events WHERE source = 'on_demand'")
+        .await
+        .expect("delete");
+    Migrator::down(&test.db, Some(1)).await.expect("down");
+    assert!(
+        test.db
+            .execute_unprepared(&insert("later", "on_demand"))
+            .await
+            .is_err(),
+        "on_demand accepted after down"
+    );
+    Migrator::up(&test.db, None).await.expect("up again");
+}

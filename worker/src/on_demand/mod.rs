@@ -1,0 +1,641 @@
+//! The on-demand sync: an app that cannot find a user's (or an organization's) row yet, typically
+//! on the first request after a sign-up, asks the worker to fetch it from Clerk's Backend API now
+//! and gets the row once it is committed, instead of waiting for the webhook.
+//!
+//! One sync of an object, [`OnDemand::sync`]:
+//! 1. a tombstoned id is gone for good: 404, without asking Clerk;
+//! 2. an object synced less than `WORKER_API_REUSE_MS` ago is answered from its stored row;
+//! 3. otherwise `GET /v1/users/{id}`, or `GET /v1/organizations/{id}` and that organization's
+//!    memberships, made into the `.updated` events a webhook would carry (by the door's
+//!    [`Reading::read_object`], as reconcile makes its own; source `on_demand`) and applied in one transaction by
+//!    [`apply::apply_batch`], under the same rules as every event: last writer wins, tombstones
+//!    hold. A 404 from Clerk is applied as the `.deleted` event instead (row removed, tombstone
+//!    written) and answered 404;
+//! 4. the row as stored after the commit is the answer.
+//!
+//! Concurrent syncs of one object share all of it ([`single_flight`]): one Backend API call and
+//! one write for a herd of requests. The Backend API client is the scheduled reconcile's,
+//! made impatient ([`ClerkClient::impatient`]): the same rate limit, so neither can push the
+//! other past Clerk's limits, but a request never waits more than half of `WORKER_API_TIMEOUT_MS`
+//! for it (else 429 with `Retry-After`), and the whole sync is bounded by `WORKER_API_TIMEOUT_MS`
+//! (else 503). The HTTP side (routes, token, statuses) is [`api`].
+
+pub(crate) mod api;
+mod single_flight;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use secrecy::SecretString;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use shared::roles::RoleSource;
+use shared::{ConfigError, Settings};
+
+use crate::apply::{self, Action, BatchFailure, DbFailure, Event, Outcome, Reading, Source};
+use crate::clerk::{ClerkClient, ClerkConfig, ClerkError};
+use crate::metrics::Metrics;
+use single_flight::SingleFlight;
+
+/// Database connections of the API's own pool: syncs never take the consumer's connections.
+pub const API_DB_POOL: u32 = 4;
+
+/// `Retry-After` of a 503 for an unreachable database or Backend API.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Recently synced objects kept before the expired ones are swept out.
+const RECENT_SWEEP_AT: usize = 10_000;
+
+/// The on-demand sync API's settings. `Debug` never shows the token.
+#[derive(Debug, Clone)]
+pub struct OnDemandConfig {
+    /// `WORKER_API_TOKEN`.
+    pub token: SecretString,
+    /// `WORKER_API_LISTEN`: an address of its own, or `None` for the worker's `WORKER_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `WORKER_API_TIMEOUT_MS`.
+    pub timeout: Duration,
+    /// `WORKER_API_REUSE_MS`.
+    pub reuse: Duration,
+    /// The Backend API (`CLERK_SECRET_KEY`, `CLERK_API_URL`, `CLERK_API_RATE_LIMIT`, …).
+    pub clerk: ClerkConfig,
+}
+
+impl OnDemandConfig {
+    /// `None` when `WORKER_API_TOKEN` is unset or blank; an error naming the variable when a
+    /// setting is malformed, or when `CLERK_SECRET_KEY` is missing.
+    pub fn from_settings(settings: &Settings) -> Result<Option<Self>, ConfigError> {
+        let Some(token) = settings.worker_api_token() else {
+            return Ok(None);
+        };
+        let listen = match settings
+            .worker_api_listen
+            .as_deref()
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+        {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|error| ConfigError::Malformed {
+                variable: "WORKER_API_LISTEN",
+                reason: format!("not an address like 0.0.0.0:3002 ({error})"),
+            })?),
+        };
+        if settings.worker_api_timeout_ms == 0 {
+            return Err(ConfigError::Malformed {
+                variable: "WORKER_API_TIMEOUT_MS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Some(Self {
+            token,
+            listen,
+            timeout: Duration::from_millis(settings.worker_api_timeout_ms),
+            reuse: Duration::from_millis(settings.worker_api_reuse_ms),
+            clerk: ClerkConfig::from_settings(settings)?,
+        }))
+    }
+}
+
+/// What can be synced on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Object {
+    User,
+    Organization,
+}
+
+impl Object {
+    /// The metrics' `kind` label.
+    fn name(self) -> &'static str {
+        match self {
+            Object::User => "user",
+            Object::Organization => "organization",
+        }
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Object::User => "users",
+            Object::Organization => "organizations",
+        }
+    }
+
+    fn tombstones(self) -> &'static str {
+        match self {
+            Object::User => "user_tombstones",
+            Object::Organization => "organization_tombstones",
+        }
+    }
+}
+
+/// How a sync ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// Fetched from Clerk and applied (or found stale: a newer version was stored already).
+    Synced,
+    /// Synced a moment ago: answered from the stored row.
+    Reused,
+    /// Clerk has no such object: the deletion was applied.
+    Deleted,
+    /// The id has a tombstone: Clerk was not asked.
+    Tombstoned,
+}
+
+/// The answer of a sync: the stored row (`None`: there is none) and how it came about.
+#[derive(Debug, Clone)]
+pub(crate) struct Synced {
+    pub(crate) found: Found,
+    /// The row as stored, as JSON text.
+    pub(crate) row: Option<Arc<str>>,
+}
+
+/// Why a sync has no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SyncError {
+    /// The shared rate limit has no room soon enough, or Clerk answered 429.
+    #[error("rate limited: {0}")]
+    RateLimited(String, Duration),
+    /// The Backend API did not answer usefully after a retry (5xx, timeout, connection).
+    #[error("Backend API unavailable: {0}")]
+    ClerkUnavailable(String),
+    /// The database is unreachable or in trouble (a transient failure).
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
+    /// `WORKER_API_TIMEOUT_MS` passed.
+    #[error("no answer within the timeout")]
+    TimedOut,
+    /// Anything else: a refused key, an object that does not apply, a bug.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl SyncError {
+    /// The metrics' `outcome` label.
+    fn outcome(&self) -> &'static str {
+        match self {
+            SyncError::RateLimited(..) => "rate_limited",
+            SyncError::ClerkUnavailable(_) => "clerk_unavailable",
+            SyncError::DatabaseUnavailable(_) => "database_unavailable",
+            SyncError::TimedOut => "timed_out",
+            SyncError::Failed(_) => "failed",
+        }
+    }
+
+    fn from_clerk(error: ClerkError) -> Self {
+        match error {
+            ClerkError::RateLimited { retry_after, .. } => {
+                SyncError::RateLimited(error.to_string(), retry_after)
+            }
+            ClerkError::GaveUp { .. } => SyncError::ClerkUnavailable(error.to_string()),
+            ClerkError::Unauthorized { .. }
+            | ClerkError::Rejected { .. }
+            | ClerkError::Decode { .. }
+            | ClerkError::Request { .. } => SyncError::Failed(error.to_string()),
+        }
+    }
+
+    fn from_db(what: &str, error: &DbErr) -> Self {
+        match apply::classify(error) {
+            DbFailure::Transient => SyncError::DatabaseUnavailable(format!("{what}: {error}")),
+            DbFailure::Race | DbFailure::Message => SyncError::Failed(format!("{what}: {error}")),
+        }
+    }
+}
+
+type Key = (Object, String);
+type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+/// The on-demand sync service: shared by every request (see the module's summary).
+pub(crate) struct OnDemand {
+    inner: Arc<Inner>,
+    flights: SingleFlight<Key, Result<Synced>>,
+    metrics: OnDemandMetrics,
+    timeout: Duration,
+}
+
+/// What a flight needs, owned by its task.
+struct Inner {
+    db: DatabaseConnection,
+    client: ClerkClient,
+    /// `WORKER_ROLES`, `WORKER_DEFAULT_ROLE` and `WORKER_STORE_PAYLOADS`, as for every event.
+    reading: Reading,
+    reuse: Duration,
+    /// When each object was last synced from Clerk.
+    recent: Mutex<HashMap<Key, Instant>>,
+    metrics: Metrics,
+}
+
+impl OnDemand {
+    /// The service on its own database pool (`db`), drawing on `client`'s rate limit. Registers
+    /// its metrics in `metrics`.
+    pub(crate) fn new(
+        config: &OnDemandConfig,
+        db: DatabaseConnection,
+        client: &ClerkClient,
+        reading: Reading,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                // Half the time for the rate limit at most, the rest for the call and the write.
+                client: client.impatient(config.timeout / 2),
+                reading,
+                reuse: config.reuse,
+                recent: Mutex::new(HashMap::new()),
+                metrics: metrics.clone(),
+            }),
+            flights: SingleFlight::default(),
+            metrics: OnDemandMetrics::register(metrics)?,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Syncs one object (see the module's summary), counted and timed.
+    pub(crate) async fn sync(&self, object: Object, id: &str) -> Result<Synced> {
+        let started = Instant::now();
+        let key = (object, id.to_owned());
+        let inner = self.inner.clone();
+        let timeout = self.timeout;
+        let (flight, _) = self.flights.join(key.clone(), move || async move {
+            tokio::time::timeout(timeout, inner.sync(key))
+                .await
+                .unwrap_or(Err(SyncError::TimedOut))
+        });
+        let result = match tokio::time::timeout(timeout, flight).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(SyncError::Failed("the sync task panicked".into())),
+            Err(_) => Err(SyncError::TimedOut),
+        };
+        let outcome = match &result {
+            Ok(synced) => match synced.found {
+                Found::Synced => "synced",
+                Found::Reused => "reused",
+                Found::Deleted => "deleted",
+                Found::Tombstoned => "tombstoned",
+            },
+            Err(error) => error.outcome(),
+        };
+        self.metrics.count(object, outcome, started.elapsed());
+        result
+    }
+
+    /// Counts a request refused before any sync (`unauthorized`, `forbidden`, `bad_request`).
+    pub(crate) fn refused(&self, object: Object, outcome: &'static str) {
+        self.metrics
+            .requests
+            .with_label_values(&[object.name(), outcome])
+            .inc();
+    }
+}
+
+impl Inner {
+    async fn sync(&self, key: Key) -> Result<Synced> {
+        let (object, id) = (key.0, key.1.as_str());
+        if self.tombstoned(object, id).await? {
+            return Ok(Synced {
+                found: Found::Tombstoned,
+                row: None,
+            });
+        }
+        if self.synced_lately(&key)
+            && let Some(row) = self.row(object, id).await?
+        {
+            return Ok(Synced {
+                found: Found::Reused,
+                row: Some(row),
+            });
+        }
+        let fetched = match object {
+            Object::User => self
+                .client
+                .user(id)
+                .await
+                .map(|user| user.map(|user| vec![user])),
+            Object::Organization => self.fetch_organization(id).await,
+        }
+        .map_err(SyncError::from_clerk)?;
+        let batch = uuid::Uuid::new_v4().simple().to_string();
+        let event = |event_type: &str, data: &Value| -> Result<Event> {
+            let data = serde_json::value::to_raw_value(data)
+                .map_err(|e| SyncError::Failed(e.to_string()))?;
+            self.event(&batch, event_type, &data)
+        };
+        let Some(objects) = fetched else {
+            let deleted = match object {
+                Object::User => "user.deleted",
+                Object::Organization => "organization.deleted",
+            };
+            let data = serde_json::json!({"object": object.name(), "id": id, "deleted": true});
+            self.apply(&[event(deleted, &data)?]).await?;
+            tracing::info!(kind = object.name(), %id, "on-demand sync: gone from Clerk, deletion applied");
+            return Ok(Synced {
+                found: Found::Deleted,
+                row: None,
+            });
+        };
+        let mut events = Vec::with_capacity(objects.len());
+        for (n, data) in objects.iter().enumerate() {
+            let event_type = match (object, n) {
+                (Object::User, _) => "user.updated",
+                (Object::Organization, 0) => "organization.updated",
+                (Object::Organization, _) => "organizationMembership.updated",
+            };
+            // A membership without an id can never apply: left out rather than failing the
+            // organization it came with.
+            if n > 0 && data.get("id").and_then(Value::as_str).is_none() {
+                tracing::warn!(organization_id = %id, "a membership without an id; left out");
+                continue;
+            }
+            events.push(event(event_type, data)?);
+        }
+        self.apply(&events).await?;
+        let row = self.row(object, id).await?;
+        if row.is_some() {
+            self.remember(key.clone());
+        }
+        tracing::debug!(kind = object.name(), %id, "on-demand sync applied");
+        Ok(Synced {
+            found: Found::Synced,
+            row,
+        })
+    }
+
+    /// The organization, then its memberships; `None` when Clerk has no such organization.
+    async fn fetch_organization(&self, id: &str) -> Result<Option<Vec<Value>>, ClerkError> {
+        let Some(organization) = self.client.organization(id).await? else {
+            return Ok(None);
+        };
+        let Some(memberships) = self.client.organization_memberships(id).await? else {
+            // Deleted between the two calls.
+            return Ok(None);
+        };
+        let mut objects = Vec::with_capacity(memberships.len() + 1);
+        objects.push(organization);
+        objects.extend(memberships);
+        Ok(Some(objects))
+    }
+
+    /// The event a webhook would have carried for `data` (reconcile's way of making one).
+    fn event(&self, batch: &str, event_type: &str, data: &RawValue) -> Result<Event> {
+        self.reading
+            .read_object(Source::OnDemand, batch, event_type, data)
+            .map(|(_, event)| event)
+            .map_err(|reason| {
+                SyncError::Failed(format!("{event_type} from the Backend API: {reason}"))
+            })
+    }
+
+    /// Applies the events in one transaction through the one entry every source uses. When one
+    /// of them fails on its own account (a membership that does not apply), they are applied one
+    /// by one, so the others still land; the first (the object asked for) must.
+    async fn apply(&self, events: &[Event]) -> Result<()> {
+        let started = Instant::now();
+        match apply::apply_batch(&self.db, events).await {
+            Ok(outcomes) => {
+                self.metrics
+                    .apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                for (event, outcome) in events.iter().zip(outcomes) {
+                    self.report(event, outcome);
+                }
+                Ok(())
+            }
+            Err(BatchFailure::Transient(error)) => Err(SyncError::from_db("applying", &error)),
+            Err(BatchFailure::Event(error)) => {
+                tracing::warn!(%error, "an on-demand event failed; applying them one by one");
+                for (n, event) in events.iter().enumerate() {
+                    match apply::apply(&self.db, event).await {
+                        Ok(outcome) => self.report(event, outcome),
+                        Err(apply::ApplyError::Transient(error)) => {
+                            return Err(SyncError::DatabaseUnavailable(error));
+                        }
+                        Err(apply::ApplyError::Message(error)) if n == 0 => {
+                            return Err(SyncError::Failed(error));
+                        }
+                        Err(apply::ApplyError::Message(error)) => {
+                            tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event does not apply; left out");
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts and logs what became of an event, once its transaction committed, as the
+    /// consumer does for a delivery.
+    fn report(&self, event: &Event, outcome: Outcome) {
+        let span = tracing::info_span!("on_demand", svix_id = %event.svix_id, event_type = %event.event_type);
+        let _entered = span.enter();
+        self.metrics.event(&event.event_type, outcome.as_str());
+        if let Action::Upsert(record) = &event.action
+            && let RoleSource::Unknown(value) = &record.role_source
+            && outcome == Outcome::Applied
+        {
+            self.metrics.unknown_roles.inc();
+            tracing::warn!(
+                user_id = %record.id, role = %value, stored_as = %record.role,
+                "unknown role in public_metadata; stored as the default role"
+            );
+        }
+        tracing::info!(outcome = outcome.as_str(), "event handled");
+    }
+
+    async fn tombstoned(&self, object: Object, id: &str) -> Result<bool> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1) AS tombstoned",
+                    object.tombstones()
+                ),
+                [id.into()],
+            ))
+            .await
+            .map_err(|e| SyncError::from_db("reading the tombstones", &e))?;
+        match row {
+            Some(row) => row
+                .try_get("", "tombstoned")
+                .map_err(|e| SyncError::from_db("reading the tombstones", &e)),
+            None => Ok(false),
+        }
+    }
+
+    /// The stored row as JSON text, every column as Postgres holds it.
+    async fn row(&self, object: Object, id: &str) -> Result<Option<Arc<str>>> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                format!(
+                    "SELECT to_jsonb(t)::text AS row FROM {} AS t WHERE id = $1",
+                    object.table()
+                ),
+                [id.into()],
+            ))
+            .await
+            .map_err(|e| SyncError::from_db("reading the row", &e))?;
+        row.map(|row| {
+            row.try_get::<String>("", "row")
+                .map(Arc::from)
+                .map_err(|e| SyncError::from_db("reading the row", &e))
+        })
+        .transpose()
+    }
+
+    fn synced_lately(&self, key: &Key) -> bool {
+        let recent = match self.recent.lock() {
+            Ok(recent) => recent,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        recent.get(key).is_some_and(|at| at.elapsed() < self.reuse)
+    }
+
+    fn remember(&self, key: Key) {
+        if self.reuse.is_zero() {
+            return;
+        }
+        let mut recent = match self.recent.lock() {
+            Ok(recent) => recent,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if recent.len() >= RECENT_SWEEP_AT {
+            recent.retain(|_, at| at.elapsed() < self.reuse);
+        }
+        recent.insert(key, Instant::now());
+    }
+}
+
+/// The on-demand metrics, registered with the worker's.
+#[derive(Clone)]
+struct OnDemandMetrics {
+    /// `clerk_sync_worker_on_demand_requests_total{kind, outcome}`.
+    requests: IntCounterVec,
+    /// `clerk_sync_worker_on_demand_seconds{kind}`: from the request's arrival to its answer,
+    /// for requests that passed the token check.
+    seconds: HistogramVec,
+}
+
+impl OnDemandMetrics {
+    fn register(metrics: &Metrics) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "clerk_sync_worker_on_demand_requests_total",
+                "On-demand sync requests, by kind (user, organization) and outcome: synced, \
+                 reused, deleted, tombstoned, rate_limited, clerk_unavailable, \
+                 database_unavailable, timed_out, failed, unauthorized, forbidden, bad_request.",
+            ),
+            &["kind", "outcome"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "clerk_sync_worker_on_demand_seconds",
+                "Time to answer an on-demand sync request that passed the token check.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["kind"],
+        )?;
+        metrics.register(Box::new(requests.clone()))?;
+        metrics.register(Box::new(seconds.clone()))?;
+        Ok(Self { requests, seconds })
+    }
+
+    fn count(&self, object: Object, outcome: &str, took: Duration) {
+        self.requests
+            .with_label_values(&[object.name(), outcome])
+            .inc();
+        self.seconds
+            .with_label_values(&[object.name()])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// `Retry-After` for an error, in whole seconds (at least 1), or `None` when retrying will not
+/// help.
+pub(crate) fn retry_after(error: &SyncError) -> Option<u64> {
+    let wait = match error {
+        SyncError::RateLimited(_, wait) => *wait,
+        SyncError::ClerkUnavailable(_) | SyncError::DatabaseUnavailable(_) => {
+            UNAVAILABLE_RETRY_AFTER
+        }
+        SyncError::TimedOut => Duration::from_secs(1),
+        SyncError::Failed(_) => return None,
+    };
+    Some(wait.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(token: Option<&str>) -> Settings {
+        Settings {
+            worker_api_token: token.map(Into::into),
+            clerk_secret_key: Some("sk_test_1".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn the_api_is_off_without_a_token_and_on_with_one() {
+        assert!(
+            OnDemandConfig::from_settings(&settings(None))
+                .expect("off")
+                .is_none()
+        );
+        assert!(
+            OnDemandConfig::from_settings(&settings(Some("  ")))
+                .expect("off")
+                .is_none()
+        );
+        let config = OnDemandConfig::from_settings(&settings(Some("s3cret-token")))
+            .expect("valid")
+            .expect("on");
+        assert_eq!(config.listen, None);
+        assert_eq!(config.timeout, Duration::from_secs(5));
+        assert_eq!(config.reuse, Duration::from_secs(2));
+        assert!(!format!("{config:?}").contains("s3cret-token"));
+    }
+
+    #[test]
+    fn malformed_settings_and_a_missing_key_are_named() {
+        let line = |settings: Settings| {
+            OnDemandConfig::from_settings(&settings)
+                .expect_err("refused")
+                .to_string()
+        };
+        let no_key = Settings {
+            clerk_secret_key: None,
+            ..settings(Some("t"))
+        };
+        assert!(line(no_key).contains("CLERK_SECRET_KEY"));
+        let listen = Settings {
+            worker_api_listen: Some("port 3002".into()),
+            ..settings(Some("t"))
+        };
+        assert!(line(listen).contains("WORKER_API_LISTEN"));
+        let timeout = Settings {
+            worker_api_timeout_ms: 0,
+            ..settings(Some("t"))
+        };
+        assert!(line(timeout).contains("WORKER_API_TIMEOUT_MS"));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_and_absent_for_failures() {
+        let limited = SyncError::RateLimited("x".into(), Duration::from_millis(2_300));
+        assert_eq!(retry_after(&limited), Some(3));
+        assert_eq!(
+            retry_after(&SyncError::ClerkUnavailable("x".into())),
+            Some(5)
+        );
+        assert_eq!(retry_after(&SyncError::Failed("x".into())), None);
+    }
+}
