@@ -73,6 +73,8 @@ impl TestEnv {
             broker_timeout: Duration::from_secs(5),
             roles: shared::Roles::default(),
             reconcile: None,
+            delete_mode: worker::delete_mode::DeleteMode::Hard,
+            purge_deleted_after: None,
         }
     }
 

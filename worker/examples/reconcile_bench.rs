@@ -112,6 +112,8 @@ async fn measure(
         store_payloads: true,
         stalled_after: Duration::from_secs(300),
         broker_timeout: Duration::from_secs(10),
+        delete_mode: worker::delete_mode::DeleteMode::Hard,
+        purge_deleted_after: None,
     };
     let app = Application::build(config).await?;
     let stop = app.stop_handle();

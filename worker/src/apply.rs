@@ -9,19 +9,20 @@
 //!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
 //!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
 //!   exactly as if the newest had been applied first;
-//! - `user.deleted` deletes the row and the user's organization memberships and writes a
-//!   tombstone; a version of the same user in the same batch is `Stale`, as if the delete had
-//!   come first;
+//! - `user.deleted` deletes the row and the user's organization memberships as the event's
+//!   delete mode says (`crate::delete_mode`) and writes a tombstone; a version of the same user
+//!   in the same batch is `Stale`, as if the delete had come first;
 //! - organization and membership events follow their own rules (`crate::organizations`), one at
 //!   a time after the batch's user events, in the same transaction;
-//! - an email held by another user goes to the newer version (by `updated_at`, then id): the older
-//!   holder's email becomes null, or, if the holder is newer, the incoming user is written with a
-//!   null email. In a real history two users never hold one address at the same moment, so the
-//!   loser is always a version that a later event of the same user supersedes.
+//! - an email held by another user (a row kept after its deletion holds none) goes to the newer
+//!   version (by `updated_at`, then id): the older holder's email becomes null, or, if the
+//!   holder is newer, the incoming user is written with a null email. In a real history two
+//!   users never hold one address at the same moment, so the loser is always a version that a
+//!   later event of the same user supersedes.
 //!
-//! The statements of a batch: the user locks; recording and deciding (with the deletes); settling
-//! the emails the winners want; writing the winners. Every batch first takes a
-//! transaction-scoped advisory lock on each id its events name, so events of one user never
+//! The statements of a batch: the user locks; recording and deciding; the deletes (when there
+//! are any); settling the emails the winners want; writing the winners. Every batch first takes
+//! a transaction-scoped advisory lock on each id its events name, so events of one user never
 //! interleave, whichever worker or batch applies them. That is what makes a delete and a late
 //! update on two workers unable to resurrect a user, and what keeps the decision, read after the
 //! locks, true until the commit.
@@ -38,6 +39,7 @@ use serde::Serialize;
 use shared::events::UserRecord;
 use shared::roles::RoleSource;
 
+use crate::delete_mode::DeleteMode;
 use crate::event::{Action, Event};
 use crate::metrics::Metrics;
 use crate::storage::users;
@@ -200,11 +202,11 @@ pub async fn apply_batch<C: TransactionTrait>(
 }
 
 /// Applies the events inside the caller's transaction. The user and ignored events take at most
-/// four statements, however many there are: lock, record and decide (with the deletes), settle
-/// the emails, write the users. Their outcomes are those of applying them one at a time in this
-/// order: the deletes, then each user's newest version, then the rest (`stale`); a svix-id seen
-/// before, in the database or earlier in the slice, is a `Duplicate`. Organization and
-/// membership events are applied after them, one at a time, in their order.
+/// five statements, however many there are: lock, record and decide, delete (one per delete
+/// mode in the batch), settle the emails, write the users. Their outcomes are those of applying
+/// them one at a time in this order: the deletes, then each user's newest version, then the rest
+/// (`stale`); a svix-id seen before, in the database or earlier in the slice, is a `Duplicate`.
+/// Organization and membership events are applied after them, one at a time, in their order.
 async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Vec<Outcome>, DbErr> {
     // All of the batch's locks up front and in one order, so two batches never deadlock on
     // them. Everything below reads the rows after the locks are held.
@@ -219,6 +221,7 @@ async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Ve
         })
         .collect();
     let recorded = record_and_decide(db, events, &together).await?;
+    delete_users(db, events, &together, &recorded).await?;
     let mut outcomes: Vec<Outcome> = events
         .iter()
         .zip(&together)
@@ -275,8 +278,34 @@ pub(crate) async fn lock_keys<'a, C: ConnectionTrait>(
     Ok(())
 }
 
-/// Records every new svix-id with its outcome, deciding last-writer-wins for all users at once,
-/// and carries out the new deletes. Returns the outcome of each svix-id that was new.
+/// Carries out the user deletes whose svix-id was new, each in its event's delete mode
+/// ([`crate::delete_mode`]).
+async fn delete_users<C: ConnectionTrait>(
+    db: &C,
+    events: &[Event],
+    together: &[bool],
+    recorded: &HashMap<String, Outcome>,
+) -> Result<(), DbErr> {
+    let mut gone: HashMap<DeleteMode, Vec<String>> = HashMap::new();
+    for (event, _) in events
+        .iter()
+        .zip(together)
+        .filter(|(_, together)| **together)
+    {
+        if let Action::Delete { id } = &event.action
+            && recorded.contains_key(event.svix_id.as_str())
+        {
+            gone.entry(event.delete_mode).or_default().push(id.clone());
+        }
+    }
+    for (mode, ids) in gone {
+        crate::delete_mode::delete_users(db, mode, ids).await?;
+    }
+    Ok(())
+}
+
+/// Records every new svix-id with its outcome, deciding last-writer-wins for all users at once.
+/// Returns the outcome of each svix-id that was new.
 async fn record_and_decide<C: ConnectionTrait>(
     db: &C,
     events: &[Event],
@@ -307,6 +336,7 @@ async fn record_and_decide<C: ConnectionTrait>(
                 subject_kind: subject.map(|s| s.kind),
                 subject_id: subject.map(|s| s.id),
                 payload: event.payload.as_deref(),
+                anonymize: event.delete_mode.anonymizes(),
                 svix_timestamp: event.svix_timestamp,
                 received_at: event.received_at,
             }
@@ -352,6 +382,8 @@ struct BatchRow<'a> {
     subject_id: Option<&'a str>,
     /// The body, as a JSON string (Postgres parses it into the history's `jsonb`).
     payload: Option<&'a str>,
+    /// Under `WORKER_DELETE_MODE=anonymize`, a stale version of a deleted user keeps no payload.
+    anonymize: bool,
     svix_timestamp: Option<DateTime<Utc>>,
     received_at: Option<DateTime<Utc>>,
 }
@@ -365,10 +397,10 @@ struct BatchRow<'a> {
 ///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
 ///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
 ///   part in the ranking changes no outcome;
-/// - a delete is `deleted` (applied); if its svix-id is new, the row goes (cascading), and so do the
-///   user's organization memberships, and a tombstone is written (a second delete keeps the
-///   first deletion time);
+/// - a delete is `deleted` (applied); if its svix-id is new, [`delete_users`] carries it out;
 /// - any other type is `ignored`.
+///
+/// An upsert of a tombstoned user keeps no payload when `anonymize` says so.
 ///
 /// Raw SQL: sea-query builds neither data-modifying CTEs nor window functions. The batch comes
 /// as JSON rather than arrays because sea-query's array values cannot hold NULL elements.
@@ -377,7 +409,7 @@ WITH batch AS ( \
   SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS b( \
     ordinal int, svix_id text, event_type text, user_id text, updated_at timestamptz, \
     deletes boolean, source text, subject_kind text, subject_id text, payload text, \
-    svix_timestamp timestamptz, received_at timestamptz)), \
+    anonymize boolean, svix_timestamp timestamptz, received_at timestamptz)), \
 standing AS ( \
   SELECT b.*, \
     (SELECT t.deleted_at FROM user_tombstones t WHERE t.id = b.user_id) AS tombstoned_at, \
@@ -407,18 +439,11 @@ recorded AS ( \
   INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
     subject_kind, subject_id, payload, svix_timestamp, received_at, reason) \
   SELECT svix_id, event_type, outcome, now(), source, subject_kind, subject_id, \
-    payload::jsonb, svix_timestamp, received_at, reason \
+    CASE WHEN anonymize AND tombstoned_at IS NOT NULL AND NOT deletes THEN NULL \
+         ELSE payload::jsonb END, svix_timestamp, received_at, reason \
   FROM decided ORDER BY ordinal \
   ON CONFLICT (svix_id) DO NOTHING \
-  RETURNING svix_id, outcome), \
-gone AS ( \
-  SELECT DISTINCT b.user_id FROM batch b JOIN recorded r USING (svix_id) WHERE b.deletes), \
-deleted AS (DELETE FROM users WHERE id IN (SELECT user_id FROM gone)), \
-memberships AS ( \
-  DELETE FROM organization_memberships WHERE user_id IN (SELECT user_id FROM gone)), \
-buried AS ( \
-  INSERT INTO user_tombstones (id, deleted_at) SELECT user_id, now() FROM gone \
-  ON CONFLICT (id) DO NOTHING) \
+  RETURNING svix_id, outcome) \
 SELECT svix_id, outcome FROM recorded";
 
 /// How the history's reasons write a time (`to_char`, in UTC, to the millisecond).
@@ -489,14 +514,15 @@ candidates AS ( \
   SELECT id, email, updated_at FROM incoming \
   UNION ALL \
   SELECT u.id, u.email, u.updated_at FROM users u \
-  WHERE u.email IN (SELECT email FROM incoming) AND u.id <> ALL ($4::text[])), \
+  WHERE u.email IN (SELECT email FROM incoming) AND u.id <> ALL ($4::text[]) \
+    AND u.deleted_at IS NULL), \
 winners AS ( \
   SELECT DISTINCT ON (email) email, id, updated_at FROM candidates \
   ORDER BY email, updated_at DESC, id DESC), \
 freed AS ( \
   UPDATE users SET email = NULL, synced_at = now() \
   FROM winners w \
-  WHERE users.email = w.email AND users.id <> w.id \
+  WHERE users.email = w.email AND users.id <> w.id AND users.deleted_at IS NULL \
     AND (users.id = ANY ($4::text[]) OR (users.updated_at, users.id) < (w.updated_at, w.id)) \
   RETURNING users.id AS holder, w.id AS winner) \
 SELECT 'lost' AS kind, i.id AS user_id, w.id AS other \

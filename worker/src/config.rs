@@ -6,6 +6,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use shared::{AmqpNodes, Backoff, ConfigError, Roles, Settings, Topology};
 
+use crate::delete_mode::DeleteMode;
 use crate::event::{Event, ReadError};
 use crate::reconcile::ScheduledReconcile;
 
@@ -49,17 +50,22 @@ pub struct WorkerConfig {
     pub stalled_after: Duration,
     /// `WORKER_BROKER_TIMEOUT_MS`: the deadline of every single wait on the broker.
     pub broker_timeout: Duration,
+    /// `WORKER_DELETE_MODE`: what a deletion does to the rows.
+    pub delete_mode: DeleteMode,
+    /// `WORKER_PURGE_DELETED_AFTER`: rows kept by a deletion are removed once deleted this long;
+    /// `None` (the default) for never.
+    pub purge_deleted_after: Option<Duration>,
 }
 
 impl WorkerConfig {
-    /// Reads a delivery as an event with these settings: the roles, and the payload kept only
-    /// when `WORKER_STORE_PAYLOADS` allows.
+    /// Reads a delivery as an event with these settings: the roles, the delete mode, and the
+    /// payload kept only when `WORKER_STORE_PAYLOADS` allows.
     pub fn read_event(
         &self,
         body: &[u8],
         properties: &lapin::BasicProperties,
     ) -> Result<Event, ReadError> {
-        let event = Event::read(body, properties, &self.roles)?;
+        let event = Event::read(body, properties, &self.roles)?.with_delete_mode(self.delete_mode);
         Ok(if self.store_payloads {
             event
         } else {
@@ -138,7 +144,32 @@ impl WorkerConfig {
             store_payloads: settings.worker_store_payloads,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
+            delete_mode: delete_mode(settings)?,
+            purge_deleted_after: purge_deleted_after(settings)?,
         })
+    }
+}
+
+/// `WORKER_DELETE_MODE`, checked.
+pub fn delete_mode(settings: &Settings) -> Result<DeleteMode, ConfigError> {
+    settings
+        .worker_delete_mode
+        .parse()
+        .map_err(|reason| ConfigError::Malformed {
+            variable: "WORKER_DELETE_MODE",
+            reason,
+        })
+}
+
+/// `WORKER_PURGE_DELETED_AFTER`, checked: `None` when unset or empty.
+pub fn purge_deleted_after(settings: &Settings) -> Result<Option<Duration>, ConfigError> {
+    match settings
+        .worker_purge_deleted_after
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") => Ok(None),
+        Some(text) => duration("WORKER_PURGE_DELETED_AFTER", text).map(Some),
     }
 }
 
@@ -226,6 +257,45 @@ mod tests {
             .expect_err("zero")
             .to_string();
         assert!(line.contains("WORKER_STALLED_AFTER"), "{line}");
+    }
+
+    #[test]
+    fn the_delete_mode_is_hard_unless_set_and_a_bad_one_is_named() {
+        let config = WorkerConfig::from_settings(&settings()).expect("config");
+        assert_eq!(config.delete_mode, DeleteMode::Hard);
+        assert_eq!(config.purge_deleted_after, None);
+        let kept = Settings {
+            worker_delete_mode: "anonymize".into(),
+            worker_purge_deleted_after: Some("90d".into()),
+            ..settings()
+        };
+        let config = WorkerConfig::from_settings(&kept).expect("config");
+        assert_eq!(config.delete_mode, DeleteMode::Anonymize);
+        assert_eq!(
+            config.purge_deleted_after,
+            Some(Duration::from_secs(90 * 24 * 3600))
+        );
+        for (settings, variable) in [
+            (
+                Settings {
+                    worker_delete_mode: "archive".into(),
+                    ..settings()
+                },
+                "WORKER_DELETE_MODE",
+            ),
+            (
+                Settings {
+                    worker_purge_deleted_after: Some("soon".into()),
+                    ..settings()
+                },
+                "WORKER_PURGE_DELETED_AFTER",
+            ),
+        ] {
+            let line = WorkerConfig::from_settings(&settings)
+                .expect_err("malformed")
+                .to_string();
+            assert!(line.contains(variable), "{line}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserReco
 use shared::organizations::OrganizationEventKind;
 use shared::{Roles, headers, sanitize};
 
+use crate::delete_mode::DeleteMode;
 use crate::organizations::Change;
 
 /// One event, ready to apply.
@@ -30,6 +31,9 @@ pub struct Event {
     pub svix_timestamp: Option<DateTime<Utc>>,
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
+    /// What a deletion the event makes does to the rows (`WORKER_DELETE_MODE`): `hard` as read;
+    /// the settings-aware readers set it ([`Event::with_delete_mode`]).
+    pub delete_mode: DeleteMode,
 }
 
 /// Where an event came from.
@@ -189,7 +193,16 @@ impl Event {
             received_at: header(properties, headers::RECEIVED_AT)
                 .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
                 .map(|at| at.with_timezone(&Utc)),
+            delete_mode: DeleteMode::Hard,
         })
+    }
+
+    /// The same event, deleting as `mode` says.
+    pub fn with_delete_mode(self, delete_mode: DeleteMode) -> Self {
+        Self {
+            delete_mode,
+            ..self
+        }
     }
 
     /// The same event without its payload, for `WORKER_STORE_PAYLOADS=false`.

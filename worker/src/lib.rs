@@ -10,6 +10,7 @@ pub mod apply;
 pub mod config;
 mod consumer;
 pub mod dead_letter;
+pub mod delete_mode;
 mod depth;
 pub mod event;
 pub mod history;

@@ -3,7 +3,8 @@
 //! The rules (DESIGN.md "Organizations and memberships"):
 //! - creates and updates: last writer wins on `updated_at`; an older or equal version, or one
 //!   whose id has a tombstone, writes nothing;
-//! - a delete always wins and leaves a tombstone. Memberships are deleted by membership id, so a
+//! - a delete always wins and leaves a tombstone; the row goes or stays marked as the event's
+//!   delete mode says (`crate::delete_mode`). Memberships are deleted by membership id, so a
 //!   late delete of a removed member's old id never touches the re-added member's new row;
 //! - `organization.deleted` removes the organization's memberships, and `user.deleted` the
 //!   user's (in `apply.rs`), in the same transaction; a membership of a tombstoned organization
@@ -27,6 +28,7 @@ use shared::organizations::{
 };
 
 use crate::apply::Outcome;
+use crate::delete_mode::{self, DeleteMode};
 use crate::event::{Event, ReadError, Subject};
 
 /// What an organization or membership event asks for.
@@ -160,7 +162,7 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
     if recorded.is_none() {
         return Ok(Outcome::Duplicate);
     }
-    if apply_change(db, change).await? {
+    if apply_change(db, change, event.delete_mode).await? {
         return Ok(Outcome::Applied);
     }
     db.execute_raw(Statement::from_sql_and_values(
@@ -169,6 +171,8 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
         [event.svix_id.clone().into(), STALE_REASON.into()],
     ))
     .await?;
+    delete_mode::forget_stale_payload(db, event.delete_mode, &event.svix_id, &change.lock_ids())
+        .await?;
     Ok(Outcome::Stale)
 }
 
@@ -176,7 +180,8 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
 const STALE_REASON: &str = "a version with a later updated_at, or a tombstone, was already stored";
 
 /// Applies several changes in one transaction, taking their locks first in one sorted statement;
-/// returns for each whether it wrote anything. For callers without events (a reconcile).
+/// returns for each whether it wrote anything. For callers without events (tests, tools); the
+/// deletes are `hard`.
 pub async fn apply_changes(
     db: &DatabaseConnection,
     changes: &[Change],
@@ -190,31 +195,35 @@ pub async fn apply_changes(
     crate::apply::lock_keys(&txn, ids.iter().map(String::as_str)).await?;
     let mut written = Vec::with_capacity(changes.len());
     for change in changes {
-        written.push(apply_change(&txn, change).await?);
+        written.push(apply_change(&txn, change, DeleteMode::Hard).await?);
     }
     txn.commit().await?;
     Ok(written)
 }
 
-/// Applies one change inside the caller's transaction, which holds its locks. True when a row
-/// was written or deleted; a delete always counts as written.
-pub async fn apply_change<C: ConnectionTrait>(db: &C, change: &Change) -> Result<bool, DbErr> {
+/// Applies one change inside the caller's transaction, which holds its locks, deleting as `mode`
+/// says. True when a row was written or deleted; a delete always counts as written.
+pub async fn apply_change<C: ConnectionTrait>(
+    db: &C,
+    change: &Change,
+    mode: DeleteMode,
+) -> Result<bool, DbErr> {
     match change {
         Change::UpsertOrganization(record) => upsert_organization(db, record).await,
         Change::DeleteOrganization { id } => {
-            delete_organization(db, id).await?;
+            delete_mode::delete_organization(db, mode, id).await?;
             Ok(true)
         }
         Change::UpsertMembership(record) => {
             let organization = upsert_organization(db, &record.organization).await?;
-            let membership = upsert_membership(db, record).await?;
+            let membership = upsert_membership(db, record, mode).await?;
             Ok(organization || membership)
         }
         Change::DeleteMembership(deletion) => {
             if let Some(organization) = &deletion.organization {
                 upsert_organization(db, organization).await?;
             }
-            delete_membership(db, &deletion.id).await?;
+            delete_mode::delete_membership(db, mode, &deletion.id).await?;
             Ok(true)
         }
     }
@@ -256,34 +265,6 @@ pub async fn upsert_organization<C: ConnectionTrait>(
     Ok(written.is_some())
 }
 
-/// Deletes the organization and its memberships and writes its tombstone (a second delete keeps
-/// the first deletion time).
-pub async fn delete_organization<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "WITH memberships AS (DELETE FROM organization_memberships WHERE organization_id = $1), \
-              organization AS (DELETE FROM organizations WHERE id = $1) \
-         INSERT INTO organization_tombstones (id, deleted_at) VALUES ($1, now()) \
-         ON CONFLICT (id) DO NOTHING",
-        [id.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
-/// Deletes the membership by id and writes its tombstone.
-pub async fn delete_membership<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "WITH deleted AS (DELETE FROM organization_memberships WHERE id = $1) \
-         INSERT INTO membership_tombstones (id, deleted_at) VALUES ($1, now()) \
-         ON CONFLICT (id) DO NOTHING",
-        [id.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
 /// What decides a membership write, read in one statement. `$1` membership id, `$2`
 /// organization id, `$3` user id.
 const MEMBERSHIP_STANDING: &str = "\
@@ -294,15 +275,17 @@ SELECT EXISTS (SELECT 1 FROM membership_tombstones WHERE id = $1) \
   other.id AS other_id, other.created_at AS other_created_at \
 FROM (SELECT 1) AS one \
 LEFT JOIN organization_memberships AS other \
-  ON other.organization_id = $2 AND other.user_id = $3 AND other.id <> $1";
+  ON other.organization_id = $2 AND other.user_id = $3 AND other.id <> $1 \
+  AND other.deleted_at IS NULL";
 
 /// Writes the membership when none of its membership, organization and user is tombstoned, no
-/// later-created membership holds its (organization, user) pair, and it is newer than the
-/// stored row. An older membership holding the pair is deleted and tombstoned. True when
-/// anything was written.
+/// later-created membership holds its (organization, user) pair (a row kept after its deletion
+/// holds none), and it is newer than the stored row. An older membership holding the pair is
+/// deleted (as `mode` says) and tombstoned. True when anything was written.
 pub async fn upsert_membership<C: ConnectionTrait>(
     db: &C,
     record: &MembershipRecord,
+    mode: DeleteMode,
 ) -> Result<bool, DbErr> {
     let standing = db
         .query_one_raw(Statement::from_sql_and_values(
@@ -327,10 +310,10 @@ pub async fn upsert_membership<C: ConnectionTrait>(
         // One membership per pair at a time: the later one is current, and the earlier one
         // has been deleted in Clerk, whether or not its delete has arrived yet.
         if (other_created_at, other_id.as_str()) > (record.created_at, record.id.as_str()) {
-            delete_membership(db, &record.id).await?;
+            delete_mode::delete_membership(db, mode, &record.id).await?;
             return Ok(false);
         }
-        delete_membership(db, &other_id).await?;
+        delete_mode::delete_membership(db, mode, &other_id).await?;
         tracing::info!(
             membership_id = %record.id, replaced = %other_id,
             "a newer membership of the same member replaced the older one"

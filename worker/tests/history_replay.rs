@@ -17,6 +17,7 @@ use test_support::events::{clerk_membership, clerk_organization, clerk_user};
 use test_support::rows::processed_events;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::delete_mode::DeleteMode;
 use worker::history::{Filter, rebuild, replay};
 use worker::reconcile::{ClerkClient, ClerkConfig};
 use worker::storage::users;
@@ -87,6 +88,7 @@ fn replay_options(filter: Filter) -> replay::Options {
         dry_run: false,
         roles: Roles::default(),
         store_payloads: true,
+        delete_mode: DeleteMode::Hard,
         progress_bar: false,
     }
 }
@@ -340,6 +342,7 @@ async fn rebuild_with(
     let options = rebuild::Options {
         dry_run,
         roles,
+        delete_mode: DeleteMode::Hard,
         progress_bar: false,
     };
     rebuild::rebuild(env.db(), &options).await

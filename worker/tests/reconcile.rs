@@ -665,6 +665,7 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
         clerk: quick(ClerkConfig::new(api.url(), KEY.to_owned().into())),
         roles: config.roles.clone(),
         store_payloads: true,
+        delete_mode: config.delete_mode,
     });
     let first = env.start_worker(config.clone()).await;
     let second = env.start_worker(config).await;

@@ -15,6 +15,7 @@ use test_support::clerk_api::ClerkApi;
 use test_support::events::{clerk_membership, clerk_organization, clerk_user, envelope};
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::delete_mode::DeleteMode;
 use worker::history::{Filter, rebuild, replay};
 use worker::reconcile::{ClerkClient, ClerkConfig, Options};
 
@@ -275,6 +276,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
             dry_run: false,
             roles: Roles::default(),
             store_payloads: true,
+            delete_mode: DeleteMode::Hard,
             progress_bar: false,
         },
     )
@@ -289,6 +291,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
         &rebuild::Options {
             dry_run: false,
             roles: Roles::default(),
+            delete_mode: DeleteMode::Hard,
             progress_bar: false,
         },
     )

@@ -18,6 +18,7 @@ use sea_orm::{
 };
 use shared::Roles;
 
+use crate::delete_mode::DeleteMode;
 use crate::event::{Event, ReadError, Source};
 use crate::storage::processed_events;
 
@@ -111,15 +112,17 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| format!("{text:?} reaches too far back"))
 }
 
-/// The event a history row recorded, read again from its stored payload with `roles` (the
-/// settings of now: that is the point after a mapping change), with source `replay` and the
-/// svix-id `svix_id`; `None` for a row without a payload. The svix timestamp and the received
-/// time stay the original's; the payload is kept only when `store_payloads` allows.
+/// The event a history row recorded, read again from its stored payload with `roles` and
+/// `delete_mode` (the settings of now: that is the point after a mapping change), with source
+/// `replay` and the svix-id `svix_id`; `None` for a row without a payload. The svix timestamp
+/// and the received time stay the original's; the payload is kept only when `store_payloads`
+/// allows.
 pub fn event_from_row(
     row: &processed_events::Model,
     svix_id: &str,
     roles: &Roles,
     store_payloads: bool,
+    delete_mode: DeleteMode,
 ) -> Option<Result<Event, ReadError>> {
     let payload = row.payload.as_ref()?;
     let properties = BasicProperties::default().with_message_id(svix_id.into());
@@ -128,6 +131,7 @@ pub fn event_from_row(
             source: Source::Replay,
             svix_timestamp: row.svix_timestamp.map(|at| at.with_timezone(&Utc)),
             received_at: row.received_at.map(|at| at.with_timezone(&Utc)),
+            delete_mode,
             ..event
         };
         if store_payloads {

@@ -27,6 +27,7 @@ use shared::Roles;
 
 use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
 use crate::apply::Outcome;
+use crate::delete_mode::DeleteMode;
 use crate::event::Event;
 use crate::reconcile::progress::{self, Progress};
 
@@ -56,6 +57,8 @@ pub struct Options {
     pub roles: Roles,
     /// `WORKER_STORE_PAYLOADS`: keep the payload in the replay's history rows.
     pub store_payloads: bool,
+    /// `WORKER_DELETE_MODE` now: what a delete applied again does to the rows.
+    pub delete_mode: DeleteMode,
     /// A progress bar (on a terminal) rather than progress log lines.
     pub progress_bar: bool,
 }
@@ -189,6 +192,7 @@ pub async fn execute(settings: &shared::Settings, args: ReplayArgs) -> anyhow::R
         dry_run: args.flags.dry_run,
         roles: settings.roles()?,
         store_payloads: settings.worker_store_payloads,
+        delete_mode: crate::config::delete_mode(settings)?,
     };
     let db = crate::startup::connect_command(settings, 2).await?;
     let summary = replay(&db, &options).await;
@@ -284,7 +288,13 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let svix_id = rerun_svix_id("replay", summary.run, &row.svix_id);
-            match event_from_row(row, &svix_id, &options.roles, options.store_payloads) {
+            match event_from_row(
+                row,
+                &svix_id,
+                &options.roles,
+                options.store_payloads,
+                options.delete_mode,
+            ) {
                 None => summary.without_payload += 1,
                 Some(Ok(event)) => events.push(event),
                 Some(Err(error)) => {

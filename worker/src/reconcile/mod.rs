@@ -19,8 +19,10 @@
 //! 2. Only after a complete listing: every stored object that was not listed is confirmed on
 //!    its own: `GET /v1/users/{id}` or `GET /v1/organizations/{id}` answering 404, or, for a
 //!    membership, its organization's memberships of its user not holding its id (404 for the
-//!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted,
-//!    tombstone written; an organization's memberships go with it); one still there is applied
+//!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted
+//!    as `WORKER_DELETE_MODE` says, tombstone written; an organization's memberships go with
+//!    it); rows kept after an earlier deletion are neither candidates nor counted in the
+//!    limit's share of the table. One still there is applied
 //!    instead. When more objects of the kind would be deleted than `--max-delete` allows,
 //!    nothing of the kind is deleted and the run fails: a key of another instance lists none
 //!    of the stored objects and answers 404 for all of them.
@@ -52,6 +54,7 @@ use shared::Roles;
 use tracing::Instrument as _;
 
 use crate::apply::{self, BatchFailure, Outcome};
+use crate::delete_mode::DeleteMode;
 use crate::event::{Action, Event, Source};
 use crate::organizations;
 
@@ -230,6 +233,8 @@ pub struct Options {
     pub roles: Roles,
     /// `WORKER_STORE_PAYLOADS`: keep each listed object in its history row.
     pub store_payloads: bool,
+    /// `WORKER_DELETE_MODE`: what the deletion phase does to the rows.
+    pub delete_mode: DeleteMode,
 }
 
 impl Default for Options {
@@ -242,6 +247,7 @@ impl Default for Options {
             progress_bar: false,
             roles: Roles::default(),
             store_payloads: true,
+            delete_mode: DeleteMode::Hard,
         }
     }
 }
@@ -363,6 +369,7 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         trigger: Trigger::Command,
         roles: settings.roles()?,
         store_payloads: settings.worker_store_payloads,
+        delete_mode: crate::config::delete_mode(settings)?,
     };
     let report = reconcile(&db, &client, &options).await;
     db.close().await.ok();
@@ -936,16 +943,18 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    /// The stored objects the listing did not return.
+    /// The stored objects the listing did not return (rows kept after their deletion are not
+    /// stored objects: Clerk has deleted them).
     async fn missing(&self) -> Result<Vec<Candidate>, String> {
         let statement = Statement::from_string(
             DbBackend::Postgres,
             match self.kind {
-                Kind::Memberships => {
-                    "SELECT id, organization_id, user_id FROM organization_memberships".to_owned()
-                }
+                Kind::Memberships => "SELECT id, organization_id, user_id \
+                     FROM organization_memberships WHERE deleted_at IS NULL"
+                    .to_owned(),
                 Kind::Users | Kind::Organizations => format!(
-                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {}",
+                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {} \
+                     WHERE deleted_at IS NULL",
                     self.kind.table()
                 ),
             },
@@ -1020,6 +1029,7 @@ fn reconcile_event(
     let mut event =
         Event::read(body.as_bytes(), &properties, &options.roles).map_err(|e| e.to_string())?;
     event.source = Source::Reconcile;
+    event.delete_mode = options.delete_mode;
     if !options.store_payloads {
         event = event.without_payload();
     }
@@ -1095,11 +1105,15 @@ pub(crate) async fn write<C: TransactionTrait>(
     }
 }
 
+/// The rows of the kind that are not deleted: those the deletion limit is a share of.
 async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
-            format!("SELECT count(*) AS n FROM {}", kind.table()),
+            format!(
+                "SELECT count(*) AS n FROM {} WHERE deleted_at IS NULL",
+                kind.table()
+            ),
         ))
         .await?;
     let n: i64 = match row {

@@ -32,6 +32,8 @@ pub struct ScheduledReconcile {
     pub roles: shared::Roles,
     /// `WORKER_STORE_PAYLOADS`.
     pub store_payloads: bool,
+    /// `WORKER_DELETE_MODE`.
+    pub delete_mode: crate::delete_mode::DeleteMode,
 }
 
 impl ScheduledReconcile {
@@ -62,6 +64,7 @@ impl ScheduledReconcile {
             clerk: ClerkConfig::from_settings(settings)?,
             roles: settings.roles()?,
             store_payloads: settings.worker_store_payloads,
+            delete_mode: crate::config::delete_mode(settings)?,
         }))
     }
 }
@@ -144,6 +147,7 @@ async fn run_if_due(
             trigger: Trigger::Schedule,
             roles: schedule.roles.clone(),
             store_payloads: schedule.store_payloads,
+            delete_mode: schedule.delete_mode,
             ..Options::default()
         };
         let report = super::reconcile(db, client, &options).await;
