@@ -10,7 +10,9 @@
 //!    EXCLUSIVE on the table for a moment (a catalog change), once the transactions already
 //!    running on it are done.
 //! 2. Indexes built `CONCURRENTLY` (SHARE UPDATE EXCLUSIVE: reads and writes go on; each build
-//!    scans its table once or twice and waits for the transactions running at its start):
+//!    scans its table once or twice and waits, without a lock timeout, for the transactions
+//!    running at its start; the other statements run under `WORKER_LOCK_TIMEOUT`), as
+//!    `online::create_index_concurrently` does, with the `UNIQUE` and `WHERE` it has not:
 //!    - `users_email_live_key`: unique `users(email) WHERE deleted_at IS NULL`;
 //!    - `organization_memberships_organization_user_live_key`: unique
 //!      `(organization_id, user_id) WHERE deleted_at IS NULL`;
@@ -34,6 +36,8 @@
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+use crate::online::without_lock_timeout;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -105,9 +109,10 @@ impl MigrationTrait for Migration {
             "ALTER TABLE users DROP CONSTRAINT IF EXISTS {OLD_EMAIL_CONSTRAINT}"
         ))
         .await?;
-        db.execute_unprepared(&format!(
-            "DROP INDEX CONCURRENTLY IF EXISTS {OLD_MEMBERSHIP_INDEX}"
-        ))
+        without_lock_timeout(
+            manager,
+            &format!("DROP INDEX CONCURRENTLY IF EXISTS {OLD_MEMBERSHIP_INDEX}"),
+        )
         .await?;
         for table in TABLES {
             db.execute_unprepared(&format!(
@@ -173,8 +178,11 @@ impl MigrationTrait for Migration {
             .await?;
         }
         for (name, _, _, _) in INDEXES {
-            db.execute_unprepared(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                .await?;
+            without_lock_timeout(
+                manager,
+                &format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"),
+            )
+            .await?;
         }
         for table in TABLES {
             db.execute_unprepared(&format!(
@@ -210,15 +218,27 @@ async fn build_index(
     match valid {
         Some(true) => return Ok(()),
         Some(false) => {
-            db.execute_unprepared(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                .await?;
+            tracing::warn!(
+                index = name,
+                "an earlier build left this index invalid; dropping it to build it again"
+            );
+            without_lock_timeout(
+                manager,
+                &format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"),
+            )
+            .await?;
         }
         None => {}
     }
     let unique = if unique { "UNIQUE " } else { "" };
-    db.execute_unprepared(&format!(
-        "CREATE {unique}INDEX CONCURRENTLY {name} ON {table} {definition}"
-    ))
-    .await?;
-    Ok(())
+    tracing::info!(
+        index = name,
+        table,
+        "building the index concurrently (after the transactions already running end)"
+    );
+    without_lock_timeout(
+        manager,
+        &format!("CREATE {unique}INDEX CONCURRENTLY {name} ON {table} {definition}"),
+    )
+    .await
 }

@@ -10,15 +10,15 @@
 //!
 //! With `WORKER_PURGE_DELETED_AFTER`, the same round removes the rows kept after their deletion
 //! (`WORKER_DELETE_MODE` `soft` or `anonymize`) once deleted that long
-//! ([`crate::delete_mode::purge`]); their tombstones stay.
+//! ([`crate::apply::delete_mode::purge`]); their tombstones stay.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 
-use crate::consumer::Stop;
 use crate::metrics::Metrics;
+use crate::stop::Stop;
 
 /// Rows deleted by one statement: small enough to hold its locks for milliseconds.
 const BATCH: i64 = 1000;
@@ -75,7 +75,7 @@ async fn purge(db: &DatabaseConnection, holdback: Duration) -> Result<u64, DbErr
     let Ok(age) = chrono::Duration::from_std(holdback) else {
         return Ok(0);
     };
-    crate::delete_mode::purge(db, Utc::now() - age).await
+    crate::apply::delete_mode::purge(db, Utc::now() - age).await
 }
 
 /// Deletes every row older than `retention`, a batch at a time; returns how many.
