@@ -5,6 +5,7 @@
 //!   `+created_at`/`-created_at` (default `-created_at`), and the `starting_after` cursor (a user
 //!   id; needs `created_at` ordering and no offset, else 422);
 //! - `GET /v1/users/count`: `{"object":"total_count","total_count":N}`;
+//! - `GET /v1/instance`: `{"object":"instance","id":INSTANCE_ID,"environment_type":"development"}`;
 //! - `GET /v1/users/{id}`: the user, or 404 with Clerk's error body (`resource_not_found`);
 //! - `GET /v1/organizations` and `GET /v1/organization_memberships` (the instance's): `{"data":
 //!   [...], "total_count": N}`, with the same `limit`, `offset` and `order_by` and no cursor;
@@ -27,6 +28,9 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
+
+/// The `id` the stand-in's `GET /v1/instance` answers.
+pub const INSTANCE_ID: &str = "ins_standin";
 
 /// An answer forced on a request, whatever it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +131,7 @@ impl ClerkApi {
                 .app_data(shared.clone())
                 .route("/v1/users", web::get().to(list))
                 .route("/v1/users/count", web::get().to(count))
+                .route("/v1/instance", web::get().to(instance))
                 .route("/v1/users/{id}", web::get().to(get_user))
                 .route("/v1/organizations", web::get().to(list_organizations))
                 .route("/v1/organizations/{id}", web::get().to(get_organization))
@@ -501,6 +506,16 @@ fn page<'a>(
         })
         .take(limit)
         .collect())
+}
+
+async fn instance(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    answer(&request, &shared, |_| {
+        HttpResponse::Ok().json(json!({
+            "object": "instance",
+            "id": INSTANCE_ID,
+            "environment_type": "development",
+        }))
+    })
 }
 
 async fn count(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {

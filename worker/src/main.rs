@@ -42,6 +42,8 @@ enum Command {
     /// Read the event history.
     #[command(subcommand)]
     Events(worker::history::list::EventsCommand),
+    /// Check every link (database, broker, queues, Clerk key, reconcile) and say what to do.
+    Doctor(worker::doctor::DoctorArgs),
 }
 
 impl Command {
@@ -52,7 +54,11 @@ impl Command {
             Command::Reconcile(args) => args.shows_bar(settings),
             Command::Replay(args) => shows_bar(settings, args.flags.json),
             Command::Rebuild(args) => shows_bar(settings, args.flags.json),
-            Command::Run | Command::Dlq(_) | Command::Explain(_) | Command::Events(_) => false,
+            Command::Run
+            | Command::Dlq(_)
+            | Command::Explain(_)
+            | Command::Events(_)
+            | Command::Doctor(_) => false,
         }
     }
 }
@@ -87,6 +93,7 @@ fn main() -> ExitCode {
             Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
             Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
             Command::Events(command) => worker::history::list::execute(&settings, command).await,
+            Command::Doctor(args) => worker::doctor::execute(&settings, args).await,
         }
     });
     match result {

@@ -229,6 +229,13 @@ impl ClerkClient {
         Ok(decode::<TotalCount>(call, &body)?.total_count)
     }
 
+    /// `GET /v1/instance`: the instance the key belongs to (`id`, `environment_type`, …).
+    pub async fn instance(&self) -> Result<Value, ClerkError> {
+        let call = "GET /v1/instance";
+        let body = self.get(call, "/v1/instance", &[]).await?;
+        decode(call, &body)
+    }
+
     /// `GET /v1/users/{id}`: the user as Clerk holds it, or `None` when Clerk answers 404.
     pub async fn user(&self, id: &str) -> Result<Option<Value>, ClerkError> {
         self.get_found("GET /v1/users/{id}", &["v1", "users", id], &[])

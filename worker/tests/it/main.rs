@@ -8,6 +8,7 @@ mod broker_outage;
 mod convergence;
 mod delete_modes;
 mod dlq_cli;
+mod doctor;
 mod failures;
 mod history;
 mod history_explain;

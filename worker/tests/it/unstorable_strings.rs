@@ -277,6 +277,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
             },
             dry_run: false,
             reading: Reading {
+                roles: Roles::default(),
                 store_payloads: true,
                 ..Reading::default()
             },
