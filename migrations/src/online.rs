@@ -263,7 +263,10 @@ pub(crate) async fn add_check(
 /// as long as it must: a `CREATE INDEX CONCURRENTLY` waits for every transaction older than its
 /// build (a report, a `pg_dump`), and under the timeout it would fail, leave an invalid index, and
 /// start the build over on each retry. On the migrating session (a pool of one connection).
-async fn without_lock_timeout(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
+pub(crate) async fn without_lock_timeout(
+    manager: &SchemaManager<'_>,
+    sql: &str,
+) -> Result<(), DbErr> {
     let db = manager.get_connection();
     db.execute_unprepared("SET lock_timeout = 0").await?;
     let result = db.execute_unprepared(sql).await;

@@ -155,6 +155,14 @@ pub struct Settings {
     /// dead letter's publish and confirm, an acknowledgement, a cancel or close) before it counts
     /// as broker trouble (default 10000).
     pub worker_broker_timeout_ms: u64,
+    /// `WORKER_DELETE_MODE`: what a deletion does to a user's, an organization's or a
+    /// membership's row: `hard` removes it (the default), `soft` keeps it with `deleted_at` set,
+    /// `anonymize` keeps it with `deleted_at` set and its personal columns and history payloads
+    /// cleared. Tombstones are written in every mode.
+    pub worker_delete_mode: String,
+    /// `WORKER_PURGE_DELETED_AFTER`: rows kept by `soft` or `anonymize` are removed for good once
+    /// deleted this long, as a human-readable duration like `90d` (unset or empty: never).
+    pub worker_purge_deleted_after: Option<String>,
     /// `WORKER_LOCK_TIMEOUT`: Postgres's `lock_timeout` on every connection the worker, its
     /// commands and the `migrations` binary open, as a human-readable duration (default `5s`). A
     /// statement that waits longer for a lock fails with SQLSTATE 55P03 and is retried, instead
@@ -218,6 +226,8 @@ impl Default for Settings {
             worker_store_payloads: true,
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
+            worker_delete_mode: "hard".into(),
+            worker_purge_deleted_after: None,
             worker_lock_timeout: "5s".into(),
             worker_api_token: None,
             worker_api_listen: None,

@@ -265,7 +265,7 @@ impl TestWorker {
 }
 
 /// Applies organization and membership changes through the door, in one transaction, as events
-/// of their own (no payload); for each, whether it wrote anything (`applied`, not `stale`).
+/// of their own (no payload; deletes are `hard`); for each, whether it wrote anything (`applied`, not `stale`).
 pub async fn apply_changes(
     db: &DatabaseConnection,
     changes: &[worker::apply::organizations::Change],
@@ -289,6 +289,7 @@ pub async fn apply_changes(
             payload: None,
             svix_timestamp: None,
             received_at: None,
+            delete_mode: worker::apply::DeleteMode::Hard,
         })
         .collect();
     match worker::apply::apply_batch(db, &events).await {

@@ -37,8 +37,12 @@ pub struct WorkerConfig {
     pub db_pool_size: u32,
     /// `WORKER_ROLES`, `WORKER_DEFAULT_ROLE` (the roles a user's `public_metadata.role` may
     /// name, and the one stored otherwise) and `WORKER_STORE_PAYLOADS` (keep each event's body
-    /// in its history row): how events are read.
+    /// in its history row) and `WORKER_DELETE_MODE` (what a deletion does to the rows): how
+    /// events are read.
     pub reading: Reading,
+    /// `WORKER_PURGE_DELETED_AFTER`: rows kept by a deletion are removed once deleted this long;
+    /// `None` (the default) for never.
+    pub purge_deleted_after: Option<Duration>,
     /// `WORKER_RECONCILE_INTERVAL` (with the `CLERK_*` settings): a reconcile on that period, or
     /// `None` (the default) for never.
     pub reconcile: Option<ScheduledReconcile>,
@@ -123,6 +127,7 @@ impl WorkerConfig {
             listen,
             db_pool_size: settings.worker_db_pool_size,
             reading: Reading::from_settings(settings)?,
+            purge_deleted_after: purge_deleted_after(settings)?,
             reconcile: ScheduledReconcile::from_settings(settings)?,
             processed_retention,
             stalled_after,
@@ -160,6 +165,18 @@ impl ScheduledReconcile {
     }
 }
 
+/// `WORKER_PURGE_DELETED_AFTER`, checked: `None` when unset or empty.
+fn purge_deleted_after(settings: &Settings) -> Result<Option<Duration>, ConfigError> {
+    match settings
+        .worker_purge_deleted_after
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") => Ok(None),
+        Some(text) => duration("WORKER_PURGE_DELETED_AFTER", text).map(Some),
+    }
+}
+
 /// A human-readable duration (`30d`, `72h`, `5m`), above zero: every duration setting is read
 /// here.
 fn duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError> {
@@ -179,6 +196,7 @@ fn duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::DeleteMode;
 
     fn settings() -> Settings {
         Settings {
@@ -246,6 +264,45 @@ mod tests {
             .expect_err("zero")
             .to_string();
         assert!(line.contains("WORKER_STALLED_AFTER"), "{line}");
+    }
+
+    #[test]
+    fn the_delete_mode_is_hard_unless_set_and_a_bad_one_is_named() {
+        let config = WorkerConfig::from_settings(&settings()).expect("config");
+        assert_eq!(config.reading.delete_mode, DeleteMode::Hard);
+        assert_eq!(config.purge_deleted_after, None);
+        let kept = Settings {
+            worker_delete_mode: "anonymize".into(),
+            worker_purge_deleted_after: Some("90d".into()),
+            ..settings()
+        };
+        let config = WorkerConfig::from_settings(&kept).expect("config");
+        assert_eq!(config.reading.delete_mode, DeleteMode::Anonymize);
+        assert_eq!(
+            config.purge_deleted_after,
+            Some(Duration::from_secs(90 * 24 * 3600))
+        );
+        for (settings, variable) in [
+            (
+                Settings {
+                    worker_delete_mode: "archive".into(),
+                    ..settings()
+                },
+                "WORKER_DELETE_MODE",
+            ),
+            (
+                Settings {
+                    worker_purge_deleted_after: Some("soon".into()),
+                    ..settings()
+                },
+                "WORKER_PURGE_DELETED_AFTER",
+            ),
+        ] {
+            let line = WorkerConfig::from_settings(&settings)
+                .expect_err("malformed")
+                .to_string();
+            assert!(line.contains(variable), "{line}");
+        }
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! user is tombstoned, so it is recorded as `stale` and changes nothing. The retention only has to
 //! cover the redeliveries that are expected (Svix retries for about 27 hours; dead letters are
 //! replayed within days), and serves as an audit trail meanwhile.
+//!
+//! With `WORKER_PURGE_DELETED_AFTER`, the same round removes the rows kept after their deletion
+//! (`WORKER_DELETE_MODE` `soft` or `anonymize`) once deleted that long
+//! ([`crate::apply::delete_mode::purge`]); their tombstones stay.
 
 use std::time::Duration;
 
@@ -24,14 +28,32 @@ pub(crate) fn period(retention: Duration) -> Duration {
     (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600))
 }
 
-/// Prunes until a stop, once a [`period`].
+/// Prunes (and purges, when `purge_after` is set) until a stop, once a [`period`] of the shorter
+/// of the two.
 pub(crate) async fn prune_until_stopped(
     db: DatabaseConnection,
     retention: Duration,
+    purge_after: Option<Duration>,
     metrics: Metrics,
     mut stop: Stop,
 ) {
+    let every = period(purge_after.map_or(retention, |purge| purge.min(retention)));
     loop {
+        if let Some(holdback) = purge_after {
+            match stop.unless_stopped(purge(&db, holdback)).await {
+                None => return,
+                Some(Ok(0)) => {}
+                Some(Ok(purged)) => {
+                    tracing::info!(purged, ?holdback, "purged rows kept after their deletion");
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(
+                        %error,
+                        "cannot purge the rows kept after their deletion; trying again later"
+                    );
+                }
+            }
+        }
         match stop.unless_stopped(prune(&db, retention, &metrics)).await {
             None => return,
             Some(Ok(0)) => {}
@@ -42,10 +64,18 @@ pub(crate) async fn prune_until_stopped(
                 tracing::warn!(%error, "cannot prune processed_events; trying again later");
             }
         }
-        if !stop.sleep(period(retention)).await {
+        if !stop.sleep(every).await {
             return;
         }
     }
+}
+
+/// Removes the rows deleted longer than `holdback` ago; returns how many.
+async fn purge(db: &DatabaseConnection, holdback: Duration) -> Result<u64, DbErr> {
+    let Ok(age) = chrono::Duration::from_std(holdback) else {
+        return Ok(0);
+    };
+    crate::apply::delete_mode::purge(db, Utc::now() - age).await
 }
 
 /// Deletes every row older than `retention`, a batch at a time; returns how many.

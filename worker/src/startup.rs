@@ -174,6 +174,7 @@ impl Application {
             let pruning = tokio::spawn(prune::prune_until_stopped(
                 self.db.clone(),
                 self.config.processed_retention,
+                self.config.purge_deleted_after,
                 self.metrics.clone(),
                 stop.clone(),
             ));

@@ -8,6 +8,7 @@ use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserReco
 use shared::organizations::OrganizationEventKind;
 use shared::{Roles, sanitize};
 
+use super::delete_mode::DeleteMode;
 use super::organizations::Change;
 use super::subject::{Subject, SubjectKind};
 
@@ -59,6 +60,9 @@ pub struct Event {
     pub svix_timestamp: Option<DateTime<Utc>>,
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
+    /// What a deletion the event makes does to the rows (`WORKER_DELETE_MODE`): `hard` as read;
+    /// [`super::Reading::read`] sets the configured one.
+    pub delete_mode: DeleteMode,
 }
 
 /// Where an event came from.
@@ -223,7 +227,16 @@ impl Event {
             payload: storable(body),
             svix_timestamp: message.svix_timestamp,
             received_at: message.received_at,
+            delete_mode: DeleteMode::Hard,
         })
+    }
+
+    /// The same event, deleting as `mode` says.
+    pub fn with_delete_mode(self, delete_mode: DeleteMode) -> Self {
+        Self {
+            delete_mode,
+            ..self
+        }
     }
 
     /// The same event without its payload, for `WORKER_STORE_PAYLOADS=false`.

@@ -39,6 +39,7 @@
 //! update on two workers unable to resurrect a user, and what keeps the decision, read after the
 //! locks, true until the commit.
 
+pub mod delete_mode;
 pub mod errors;
 pub mod event;
 mod history;
@@ -56,6 +57,7 @@ use serde_json::value::RawValue;
 use shared::events::UserRecord;
 use shared::{Backoff, ConfigError, Roles, Settings};
 
+pub use delete_mode::DeleteMode;
 pub use errors::{ApplyError, DbFailure, classify};
 pub use event::{Action, Event, Message, ReadError, Source};
 pub use subject::{Subject, SubjectKind};
@@ -99,20 +101,24 @@ pub struct Reading {
     pub roles: Roles,
     /// `WORKER_STORE_PAYLOADS`: keep each event's body in its history row.
     pub store_payloads: bool,
+    /// `WORKER_DELETE_MODE`: what the deletions an event makes do to the rows.
+    pub delete_mode: DeleteMode,
 }
 
 impl Reading {
-    /// The roles and `WORKER_STORE_PAYLOADS` of the settings.
+    /// The roles, `WORKER_STORE_PAYLOADS` and `WORKER_DELETE_MODE` of the settings.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         Ok(Self {
             roles: settings.roles()?,
             store_payloads: settings.worker_store_payloads,
+            delete_mode: DeleteMode::from_settings(settings)?,
         })
     }
 
-    /// Reads a message as an event, its payload kept only when `WORKER_STORE_PAYLOADS` allows.
+    /// Reads a message as an event, deleting as `WORKER_DELETE_MODE` says, its payload kept only
+    /// when `WORKER_STORE_PAYLOADS` allows.
     pub fn read(&self, message: &Message<'_>) -> Result<Event, ReadError> {
-        let event = Event::read(message, &self.roles)?;
+        let event = Event::read(message, &self.roles)?.with_delete_mode(self.delete_mode);
         Ok(if self.store_payloads {
             event
         } else {
@@ -209,9 +215,9 @@ pub async fn apply_batch<C: TransactionTrait>(
     Ok(outcomes)
 }
 
-/// Applies the events inside the caller's transaction. The user and ignored events take at most
-/// four statements, however many there are: lock, record and decide (with the deletes), settle
-/// the emails, write the users. Their outcomes are those of applying them one at a time in this
+/// Applies the events inside the caller's transaction. The user and ignored events take a few
+/// statements, however many there are: lock, record and decide, delete (one per delete mode in
+/// the batch, when there are deletes), settle the emails, write the users. Their outcomes are those of applying them one at a time in this
 /// order: the deletes, then each user's newest version, then the rest (`stale`); a svix-id seen
 /// before, in the database or earlier in the slice, is a `Duplicate`. Organization and
 /// membership events are applied after them, one at a time, in their order.
@@ -229,6 +235,7 @@ async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Ve
         })
         .collect();
     let recorded = users::record_and_decide(db, events, &together).await?;
+    users::delete_users(db, events, &together, &recorded).await?;
     let mut outcomes: Vec<Outcome> = events
         .iter()
         .zip(&together)

@@ -3,7 +3,8 @@
 //! The rules (DESIGN.md "Organizations and memberships"):
 //! - creates and updates: last writer wins on `updated_at`; an older or equal version, or one
 //!   whose id has a tombstone, writes nothing;
-//! - a delete always wins and leaves a tombstone. Memberships are deleted by membership id, so a
+//! - a delete always wins and leaves a tombstone; the row goes or stays marked as the event's
+//!   delete mode says (`super::delete_mode`). Memberships are deleted by membership id, so a
 //!   late delete of a removed member's old id never touches the re-added member's new row;
 //! - `organization.deleted` removes the organization's memberships, and `user.deleted` the
 //!   user's (in `apply.rs`), in the same transaction; a membership of a tombstoned organization
@@ -27,6 +28,7 @@ use shared::organizations::{
 };
 
 use super::Outcome;
+use super::delete_mode::{self, DeleteMode};
 use super::event::{Event, ReadError};
 use super::history;
 use super::subject::{Subject, SubjectKind};
@@ -150,10 +152,12 @@ pub(super) async fn apply_event<C: ConnectionTrait>(
     if !history::record(db, event, outcome).await? {
         return Ok(Outcome::Duplicate);
     }
-    if apply_change(db, change).await? {
+    if apply_change(db, change, event.delete_mode).await? {
         return Ok(Outcome::Applied);
     }
     history::mark_stale(db, &event.svix_id, STALE_REASON).await?;
+    delete_mode::forget_stale_payload(db, event.delete_mode, &event.svix_id, &change.lock_ids())
+        .await?;
     Ok(Outcome::Stale)
 }
 
@@ -162,23 +166,27 @@ const STALE_REASON: &str = "a version with a later updated_at, or a tombstone, w
 
 /// Applies one change inside the caller's transaction, which holds its locks. True when a row
 /// was written or deleted; a delete always counts as written.
-async fn apply_change<C: ConnectionTrait>(db: &C, change: &Change) -> Result<bool, DbErr> {
+async fn apply_change<C: ConnectionTrait>(
+    db: &C,
+    change: &Change,
+    mode: DeleteMode,
+) -> Result<bool, DbErr> {
     match change {
         Change::UpsertOrganization(record) => upsert_organization(db, record).await,
         Change::DeleteOrganization { id } => {
-            delete_organization(db, id).await?;
+            delete_mode::delete_organization(db, mode, id).await?;
             Ok(true)
         }
         Change::UpsertMembership(record) => {
             let organization = upsert_organization(db, &record.organization).await?;
-            let membership = upsert_membership(db, record).await?;
+            let membership = upsert_membership(db, record, mode).await?;
             Ok(organization || membership)
         }
         Change::DeleteMembership(deletion) => {
             if let Some(organization) = &deletion.organization {
                 upsert_organization(db, organization).await?;
             }
-            delete_membership(db, &deletion.id).await?;
+            delete_mode::delete_membership(db, mode, &deletion.id).await?;
             Ok(true)
         }
     }
@@ -220,34 +228,6 @@ async fn upsert_organization<C: ConnectionTrait>(
     Ok(written.is_some())
 }
 
-/// Deletes the organization and its memberships and writes its tombstone (a second delete keeps
-/// the first deletion time).
-async fn delete_organization<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "WITH memberships AS (DELETE FROM organization_memberships WHERE organization_id = $1), \
-              organization AS (DELETE FROM organizations WHERE id = $1) \
-         INSERT INTO organization_tombstones (id, deleted_at) VALUES ($1, now()) \
-         ON CONFLICT (id) DO NOTHING",
-        [id.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
-/// Deletes the membership by id and writes its tombstone.
-async fn delete_membership<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "WITH deleted AS (DELETE FROM organization_memberships WHERE id = $1) \
-         INSERT INTO membership_tombstones (id, deleted_at) VALUES ($1, now()) \
-         ON CONFLICT (id) DO NOTHING",
-        [id.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
 /// What decides a membership write, read in one statement. `$1` membership id, `$2`
 /// organization id, `$3` user id.
 const MEMBERSHIP_STANDING: &str = "\
@@ -258,15 +238,17 @@ SELECT EXISTS (SELECT 1 FROM membership_tombstones WHERE id = $1) \
   other.id AS other_id, other.created_at AS other_created_at \
 FROM (SELECT 1) AS one \
 LEFT JOIN organization_memberships AS other \
-  ON other.organization_id = $2 AND other.user_id = $3 AND other.id <> $1";
+  ON other.organization_id = $2 AND other.user_id = $3 AND other.id <> $1 \
+  AND other.deleted_at IS NULL";
 
 /// Writes the membership when none of its membership, organization and user is tombstoned, no
-/// later-created membership holds its (organization, user) pair, and it is newer than the
-/// stored row. An older membership holding the pair is deleted and tombstoned. True when
-/// anything was written.
+/// later-created membership holds its (organization, user) pair (a row kept after its deletion
+/// holds none), and it is newer than the stored row. An older membership holding the pair is
+/// deleted (as `mode` says) and tombstoned. True when anything was written.
 async fn upsert_membership<C: ConnectionTrait>(
     db: &C,
     record: &MembershipRecord,
+    mode: DeleteMode,
 ) -> Result<bool, DbErr> {
     let standing = db
         .query_one_raw(Statement::from_sql_and_values(
@@ -290,10 +272,10 @@ async fn upsert_membership<C: ConnectionTrait>(
         // One membership per pair at a time: the later one is current, and the earlier one
         // has been deleted in Clerk, whether or not its delete has arrived yet.
         if (other_created_at, other_id.as_str()) > (record.created_at, record.id.as_str()) {
-            delete_membership(db, &record.id).await?;
+            delete_mode::delete_membership(db, mode, &record.id).await?;
             return Ok(false);
         }
-        delete_membership(db, &other_id).await?;
+        delete_mode::delete_membership(db, mode, &other_id).await?;
         tracing::info!(
             membership_id = %record.id, replaced = %other_id,
             "a newer membership of the same member replaced the older one"

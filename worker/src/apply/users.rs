@@ -1,11 +1,12 @@
 //! The users' rules, in a number of statements that does not grow with the batch: recording and
-//! deciding last-writer-wins for every user at once (with the deletes), settling the emails the
-//! winners want, and writing the winners.
+//! deciding last-writer-wins for every user at once, the deletes (as the event's delete mode
+//! says, [`super::delete_mode`]), settling the emails the winners want, and writing the winners.
 //!
-//! An email held by another user goes to the newer version (by `updated_at`, then id): the older
-//! holder's email becomes null, or, if the holder is newer, the incoming user is written with a
-//! null email. In a real history two users never hold one address at the same moment, so the
-//! loser is always a version that a later event of the same user supersedes.
+//! An email held by another user (a row kept after its deletion holds none) goes to the newer
+//! version (by `updated_at`, then id): the older holder's email becomes null, or, if the holder
+//! is newer, the incoming user is written with a null email. In a real history two users never
+//! hold one address at the same moment, so the loser is always a version that a later event of
+//! the same user supersedes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -17,12 +18,41 @@ use serde::Serialize;
 use shared::events::UserRecord;
 
 use super::Outcome;
+use super::delete_mode::{self, DeleteMode};
 use super::event::{Action, Event};
 use super::history;
 use crate::storage::users;
 
-/// Records every new svix-id with its outcome, deciding last-writer-wins for all users at once,
-/// and carries out the new deletes. Returns the outcome of each svix-id that was new.
+/// Carries out the user deletes whose svix-id was new, each in its event's delete mode
+/// ([`super::delete_mode`]); under `anonymize`, a stale version of a deleted user recorded now
+/// keeps no payload.
+pub(super) async fn delete_users<C: ConnectionTrait>(
+    db: &C,
+    events: &[Event],
+    together: &[bool],
+    recorded: &HashMap<String, Outcome>,
+) -> Result<(), DbErr> {
+    let mut gone: HashMap<DeleteMode, Vec<String>> = HashMap::new();
+    let mut stale = Vec::new();
+    for (event, _) in events.iter().zip(together).filter(|(_, t)| **t) {
+        match (&event.action, recorded.get(event.svix_id.as_str())) {
+            (Action::Delete { id }, Some(_)) => {
+                gone.entry(event.delete_mode).or_default().push(id.clone());
+            }
+            (Action::Upsert(_), Some(Outcome::Stale)) if event.delete_mode.anonymizes() => {
+                stale.push(event.svix_id.clone());
+            }
+            _ => {}
+        }
+    }
+    for (mode, ids) in gone {
+        delete_mode::delete_users(db, mode, ids).await?;
+    }
+    delete_mode::forget_stale_user_payloads(db, stale).await
+}
+
+/// Records every new svix-id with its outcome, deciding last-writer-wins for all users at once.
+/// Returns the outcome of each svix-id that was new.
 pub(super) async fn record_and_decide<C: ConnectionTrait>(
     db: &C,
     events: &[Event],
@@ -94,9 +124,7 @@ struct BatchRow<'a> {
 ///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
 ///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
 ///   part in the ranking changes no outcome;
-/// - a delete is `deleted` (applied); if its svix-id is new, the row goes (cascading), and so do the
-///   user's organization memberships, and a tombstone is written (a second delete keeps the
-///   first deletion time);
+/// - a delete is `deleted` (applied); if its svix-id is new, [`delete_users`] carries it out;
 /// - any other type is `ignored`.
 ///
 /// Raw SQL: sea-query builds neither data-modifying CTEs nor window functions. The batch comes
@@ -132,15 +160,7 @@ decided AS ( \
            || ' is not older than ' || to_char(updated_at AT TIME ZONE 'UTC', $2) \
     END AS reason \
   FROM standing s), \
-recorded AS ({record}), \
-gone AS ( \
-  SELECT DISTINCT b.user_id FROM batch b JOIN recorded r USING (svix_id) WHERE b.deletes), \
-deleted AS (DELETE FROM users WHERE id IN (SELECT user_id FROM gone)), \
-memberships AS ( \
-  DELETE FROM organization_memberships WHERE user_id IN (SELECT user_id FROM gone)), \
-buried AS ( \
-  INSERT INTO user_tombstones (id, deleted_at) SELECT user_id, now() FROM gone \
-  ON CONFLICT (id) DO NOTHING) \
+recorded AS ({record}) \
 SELECT svix_id, outcome FROM recorded",
         history_columns = history::ROW_COLUMNS,
         record = history::insert("decided"),
@@ -215,14 +235,15 @@ candidates AS ( \
   SELECT id, email, updated_at FROM incoming \
   UNION ALL \
   SELECT u.id, u.email, u.updated_at FROM users u \
-  WHERE u.email IN (SELECT email FROM incoming) AND u.id <> ALL ($4::text[])), \
+  WHERE u.email IN (SELECT email FROM incoming) AND u.id <> ALL ($4::text[]) \
+    AND u.deleted_at IS NULL), \
 winners AS ( \
   SELECT DISTINCT ON (email) email, id, updated_at FROM candidates \
   ORDER BY email, updated_at DESC, id DESC), \
 freed AS ( \
   UPDATE users SET email = NULL, synced_at = now() \
   FROM winners w \
-  WHERE users.email = w.email AND users.id <> w.id \
+  WHERE users.email = w.email AND users.id <> w.id AND users.deleted_at IS NULL \
     AND (users.id = ANY ($4::text[]) OR (users.updated_at, users.id) < (w.updated_at, w.id)) \
   RETURNING users.id AS holder, w.id AS winner) \
 SELECT 'lost' AS kind, i.id AS user_id, w.id AS other \

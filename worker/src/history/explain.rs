@@ -78,6 +78,9 @@ pub struct Membership {
     pub user_id: String,
     pub role: String,
     pub updated_at: String,
+    /// When it was deleted, for a row kept after its deletion (`WORKER_DELETE_MODE` `soft` or
+    /// `anonymize`).
+    pub deleted_at: Option<String>,
 }
 
 /// Runs `worker explain` with the process's stdout.
@@ -243,8 +246,9 @@ async fn memberships(
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
-                "SELECT id, organization_id, user_id, role, updated_at \
-                 FROM organization_memberships WHERE {column} = $1 ORDER BY organization_id, user_id"
+                "SELECT id, organization_id, user_id, role, updated_at, deleted_at \
+                 FROM organization_memberships WHERE {column} = $1 \
+                 ORDER BY organization_id, user_id"
             ),
             [id.into()],
         ))
@@ -257,6 +261,10 @@ async fn memberships(
                 user_id: row.try_get("", "user_id")?,
                 role: row.try_get("", "role")?,
                 updated_at: utc(&row.try_get("", "updated_at")?),
+                deleted_at: row
+                    .try_get::<Option<chrono::DateTime<chrono::FixedOffset>>>("", "deleted_at")?
+                    .as_ref()
+                    .map(utc),
             })
         })
         .collect()
@@ -313,7 +321,14 @@ pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result
     writeln!(out)?;
     match &explanation.row {
         Some(Value::Object(columns)) => {
-            writeln!(out, "current row:")?;
+            match columns.get("deleted_at").and_then(Value::as_str) {
+                Some(at) => writeln!(
+                    out,
+                    "current row (kept after its deletion at {at}, WORKER_DELETE_MODE soft or \
+                     anonymize; not in the live_ views):"
+                )?,
+                None => writeln!(out, "current row:")?,
+            }
             let width = columns.keys().map(String::len).max().unwrap_or(0);
             for (column, value) in columns {
                 let shown = match (column.as_str(), value) {
@@ -356,12 +371,20 @@ pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result
                         membership.user_id.clone(),
                         membership.role.clone(),
                         membership.updated_at.clone(),
+                        membership.deleted_at.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
             shared::table::write(
                 out,
-                &["ID", "ORGANIZATION", "USER", "ROLE", "UPDATED AT"],
+                &[
+                    "ID",
+                    "ORGANIZATION",
+                    "USER",
+                    "ROLE",
+                    "UPDATED AT",
+                    "DELETED AT",
+                ],
                 &rows,
             )?;
         }

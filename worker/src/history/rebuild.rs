@@ -8,15 +8,18 @@
 //! 3. the subjects to derive again: those with history rows that carry a payload, unless the
 //!    stored row is newer than every version in that history (pruned by
 //!    `WORKER_PROCESSED_RETENTION`, or written while payloads were not stored); such a row, like
-//!    the rows of subjects without any payload, is kept as it is: a row that cannot be derived
-//!    again is never deleted;
+//!    the rows of subjects without any payload and the rows kept after their deletion
+//!    (`WORKER_DELETE_MODE` `soft` or `anonymize`: their tombstone would turn every version
+//!    away, and an anonymized one has no payloads left), is kept as it is: a row that cannot be
+//!    derived again is never deleted;
 //! 4. the advisory locks of those subjects (and of the organizations and users their
 //!    memberships name), in the order the worker takes them: live events of those ids wait
 //!    until the commit;
 //! 5. their rows deleted, their history applied again in the order it was applied, through
-//!    [`apply_batch`](crate::apply::apply_batch) with the role settings of now, under svix-ids
-//!    of the run (`rebuild_<run>_<original>`) whose history rows are deleted again right away:
-//!    a rebuild is not an event. Tombstones stay, so a deleted user stays deleted;
+//!    [`apply_batch`](crate::apply::apply_batch) with the role and delete settings of now,
+//!    under svix-ids of the run (`rebuild_<run>_<original>`) whose history rows are deleted
+//!    again right away: a rebuild is not an event. Tombstones stay, so a deleted user stays
+//!    deleted;
 //! 6. the tables compared with the snapshot; commit, or roll back for `--dry-run` and whenever
 //!    an event could not be read or applied.
 
@@ -33,6 +36,7 @@ use serde::Serialize;
 use shared::Roles;
 
 use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
+use crate::apply::DeleteMode;
 use crate::apply::locks::LOCK_KEY;
 use crate::apply::{self, Reading, SubjectKind};
 use crate::commands::progress::{self, Progress};
@@ -58,6 +62,8 @@ pub struct Options {
     pub dry_run: bool,
     /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE` now: the events are read with them.
     pub roles: Roles,
+    /// `WORKER_DELETE_MODE` now: what the deletes applied again do to the rows.
+    pub delete_mode: DeleteMode,
     /// A progress bar (on a terminal) rather than progress log lines.
     pub progress_bar: bool,
 }
@@ -169,6 +175,7 @@ pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::
         progress_bar: progress::shows_bar(settings, args.flags.json),
         dry_run: args.flags.dry_run,
         roles: settings.roles()?,
+        delete_mode: DeleteMode::from_settings(settings)?,
     };
     let db = crate::commands::connect_command(settings, 1).await?;
     let summary = rebuild(&db, &options).await;
@@ -227,6 +234,7 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
     let reading = Reading {
         roles: options.roles.clone(),
         store_payloads: false,
+        delete_mode: options.delete_mode,
     };
     let mut pages = Pages::new(select, PAGE_SIZE);
     loop {
@@ -311,7 +319,8 @@ async fn prepare(txn: &DatabaseTransaction, history: &mut History) -> anyhow::Re
         txn.execute_unprepared(&format!(
             "DELETE FROM rebuild_subjects s USING {table} t \
              WHERE s.kind = '{kind}' AND t.id = s.id \
-               AND (s.newest_ms IS NULL OR extract(epoch FROM t.updated_at) * 1000 > s.newest_ms)"
+               AND (s.newest_ms IS NULL OR extract(epoch FROM t.updated_at) * 1000 > s.newest_ms \
+                    OR t.deleted_at IS NOT NULL)"
         ))
         .await?;
     }

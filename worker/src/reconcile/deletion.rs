@@ -1,5 +1,7 @@
 //! The deletion phase of a pass: only after a complete listing, every stored object that was
-//! not listed is confirmed gone on its own before it is deleted, within `--max-delete`.
+//! not listed is confirmed gone on its own before it is deleted (as `WORKER_DELETE_MODE` says),
+//! within `--max-delete`. Rows kept after an earlier deletion are neither candidates nor part of
+//! the table the limit is a share of.
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use serde_json::Value;
@@ -87,16 +89,18 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// The stored objects the listing did not return.
+    /// The stored objects the listing did not return (rows kept after their deletion are not
+    /// stored objects: Clerk has deleted them).
     async fn missing(&self) -> Result<Vec<Candidate>, String> {
         let statement = Statement::from_string(
             DbBackend::Postgres,
             match self.kind {
-                Kind::Memberships => {
-                    "SELECT id, organization_id, user_id FROM organization_memberships".to_owned()
-                }
+                Kind::Memberships => "SELECT id, organization_id, user_id \
+                     FROM organization_memberships WHERE deleted_at IS NULL"
+                    .to_owned(),
                 Kind::Users | Kind::Organizations => format!(
-                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {}",
+                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {} \
+                     WHERE deleted_at IS NULL",
                     self.kind.table()
                 ),
             },

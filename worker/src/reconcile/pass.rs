@@ -452,11 +452,15 @@ pub(super) fn reconcile_event(
         .read_object(Source::Reconcile, run_id, event_type, data)
 }
 
+/// The rows of the kind that are not deleted: those the deletion limit is a share of.
 async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
-            format!("SELECT count(*) AS n FROM {}", kind.table()),
+            format!(
+                "SELECT count(*) AS n FROM {} WHERE deleted_at IS NULL",
+                kind.table()
+            ),
         ))
         .await?;
     let n: i64 = match row {

@@ -9,17 +9,24 @@
 //!
 //! Each case uses a fresh database and queue, so cases are few by default (8); set
 //! `PROPTEST_CASES` for more.
+//!
+//! Every case runs under a `WORKER_DELETE_MODE`: the one `CONVERGENCE_DELETE_MODE` names
+//! (`hard`, `soft` or `anonymize`), or, unset, one drawn per case. The live views must equal
+//! Clerk's final state in every mode; rows kept after their deletion must be of deleted
+//! subjects only (none under `hard`), and under `anonymize` hold no personal data and leave
+//! no history payload.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use sea_orm::EntityTrait;
+use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
 use serde_json::{Value, json};
 use test_support::events::{clerk_membership, clerk_organization, clerk_user};
 use test_support::rows::{organization_memberships, organizations, users};
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::DeleteMode;
 
 const USERS: usize = 4;
 const ORGANIZATIONS: usize = 2;
@@ -124,6 +131,8 @@ struct Truth {
     users: BTreeMap<String, Expected>,
     organizations: BTreeMap<String, ExpectedOrganization>,
     memberships: BTreeMap<String, ExpectedMembership>,
+    /// The users and organizations deleted on the way.
+    deleted: HashSet<String>,
 }
 
 struct Published {
@@ -344,11 +353,19 @@ fn history(steps: &[Step]) -> (Vec<Published>, Truth) {
             }
         }
     }
+    truth.deleted = deleted;
     (events, truth)
 }
 
+/// The statement reading every column of a table's entity from its live view.
+fn live(view: &str) -> Statement {
+    Statement::from_string(DbBackend::Postgres, format!("SELECT * FROM {view}"))
+}
+
+/// What the live views show, read through the tables' entities.
 async fn stored(env: &TestEnv) -> Truth {
     let users = users::Entity::find()
+        .from_raw_sql(live("live_users"))
         .all(env.db())
         .await
         .expect("users")
@@ -366,6 +383,7 @@ async fn stored(env: &TestEnv) -> Truth {
         })
         .collect();
     let organizations = organizations::Entity::find()
+        .from_raw_sql(live("live_organizations"))
         .all(env.db())
         .await
         .expect("organizations")
@@ -382,6 +400,7 @@ async fn stored(env: &TestEnv) -> Truth {
         })
         .collect();
     let memberships = organization_memberships::Entity::find()
+        .from_raw_sql(live("live_organization_memberships"))
         .all(env.db())
         .await
         .expect("memberships")
@@ -403,6 +422,84 @@ async fn stored(env: &TestEnv) -> Truth {
         users,
         organizations,
         memberships,
+        deleted: HashSet::new(),
+    }
+}
+
+/// Reads one text column of every row `sql` returns.
+async fn ids(env: &TestEnv, sql: &str) -> Vec<String> {
+    env.db()
+        .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect(sql)
+        .into_iter()
+        .map(|row| row.try_get("", "id").expect("id"))
+        .collect()
+}
+
+/// The rows kept after their deletion: of deleted subjects only (a membership: one not live),
+/// none under `hard`, and under `anonymize` without personal data or history payloads.
+async fn check_kept_rows(env: &TestEnv, truth: &Truth, mode: DeleteMode) {
+    let kept_users = ids(env, "SELECT id FROM users WHERE deleted_at IS NOT NULL").await;
+    let kept_organizations = ids(
+        env,
+        "SELECT id FROM organizations WHERE deleted_at IS NOT NULL",
+    )
+    .await;
+    let kept_memberships = ids(
+        env,
+        "SELECT id FROM organization_memberships WHERE deleted_at IS NOT NULL",
+    )
+    .await;
+    if !mode.keeps_rows() {
+        assert!(
+            kept_users.is_empty() && kept_organizations.is_empty() && kept_memberships.is_empty(),
+            "hard keeps nothing"
+        );
+    }
+    for id in kept_users.iter().chain(&kept_organizations) {
+        assert!(truth.deleted.contains(id), "{id} kept but not deleted");
+    }
+    for id in &kept_memberships {
+        assert!(
+            !truth.memberships.contains_key(id),
+            "{id} kept but still a member"
+        );
+    }
+    if mode.anonymizes() {
+        let personal = ids(
+            env,
+            "SELECT id FROM users WHERE deleted_at IS NOT NULL AND (email IS NOT NULL \
+             OR first_name IS NOT NULL OR clerk_data IS NOT NULL OR public_metadata IS NOT NULL)",
+        )
+        .await;
+        assert!(personal.is_empty(), "personal data left in {personal:?}");
+        let payloads = ids(
+            env,
+            "SELECT DISTINCT subject_id AS id FROM processed_events p WHERE payload IS NOT NULL \
+             AND (EXISTS (SELECT 1 FROM users WHERE id = p.subject_id AND deleted_at IS NOT NULL) \
+               OR EXISTS (SELECT 1 FROM organizations \
+                          WHERE id = p.subject_id AND deleted_at IS NOT NULL) \
+               OR EXISTS (SELECT 1 FROM organization_memberships \
+                          WHERE id = p.subject_id AND deleted_at IS NOT NULL))",
+        )
+        .await;
+        assert!(payloads.is_empty(), "payloads left about {payloads:?}");
+    }
+}
+
+/// The mode `CONVERGENCE_DELETE_MODE` names, if set.
+fn chosen_mode() -> Option<DeleteMode> {
+    std::env::var("CONVERGENCE_DELETE_MODE")
+        .ok()
+        .filter(|text| !text.trim().is_empty())
+        .map(|text| text.parse().expect("CONVERGENCE_DELETE_MODE"))
+}
+
+fn mode() -> impl Strategy<Value = DeleteMode> {
+    match chosen_mode() {
+        Some(mode) => Just(mode).boxed(),
+        None => prop::sample::select(DeleteMode::ALL.to_vec()).boxed(),
     }
 }
 
@@ -415,6 +512,7 @@ async fn run_case(
     duplicates: Vec<usize>,
     batch_size: usize,
     backlog: bool,
+    mode: DeleteMode,
 ) {
     let (events, truth) = history(&steps);
     // Delivery order: sorted by a random key per event, with some events sent twice.
@@ -434,6 +532,7 @@ async fn run_case(
     let mut config = env.config();
     config.batch_size = batch_size;
     config.prefetch = u16::try_from(2 * batch_size).expect("small prefetch");
+    config.reading.delete_mode = mode;
     let publish_all = || async {
         for (_, i) in &deliveries {
             let event = &events[*i];
@@ -474,6 +573,7 @@ async fn run_case(
         rows.memberships, truth.memberships,
         "memberships differ from the truth"
     );
+    check_kept_rows(&env, &truth, mode).await;
     assert_eq!(env.ready(&env.topology.dead_queue).await, 0, "dead letters");
     assert_eq!(env.ready(&env.topology.queue).await, 0, "unacknowledged");
 }
@@ -500,12 +600,13 @@ proptest! {
         duplicates in prop::collection::vec(0usize..48, 0..12),
         batch_size in prop::sample::select(BATCH_SIZES.to_vec()),
         backlog in any::<bool>(),
+        mode in mode(),
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(run_case(steps, order, duplicates, batch_size, backlog));
+        runtime.block_on(run_case(steps, order, duplicates, batch_size, backlog, mode));
     }
 }

@@ -17,6 +17,7 @@ use test_support::events::{clerk_membership, clerk_organization, clerk_user};
 use test_support::rows::processed_events;
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::DeleteMode;
 use worker::apply::Reading;
 use worker::clerk::{ClerkClient, ClerkConfig};
 use worker::history::{Filter, rebuild, replay};
@@ -89,6 +90,7 @@ fn replay_options(filter: Filter) -> replay::Options {
         reading: Reading {
             roles: Roles::default(),
             store_payloads: true,
+            ..Reading::default()
         },
         progress_bar: false,
     }
@@ -343,6 +345,7 @@ async fn rebuild_with(
     let options = rebuild::Options {
         dry_run,
         roles,
+        delete_mode: DeleteMode::Hard,
         progress_bar: false,
     };
     rebuild::rebuild(env.db(), &options).await
@@ -420,6 +423,7 @@ async fn a_rebuild_after_a_role_change_stores_what_a_reconcile_with_the_new_role
             reading: Reading {
                 roles: new_roles(),
                 store_payloads: true,
+                ..Reading::default()
             },
             ..Default::default()
         },

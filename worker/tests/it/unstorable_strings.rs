@@ -15,6 +15,7 @@ use test_support::clerk_api::ClerkApi;
 use test_support::events::{clerk_membership, clerk_organization, clerk_user, envelope};
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::DeleteMode;
 use worker::apply::Reading;
 use worker::clerk::{ClerkClient, ClerkConfig};
 use worker::history::{Filter, rebuild, replay};
@@ -278,6 +279,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
             reading: Reading {
                 roles: Roles::default(),
                 store_payloads: true,
+                ..Reading::default()
             },
             progress_bar: false,
         },
@@ -293,6 +295,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
         &rebuild::Options {
             dry_run: false,
             roles: Roles::default(),
+            delete_mode: DeleteMode::Hard,
             progress_bar: false,
         },
     )
