@@ -12,19 +12,27 @@
 //! - `GET /v1/organizations/{id}/memberships`: `{"data", "total_count"}` of that organization's
 //!   memberships, filtered by `user_id` (repeatable) when given; 404 when the organization is
 //!   gone;
+//! - `GET /v1/instance`: `{"object":"instance","id","environment_type",…}`, the instance the key
+//!   belongs to: [`STAND_IN_INSTANCE`] unless the test sets another ([`ClerkApi::set_instance`]),
+//!   `production` for a `sk_live_` key and `development` for any other;
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
 //! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make the listings
-//! fail from some position on, and read back every request served.
+//! fail from some position on or answer slowly, and read back every request served.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
+
+/// The instance id every stand-in answers with unless told otherwise: the tests of one database
+/// that start several stand-ins see one instance.
+pub const STAND_IN_INSTANCE: &str = "ins_standin";
 
 /// An answer forced on a request, whatever it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +103,10 @@ struct State {
     failing_listing_from: Option<usize>,
     hidden: std::collections::HashSet<String>,
     served: Vec<Served>,
+    /// `GET /v1/instance`'s `id` and `environment_type`.
+    instance: (String, String),
+    /// How long each listing request waits before it answers.
+    listing_delay: Duration,
 }
 
 /// The running stand-in. Dropped, it stops.
@@ -113,7 +125,15 @@ struct Shared {
 impl ClerkApi {
     /// Starts a stand-in that accepts `secret_key` as its bearer key.
     pub async fn start(secret_key: &str) -> Self {
-        let state = Arc::new(Mutex::new(State::default()));
+        let environment = if secret_key.starts_with("sk_live_") {
+            "production"
+        } else {
+            "development"
+        };
+        let state = Arc::new(Mutex::new(State {
+            instance: (STAND_IN_INSTANCE.to_owned(), environment.to_owned()),
+            ..State::default()
+        }));
         let shared = web::Data::new(Shared {
             key: secret_key.to_owned(),
             state: state.clone(),
@@ -121,6 +141,7 @@ impl ClerkApi {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(shared.clone())
+                .route("/v1/instance", web::get().to(instance))
                 .route("/v1/users", web::get().to(list))
                 .route("/v1/users/count", web::get().to(count))
                 .route("/v1/users/{id}", web::get().to(get_user))
@@ -262,6 +283,17 @@ impl ClerkApi {
     pub fn served(&self) -> Vec<Served> {
         self.state().served.clone()
     }
+
+    /// Makes `GET /v1/instance` answer this id and environment type (`development` or
+    /// `production`): a stand-in of another instance.
+    pub fn set_instance(&self, id: &str, environment_type: &str) {
+        self.state().instance = (id.to_owned(), environment_type.to_owned());
+    }
+
+    /// Makes every listing request wait this long before it answers, so a run lasts.
+    pub fn slow_listings(&self, delay: Duration) {
+        self.state().listing_delay = delay;
+    }
 }
 
 impl Drop for ClerkApi {
@@ -359,7 +391,26 @@ fn answer(
     answer
 }
 
+/// Waits as [`ClerkApi::slow_listings`] says.
+async fn listing_delay(shared: &Shared) {
+    let delay = lock(&shared.state).listing_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn instance(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        let (id, environment_type) = &state.instance;
+        HttpResponse::Ok().json(json!({
+            "object": "instance", "id": id, "environment_type": environment_type,
+            "allowed_origins": null, "workspace_id": null,
+        }))
+    })
+}
+
 async fn list(request: HttpRequest, shared: web::Data<Shared>, params: Params) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         match page(state, &state.users, &params, true) {
             Ok(page) => HttpResponse::Ok().json(page),
@@ -373,6 +424,7 @@ async fn list_organizations(
     shared: web::Data<Shared>,
     params: Params,
 ) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         data_page(state, &state.organizations, &params)
     })
@@ -383,6 +435,7 @@ async fn list_memberships(
     shared: web::Data<Shared>,
     params: Params,
 ) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         data_page(state, &state.memberships, &params)
     })

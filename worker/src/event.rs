@@ -27,6 +27,9 @@ pub struct Event {
     pub svix_timestamp: Option<DateTime<Utc>>,
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
+    /// The envelope's `instance_id`: the Clerk instance it comes from, if it says
+    /// (`crate::instance`).
+    pub instance_id: Option<String>,
 }
 
 /// Where an event came from.
@@ -165,6 +168,7 @@ impl Event {
         };
         Ok(Self {
             svix_id,
+            instance_id: envelope.instance_id,
             event_type: envelope.event_type,
             action,
             source: Source::Webhook,

@@ -1,5 +1,6 @@
 //! Health and metrics on `WORKER_LISTEN`: `/healthz` (alive), `/readyz` (database and broker
-//! usable, no delivery held longer than `WORKER_STALLED_AFTER`), `/metrics` (Prometheus text).
+//! usable, no delivery held longer than `WORKER_STALLED_AFTER`; the body also names the pinned
+//! Clerk instance), `/metrics` (Prometheus text).
 
 use std::net::TcpListener;
 use std::sync::{Arc, RwLock};
@@ -83,6 +84,18 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         tokio::time::timeout(Duration::from_secs(2), probe.db.ping()).await,
         Ok(Ok(()))
     );
+    // Shown, not judged: nothing pinned yet is a normal start.
+    let instance = match database {
+        true => tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::instance::pinned_instance(&probe.db),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten(),
+        false => None,
+    };
     let node = probe.broker.usable_node();
     let broker = node.is_some();
     // A delivery held longer than WORKER_STALLED_AFTER means the pipeline is stuck somewhere
@@ -95,6 +108,7 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         "stalled": stalled,
         "oldest_unacked_seconds": oldest.as_secs(),
         "node": node,
+        "instance": crate::instance::as_json(instance.as_ref()),
     });
     if database && broker && !stalled {
         HttpResponse::Ok().json(body)

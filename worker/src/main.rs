@@ -42,6 +42,9 @@ enum Command {
     /// Read the event history.
     #[command(subcommand)]
     Events(worker::history::list::EventsCommand),
+    /// Show the Clerk instance this database mirrors, or move it to another one.
+    #[command(subcommand)]
+    Instance(worker::instance::InstanceCommand),
 }
 
 impl Command {
@@ -52,7 +55,11 @@ impl Command {
             Command::Reconcile(args) => args.shows_bar(settings),
             Command::Replay(args) => shows_bar(settings, args.flags.json),
             Command::Rebuild(args) => shows_bar(settings, args.flags.json),
-            Command::Run | Command::Dlq(_) | Command::Explain(_) | Command::Events(_) => false,
+            Command::Run
+            | Command::Dlq(_)
+            | Command::Explain(_)
+            | Command::Events(_)
+            | Command::Instance(_) => false,
         }
     }
 }
@@ -87,13 +94,14 @@ fn main() -> ExitCode {
             Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
             Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
             Command::Events(command) => worker::history::list::execute(&settings, command).await,
+            Command::Instance(command) => worker::instance::execute(&settings, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error:#}");
-            ExitCode::FAILURE
+            worker::exit::code(&error)
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     /// `clerk_sync_worker_processed_events_pruned_total`: rows pruned after
     /// `WORKER_PROCESSED_RETENTION`.
     pub pruned: IntCounter,
+    /// `clerk_sync_worker_foreign_instance_events_total`: events of another Clerk instance than
+    /// the pinned one, dead-lettered without being applied (see `crate::instance`).
+    pub foreign_instance_events: IntCounter,
     /// The deliveries held unacknowledged, with the time each arrived.
     pub held: Held,
 }
@@ -160,6 +163,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(unknown_roles.clone()))?;
         registry.register(Box::new(broker_node.clone()))?;
+        let foreign_instance_events = IntCounter::new(
+            "clerk_sync_worker_foreign_instance_events_total",
+            "Events of another Clerk instance than the pinned one, dead-lettered unapplied.",
+        )?;
+        registry.register(Box::new(foreign_instance_events.clone()))?;
         Ok(Self {
             registry,
             events,
@@ -176,6 +184,7 @@ impl Metrics {
             oldest_unacked,
             retry_waiting,
             pruned,
+            foreign_instance_events,
             held: Held::default(),
         })
     }

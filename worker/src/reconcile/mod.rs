@@ -31,6 +31,8 @@
 //! has run.
 
 pub mod clerk;
+pub mod limits;
+pub mod lock;
 pub mod progress;
 mod runs;
 pub(crate) mod schedule;
@@ -178,6 +180,8 @@ impl MaxDelete {
     pub fn limit(self, rows: u64) -> u64 {
         match self {
             MaxDelete::Rows(n) => n,
+            // 0 % is nothing at all: the floor is for small tables, not for a refusal.
+            MaxDelete::Percent(p) if p <= 0.0 => 0,
             MaxDelete::Percent(p) => ((rows as f64 * p / 100.0).floor() as u64).max(Self::FLOOR),
         }
     }
@@ -271,6 +275,10 @@ pub struct Summary {
     pub memberships: Counts,
     /// Wall time of the run.
     pub seconds: f64,
+    /// The kinds whose deletion phase a limit refused (nothing of them was deleted), by name;
+    /// absent when none was.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused: std::collections::BTreeMap<&'static str, limits::Refused>,
 }
 
 impl Summary {
@@ -311,6 +319,9 @@ pub struct Report {
     pub summary: Summary,
     /// Why the tables may not match the listing; `None` when they do.
     pub failure: Option<String>,
+    /// Set when the run stopped before its first listing because the key belongs to another
+    /// Clerk instance than the one the database mirrors (`failure` says the same).
+    pub wrong_instance: Option<crate::instance::WrongInstance>,
 }
 
 impl Report {
@@ -331,9 +342,16 @@ impl Report {
                 let c = self.summary.of(kind);
                 let name = kind.name();
                 let capital = name[..1].to_uppercase() + &name[1..];
+                let refused = match self.summary.refused.get(name) {
+                    Some(refused) => format!(
+                        " (deletion refused by --max-delete: {} gone from Clerk kept)",
+                        refused.gone
+                    ),
+                    None => String::new(),
+                };
                 format!(
                     " {capital}: {} listed, {} created, {} updated, {} unchanged, {} stale, {} \
-                     deleted.",
+                     deleted{refused}.",
                     c.listed, c.created, c.updated, c.unchanged, c.stale, c.deleted
                 )
             })
@@ -355,6 +373,14 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
     let clerk = ClerkConfig::from_settings(settings)?;
     let client = ClerkClient::new(clerk).context("cannot set up the Backend API client")?;
     let db = crate::startup::connect_command(settings, WRITERS as u32 + 1).await?;
+    let Some(lock) = lock::RunLock::try_take(&settings.database_url()?)
+        .await
+        .context("cannot take the reconcile lock (DATABASE_URL)")?
+    else {
+        let busy = lock::AnotherRunHoldsTheLock::describe(&db).await;
+        db.close().await.ok();
+        return Err(busy.into());
+    };
     let options = Options {
         progress_bar: args.shows_bar(settings),
         dry_run: args.dry_run,
@@ -365,11 +391,15 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         store_payloads: settings.worker_store_payloads,
     };
     let report = reconcile(&db, &client, &options).await;
+    lock.release().await.ok();
     db.close().await.ok();
     if args.json {
         println!("{}", serde_json::to_string(&report.summary)?);
     } else {
         println!("{}", report.paragraph());
+    }
+    if let Some(wrong) = report.wrong_instance {
+        return Err(wrong.into());
     }
     match report.failure {
         None => Ok(()),
@@ -406,14 +436,47 @@ async fn run(
             dry_run: options.dry_run,
             summary,
             failure: Some(format!("cannot record the run in reconcile_runs: {error}")),
+            wrong_instance: None,
         };
     }
+    // Before the first listing: the key must belong to the instance the database mirrors.
+    let checked = crate::instance::check_reconcile(db, client, options.dry_run).await;
+    let budget = match checked {
+        Ok(_) => limits::Budget::at_start(db, options.max_delete).await,
+        Err(ref refusal) => Err(refusal.to_string()),
+    };
+    let mut budget = match budget {
+        Ok(budget) => budget,
+        Err(why) => {
+            summary.seconds = started.elapsed().as_secs_f64();
+            if !options.dry_run
+                && let Err(error) =
+                    runs::finish(db, &run_id, summary.counts_json(), Some(&why)).await
+            {
+                tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
+            }
+            tracing::error!(reason = %why, "reconcile stopped before its first listing");
+            return Report {
+                run_id,
+                dry_run: options.dry_run,
+                summary,
+                failure: Some(why),
+                wrong_instance: match checked {
+                    Err(crate::instance::ReconcileRefusal::WrongInstance(wrong)) => Some(wrong),
+                    _ => None,
+                },
+            };
+        }
+    };
     let mut reasons = Vec::new();
     let mut dry_deleted = HashSet::new();
     for kind in Kind::ALL {
         let mut pass = Pass::new(kind, db, client, options, &run_id, &dry_deleted);
-        let result = pass.run().await;
+        let result = pass.run(&mut budget).await;
         *summary.of_mut(kind) = pass.counts;
+        if let Some(refused) = pass.refused.take() {
+            summary.refused.insert(kind.name(), refused);
+        }
         let shortfalls = pass.shortfalls();
         let would_delete = std::mem::take(&mut pass.would_delete);
         dry_deleted.extend(would_delete);
@@ -441,6 +504,7 @@ async fn run(
         dry_run: options.dry_run,
         summary,
         failure,
+        wrong_instance: None,
     }
 }
 
@@ -527,6 +591,8 @@ struct Pass<'a> {
     deleted_before: &'a HashSet<String>,
     /// In a dry run, the ids this pass counted as deleted.
     would_delete: Vec<String>,
+    /// Set when a deletion limit refused this pass's deletion phase.
+    refused: Option<limits::Refused>,
 }
 
 impl<'a> Pass<'a> {
@@ -550,17 +616,14 @@ impl<'a> Pass<'a> {
             failed: Vec::new(),
             deleted_before,
             would_delete: Vec::new(),
+            refused: None,
         }
     }
 
     /// The listing, then the deletion phase. An error ends the run (the passes after this one
     /// do not run); objects that could not be read or written do not: see [`Pass::shortfalls`].
-    async fn run(&mut self) -> Result<(), String> {
+    async fn run(&mut self, budget: &mut limits::Budget) -> Result<(), String> {
         let name = self.kind.name();
-        let stored_rows = retry_database(&format!("counting the stored {name}"), || {
-            count_rows(self.db, self.kind)
-        })
-        .await?;
         // Users are counted first (also the first check of the key); the other listings say
         // their count on every page.
         let counted = match self.kind {
@@ -629,7 +692,7 @@ impl<'a> Pass<'a> {
             current = next;
         }
         if self.options.delete {
-            self.delete_missing(stored_rows, &mut progress).await?;
+            self.delete_missing(budget, &mut progress).await?;
         }
         Ok(())
     }
@@ -865,11 +928,11 @@ impl<'a> Pass<'a> {
     /// ones Clerk no longer has are deleted, unless there are more than the limit.
     async fn delete_missing(
         &mut self,
-        stored_rows: u64,
+        budget: &mut limits::Budget,
         progress: &mut progress::Progress,
     ) -> Result<(), String> {
         let name = self.kind.name();
-        let limit = self.options.max_delete.limit(stored_rows);
+        let limit = budget.left(self.kind);
         let candidates = self.missing().await?;
         if candidates.is_empty() {
             return Ok(());
@@ -893,18 +956,34 @@ impl<'a> Pass<'a> {
                 }
             }
             progress.advance(1);
-            if gone.len() as u64 > limit {
-                return Err(format!(
-                    "the deletion phase would remove more than {limit} {name} (--max-delete {}): \
-                     {} of the first {} of {} stored {name} missing from the listing are gone \
-                     from Clerk; no {name} were deleted. A key of another Clerk instance looks \
-                     like this; if the deletions are meant, run again with a higher --max-delete",
-                    self.options.max_delete,
+            if gone.len() as u64 > limit
+                && let Err(refused) = budget.take(self.kind, gone.len() as u64, 0)
+            {
+                let why = format!(
+                    "{}: {} of the first {} of {} stored {name} missing from the listing are \
+                     gone from Clerk. If the deletions are meant, run again with a higher \
+                     --max-delete",
+                    refused.reason,
                     gone.len(),
                     checked + 1,
                     candidates.len()
-                ));
+                );
+                self.refused = Some(limits::Refused {
+                    reason: why.clone(),
+                    ..refused
+                });
+                return Err(why);
             }
+        }
+        // What goes with them counts too: a user's or an organization's memberships.
+        let gone_ids: Vec<String> = gone.iter().map(|candidate| candidate.id.clone()).collect();
+        let with_them =
+            limits::memberships_going_with(self.db, self.kind, &gone_ids, self.deleted_before)
+                .await?;
+        if let Err(refused) = budget.take(self.kind, gone.len() as u64, with_them) {
+            let why = refused.reason.clone();
+            self.refused = Some(refused);
+            return Err(why);
         }
         // Objects that an offset walk skipped, or that were created while the listing ran.
         for chunk in still_there.chunks(PAGE_SIZE as usize) {
@@ -1095,20 +1174,6 @@ pub(crate) async fn write<C: TransactionTrait>(
     }
 }
 
-async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!("SELECT count(*) AS n FROM {}", kind.table()),
-        ))
-        .await?;
-    let n: i64 = match row {
-        Some(row) => row.try_get("", "n")?,
-        None => 0,
-    };
-    Ok(n.max(0) as u64)
-}
-
 /// Runs a read again while the database fails on its own account, a bounded number of times.
 async fn retry_database<T, F, Fut>(what: &str, mut read: F) -> Result<T, String>
 where
@@ -1153,6 +1218,10 @@ mod tests {
         assert_eq!(default.limit(50), 10);
         assert_eq!(default.limit(1_000), 100);
         assert_eq!(MaxDelete::Rows(3).limit(1_000), 3);
+        // Zero is zero, as rows or as a share: the floor does not apply.
+        assert_eq!(MaxDelete::Rows(0).limit(1_000), 0);
+        assert_eq!("0%".parse::<MaxDelete>().expect("0%").limit(1_000), 0);
+        assert_eq!(MaxDelete::Percent(0.0).limit(5), 0);
         assert_eq!(default.to_string(), "10%");
     }
 
@@ -1178,6 +1247,7 @@ mod tests {
                 ..Counts::default()
             },
             seconds: 1.5,
+            refused: Default::default(),
         };
         let zero = |listed, created, stale| {
             json!({"listed": listed, "created": created, "updated": 0, "unchanged": 0,
@@ -1208,6 +1278,7 @@ mod tests {
                 ..Summary::default()
             },
             failure: None,
+            wrong_instance: None,
         };
         let text = report.paragraph();
         assert!(text.contains("Dry run, nothing written"), "{text}");
