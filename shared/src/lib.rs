@@ -1,6 +1,7 @@
 //! What the clerk-sync binaries agree on: the event types (users in `events`, organizations and
 //! memberships in `organizations`), the header names, the RabbitMQ topology, configuration,
-//! telemetry and the text tables of the command-line tools. Nothing here talks to a database.
+//! telemetry, the text tables of the command-line tools, and `sanitize`, which makes JSON text
+//! storable in Postgres. Nothing here talks to a database.
 
 pub mod backoff;
 pub mod broker;
@@ -9,6 +10,7 @@ pub mod events;
 pub mod headers;
 pub mod organizations;
 pub mod roles;
+pub mod sanitize;
 pub mod table;
 pub mod telemetry;
 pub mod topology;

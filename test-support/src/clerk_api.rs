@@ -18,7 +18,9 @@
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
 //! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make the listings
-//! fail from some position on or answer slowly, and read back every request served.
+//! fail from some position on or answer slowly, rewrite the text of the answers (to serve what a
+//! `serde_json::Value` cannot hold, like a lone surrogate escape), and read back every request
+//! served.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -102,6 +104,8 @@ struct State {
     faults: VecDeque<Fault>,
     failing_listing_from: Option<usize>,
     hidden: std::collections::HashSet<String>,
+    /// Text replaced in every successful answer's body: (from, to).
+    rewrites: Vec<(String, String)>,
     served: Vec<Served>,
     /// `GET /v1/instance`'s `id` and `environment_type`.
     instance: (String, String),
@@ -279,6 +283,13 @@ impl ClerkApi {
         self.state().hidden.insert(id.to_owned());
     }
 
+    /// From now on, replaces `from` by `to` in the text of every successful answer: e.g. a
+    /// marker placed in a user's field by a lone surrogate escape (the six characters `\ud800`),
+    /// which no `serde_json::Value` can hold.
+    pub fn rewrite_answers(&self, from: &str, to: &str) {
+        self.state().rewrites.push((from.to_owned(), to.to_owned()));
+    }
+
     /// Every request served so far, oldest first.
     pub fn served(&self) -> Vec<Served> {
         self.state().served.clone()
@@ -308,6 +319,17 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }
+}
+
+/// 200 with `body` as JSON, its text rewritten as the test asked.
+fn ok_json(state: &State, body: &Value) -> HttpResponse {
+    let mut text = body.to_string();
+    for (from, to) in &state.rewrites {
+        text = text.replace(from.as_str(), to);
+    }
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(text)
 }
 
 /// Clerk's error body.
@@ -413,7 +435,7 @@ async fn list(request: HttpRequest, shared: web::Data<Shared>, params: Params) -
     listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         match page(state, &state.users, &params, true) {
-            Ok(page) => HttpResponse::Ok().json(page),
+            Ok(page) => ok_json(state, &json!(page)),
             Err((status, code, message)) => error(status, code, message),
         }
     })
@@ -444,9 +466,10 @@ async fn list_memberships(
 /// `{"data": [...], "total_count": N}` of a listing without a cursor.
 fn data_page(state: &State, collection: &Collection, params: &[(String, String)]) -> HttpResponse {
     match page(state, collection, params, false) {
-        Ok(page) => {
-            HttpResponse::Ok().json(json!({"data": page, "total_count": collection.objects.len()}))
-        }
+        Ok(page) => ok_json(
+            state,
+            &json!({"data": page, "total_count": collection.objects.len()}),
+        ),
         Err((status, code, message)) => error(status, code, message),
     }
 }
@@ -545,7 +568,9 @@ async fn get_user(
     shared: web::Data<Shared>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    answer(&request, &shared, |state| found(state.users.get(&id)))
+    answer(&request, &shared, |state| {
+        found(state, state.users.get(&id))
+    })
 }
 
 async fn get_organization(
@@ -554,7 +579,7 @@ async fn get_organization(
     id: web::Path<String>,
 ) -> HttpResponse {
     answer(&request, &shared, |state| {
-        found(state.organizations.get(&id))
+        found(state, state.organizations.get(&id))
     })
 }
 
@@ -568,7 +593,7 @@ async fn list_memberships_of(
 ) -> HttpResponse {
     answer(&request, &shared, |state| {
         if state.organizations.get(&id).is_none() {
-            return found(None);
+            return found(state, None);
         }
         let users: Vec<&str> = params
             .iter()
@@ -594,7 +619,7 @@ async fn list_memberships_of(
             .and_then(|offset| offset.parse().ok())
             .unwrap_or(0);
         let data: Vec<&Value> = members.iter().skip(offset).take(limit).copied().collect();
-        HttpResponse::Ok().json(json!({"data": data, "total_count": members.len()}))
+        ok_json(state, &json!({"data": data, "total_count": members.len()}))
     })
 }
 
@@ -605,9 +630,9 @@ fn membership_organization(membership: &Value) -> Option<&str> {
 }
 
 /// The object, or 404 with Clerk's error body.
-fn found(object: Option<&Value>) -> HttpResponse {
+fn found(state: &State, object: Option<&Value>) -> HttpResponse {
     match object {
-        Some(object) => HttpResponse::Ok().json(object),
+        Some(object) => ok_json(state, object),
         None => error(StatusCode::NOT_FOUND, "resource_not_found", "not found"),
     }
 }

@@ -1,12 +1,14 @@
 //! A delivery read as an event: its svix-id, its type and what it asks of the database. Reading
 //! needs no I/O, so a whole batch is read before its transaction starts.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use shared::events::{ClerkUser, DeletedObject, Envelope, UserEventKind, UserRecord};
 use shared::organizations::OrganizationEventKind;
-use shared::{Roles, headers};
+use shared::{Roles, headers, sanitize};
 
 use crate::organizations::Change;
 
@@ -21,7 +23,8 @@ pub struct Event {
     /// Where the event came from, kept in its history row.
     pub source: Source,
     /// The body as delivered, kept in the history row; `None` when payloads are not stored
-    /// (`WORKER_STORE_PAYLOADS=false`) or cannot be (see [`storable`]).
+    /// (`WORKER_STORE_PAYLOADS=false`). Without what Postgres cannot store, like every string
+    /// of the event (see [`Event::read`]).
     pub payload: Option<String>,
     /// The `svix-timestamp` header: when Svix sent the event.
     pub svix_timestamp: Option<DateTime<Utc>>,
@@ -130,16 +133,27 @@ pub enum ReadError {
 
 impl Event {
     /// Reads a delivery's body and properties, the way the ingest published them; a user's role
-    /// is resolved against `roles`.
+    /// is resolved against `roles`. Every source of events reads them here, so this is where
+    /// the body loses what Postgres cannot store (NUL, lone surrogates; see
+    /// [`shared::sanitize`]): the columns and the history payload are read from the clean text.
     pub fn read(
         body: &[u8],
         properties: &BasicProperties,
         roles: &Roles,
     ) -> Result<Self, ReadError> {
+        let clean = sanitize::strip_unstorable(body);
+        let body = clean.as_ref();
         let envelope = Envelope::parse(body).map_err(|e| ReadError::Permanent(e.to_string()))?;
         let svix_id = svix_id(properties).ok_or_else(|| {
             ReadError::Permanent("message has no svix-id header and no message id".into())
         })?;
+        if matches!(clean, Cow::Owned(_)) {
+            tracing::info!(
+                svix_id,
+                event_type = envelope.event_type,
+                "removed what Postgres cannot store (NUL, lone surrogates) from the event"
+            );
+        }
         let action = match UserEventKind::from_type(&envelope.event_type) {
             Some(UserEventKind::Created | UserEventKind::Updated) => {
                 let user = ClerkUser::from_data(envelope.data)
@@ -191,12 +205,9 @@ impl Event {
     }
 }
 
-/// The body as text for the history's `jsonb` column, unless Postgres would refuse it: `jsonb`
-/// cannot hold the escaped NUL character (`\u0000`), and a history row must never be the reason
-/// an event fails. Such an event is kept without its payload.
+/// The (clean) body as text for the history's `jsonb` column.
 fn storable(body: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    (!text.contains("\\u0000")).then(|| text.to_owned())
+    std::str::from_utf8(body).ok().map(str::to_owned)
 }
 
 /// A header's text value.

@@ -541,8 +541,11 @@ enum Answer {
     Failed(ClerkError),
 }
 
+/// Reads an answer's body without what Postgres cannot store (see [`shared::sanitize`]): a lone
+/// surrogate in any object would make serde_json refuse the whole body where it builds strings.
 fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ClerkError> {
-    serde_json::from_slice(body).map_err(|error| ClerkError::Decode {
+    let body = shared::sanitize::strip_unstorable(body);
+    serde_json::from_slice(&body).map_err(|error| ClerkError::Decode {
         call: call.into(),
         reason: error.to_string(),
     })
