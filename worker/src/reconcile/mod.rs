@@ -2,6 +2,11 @@
 //! brought (users or organizations created before the endpoint existed, an outage longer than
 //! Svix's retries, a purged dead letter).
 //!
+//! A run holds the reconcile lock ([`lock`]: the command and the schedule share it), then asks
+//! `GET /v1/instance` which Clerk instance the key belongs to and stops there, before any
+//! listing, when the database mirrors another one ([`crate::instance::check_reconcile`]). The
+//! deletion limits of the run are counted once, when it starts ([`limits`]).
+//!
 //! A run has one pass per [`Kind`], in this order: users, organizations, memberships (a
 //! membership carries an organization snapshot, so its organization is best settled first).
 //! Each pass:
@@ -21,9 +26,9 @@
 //!    membership, its organization's memberships of its user not holding its id (404 for the
 //!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted,
 //!    tombstone written; an organization's memberships go with it); one still there is applied
-//!    instead. When more objects of the kind would be deleted than `--max-delete` allows,
-//!    nothing of the kind is deleted and the run fails: a key of another instance lists none
-//!    of the stored objects and answers 404 for all of them.
+//!    instead. When more objects of the kind would be deleted than what is left of its limit
+//!    (or, for users and organizations, more memberships with them than is left of the
+//!    memberships limit), nothing of the kind is deleted and the run fails.
 //!
 //! A listing that did not complete deletes nothing of its kind and fails the run; a pass that
 //! fails (that, a refused key, the deletion limit) ends the run, and the passes after it do not
