@@ -83,7 +83,7 @@ pub enum ApplyError {
     #[error("{0}")]
     Message(String),
     /// The event names another Clerk instance than the one the database mirrors
-    /// (`crate::instance`): never applied, dead-lettered at once as `permanent`.
+    /// (`crate::pin`): never applied, dead-lettered at once as `permanent`.
     #[error("{0}")]
     ForeignInstance(String),
 }
@@ -172,7 +172,9 @@ async fn apply_alone<C: TransactionTrait>(
     event: &Event,
 ) -> Result<Result<Outcome, String>, DbErr> {
     let txn = db.begin().await?;
-    if let Some((_, reason)) = crate::instance::admit(&txn, std::slice::from_ref(event)).await? {
+    if let Some((_, reason)) =
+        crate::pin::admit(&txn, admitted(std::slice::from_ref(event))).await?
+    {
         txn.rollback().await?;
         return Ok(Err(reason));
     }
@@ -183,6 +185,13 @@ async fn apply_alone<C: TransactionTrait>(
         .copied()
         .map(Ok)
         .ok_or_else(|| DbErr::Custom("no outcome for the event".into()))
+}
+
+/// Each event's `instance_id` and source label, for [`crate::pin::admit`].
+fn admitted(events: &[Event]) -> impl Iterator<Item = (Option<&str>, &str)> + Clone {
+    events
+        .iter()
+        .map(|event| (event.instance_id.as_deref(), event.source.as_str()))
 }
 
 /// Why a batch did not commit.
@@ -209,7 +218,10 @@ pub async fn apply_batch<C: TransactionTrait>(
     };
     let txn = db.begin().await.map_err(sort)?;
     // An event of another instance: none is written; one by one, only that one is refused.
-    if let Some((_, reason)) = crate::instance::admit(&txn, events).await.map_err(sort)? {
+    if let Some((_, reason)) = crate::pin::admit(&txn, admitted(events))
+        .await
+        .map_err(sort)?
+    {
         txn.rollback().await.map_err(sort)?;
         return Err(BatchFailure::Event(DbErr::Custom(reason)));
     }

@@ -31,7 +31,7 @@ pub struct Event {
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
     /// The envelope's `instance_id`: the Clerk instance it comes from, if it says
-    /// (`crate::instance`).
+    /// (`crate::pin`).
     pub instance_id: Option<String>,
 }
 

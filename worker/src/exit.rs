@@ -10,7 +10,7 @@
 
 use std::process::ExitCode;
 
-use crate::instance::WrongInstance;
+use crate::reconcile::instance::WrongInstance;
 use crate::reconcile::lock::AnotherRunHoldsTheLock;
 
 /// `worker reconcile` with a key of another instance.

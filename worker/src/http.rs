@@ -88,7 +88,7 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
     let instance = match database {
         true => tokio::time::timeout(
             Duration::from_secs(2),
-            crate::instance::pinned_instance(&probe.db),
+            crate::pin::pinned_instance(&probe.db),
         )
         .await
         .ok()
@@ -108,7 +108,7 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         "stalled": stalled,
         "oldest_unacked_seconds": oldest.as_secs(),
         "node": node,
-        "instance": crate::instance::as_json(instance.as_ref()),
+        "instance": crate::pin::as_json(instance.as_ref()),
     });
     if database && broker && !stalled {
         HttpResponse::Ok().json(body)

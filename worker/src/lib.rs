@@ -18,6 +18,7 @@ mod http;
 pub mod instance;
 pub mod metrics;
 pub mod organizations;
+pub mod pin;
 mod prune;
 pub mod reconcile;
 mod startup;

@@ -54,7 +54,7 @@ pub struct Metrics {
     /// `WORKER_PROCESSED_RETENTION`.
     pub pruned: IntCounter,
     /// `clerk_sync_worker_foreign_instance_events_total`: events of another Clerk instance than
-    /// the pinned one, dead-lettered without being applied (see `crate::instance`).
+    /// the pinned one, dead-lettered without being applied (see `crate::pin`).
     pub foreign_instance_events: IntCounter,
     /// The deliveries held unacknowledged, with the time each arrived.
     pub held: Held,

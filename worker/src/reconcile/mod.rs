@@ -4,7 +4,7 @@
 //!
 //! A run holds the reconcile lock ([`lock`]: the command and the schedule share it), then asks
 //! `GET /v1/instance` which Clerk instance the key belongs to and stops there, before any
-//! listing, when the database mirrors another one ([`crate::instance::check_reconcile`]). The
+//! listing, when the database mirrors another one ([`instance::check_reconcile`]). The
 //! deletion limits of the run are counted once, when it starts ([`limits`]).
 //!
 //! A run has one pass per [`Kind`], in this order: users, organizations, memberships (a
@@ -36,6 +36,7 @@
 //! has run.
 
 pub mod clerk;
+pub mod instance;
 pub mod limits;
 pub mod lock;
 pub mod progress;
@@ -326,7 +327,7 @@ pub struct Report {
     pub failure: Option<String>,
     /// Set when the run stopped before its first listing because the key belongs to another
     /// Clerk instance than the one the database mirrors (`failure` says the same).
-    pub wrong_instance: Option<crate::instance::WrongInstance>,
+    pub wrong_instance: Option<instance::WrongInstance>,
 }
 
 impl Report {
@@ -445,7 +446,7 @@ async fn run(
         };
     }
     // Before the first listing: the key must belong to the instance the database mirrors.
-    let checked = crate::instance::check_reconcile(db, client, options.dry_run).await;
+    let checked = instance::check_reconcile(db, client, options.dry_run).await;
     let budget = match checked {
         Ok(_) => limits::Budget::at_start(db, options.max_delete).await,
         Err(ref refusal) => Err(refusal.to_string()),
@@ -467,7 +468,7 @@ async fn run(
                 summary,
                 failure: Some(why),
                 wrong_instance: match checked {
-                    Err(crate::instance::ReconcileRefusal::WrongInstance(wrong)) => Some(wrong),
+                    Err(instance::ReconcileRefusal::WrongInstance(wrong)) => Some(wrong),
                     _ => None,
                 },
             };
