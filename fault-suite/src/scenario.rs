@@ -534,13 +534,12 @@ async fn start_worker(binaries: &Binaries, setup: &Setup, name: &str) -> anyhow:
 
 /// The settings both binaries get; nothing else of the suite's own environment is passed on.
 fn environment(topology: &Topology, amqp_url: &str, database_url: &str) -> Vec<(String, String)> {
-    let mut environment = vec![
-        ("AMQP_URL".to_owned(), amqp_url.to_owned()),
-        ("DATABASE_URL".to_owned(), database_url.to_owned()),
-        ("AMQP_EXCHANGE".to_owned(), topology.exchange.clone()),
-        ("AMQP_QUEUE".to_owned(), topology.queue.clone()),
-        ("AMQP_DEAD_QUEUE".to_owned(), topology.dead_queue.clone()),
-    ];
+    let mut environment: Vec<(String, String)> = topology
+        .child_env(amqp_url)
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    environment.push(("DATABASE_URL".to_owned(), database_url.to_owned()));
     if let Ok(filter) = std::env::var("RUST_LOG") {
         environment.push(("RUST_LOG".to_owned(), filter));
     }

@@ -249,11 +249,6 @@ impl Publisher {
         result
     }
 
-    /// True when a connection is up with at least one channel that can publish.
-    pub fn is_ready(&self) -> bool {
-        self.ready_node().is_some()
-    }
-
     /// The broker node (`host:port`) in use, when a connection is up with at least one channel
     /// that can publish.
     pub fn ready_node(&self) -> Option<String> {

@@ -1,7 +1,14 @@
 //! The clerk-sync database schema, one migration per change. Applied by the `migrations` binary
-//! and, unless told not to, by the worker at start.
+//! and, unless told not to, by the worker at start, both through [`online::up`]: one process at a
+//! time, under a lock timeout.
+//!
+//! Every migration runs while the worker applies events, so each one says in its module comment
+//! what it locks and for how long; the rules (indexes `CONCURRENTLY`, constraints `NOT VALID`
+//! then validated, no table rewrites) are in `docs/upgrades.md`.
 
 pub use sea_orm_migration::prelude::*;
+
+pub mod online;
 
 mod m20261127_000001_create_users;
 mod m20261127_000002_create_user_tombstones;

@@ -1,4 +1,7 @@
 //! `users`: one row per Clerk user, as of the newest event applied for it.
+//!
+//! Locks: none that anyone waits for: it creates the table (and its indexes with it), in one
+//! transaction, and nothing else can see the table before it commits.
 
 use sea_orm_migration::prelude::*;
 

@@ -1,4 +1,6 @@
 //! `user_tombstones`: the ids of deleted users, so a late create or update never brings one back.
+//!
+//! Locks: none that anyone waits for: it creates the table, in one transaction.
 
 use sea_orm_migration::prelude::*;
 

@@ -1,5 +1,7 @@
 //! `processed_events`: every svix-id the worker has handled and what came of it, so a redelivered
 //! or resent event changes nothing.
+//!
+//! Locks: none that anyone waits for: it creates the table, in one transaction.
 
 use sea_orm_migration::prelude::*;
 

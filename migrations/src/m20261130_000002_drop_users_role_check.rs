@@ -3,6 +3,9 @@
 //! them needs no migration. A constraint kept in step with the setting would make a worker still
 //! running with the previous setting (during a rolling change) fail every write of a role the new
 //! one dropped, and would block updates of rows that keep a retired role.
+//!
+//! Locks: ACCESS EXCLUSIVE on `users` for a moment (dropping a constraint and a default scans and
+//! rewrites nothing), waiting at most `WORKER_LOCK_TIMEOUT` for it; in one transaction.
 
 use sea_orm_migration::prelude::*;
 

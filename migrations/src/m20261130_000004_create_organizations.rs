@@ -3,6 +3,10 @@
 //!
 //! No foreign keys between the synced tables: events arrive in any order, so a membership may be
 //! stored before its organization or its user.
+//!
+//! Locks: none that anyone waits for: it creates four tables and their indexes, in one
+//! transaction (the indexes are built with their empty tables, which nothing else can see before
+//! it commits, so `CONCURRENTLY` would gain nothing).
 
 use sea_orm_migration::prelude::*;
 

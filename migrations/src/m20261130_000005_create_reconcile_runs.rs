@@ -1,5 +1,7 @@
 //! `reconcile_runs`: one row per `worker reconcile` (by command or on schedule), so an operator
 //! can see when the tables were last brought to what Clerk holds, and what changed.
+//!
+//! Locks: none that anyone waits for: it creates the table and its index, in one transaction.
 
 use sea_orm_migration::prelude::*;
 

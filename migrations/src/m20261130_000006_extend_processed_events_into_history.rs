@@ -3,24 +3,45 @@
 //! raw payload (null when `WORKER_STORE_PAYLOADS=false`), the svix timestamp, when the ingest
 //! received it, where it came from (`source`) and why it ended as it did (`reason`). A delete
 //! that took effect is now recorded as `deleted`. `processed_at` stays the time it was applied.
+//!
+//! Locks, on `processed_events` (the largest table), outside a transaction, step by step:
+//! 1. adding the columns: ACCESS EXCLUSIVE for a moment (no rewrite: the one default is a
+//!    constant);
+//! 2. each check constraint: ACCESS EXCLUSIVE for a moment to add it `NOT VALID`, then a full
+//!    scan under SHARE UPDATE EXCLUSIVE to validate it (reads and writes go on);
+//! 3. the subject index: built `CONCURRENTLY`, SHARE UPDATE EXCLUSIVE for the build (reads and
+//!    writes go on).
+//!
+//! Each step waits at most `WORKER_LOCK_TIMEOUT` for its lock and can be run again, so a retry
+//! after a lock timeout or an interruption finishes the job. First written as one transaction
+//! (ACCESS EXCLUSIVE for the whole migration, two scans and the index build included); the
+//! schema it leaves is the same.
 
 use sea_orm_migration::prelude::*;
+
+use crate::online::{add_check, create_index_concurrently};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 const SUBJECT_INDEX: &str = "processed_events_subject_idx";
 
-/// Raw SQL for the check constraints: sea-query's `ALTER TABLE` adds and drops columns, not
-/// constraints.
-const OUTCOMES_WITH_DELETED: &str = "\
-ALTER TABLE processed_events DROP CONSTRAINT IF EXISTS processed_events_outcome_check, \
-  ADD CONSTRAINT processed_events_outcome_check \
-    CHECK (outcome IN ('applied', 'stale', 'ignored', 'deleted')), \
-  ADD CONSTRAINT processed_events_source_check \
-    CHECK (source IN ('webhook', 'reconcile', 'replay')), \
-  ADD CONSTRAINT processed_events_subject_kind_check \
-    CHECK (subject_kind IN ('user', 'organization', 'membership'))";
+/// The check constraints this migration adds (`processed_events_outcome_check` replaces the one
+/// of `m20261127_000003_create_processed_events`).
+const CHECKS: [(&str, &str); 3] = [
+    (
+        "processed_events_outcome_check",
+        "outcome IN ('applied', 'stale', 'ignored', 'deleted')",
+    ),
+    (
+        "processed_events_source_check",
+        "source IN ('webhook', 'reconcile', 'replay')",
+    ),
+    (
+        "processed_events_subject_kind_check",
+        "subject_kind IN ('user', 'organization', 'membership')",
+    ),
+];
 
 const OUTCOMES_WITHOUT_DELETED: &str = "\
 UPDATE processed_events SET outcome = 'applied' WHERE outcome = 'deleted'; \
@@ -30,56 +51,64 @@ ALTER TABLE processed_events DROP CONSTRAINT processed_events_outcome_check, \
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
+    /// Step by step, each step committed on its own: see the module comment.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(false)
+    }
+
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .alter_table(
                 Table::alter()
                     .table(ProcessedEvents::Table)
-                    .add_column(
+                    .add_column_if_not_exists(
                         ColumnDef::new(ProcessedEvents::Source)
                             .text()
                             .not_null()
                             .default("webhook"),
                     )
-                    .add_column(ColumnDef::new(ProcessedEvents::SubjectKind).text().null())
-                    .add_column(ColumnDef::new(ProcessedEvents::SubjectId).text().null())
-                    .add_column(
+                    .add_column_if_not_exists(
+                        ColumnDef::new(ProcessedEvents::SubjectKind).text().null(),
+                    )
+                    .add_column_if_not_exists(
+                        ColumnDef::new(ProcessedEvents::SubjectId).text().null(),
+                    )
+                    .add_column_if_not_exists(
                         ColumnDef::new(ProcessedEvents::Payload)
                             .json_binary()
                             .null(),
                     )
-                    .add_column(
+                    .add_column_if_not_exists(
                         ColumnDef::new(ProcessedEvents::SvixTimestamp)
                             .timestamp_with_time_zone()
                             .null(),
                     )
-                    .add_column(
+                    .add_column_if_not_exists(
                         ColumnDef::new(ProcessedEvents::ReceivedAt)
                             .timestamp_with_time_zone()
                             .null(),
                     )
-                    .add_column(ColumnDef::new(ProcessedEvents::Reason).text().null())
+                    .add_column_if_not_exists(ColumnDef::new(ProcessedEvents::Reason).text().null())
                     .to_owned(),
             )
             .await?;
-        manager
-            .get_connection()
-            .execute_unprepared(OUTCOMES_WITH_DELETED)
-            .await?;
+        for (name, check) in CHECKS {
+            add_check(manager, "processed_events", name, check).await?;
+        }
         // "By subject" in time order; "by time" is `processed_events_processed_at_idx`.
-        manager
-            .create_index(
-                Index::create()
-                    .name(SUBJECT_INDEX)
-                    .table(ProcessedEvents::Table)
-                    .col(ProcessedEvents::SubjectId)
-                    .col(ProcessedEvents::ProcessedAt)
-                    .to_owned(),
-            )
-            .await
+        create_index_concurrently(
+            manager,
+            SUBJECT_INDEX,
+            "processed_events",
+            &["subject_id", "processed_at"],
+        )
+        .await
     }
 
+    /// In one transaction of its own (ACCESS EXCLUSIVE on `processed_events` until it commits):
+    /// rolling back is an operator's deliberate step, not an online one.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let manager = manager.begin().await?;
         manager
             .drop_index(
                 Index::drop()
@@ -105,7 +134,8 @@ impl MigrationTrait for Migration {
                     .drop_column(ProcessedEvents::Reason)
                     .to_owned(),
             )
-            .await
+            .await?;
+        manager.commit().await
     }
 }
 
@@ -119,5 +149,4 @@ enum ProcessedEvents {
     SvixTimestamp,
     ReceivedAt,
     Reason,
-    ProcessedAt,
 }

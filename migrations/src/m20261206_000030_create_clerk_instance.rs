@@ -8,7 +8,9 @@
 //! instance, that one is pinned (`pinned_by = 'history'`); otherwise nothing is, and the next
 //! event or reconcile pins.
 //!
-//! Locks: creates a new table and reads `processed_events` (no lock that blocks a writer).
+//! Locks: in one transaction, creates a new table (nobody can see it yet) and reads at most the
+//! latest 10 000 rows of `processed_events` through its `processed_at` index, under ACCESS SHARE,
+//! which blocks no reader nor writer.
 
 use sea_orm_migration::prelude::*;
 

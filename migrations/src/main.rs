@@ -1,15 +1,20 @@
 //! `migrations [up|down|status|fresh|refresh|reset]`: applies the schema to the database named by
 //! `DATABASE_URL`. Settings come the way they come for the other binaries (`--config FILE`, then
 //! the environment; `LOG_FORMAT`), and a missing or malformed one stops it with one line.
+//!
+//! Every command but `status` holds the migration lock the worker's own migration step takes
+//! (waiting for another holder first), and every statement runs under `WORKER_LOCK_TIMEOUT`; see
+//! [`migrations::online`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use migrations::{Migrator, MigratorTrait};
+use migrations::{Migrator, MigratorTrait, online};
 use sea_orm_migration::MigrationStatus;
-use sea_orm_migration::sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm_migration::sea_orm::{DatabaseConnection, DbErr};
 use secrecy::ExposeSecret;
 
 #[derive(Debug, Parser)]
@@ -53,9 +58,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let database_url = match settings.database_url() {
-        Ok(url) => url,
-        Err(error) => {
+    let (database_url, lock_timeout) = match (settings.database_url(), settings.lock_timeout()) {
+        (Ok(url), Ok(lock_timeout)) => (url, lock_timeout),
+        (Err(error), _) | (_, Err(error)) => {
             eprintln!("{error}");
             return ExitCode::FAILURE;
         }
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Up { num: None });
-    match runtime.block_on(migrate(database_url.expose_secret(), command)) {
+    match runtime.block_on(migrate(database_url.expose_secret(), lock_timeout, command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error:#}");
@@ -78,19 +83,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn migrate(url: &str, command: Command) -> anyhow::Result<()> {
-    let mut options = ConnectOptions::new(url);
-    options.max_connections(1).sqlx_logging(false);
-    let db = Database::connect(options)
+async fn migrate(url: &str, lock_timeout: Duration, command: Command) -> anyhow::Result<()> {
+    let db = online::connect(url, lock_timeout)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
     let result = match command {
-        Command::Up { num } => Migrator::up(&db, num).await,
-        Command::Down { num } => Migrator::down(&db, Some(num)).await,
+        Command::Up { num } => online::up(&db, num).await,
+        Command::Down { num } => {
+            online::locked(&db, async |db| Migrator::down(db, Some(num)).await).await
+        }
         Command::Status => print_status(&db).await,
-        Command::Fresh => Migrator::fresh(&db).await,
-        Command::Refresh => Migrator::refresh(&db).await,
-        Command::Reset => Migrator::reset(&db).await,
+        Command::Fresh => online::locked(&db, async |db| Migrator::fresh(db).await).await,
+        Command::Refresh => online::locked(&db, async |db| Migrator::refresh(db).await).await,
+        Command::Reset => online::locked(&db, async |db| Migrator::reset(db).await).await,
     };
     let closed = db.close().await;
     result.context("migrating")?;

@@ -15,6 +15,10 @@ use crate::roles::{Roles, RolesError};
 use crate::telemetry::LogFormat;
 use crate::topology::Topology;
 
+/// The longest `WORKER_LOCK_TIMEOUT` accepted: an hour is already far past any wait a live event
+/// should make.
+pub const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// A setting that is missing or malformed. Its `Display` is the one line the binary stops with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -147,6 +151,11 @@ pub struct Settings {
     /// dead letter's publish and confirm, an acknowledgement, a cancel or close) before it counts
     /// as broker trouble (default 10000).
     pub worker_broker_timeout_ms: u64,
+    /// `WORKER_LOCK_TIMEOUT`: Postgres's `lock_timeout` on every connection the worker, its
+    /// commands and the `migrations` binary open, as a human-readable duration (default `5s`). A
+    /// statement that waits longer for a lock fails with SQLSTATE 55P03 and is retried, instead
+    /// of waiting (and making others wait behind it) for as long as the lock is held.
+    pub worker_lock_timeout: String,
 }
 
 impl Default for Settings {
@@ -190,6 +199,7 @@ impl Default for Settings {
             worker_store_payloads: true,
             worker_stalled_after: "5m".into(),
             worker_broker_timeout_ms: 10_000,
+            worker_lock_timeout: "5s".into(),
         }
     }
 }
@@ -266,6 +276,28 @@ impl Settings {
             });
         }
         Ok(url)
+    }
+
+    /// `WORKER_LOCK_TIMEOUT`, checked: above zero and at most `MAX_LOCK_TIMEOUT` (Postgres takes
+    /// whole milliseconds that fit an `i32`; a longer wait is no timeout at all).
+    pub fn lock_timeout(&self) -> Result<Duration, ConfigError> {
+        let malformed = |reason: String| ConfigError::Malformed {
+            variable: "WORKER_LOCK_TIMEOUT",
+            reason,
+        };
+        match humantime::parse_duration(self.worker_lock_timeout.trim()) {
+            Ok(timeout) if timeout < Duration::from_millis(1) => {
+                Err(malformed("must be at least 1ms".into()))
+            }
+            Ok(timeout) if timeout > MAX_LOCK_TIMEOUT => Err(malformed(format!(
+                "must be at most {}",
+                humantime::format_duration(MAX_LOCK_TIMEOUT)
+            ))),
+            Ok(timeout) => Ok(timeout),
+            Err(error) => Err(malformed(format!(
+                "not a duration like 5s or 500ms ({error})"
+            ))),
+        }
     }
 
     /// `CLERK_WEBHOOK_SECRET`, split into its secrets. Whether each one decodes is for the
@@ -352,6 +384,32 @@ mod tests {
             .expect("secrets");
         let exposed: Vec<&str> = secrets.iter().map(|s| s.expose_secret()).collect();
         assert_eq!(exposed, ["whsec_a", "whsec_b", "whsec_c"]);
+    }
+
+    #[test]
+    fn the_lock_timeout_is_human_readable_bounded_and_named_when_malformed() {
+        let timeout = |text: &str| {
+            Settings {
+                worker_lock_timeout: text.into(),
+                ..Settings::default()
+            }
+            .lock_timeout()
+        };
+        assert_eq!(
+            Settings::default().lock_timeout().expect("default"),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            timeout(" 250ms ").expect("250ms"),
+            Duration::from_millis(250)
+        );
+        for bad in ["0s", "500us", "2h", "five seconds"] {
+            let line = timeout(bad).expect_err(bad).to_string();
+            assert!(
+                line.contains("WORKER_LOCK_TIMEOUT is malformed"),
+                "{bad}: {line}"
+            );
+        }
     }
 
     #[test]

@@ -11,16 +11,6 @@ pub const WEBHOOK_ID: &str = "webhook-id";
 pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
 pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
 
-/// Every request header that takes part in signature verification.
-pub const SIGNATURE_HEADERS: [&str; 6] = [
-    SVIX_ID,
-    SVIX_TIMESTAMP,
-    SVIX_SIGNATURE,
-    WEBHOOK_ID,
-    WEBHOOK_TIMESTAMP,
-    WEBHOOK_SIGNATURE,
-];
-
 /// AMQP header: when the ingest received the request (RFC 3339). The message also carries the
 /// three `svix-*` headers under their own names.
 pub const RECEIVED_AT: &str = "received-at";

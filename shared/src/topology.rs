@@ -40,6 +40,18 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// The broker environment of a child process (the ingest, the worker, a command) that is to
+    /// use `amqp_url` and these names: `AMQP_URL`, `AMQP_EXCHANGE`, `AMQP_QUEUE` and
+    /// `AMQP_DEAD_QUEUE`, for `Command::envs`.
+    pub fn child_env(&self, amqp_url: &str) -> [(&'static str, String); 4] {
+        [
+            ("AMQP_URL", amqp_url.to_owned()),
+            ("AMQP_EXCHANGE", self.exchange.clone()),
+            ("AMQP_QUEUE", self.queue.clone()),
+            ("AMQP_DEAD_QUEUE", self.dead_queue.clone()),
+        ]
+    }
+
     /// The default names behind a prefix: `{prefix}.clerk.events`, and so on.
     pub fn prefixed(prefix: &str) -> Self {
         let default = Self::default();

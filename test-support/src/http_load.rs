@@ -33,10 +33,7 @@ pub async fn start_ingest(
     }
     let mut child = command
         .env("CLERK_WEBHOOK_SECRET", SECRET)
-        .env("AMQP_URL", amqp_url)
-        .env("AMQP_EXCHANGE", &topology.exchange)
-        .env("AMQP_QUEUE", &topology.queue)
-        .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
+        .envs(crate::services::broker_env(amqp_url, topology))
         .env("INGEST_LISTEN", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())

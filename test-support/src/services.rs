@@ -85,6 +85,12 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// The broker environment of a child process (the ingest, the worker, a command): `AMQP_URL`
+/// and the names of `topology` ([`shared::Topology::child_env`]), for `Command::envs`.
+pub fn broker_env(amqp_url: &str, topology: &shared::Topology) -> [(&'static str, String); 4] {
+    topology.child_env(amqp_url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

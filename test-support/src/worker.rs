@@ -1,7 +1,6 @@
 //! A fresh database and topology for worker tests, events published the way the ingest
 //! publishes them, and workers running in the test's process.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lapin::types::FieldTable;
@@ -9,7 +8,6 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
 };
 use serde_json::Value;
-use shared::Backoff;
 use worker::{StopHandle, WorkerConfig};
 
 use crate::broker::{BrokerChannel, TestTopology};
@@ -20,7 +18,7 @@ use crate::http::get;
 use crate::rows::{
     organization_memberships, organizations, processed_events, user_tombstones, users,
 };
-use crate::services::amqp_url;
+use crate::services::{amqp_url, broker_env};
 use crate::signing::svix_id;
 
 /// One test's database and declared topology, and a confirming channel on the broker. Dropped,
@@ -53,26 +51,33 @@ impl TestEnv {
 
     /// A worker configuration for this test: its own names, port 0, short back-off.
     pub fn config(&self) -> WorkerConfig {
-        WorkerConfig {
-            database_url: self.database.url.clone().into(),
-            amqp_nodes: shared::AmqpNodes::parse(&amqp_url()).expect("AMQP_URL"),
-            topology: self.topology.topology.clone(),
-            prefetch: 32,
-            batch_size: 8,
-            max_attempts: 3,
-            backoff: Backoff {
-                base: Duration::from_millis(20),
-                max: Duration::from_millis(400),
-            },
-            run_migrations: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db_pool_size: 3,
-            processed_retention: Duration::from_secs(30 * 24 * 3600),
-            store_payloads: true,
-            stalled_after: Duration::from_secs(300),
-            broker_timeout: Duration::from_secs(5),
-            roles: shared::Roles::default(),
-            reconcile: None,
+        WorkerConfig::from_settings(&self.settings()).expect("the test's worker settings")
+    }
+
+    /// The settings of [`TestEnv::config`]: this test's database and topology, the shared
+    /// broker, port 0, short back-off, the rest the defaults.
+    pub fn settings(&self) -> shared::Settings {
+        let topology = &self.topology.topology;
+        shared::Settings {
+            database_url: Some(self.database.url.clone().into()),
+            amqp_url: Some(amqp_url().into()),
+            amqp_exchange: topology.exchange.clone(),
+            amqp_queue: topology.queue.clone(),
+            amqp_dead_queue: topology.dead_queue.clone(),
+            amqp_delivery_limit: topology.delivery_limit,
+            amqp_quorum_initial_group_size: topology.quorum_initial_group_size,
+            worker_prefetch: 32,
+            worker_batch_size: 8,
+            worker_max_attempts: 3,
+            worker_retry_base_ms: 20,
+            worker_retry_max_ms: 400,
+            worker_run_migrations: true,
+            worker_listen: "127.0.0.1:0".into(),
+            worker_db_pool_size: 3,
+            worker_store_payloads: true,
+            worker_stalled_after: "300s".into(),
+            worker_broker_timeout_ms: 5_000,
+            ..shared::Settings::default()
         }
     }
 
@@ -87,10 +92,7 @@ impl TestEnv {
         let mut command = std::process::Command::new(program);
         command
             .env("DATABASE_URL", self.db_url())
-            .env("AMQP_URL", amqp_url())
-            .env("AMQP_EXCHANGE", &self.topology.exchange)
-            .env("AMQP_QUEUE", &self.topology.queue)
-            .env("AMQP_DEAD_QUEUE", &self.topology.dead_queue)
+            .envs(broker_env(&amqp_url(), &self.topology))
             .env("RUST_LOG", "error");
         command
     }
@@ -255,5 +257,42 @@ impl TestWorker {
     /// GETs a path of the health server: status and body (status 0 without an answer).
     pub async fn get(&self, path: &str) -> (u16, String) {
         get(&format!("http://127.0.0.1:{}{path}", self.port)).await
+    }
+}
+
+/// Applies organization and membership changes through the door, in one transaction, as events
+/// of their own (no payload); for each, whether it wrote anything (`applied`, not `stale`).
+pub async fn apply_changes(
+    db: &DatabaseConnection,
+    changes: &[worker::apply::organizations::Change],
+) -> Result<Vec<bool>, sea_orm::DbErr> {
+    use worker::apply::organizations::Change;
+    use worker::apply::{Action, Event, Outcome, Source};
+    let events: Vec<Event> = changes
+        .iter()
+        .cloned()
+        .map(|change| Event {
+            svix_id: svix_id(),
+            event_type: match &change {
+                Change::UpsertOrganization(_) => "organization.updated",
+                Change::DeleteOrganization { .. } => "organization.deleted",
+                Change::UpsertMembership(_) => "organizationMembership.updated",
+                Change::DeleteMembership(_) => "organizationMembership.deleted",
+            }
+            .into(),
+            action: Action::Organization(change),
+            source: Source::Webhook,
+            payload: None,
+            svix_timestamp: None,
+            received_at: None,
+            instance_id: None,
+        })
+        .collect();
+    match worker::apply::apply_batch(db, &events).await {
+        Ok(outcomes) => Ok(outcomes.iter().map(|o| *o == Outcome::Applied).collect()),
+        Err(
+            worker::apply::BatchFailure::Transient(error)
+            | worker::apply::BatchFailure::Event(error),
+        ) => Err(error),
     }
 }

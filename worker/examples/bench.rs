@@ -50,7 +50,6 @@
 //! database to create the bench database from; default the local `test` database) and
 //! `AMQP_URL`, and drops the database and deletes the queues it made afterwards.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -72,7 +71,7 @@ use sea_orm::{
     PaginatorTrait, Statement, TransactionTrait,
 };
 use serde_json::json;
-use shared::{Backoff, Topology, headers};
+use shared::{Topology, headers};
 use test_support::broker::queue_counts;
 use test_support::http_load::{self, HttpClient, SignedHeaders};
 use test_support::signing::SECRET;
@@ -249,27 +248,25 @@ async fn measure(
     );
 
     prefill(amqp_url, topology, args.events).await?;
-    let config = WorkerConfig {
-        database_url: db_url.to_owned().into(),
-        amqp_nodes: shared::AmqpNodes::parse(amqp_url).map_err(anyhow::Error::msg)?,
-        topology: topology.clone(),
-        prefetch: args.prefetch,
-        batch_size: args.batch_size,
-        max_attempts: 5,
-        backoff: Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        },
-        run_migrations: false,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        db_pool_size: args.connections,
-        roles: shared::Roles::default(),
-        reconcile: None,
-        processed_retention: Duration::from_secs(30 * 24 * 3600),
-        store_payloads: true,
-        stalled_after: Duration::from_secs(300),
-        broker_timeout: Duration::from_secs(10),
-    };
+    let config = WorkerConfig::from_settings(&shared::Settings {
+        database_url: Some(db_url.to_owned().into()),
+        amqp_url: Some(amqp_url.to_owned().into()),
+        amqp_exchange: topology.exchange.clone(),
+        amqp_queue: topology.queue.clone(),
+        amqp_dead_queue: topology.dead_queue.clone(),
+        amqp_delivery_limit: topology.delivery_limit,
+        amqp_quorum_initial_group_size: topology.quorum_initial_group_size,
+        worker_prefetch: args.prefetch,
+        worker_batch_size: args.batch_size,
+        worker_max_attempts: 5,
+        worker_retry_base_ms: 100,
+        worker_retry_max_ms: 30_000,
+        worker_run_migrations: false,
+        worker_listen: "127.0.0.1:0".into(),
+        worker_db_pool_size: args.connections,
+        worker_broker_timeout_ms: 10_000,
+        ..shared::Settings::default()
+    })?;
     let app = Application::build(config).await?;
     let metrics = app.metrics().clone();
     let stop = app.stop_handle();
@@ -960,10 +957,7 @@ fn spawn_worker(
     }
     command
         .env("DATABASE_URL", db_url)
-        .env("AMQP_URL", amqp_url)
-        .env("AMQP_EXCHANGE", &topology.exchange)
-        .env("AMQP_QUEUE", &topology.queue)
-        .env("AMQP_DEAD_QUEUE", &topology.dead_queue)
+        .envs(test_support::services::broker_env(amqp_url, topology))
         .env("WORKER_LISTEN", format!("127.0.0.1:{port}"))
         .env("WORKER_RUN_MIGRATIONS", "false")
         .env("WORKER_BATCH_SIZE", args.batch_size.to_string())

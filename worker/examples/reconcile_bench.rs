@@ -15,7 +15,6 @@
 //! `DATABASE_URL` (a database to create the bench database from; default the local `test`
 //! database) and `AMQP_URL`, and drops the database and deletes the queues it made afterwards.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -26,11 +25,11 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, EntityTrait, PaginatorTrait};
 use serde_json::{Value, json};
-use shared::Backoff;
 use shared::{Topology, headers};
 use test_support::clerk_api::ClerkApi;
 use test_support::{TestDatabase, TestTopology, amqp_url};
-use worker::reconcile::{ClerkClient, ClerkConfig, Options, Report};
+use worker::clerk::{ClerkClient, ClerkConfig};
+use worker::reconcile::{Options, Report};
 use worker::storage::processed_events;
 use worker::{Application, WorkerConfig};
 
@@ -91,28 +90,24 @@ async fn measure(
 
     // 1. The webhook path.
     prefill(amqp_url, topology, args.users).await?;
-    let config = WorkerConfig {
-        database_url: db_url.to_owned().into(),
-        amqp_nodes: shared::AmqpNodes::parse(amqp_url).map_err(anyhow::Error::msg)?,
-        topology: topology.clone(),
+    let config = WorkerConfig::from_settings(&shared::Settings {
+        database_url: Some(db_url.to_owned().into()),
+        amqp_url: Some(amqp_url.to_owned().into()),
+        amqp_exchange: topology.exchange.clone(),
+        amqp_queue: topology.queue.clone(),
+        amqp_dead_queue: topology.dead_queue.clone(),
+        amqp_delivery_limit: topology.delivery_limit,
+        amqp_quorum_initial_group_size: topology.quorum_initial_group_size,
         // The worker's own defaults: the drain as a deployment with no tuning runs it.
-        prefetch: shared::Settings::default().worker_prefetch,
-        batch_size: shared::Settings::default().worker_batch_size,
-        max_attempts: 5,
-        backoff: Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        },
-        run_migrations: false,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        db_pool_size: args.connections,
-        roles: shared::Roles::default(),
-        reconcile: None,
-        processed_retention: Duration::from_secs(30 * 24 * 3600),
-        store_payloads: true,
-        stalled_after: Duration::from_secs(300),
-        broker_timeout: Duration::from_secs(10),
-    };
+        worker_max_attempts: 5,
+        worker_retry_base_ms: 100,
+        worker_retry_max_ms: 30_000,
+        worker_run_migrations: false,
+        worker_listen: "127.0.0.1:0".into(),
+        worker_db_pool_size: args.connections,
+        worker_broker_timeout_ms: 10_000,
+        ..shared::Settings::default()
+    })?;
     let app = Application::build(config).await?;
     let stop = app.stop_handle();
     let started = Instant::now();

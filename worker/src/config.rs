@@ -4,13 +4,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::{AmqpNodes, Backoff, ConfigError, Roles, Settings, Topology};
+use shared::{AmqpNodes, Backoff, ConfigError, Settings, Topology};
 
-use crate::event::{Event, ReadError};
-use crate::reconcile::ScheduledReconcile;
+use crate::apply::Reading;
+use crate::clerk::ClerkConfig;
 
-/// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`],
-/// or by hand in tests.
+/// Everything the worker needs to run. Built from [`Settings`] by [`WorkerConfig::from_settings`].
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// `DATABASE_URL`.
@@ -35,38 +34,24 @@ pub struct WorkerConfig {
     /// `WORKER_DB_POOL_SIZE`: database connections at most; also the number of batches applied
     /// at once, so every batch in flight has a connection.
     pub db_pool_size: u32,
-    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: the roles a user's `public_metadata.role` may
-    /// name, and the one stored otherwise.
-    pub roles: Roles,
+    /// `WORKER_ROLES`, `WORKER_DEFAULT_ROLE` (the roles a user's `public_metadata.role` may
+    /// name, and the one stored otherwise) and `WORKER_STORE_PAYLOADS` (keep each event's body
+    /// in its history row): how events are read.
+    pub reading: Reading,
     /// `WORKER_RECONCILE_INTERVAL` (with the `CLERK_*` settings): a reconcile on that period, or
     /// `None` (the default) for never.
     pub reconcile: Option<ScheduledReconcile>,
     /// `WORKER_PROCESSED_RETENTION`: `processed_events` rows older than this are pruned.
     pub processed_retention: Duration,
-    /// `WORKER_STORE_PAYLOADS`: keep each event's body in its history row.
-    pub store_payloads: bool,
     /// `WORKER_STALLED_AFTER`: `/readyz` answers 503 while a delivery has been held longer.
     pub stalled_after: Duration,
     /// `WORKER_BROKER_TIMEOUT_MS`: the deadline of every single wait on the broker.
     pub broker_timeout: Duration,
+    /// `WORKER_LOCK_TIMEOUT`: Postgres's `lock_timeout` on every connection the worker opens.
+    pub lock_timeout: Duration,
 }
 
 impl WorkerConfig {
-    /// Reads a delivery as an event with these settings: the roles, and the payload kept only
-    /// when `WORKER_STORE_PAYLOADS` allows.
-    pub fn read_event(
-        &self,
-        body: &[u8],
-        properties: &lapin::BasicProperties,
-    ) -> Result<Event, ReadError> {
-        let event = Event::read(body, properties, &self.roles)?;
-        Ok(if self.store_payloads {
-            event
-        } else {
-            event.without_payload()
-        })
-    }
-
     /// Checks and converts the loaded settings; the error names the offending variable.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let listen = settings
@@ -132,17 +117,45 @@ impl WorkerConfig {
             run_migrations: settings.worker_run_migrations,
             listen,
             db_pool_size: settings.worker_db_pool_size,
-            roles: settings.roles()?,
+            reading: Reading::from_settings(settings)?,
             reconcile: ScheduledReconcile::from_settings(settings)?,
             processed_retention,
-            store_payloads: settings.worker_store_payloads,
             stalled_after,
             broker_timeout: Duration::from_millis(settings.worker_broker_timeout_ms),
+            lock_timeout: settings.lock_timeout()?,
         })
     }
 }
 
-/// A human-readable duration (`30d`, `72h`, `5m`), above zero.
+/// A reconcile on a period, as configured.
+#[derive(Debug, Clone)]
+pub struct ScheduledReconcile {
+    /// `WORKER_RECONCILE_INTERVAL`.
+    pub interval: Duration,
+    /// The Backend API client's settings (`CLERK_SECRET_KEY`, `CLERK_API_URL`, …).
+    pub clerk: ClerkConfig,
+}
+
+impl ScheduledReconcile {
+    /// `None` when `WORKER_RECONCILE_INTERVAL` is unset or empty; an error naming the variable
+    /// when it does not read as a duration or when `CLERK_SECRET_KEY` is missing.
+    pub fn from_settings(settings: &Settings) -> Result<Option<Self>, ConfigError> {
+        let Some(text) = settings
+            .worker_reconcile_interval
+            .as_deref()
+            .filter(|text| !text.trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            interval: duration("WORKER_RECONCILE_INTERVAL", text)?,
+            clerk: ClerkConfig::from_settings(settings)?,
+        }))
+    }
+}
+
+/// A human-readable duration (`30d`, `72h`, `5m`), above zero: every duration setting is read
+/// here.
 fn duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError> {
     match humantime::parse_duration(text.trim()) {
         Ok(duration) if !duration.is_zero() => Ok(duration),
@@ -175,6 +188,7 @@ mod tests {
         assert_eq!(config.max_attempts, 5);
         assert!(config.run_migrations);
         assert_eq!(config.listen.port(), 3001);
+        assert_eq!(config.lock_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -238,5 +252,45 @@ mod tests {
             .expect_err("bad")
             .to_string();
         assert!(line.contains("WORKER_LISTEN"), "{line}");
+    }
+
+    fn schedule_settings(interval: Option<&str>, key: Option<&str>) -> Settings {
+        Settings {
+            worker_reconcile_interval: interval.map(str::to_owned),
+            clerk_secret_key: key.map(Into::into),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn unset_or_empty_means_off() {
+        assert!(
+            ScheduledReconcile::from_settings(&schedule_settings(None, None))
+                .expect("off")
+                .is_none()
+        );
+        assert!(
+            ScheduledReconcile::from_settings(&schedule_settings(Some(" "), None))
+                .expect("off")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_interval_reads_as_humantime_and_needs_the_key() {
+        let schedule =
+            ScheduledReconcile::from_settings(&schedule_settings(Some("24h"), Some("sk_test_1")))
+                .expect("valid")
+                .expect("on");
+        assert_eq!(schedule.interval, Duration::from_secs(24 * 3600));
+        let line = ScheduledReconcile::from_settings(&schedule_settings(Some("24h"), None))
+            .expect_err("no key")
+            .to_string();
+        assert!(line.contains("CLERK_SECRET_KEY"), "{line}");
+        let line =
+            ScheduledReconcile::from_settings(&schedule_settings(Some("daily"), Some("sk_test_1")))
+                .expect_err("not a duration")
+                .to_string();
+        assert!(line.contains("WORKER_RECONCILE_INTERVAL"), "{line}");
     }
 }

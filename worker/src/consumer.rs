@@ -28,52 +28,23 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::Instrument;
 
+use shared::headers;
+use shared::roles::RoleSource;
+
 use crate::acks::Acks;
-use crate::apply::{self, ApplyError, BatchFailure, Outcome};
+use crate::apply::{self, Action, ApplyError, BatchFailure, Event, Outcome, ReadError};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadKind, DeadLetters};
-use crate::event::{Event, ReadError, text};
+use crate::delivery::{message, text};
 use crate::metrics::{HeldSince, Metrics};
-use shared::headers;
+use crate::stop::Stop;
 
 /// The longest a batch that is not full waits for a batch in flight to be done before it starts
 /// beside it: about one transaction of a full batch on a loaded machine.
 const GATHER_AT_MOST: Duration = Duration::from_millis(20);
-
-/// A view of the stop signal that tasks can wait on.
-#[derive(Clone)]
-pub(crate) struct Stop(pub(crate) watch::Receiver<bool>);
-
-impl Stop {
-    pub(crate) fn requested(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    pub(crate) async fn wait(&mut self) {
-        // An error means the sender is gone, which also means stop.
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-
-    /// Sleeps for `delay`; false when a stop came first.
-    pub(crate) async fn sleep(&mut self, delay: Duration) -> bool {
-        self.unless_stopped(tokio::time::sleep(delay))
-            .await
-            .is_some()
-    }
-
-    /// Runs `work` to its end, or gives it up (None) as soon as a stop is requested: a
-    /// connection attempt to an unresponsive host must not hold up a shutdown.
-    pub(crate) async fn unless_stopped<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            biased;
-            _ = self.wait() => None,
-            output = work => Some(output),
-        }
-    }
-}
 
 /// How consuming ended.
 #[derive(Debug)]
@@ -278,7 +249,11 @@ impl Handler {
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let span = span_for(&delivery);
-            match self.config.read_event(&delivery.data, &delivery.properties) {
+            match self
+                .config
+                .reading
+                .read(&message(&delivery.data, &delivery.properties))
+            {
                 Ok(event) => {
                     held.push((delivery, span));
                     events.push(event);
@@ -309,7 +284,7 @@ impl Handler {
                     for ((delivery, span), (event, outcome)) in
                         held.iter().zip(events.iter().zip(outcomes))
                     {
-                        span.in_scope(|| apply::report(&self.metrics, event, outcome));
+                        span.in_scope(|| report(&self.metrics, event, outcome));
                         delivery.done();
                     }
                     return;
@@ -317,6 +292,9 @@ impl Handler {
                 Err(BatchFailure::Transient(error)) => {
                     retry += 1;
                     self.metrics.retries.with_label_values(&["transient"]).inc();
+                    if crate::apply::lock_timeout::is(&error) {
+                        self.metrics.lock_timeouts.inc();
+                    }
                     tracing::warn!(
                         %error, retry, events = events.len(),
                         "database unavailable; retrying the batch after a pause"
@@ -364,7 +342,7 @@ impl Handler {
     }
 
     fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
-        apply::report(&self.metrics, event, outcome);
+        report(&self.metrics, event, outcome);
         delivery.done();
     }
 
@@ -379,6 +357,9 @@ impl Handler {
                 Err(ApplyError::Transient(error)) => {
                     retry += 1;
                     self.metrics.retries.with_label_values(&["transient"]).inc();
+                    if crate::apply::lock_timeout::is_reason(&error) {
+                        self.metrics.lock_timeouts.inc();
+                    }
                     tracing::warn!(%error, retry, "database unavailable; retrying after a pause");
                     if !stop.sleep(self.config.backoff.delay(retry)).await {
                         return None;
@@ -433,7 +414,11 @@ impl Handler {
                 return;
             }
             attempts += 1;
-            let event = match self.config.read_event(&delivery.data, &delivery.properties) {
+            let event = match self
+                .config
+                .reading
+                .read(&message(&delivery.data, &delivery.properties))
+            {
                 Ok(event) => event,
                 Err(ReadError::Message(again)) => {
                     reason = again;
@@ -558,4 +543,23 @@ impl std::ops::Deref for HeldDelivery {
     fn deref(&self) -> &Delivery {
         &self.delivery
     }
+}
+
+/// Counts and logs what became of an event, once its transaction committed.
+fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
+    metrics.event(&event.event_type, outcome.as_str());
+    if outcome == Outcome::Duplicate {
+        metrics.duplicates.inc();
+    }
+    if let Action::Upsert(record) = &event.action
+        && let RoleSource::Unknown(value) = &record.role_source
+        && outcome == Outcome::Applied
+    {
+        metrics.unknown_roles.inc();
+        tracing::warn!(
+            user_id = %record.id, role = %value, stored_as = %record.role,
+            "unknown role in public_metadata; stored as the default role"
+        );
+    }
+    tracing::info!(outcome = outcome.as_str(), "event handled");
 }

@@ -35,7 +35,7 @@ pub async fn execute(settings: &shared::Settings, command: InstanceCommand) -> a
     let mut out = std::io::stdout();
     match command {
         InstanceCommand::Show { json } => {
-            let db = crate::startup::connect_reader(settings, 1).await?;
+            let db = crate::commands::connect_reader(settings, 1).await?;
             let pinned = pinned_instance(&db).await;
             db.close().await.ok();
             let pinned = pinned.context("cannot read the pinned Clerk instance")?;
@@ -54,7 +54,7 @@ pub async fn execute(settings: &shared::Settings, command: InstanceCommand) -> a
                      /v1/instance` or from the instance_id of the instance's webhook events"
                 );
             }
-            let db = crate::startup::connect_command(settings, 1).await?;
+            let db = crate::commands::connect_command(settings, 1).await?;
             let result = move_to(&db, &to, yes, &mut out).await;
             db.close().await.ok();
             result

@@ -4,24 +4,39 @@
 //!
 //! [`Application::build`] returns a runnable worker (tests start several in one process);
 //! [`run`] is what the binary calls; [`reconcile::execute`] is `worker reconcile`.
+//!
+//! The layout (docs/architecture.md draws it), every import pointing one way:
+//! - the door: [`apply`] (reading events, the rules, the locks, the error classes, the history
+//!   writer) over [`storage`] (the entities);
+//! - the sources that hand it events: `consumer` (the queue, with `acks` and [`dead_letter`]),
+//!   [`reconcile`] (Clerk's Backend API through [`clerk`]), [`history`] (`replay`, `rebuild`,
+//!   and the read-only `explain` and `events`);
+//! - around them, the commands' scaffolding ([`commands`]: pools, summaries, progress) and the
+//!   service's wiring (`startup`, [`config`], `database`, `http`, `depth`, `prune`, [`metrics`],
+//!   `stop`).
+
+#![warn(unreachable_pub)]
 
 mod acks;
 pub mod apply;
+pub mod clerk;
+pub mod commands;
 pub mod config;
 mod consumer;
+mod database;
 pub mod dead_letter;
+mod delivery;
 mod depth;
-pub mod event;
 pub mod exit;
 pub mod history;
 mod http;
 pub mod instance;
 pub mod metrics;
-pub mod organizations;
 pub mod pin;
 mod prune;
 pub mod reconcile;
 mod startup;
+mod stop;
 pub mod storage;
 
 pub use apply::{ApplyError, Outcome};
@@ -63,3 +78,6 @@ async fn wait_for_signal() -> std::io::Result<impl Future<Output = ()>> {
         }
     })
 }
+
+#[cfg(test)]
+mod module_graph;

@@ -50,7 +50,7 @@ enum Command {
 impl Command {
     /// Whether the command shows a progress bar on this terminal.
     fn shows_bar(&self, settings: &shared::Settings) -> bool {
-        use worker::reconcile::progress::shows_bar;
+        use worker::commands::progress::shows_bar;
         match self {
             Command::Reconcile(args) => args.shows_bar(settings),
             Command::Replay(args) => shows_bar(settings, args.flags.json),
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.command.as_ref().is_some_and(|c| c.shows_bar(&settings)) {
-        worker::reconcile::progress::init_telemetry_with_bar();
+        worker::commands::progress::init_telemetry_with_bar();
     } else {
         shared::telemetry::init(settings.log_format);
     }

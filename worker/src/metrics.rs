@@ -53,6 +53,10 @@ pub struct Metrics {
     /// `clerk_sync_worker_processed_events_pruned_total`: rows pruned after
     /// `WORKER_PROCESSED_RETENTION`.
     pub pruned: IntCounter,
+    /// `clerk_sync_worker_lock_timeouts_total`: statements that waited longer than
+    /// `WORKER_LOCK_TIMEOUT` for a lock; their transaction was retried (also counted in
+    /// `retries_total{reason="transient"}`).
+    pub lock_timeouts: IntCounter,
     /// `clerk_sync_worker_foreign_instance_events_total`: events of another Clerk instance than
     /// the pinned one, dead-lettered without being applied (see `crate::pin`).
     pub foreign_instance_events: IntCounter,
@@ -148,6 +152,11 @@ impl Metrics {
         registry.register(Box::new(oldest_unacked.clone()))?;
         registry.register(Box::new(retry_waiting.clone()))?;
         registry.register(Box::new(pruned.clone()))?;
+        let lock_timeouts = IntCounter::new(
+            "clerk_sync_worker_lock_timeouts_total",
+            "Statements that waited longer than WORKER_LOCK_TIMEOUT for a lock, then retried.",
+        )?;
+        registry.register(Box::new(lock_timeouts.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
@@ -184,31 +193,24 @@ impl Metrics {
             oldest_unacked,
             retry_waiting,
             pruned,
+            lock_timeouts,
             foreign_instance_events,
             held: Held::default(),
         })
     }
 
-    /// Counts a finished reconcile and what it changed.
-    pub fn reconcile_run(&self, report: &crate::reconcile::Report) {
-        let outcome = if report.succeeded() {
-            "succeeded"
-        } else {
-            "failed"
-        };
+    /// Counts a finished scheduled reconcile.
+    pub fn reconcile_run(&self, succeeded: bool) {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
         self.reconcile_runs.with_label_values(&[outcome]).inc();
-        for kind in crate::reconcile::Kind::ALL {
-            let counts = report.summary.of(kind);
-            for (change, count) in [
-                ("created", counts.created),
-                ("updated", counts.updated),
-                ("deleted", counts.deleted),
-            ] {
-                self.reconcile_changes
-                    .with_label_values(&[kind.name(), change])
-                    .inc_by(count);
-            }
-        }
+    }
+
+    /// Counts the rows of `kind` a scheduled reconcile changed by `change` (`created`,
+    /// `updated`, `deleted`).
+    pub fn reconcile_changes(&self, kind: &str, change: &str, count: u64) {
+        self.reconcile_changes
+            .with_label_values(&[kind, change])
+            .inc_by(count);
     }
 
     /// Counts one event. Types outside Clerk's shape are counted as `other`, so a stream of junk

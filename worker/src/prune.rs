@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 
-use crate::consumer::Stop;
 use crate::metrics::Metrics;
+use crate::stop::Stop;
 
 /// Rows deleted by one statement: small enough to hold its locks for milliseconds.
 const BATCH: i64 = 1000;

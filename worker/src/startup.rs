@@ -14,26 +14,19 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
-use migrations::{Migrator, MigratorTrait};
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
-    Statement,
-};
-use secrecy::{ExposeSecret, SecretString};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement};
 use shared::Roles;
 use tokio::sync::watch;
 
+use crate::apply::errors::transient_sqlstate;
 use crate::config::WorkerConfig;
-use crate::consumer::{self, End, Handler, Stop};
+use crate::consumer::{self, End, Handler};
+use crate::database::{connect_database, migrate};
 use crate::dead_letter::DeadLetters;
 use crate::http::{self, BrokerState};
 use crate::metrics::Metrics;
-use crate::reconcile;
-use crate::{depth, prune};
-
-/// Any number fixed for the project: the advisory lock that keeps two workers starting at once
-/// from running the migrations side by side.
-const MIGRATION_LOCK: i64 = 0x636c_6572_6b73_796e; // "clerksyn"
+use crate::stop::Stop;
+use crate::{depth, prune, reconcile};
 
 /// How long one broker node may take to answer before the next one is tried (an unreachable
 /// host would otherwise hang for the operating system's TCP timeout).
@@ -67,9 +60,13 @@ impl Application {
     /// meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("cannot register the metrics")?;
-        let db = connect_database(&config.database_url, config.db_pool_size + 1)
-            .await
-            .context("cannot set up the database pool (DATABASE_URL)")?;
+        let db = connect_database(
+            &config.database_url,
+            config.db_pool_size + 1,
+            config.lock_timeout,
+        )
+        .await
+        .context("cannot set up the database pool (DATABASE_URL)")?;
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (WORKER_LISTEN)", config.listen))?;
         let port = listener.local_addr()?.port();
@@ -119,7 +116,7 @@ impl Application {
         let mut stop = Stop(self.stop.subscribe());
         let database = wait_for_database(&self.config, &self.db, &mut stop).await;
         if matches!(database, Ok(true)) {
-            report_unlisted_roles(&self.db, &self.config.roles).await;
+            report_unlisted_roles(&self.db, &self.config.reading.roles).await;
             let pruning = tokio::spawn(prune::prune_until_stopped(
                 self.db.clone(),
                 self.config.processed_retention,
@@ -129,8 +126,10 @@ impl Application {
             let scheduled = self.config.reconcile.clone().map(|schedule| {
                 tokio::spawn(reconcile::schedule::run(
                     schedule,
+                    self.config.reading.clone(),
                     self.db.clone(),
                     self.config.database_url.clone(),
+                    self.config.lock_timeout,
                     self.metrics.clone(),
                     Stop(self.stop.subscribe()),
                 ))
@@ -228,7 +227,7 @@ async fn wait_for_database(
     loop {
         let attempt = async {
             if config.run_migrations {
-                migrate(&config.database_url).await
+                migrate(&config.database_url, config.lock_timeout).await
             } else {
                 db.ping().await
             }
@@ -303,85 +302,24 @@ async fn unlisted_roles(
 }
 
 /// Whether a database failure at start is worth waiting out: the server unreachable, starting
-/// up, shutting down, out of connections or not accepting them. A refused login, a missing
-/// database or a failing migration is a mistake to fix, not to wait for.
+/// up, shutting down, out of connections: no answer, or a SQLSTATE the door's classifier calls
+/// transient. A refused login, a missing database or a failing migration is a mistake to fix,
+/// not to wait for.
 fn worth_waiting_for(error: &DbErr) -> bool {
     match error {
         DbErr::Conn(RuntimeErr::SqlxError(e))
         | DbErr::Exec(RuntimeErr::SqlxError(e))
         | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
-            // SQLSTATE classes 08 (connection exception), 53 (insufficient resources), 57
-            // (operator intervention, e.g. "the database system is starting up") and 55000
-            // ("database is not currently accepting connections").
-            sea_orm::sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || code.starts_with("57")
-                    || code == "55000"
-            }),
+            // The server answered: the door's classifier of SQLSTATEs decides.
+            sea_orm::sqlx::Error::Database(db) => {
+                db.code().is_some_and(|code| transient_sqlstate(&code))
+            }
             // Refused, reset, timed out, TLS or protocol trouble, the pool's own timeout.
             _ => true,
         },
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
         _ => false,
     }
-}
-
-pub(crate) async fn connect_database(
-    database_url: &SecretString,
-    pool_size: u32,
-) -> Result<DatabaseConnection, sea_orm::DbErr> {
-    let mut options = ConnectOptions::new(database_url.expose_secret());
-    options
-        .max_connections(pool_size)
-        .min_connections(0)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
-        // Statements are not logged one by one; errors are logged where they are handled.
-        .sqlx_logging(false)
-        // No connection at start: the worker waits for the database in `run_until_stopped`.
-        .connect_lazy(true);
-    Database::connect(options).await
-}
-
-/// The database pool of a one-off command that writes (`worker reconcile`, `replay`,
-/// `rebuild`), with the pending migrations applied first when `WORKER_RUN_MIGRATIONS` allows.
-pub(crate) async fn connect_command(
-    settings: &shared::Settings,
-    pool_size: u32,
-) -> anyhow::Result<DatabaseConnection> {
-    let db = connect_reader(settings, pool_size).await?;
-    if settings.worker_run_migrations {
-        migrate(&settings.database_url()?)
-            .await
-            .context("cannot apply the migrations (DATABASE_URL)")?;
-    }
-    Ok(db)
-}
-
-/// The database pool of a one-off command that only reads (`worker explain`, `events list`):
-/// it never applies migrations.
-pub(crate) async fn connect_reader(
-    settings: &shared::Settings,
-    pool_size: u32,
-) -> anyhow::Result<DatabaseConnection> {
-    let database_url = settings.database_url()?;
-    connect_database(&database_url, pool_size)
-        .await
-        .context("cannot set up the database pool (DATABASE_URL)")
-}
-
-/// Applies pending migrations under a session advisory lock, on a connection of its own.
-pub(crate) async fn migrate(database_url: &SecretString) -> Result<(), DbErr> {
-    let db = connect_database(database_url, 1).await?;
-    db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-        .await?;
-    let result = Migrator::up(&db, None).await;
-    // Closing the only connection releases the lock whatever happened.
-    db.close().await?;
-    result?;
-    tracing::info!("migrations applied");
-    Ok(())
 }
 
 async fn open_broker(

@@ -1,5 +1,6 @@
-//! The SeaORM entities the worker writes through. (Organizations, memberships and the tombstones
-//! are written in SQL; tests read them through `test-support`.)
+//! The SeaORM entities of the tables the worker writes: one home for each table's shape. (The
+//! door writes organizations, memberships and the tombstones in SQL; the commands and the tests
+//! read them through these.)
 
 /// `users`: one row per Clerk user.
 pub mod users {
@@ -63,6 +64,120 @@ pub mod processed_events {
         pub received_at: Option<DateTimeWithTimeZone>,
         /// Why a `stale` event wrote nothing.
         pub reason: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `user_tombstones`: ids of deleted users.
+pub mod user_tombstones {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "user_tombstones")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub deleted_at: DateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `organizations`: one row per Clerk organization.
+pub mod organizations {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "organizations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub slug: Option<String>,
+        pub image_url: Option<String>,
+        pub created_by: Option<String>,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub public_metadata: Json,
+        /// The Organization object as the stored version carried it.
+        #[sea_orm(column_type = "JsonBinary")]
+        pub clerk_data: Json,
+        pub created_at: DateTimeWithTimeZone,
+        pub updated_at: DateTimeWithTimeZone,
+        pub synced_at: DateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `organization_memberships`: who belongs to which organization, one row per (organization,
+/// user).
+pub mod organization_memberships {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "organization_memberships")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub organization_id: String,
+        pub user_id: String,
+        pub role: String,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub permissions: Json,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub public_metadata: Json,
+        /// The OrganizationMembership object as the stored version carried it.
+        #[sea_orm(column_type = "JsonBinary")]
+        pub clerk_data: Json,
+        pub created_at: DateTimeWithTimeZone,
+        pub updated_at: DateTimeWithTimeZone,
+        pub synced_at: DateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `organization_tombstones`: ids of deleted organizations.
+pub mod organization_tombstones {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "organization_tombstones")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub deleted_at: DateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `membership_tombstones`: ids of deleted (or replaced) memberships.
+pub mod membership_tombstones {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "membership_tombstones")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub deleted_at: DateTimeWithTimeZone,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -8,6 +8,7 @@
 //! answer for a whole one. `--no-dead-letters` leaves the broker out (and exits 0).
 
 use std::io::{self, Write};
+use std::sync::LazyLock;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use serde::Serialize;
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 use super::Filter;
 use super::list::{Event, utc, write_table};
+use crate::apply::SubjectKind;
 
 /// `worker explain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -82,7 +84,7 @@ pub struct Membership {
 
 /// Runs `worker explain` with the process's stdout.
 pub async fn execute(settings: &shared::Settings, args: ExplainArgs) -> anyhow::Result<()> {
-    let db = crate::startup::connect_reader(settings, 2).await?;
+    let db = crate::commands::connect_reader(settings, 2).await?;
     let found = from_database(&db, &args.id).await;
     db.close().await.ok();
     let mut explanation = found?;
@@ -148,7 +150,7 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
     let found = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            FIND_BY_ID,
+            FIND_BY_ID.as_str(),
             [id.into()],
         ))
         .await?;
@@ -178,19 +180,22 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
     // Only the history names the kind of an id whose row and tombstone are gone (pruned or
     // never written).
     let kind = kind.or_else(|| history.iter().find_map(|event| event.subject_kind.clone()));
-    let (kind, memberships) = match kind.as_deref() {
-        Some("user") => (kind, memberships(db, "user_id", id).await?),
-        Some("organization") => (kind, memberships(db, "organization_id", id).await?),
+    let (kind, memberships) = match kind.as_deref().map(SubjectKind::from_label) {
+        Some(Some(SubjectKind::User)) => (kind, memberships(db, "user_id", id).await?),
+        Some(Some(SubjectKind::Organization)) => {
+            (kind, memberships(db, "organization_id", id).await?)
+        }
         Some(_) => (kind, Vec::new()),
         // No row, tombstone or history of its own, but maybe a membership's member or
         // organization: a membership event can come before, or without, the user's own events.
         None => {
             let as_member = memberships(db, "user_id", id).await?;
             if !as_member.is_empty() {
-                (Some("user".to_owned()), as_member)
+                (Some(SubjectKind::User.label().to_owned()), as_member)
             } else {
                 let as_organization = memberships(db, "organization_id", id).await?;
-                let kind = (!as_organization.is_empty()).then(|| "organization".to_owned());
+                let kind = (!as_organization.is_empty())
+                    .then(|| SubjectKind::Organization.label().to_owned());
                 (kind, as_organization)
             }
         }
@@ -208,23 +213,29 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
     })
 }
 
-/// For each kind, the row and the tombstone with that id; only kinds with either are returned.
-const FIND_BY_ID: &str = "\
-SELECT kind, row, deleted_at FROM (
-  SELECT 1 AS rank, 'user' AS kind,
-         (SELECT row_to_json(u) FROM users u WHERE u.id = $1) AS row,
-         (SELECT deleted_at FROM user_tombstones WHERE id = $1) AS deleted_at
-  UNION ALL
-  SELECT 2, 'organization',
-         (SELECT row_to_json(o) FROM organizations o WHERE o.id = $1),
-         (SELECT deleted_at FROM organization_tombstones WHERE id = $1)
-  UNION ALL
-  SELECT 3, 'membership',
-         (SELECT row_to_json(m) FROM organization_memberships m WHERE m.id = $1),
-         (SELECT deleted_at FROM membership_tombstones WHERE id = $1)
-) found
-WHERE row IS NOT NULL OR deleted_at IS NOT NULL
-ORDER BY rank";
+/// For each kind, the row and the tombstone with that id; only kinds with either are returned,
+/// in the order of [`SubjectKind::ALL`].
+static FIND_BY_ID: LazyLock<String> = LazyLock::new(|| {
+    let kinds: Vec<String> = SubjectKind::ALL
+        .iter()
+        .enumerate()
+        .map(|(rank, kind)| {
+            format!(
+                "SELECT {rank} AS rank, '{label}' AS kind, \
+                   (SELECT row_to_json(t) FROM {table} t WHERE t.id = $1) AS row, \
+                   (SELECT deleted_at FROM {tombstones} WHERE id = $1) AS deleted_at",
+                label = kind.label(),
+                table = kind.table(),
+                tombstones = kind.tombstone_table(),
+            )
+        })
+        .collect();
+    format!(
+        "SELECT kind, row, deleted_at FROM ({}) found \
+         WHERE row IS NOT NULL OR deleted_at IS NOT NULL ORDER BY rank",
+        kinds.join(" UNION ALL ")
+    )
+});
 
 async fn memberships(
     db: &DatabaseConnection,
@@ -330,8 +341,11 @@ pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result
     }
 
     if matches!(
-        explanation.kind.as_deref(),
-        Some("user") | Some("organization")
+        explanation
+            .kind
+            .as_deref()
+            .and_then(SubjectKind::from_label),
+        Some(SubjectKind::User | SubjectKind::Organization)
     ) {
         writeln!(out)?;
         writeln!(out, "memberships ({}):", explanation.memberships.len())?;

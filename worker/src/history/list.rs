@@ -106,7 +106,7 @@ pub struct Listing {
 pub async fn execute(settings: &shared::Settings, command: EventsCommand) -> anyhow::Result<()> {
     let EventsCommand::List(args) = command;
     args.filter.check()?;
-    let db = crate::startup::connect_reader(settings, 2).await?;
+    let db = crate::commands::connect_reader(settings, 2).await?;
     let result = write_listing(&db, &args, &mut io::stdout(), &mut io::stderr()).await;
     db.close().await.ok();
     result

@@ -11,14 +11,12 @@ pub mod rebuild;
 pub mod replay;
 
 use chrono::{DateTime, Utc};
-use lapin::BasicProperties;
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, Select,
 };
-use shared::Roles;
 
-use crate::event::{Event, ReadError, Source};
+use crate::apply::{Event, Message, ReadError, Reading, Source};
 use crate::storage::processed_events;
 
 /// Which history rows a command is about; every part is optional and they all must hold.
@@ -111,32 +109,24 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| format!("{text:?} reaches too far back"))
 }
 
-/// The event a history row recorded, read again from its stored payload with `roles` (the
+/// The event a history row recorded, read again from its stored payload with `reading` (the
 /// settings of now: that is the point after a mapping change), with source `replay` and the
 /// svix-id `svix_id`; `None` for a row without a payload. The svix timestamp and the received
-/// time stay the original's; the payload is kept only when `store_payloads` allows.
+/// time stay the original's; the payload is kept only when `reading` allows.
 pub fn event_from_row(
     row: &processed_events::Model,
     svix_id: &str,
-    roles: &Roles,
-    store_payloads: bool,
+    reading: &Reading,
 ) -> Option<Result<Event, ReadError>> {
-    let payload = row.payload.as_ref()?;
-    let properties = BasicProperties::default().with_message_id(svix_id.into());
-    let event = Event::read(payload.to_string().as_bytes(), &properties, roles).map(|event| {
-        let event = Event {
-            source: Source::Replay,
-            svix_timestamp: row.svix_timestamp.map(|at| at.with_timezone(&Utc)),
-            received_at: row.received_at.map(|at| at.with_timezone(&Utc)),
-            ..event
-        };
-        if store_payloads {
-            event
-        } else {
-            event.without_payload()
-        }
-    });
-    Some(event)
+    let payload = row.payload.as_ref()?.to_string();
+    let message = Message {
+        body: payload.as_bytes(),
+        svix_id: Some(svix_id.to_owned()),
+        svix_timestamp: row.svix_timestamp.map(|at| at.with_timezone(&Utc)),
+        received_at: row.received_at.map(|at| at.with_timezone(&Utc)),
+        source: Source::Replay,
+    };
+    Some(reading.read(&message))
 }
 
 /// The svix-id of an event applied again by run `run` of `command` (`replay`, `rebuild`):
@@ -226,12 +216,7 @@ impl RunFlags {
         summary: &S,
         text: String,
     ) -> anyhow::Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string(summary)?);
-        } else {
-            print!("{text}");
-        }
-        Ok(())
+        crate::commands::print(self.json, summary, text)
     }
 }
 

@@ -33,8 +33,9 @@ use serde::Serialize;
 use shared::Roles;
 
 use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
-use crate::apply::LOCK_KEY;
-use crate::reconcile::progress::{self, Progress};
+use crate::apply::locks::LOCK_KEY;
+use crate::apply::{self, Reading, SubjectKind};
+use crate::commands::progress::{self, Progress};
 use crate::storage::processed_events;
 
 /// History rows read and applied at once.
@@ -43,13 +44,6 @@ const PAGE_SIZE: u64 = 500;
 /// The advisory lock of a rebuild (the two-key form, whose keys never meet the one-key locks of
 /// ids and migrations).
 const REBUILD_LOCK: &str = "pg_try_advisory_xact_lock(1919247467, 1)";
-
-/// The synced tables and the subject kind of their rows.
-const TABLES: [(&str, &str); 3] = [
-    ("users", "user"),
-    ("organizations", "organization"),
-    ("organization_memberships", "membership"),
-];
 
 /// `worker rebuild [--dry-run] [--json]`.
 #[derive(Debug, Clone, clap::Args)]
@@ -112,6 +106,23 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The counts of one table.
+    pub fn counts(&self, kind: SubjectKind) -> &TableCounts {
+        match kind {
+            SubjectKind::User => &self.users,
+            SubjectKind::Organization => &self.organizations,
+            SubjectKind::Membership => &self.organization_memberships,
+        }
+    }
+
+    fn counts_mut(&mut self, kind: SubjectKind) -> &mut TableCounts {
+        match kind {
+            SubjectKind::User => &mut self.users,
+            SubjectKind::Organization => &mut self.organizations,
+            SubjectKind::Membership => &mut self.organization_memberships,
+        }
+    }
+
     /// The report for a person.
     pub fn text(&self) -> String {
         let h = &self.history;
@@ -126,11 +137,7 @@ impl Summary {
             h.applied_again,
             h.subjects
         );
-        for (table, counts) in [
-            ("users", &self.users),
-            ("organizations", &self.organizations),
-            ("organization_memberships", &self.organization_memberships),
-        ] {
+        for (table, counts) in SubjectKind::ALL.map(|kind| (kind.table(), self.counts(kind))) {
             text.push_str(&format!(
                 "  {table:<25} {} created, {} changed, {} removed, {} unchanged, {} kept without \
                  history\n",
@@ -163,7 +170,7 @@ pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::
         dry_run: args.flags.dry_run,
         roles: settings.roles()?,
     };
-    let db = crate::startup::connect_command(settings, 1).await?;
+    let db = crate::commands::connect_command(settings, 1).await?;
     let summary = rebuild(&db, &options).await;
     db.close().await.ok();
     let summary = summary?;
@@ -216,6 +223,11 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
         .await
         .context("cannot count the history to apply")?;
     let mut progress = Progress::new(options.progress_bar, "rebuilding from", "events", total);
+    // The rebuild's own history rows are deleted again: no payload to keep.
+    let reading = Reading {
+        roles: options.roles.clone(),
+        store_payloads: false,
+    };
     let mut pages = Pages::new(select, PAGE_SIZE);
     loop {
         let rows = pages
@@ -228,7 +240,7 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let svix_id = rerun_svix_id("rebuild", run, &row.svix_id);
-            match event_from_row(row, &svix_id, &options.roles, false) {
+            match event_from_row(row, &svix_id, &reading) {
                 Some(Ok(event)) => events.push(event),
                 Some(Err(error)) => {
                     note_failure(&mut summary.failures, format!("{}: {error}", row.svix_id))
@@ -236,7 +248,7 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
                 None => {}
             }
         }
-        let (_, failed) = crate::reconcile::write(&txn, &events)
+        let (_, failed) = apply::write(&txn, &events)
             .await
             .map_err(|error| anyhow::anyhow!("the rebuild stopped: {error}"))?;
         for failure in failed {
@@ -251,15 +263,11 @@ pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Resu
         summary.history.applied_again += rows.len() as u64;
         progress.advance(rows.len() as u64);
     }
-    for (table, kind) in TABLES {
-        let counts = compare(&txn, table, kind)
+    for kind in SubjectKind::ALL {
+        let table = kind.table();
+        *summary.counts_mut(kind) = compare(&txn, table, kind.label())
             .await
             .with_context(|| format!("cannot compare {table} with its snapshot"))?;
-        match table {
-            "users" => summary.users = counts,
-            "organizations" => summary.organizations = counts,
-            _ => summary.organization_memberships = counts,
-        }
     }
     if options.dry_run || !summary.failures.is_empty() {
         txn.rollback().await?;
@@ -290,7 +298,7 @@ async fn prepare(txn: &DatabaseTransaction, history: &mut History) -> anyhow::Re
     history.rows = rows.max(0) as u64;
     history.with_payload = with_payload.max(0) as u64;
     history.without_payload = history.rows - history.with_payload;
-    for (table, _) in TABLES {
+    for table in SubjectKind::ALL.map(SubjectKind::table) {
         txn.execute_unprepared(&format!(
             "CREATE TEMPORARY TABLE rebuild_before_{table} ON COMMIT DROP AS \
              SELECT * FROM {table}; \
@@ -299,7 +307,7 @@ async fn prepare(txn: &DatabaseTransaction, history: &mut History) -> anyhow::Re
         .await?;
     }
     txn.execute_unprepared(SUBJECTS).await?;
-    for (table, kind) in TABLES {
+    for (table, kind) in SubjectKind::ALL.map(|kind| (kind.table(), kind.label())) {
         txn.execute_unprepared(&format!(
             "DELETE FROM rebuild_subjects s USING {table} t \
              WHERE s.kind = '{kind}' AND t.id = s.id \
@@ -315,7 +323,7 @@ async fn prepare(txn: &DatabaseTransaction, history: &mut History) -> anyhow::Re
             WHERE id IS NOT NULL ORDER BY key) AS keys) AS locked"
     ))
     .await?;
-    for (table, kind) in TABLES {
+    for (table, kind) in SubjectKind::ALL.map(|kind| (kind.table(), kind.label())) {
         txn.execute_unprepared(&format!(
             "DELETE FROM {table} WHERE id IN (SELECT id FROM rebuild_subjects WHERE kind = '{kind}')"
         ))

@@ -23,12 +23,10 @@ use sea_orm::{
     TransactionTrait,
 };
 use serde::Serialize;
-use shared::Roles;
 
 use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
-use crate::apply::Outcome;
-use crate::event::Event;
-use crate::reconcile::progress::{self, Progress};
+use crate::apply::{self, Event, Outcome, Reading};
+use crate::commands::progress::{self, Progress};
 
 /// History rows read at once, and events applied in one transaction.
 const PAGE_SIZE: u64 = 500;
@@ -52,10 +50,9 @@ pub struct Options {
     /// The events to apply again; `since` is required.
     pub filter: Filter,
     pub dry_run: bool,
-    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE` now: the events are read with them.
-    pub roles: Roles,
-    /// `WORKER_STORE_PAYLOADS`: keep the payload in the replay's history rows.
-    pub store_payloads: bool,
+    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE` now (the events are read with them) and
+    /// `WORKER_STORE_PAYLOADS` (keep the payload in the replay's history rows).
+    pub reading: Reading,
     /// A progress bar (on a terminal) rather than progress log lines.
     pub progress_bar: bool,
 }
@@ -187,10 +184,9 @@ pub async fn execute(settings: &shared::Settings, args: ReplayArgs) -> anyhow::R
         progress_bar: progress::shows_bar(settings, args.flags.json),
         filter: args.filter,
         dry_run: args.flags.dry_run,
-        roles: settings.roles()?,
-        store_payloads: settings.worker_store_payloads,
+        reading: Reading::from_settings(settings)?,
     };
-    let db = crate::startup::connect_command(settings, 2).await?;
+    let db = crate::commands::connect_command(settings, 2).await?;
     let summary = replay(&db, &options).await;
     db.close().await.ok();
     let summary = summary?;
@@ -284,7 +280,7 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let svix_id = rerun_svix_id("replay", summary.run, &row.svix_id);
-            match event_from_row(row, &svix_id, &options.roles, options.store_payloads) {
+            match event_from_row(row, &svix_id, &options.reading) {
                 None => summary.without_payload += 1,
                 Some(Ok(event)) => events.push(event),
                 Some(Err(error)) => {
@@ -294,7 +290,7 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
             }
         }
         summary.read += rows.len() as u64;
-        let (outcomes, failed) = crate::reconcile::write(db, &events)
+        let (outcomes, failed) = apply::write(db, &events)
             .await
             .map_err(|error| anyhow::anyhow!("replay stopped: {error}"))?;
         for failure in failed {
@@ -312,7 +308,7 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
                 && let Some(subject) = event.action.subject()
             {
                 let changed = Changed {
-                    kind: subject.kind.to_owned(),
+                    kind: subject.kind.label().to_owned(),
                     id: subject.id.to_owned(),
                 };
                 if !summary.changed.contains(&changed) {

@@ -5,7 +5,7 @@
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 
-use super::clerk::{ClerkClient, ClerkError};
+use crate::clerk::{ClerkClient, ClerkError};
 use crate::pin::{PinnedInstance, pin_if_absent, pinned_instance};
 
 /// A reconcile stopped before its first listing: its key belongs to another instance.

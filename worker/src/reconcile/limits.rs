@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashSet};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::Serialize;
 
-use super::{Kind, MaxDelete, retry_database};
+use super::{Kind, MaxDelete};
+use crate::apply::retry_read;
 
 /// A deletion phase that deleted nothing because of a limit: what the summary shows under
 /// `refused`, keyed by kind.
@@ -53,7 +54,7 @@ impl Budget {
                     (SELECT count(*) FROM organization_memberships) AS memberships",
         );
         let what = "counting the stored rows";
-        let row = retry_database(what, || db.query_one_raw(statement.clone()))
+        let row = retry_read(what, || db.query_one_raw(statement.clone()))
             .await?
             .ok_or_else(|| format!("{what}: no answer"))?;
         let mut left = BTreeMap::new();
@@ -140,7 +141,7 @@ pub(crate) async fn memberships_going_with<C: ConnectionTrait>(
         [ids.to_vec().into(), before.into()],
     );
     let what = format!("counting the memberships of the {} to delete", kind.name());
-    let row = retry_database(&what, || db.query_one_raw(statement.clone())).await?;
+    let row = retry_read(&what, || db.query_one_raw(statement.clone())).await?;
     let n: i64 = match row {
         Some(row) => row.try_get("", "n").map_err(|e| format!("{what}: {e}"))?,
         None => 0,

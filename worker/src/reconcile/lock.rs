@@ -7,6 +7,8 @@
 //! [`crate::exit::RECONCILE_RUNNING`] (4), naming the run that holds it; a scheduled run that
 //! finds it taken leaves the run to its holder and looks again at its next due time.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
@@ -14,7 +16,7 @@ use sea_orm::{
 };
 use secrecy::SecretString;
 
-use crate::startup::connect_database;
+use crate::database::connect_database;
 
 /// Any number fixed for the project: the advisory lock of a reconcile run.
 const RECONCILE_LOCK: i64 = 0x636c_6b72_6563_6f6e; // "clkrecon"
@@ -26,9 +28,13 @@ pub struct RunLock {
 }
 
 impl RunLock {
-    /// Takes the lock if no other run holds it; `None` when one does. Never waits.
-    pub async fn try_take(database_url: &SecretString) -> Result<Option<Self>, DbErr> {
-        let db = connect_database(database_url, 1).await?;
+    /// Takes the lock if no other run holds it; `None` when one does. Never waits. The
+    /// connection's statements run under `lock_timeout` (`WORKER_LOCK_TIMEOUT`).
+    pub async fn try_take(
+        database_url: &SecretString,
+        lock_timeout: Duration,
+    ) -> Result<Option<Self>, DbErr> {
+        let db = connect_database(database_url, 1, lock_timeout).await?;
         let txn = db.begin().await?;
         let locked: bool = txn
             .query_one_raw(Statement::from_string(

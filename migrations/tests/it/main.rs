@@ -1,0 +1,7 @@
+//! The integration tests of `migrations`, one binary: each file of this folder is a module.
+
+mod clerk_instance;
+mod command;
+mod online;
+mod schema;
+mod upgrade;

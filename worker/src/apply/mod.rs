@@ -1,0 +1,324 @@
+//! The door into the tables: every source of events (the queue consumer, `worker reconcile`,
+//! `worker replay`, `worker rebuild`, and the on-demand sync to come) hands its events in here,
+//! and nothing else writes the synced tables or the history. Nothing in here knows where an
+//! event came from beyond its [`Source`] label: no broker, no HTTP.
+//!
+//! The entry: a source turns what it received into a [`Message`] (body, svix-id, times,
+//! source), [`Reading::read`] makes it an [`Event`] (or says why it never can be one), and
+//! [`apply`] (one event), [`apply_batch`] (many, in one transaction) or [`write`] (many, batch
+//! then one by one, for the commands) applies it. For one event of the on-demand sync:
+//! `apply(db, &reading.read(&Message::new(body, svix_id, Source::OnDemand))?)`.
+//!
+//! What is in here:
+//! - [`event`]: reading a message as an event;
+//! - the rules: [`users`] (all of a batch's users in a few set-based statements) and
+//!   [`organizations`] (organizations and memberships, one at a time);
+//! - [`locks`]: the advisory locks every transaction takes first;
+//! - [`errors`]: the error classes, and the one SQLSTATE classifier;
+//! - [`history`]: the history writer;
+//! - [`subject`]: the kinds of subject, their tables and their history labels.
+//!
+//! The rules, all inside one transaction:
+//! - the svix-id goes into `processed_events` in the statement that decides the outcome; a
+//!   conflict means the event was handled before, and nothing else is written (`Duplicate`);
+//! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
+//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
+//!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
+//!   exactly as if the newest had been applied first;
+//! - `user.deleted` deletes the row and the user's organization memberships and writes a
+//!   tombstone; a version of the same user in the same batch is `Stale`, as if the delete had
+//!   come first;
+//! - organization and membership events follow their own rules ([`organizations`]), one at
+//!   a time after the batch's user events, in the same transaction;
+//! - an email held by another user goes to the newer version ([`users`]).
+//!
+//! The statements of a batch: the locks; recording and deciding (with the deletes); settling
+//! the emails the winners want; writing the winners. Every batch first takes a
+//! transaction-scoped advisory lock on each id its events name, so events of one user never
+//! interleave, whichever worker or batch applies them. That is what makes a delete and a late
+//! update on two workers unable to resurrect a user, and what keeps the decision, read after the
+//! locks, true until the commit.
+
+pub mod errors;
+pub mod event;
+mod history;
+pub(crate) mod lock_timeout;
+pub mod locks;
+pub mod organizations;
+pub mod subject;
+mod users;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DbErr, TransactionSession as _, TransactionTrait};
+use shared::events::UserRecord;
+use shared::{Backoff, ConfigError, Roles, Settings};
+
+pub use errors::{ApplyError, DbFailure, classify};
+pub use event::{Action, Event, Message, ReadError, Source};
+pub use subject::{Subject, SubjectKind};
+
+use errors::to_apply_error;
+use locks::lock_keys;
+
+/// How often a transaction that lost a unique-constraint race is rerun before the failure is
+/// taken to belong to the message.
+const UNIQUE_RACE_RERUNS: u32 = 3;
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The database now holds what the event says.
+    Applied,
+    /// A newer version, or a tombstone, was already there; recorded, nothing else changed.
+    Stale,
+    /// A type the worker does not handle; recorded and acknowledged.
+    Ignored,
+    /// The svix-id was processed before; nothing changed.
+    Duplicate,
+}
+
+impl Outcome {
+    /// The label used in logs and metrics (and, except `duplicate`, in `processed_events`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// How messages are read: the settings of the rules, taken once from [`Settings`].
+#[derive(Debug, Clone, Default)]
+pub struct Reading {
+    /// `WORKER_ROLES` and `WORKER_DEFAULT_ROLE`: a user's role is resolved against them.
+    pub roles: Roles,
+    /// `WORKER_STORE_PAYLOADS`: keep each event's body in its history row.
+    pub store_payloads: bool,
+}
+
+impl Reading {
+    /// The roles and `WORKER_STORE_PAYLOADS` of the settings.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        Ok(Self {
+            roles: settings.roles()?,
+            store_payloads: settings.worker_store_payloads,
+        })
+    }
+
+    /// Reads a message as an event, its payload kept only when `WORKER_STORE_PAYLOADS` allows.
+    pub fn read(&self, message: &Message<'_>) -> Result<Event, ReadError> {
+        let event = Event::read(message, &self.roles)?;
+        Ok(if self.store_payloads {
+            event
+        } else {
+            event.without_payload()
+        })
+    }
+}
+
+/// Applies one event in a transaction of its own, rerunning it when it lost a unique race.
+pub async fn apply<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome, ApplyError> {
+    let mut reruns = 0;
+    loop {
+        match apply_alone(db, event).await {
+            Ok(Ok(outcome)) => return Ok(outcome),
+            Ok(Err(reason)) => return Err(ApplyError::ForeignInstance(reason)),
+            Err(error) if classify(&error) == DbFailure::Race && reruns < UNIQUE_RACE_RERUNS => {
+                reruns += 1;
+                tracing::debug!(%error, reruns, "unique race, rerunning the event");
+            }
+            Err(error) => return Err(to_apply_error(&error)),
+        }
+    }
+}
+
+/// The outcome, or the reason the event's instance is refused (nothing written then).
+async fn apply_alone<C: TransactionTrait>(
+    db: &C,
+    event: &Event,
+) -> Result<Result<Outcome, String>, DbErr> {
+    let txn = db.begin().await?;
+    let events = std::slice::from_ref(event);
+    if let Some((_, reason)) = crate::pin::admit(&txn, admitted(events)).await? {
+        txn.rollback().await?;
+        return Ok(Err(reason));
+    }
+    let outcomes = apply_events(&txn, events).await?;
+    txn.commit().await?;
+    outcomes
+        .first()
+        .copied()
+        .map(Ok)
+        .ok_or_else(|| DbErr::Custom("no outcome for the event".into()))
+}
+
+/// Each event's `instance_id` and source label, for [`crate::pin::admit`].
+fn admitted(events: &[Event]) -> impl Iterator<Item = (Option<&str>, &str)> + Clone {
+    events
+        .iter()
+        .map(|event| (event.instance_id.as_deref(), event.source.as_str()))
+}
+
+/// Why a batch did not commit.
+#[derive(Debug)]
+pub enum BatchFailure {
+    /// Retry the whole batch after a pause.
+    Transient(DbErr),
+    /// One of the events failed on its own account: apply them one by one instead, so only that
+    /// one is retried.
+    Event(DbErr),
+}
+
+/// Applies several events in one transaction, each with exactly the effect it would have alone;
+/// user events take a number of statements that does not grow with their number (see
+/// `apply_events`). Commits all or nothing; inside a transaction (`worker replay --dry-run`,
+/// `worker rebuild`), as a savepoint.
+pub async fn apply_batch<C: TransactionTrait>(
+    db: &C,
+    events: &[Event],
+) -> Result<Vec<Outcome>, BatchFailure> {
+    let sort = |error: DbErr| match classify(&error) {
+        DbFailure::Transient => BatchFailure::Transient(error),
+        DbFailure::Race | DbFailure::Message => BatchFailure::Event(error),
+    };
+    let txn = db.begin().await.map_err(sort)?;
+    // An event of another instance: none is written; one by one, only that one is refused.
+    if let Some((_, reason)) = crate::pin::admit(&txn, admitted(events))
+        .await
+        .map_err(sort)?
+    {
+        txn.rollback().await.map_err(sort)?;
+        return Err(BatchFailure::Event(DbErr::Custom(reason)));
+    }
+    let outcomes = apply_events(&txn, events).await.map_err(sort)?;
+    txn.commit().await.map_err(sort)?;
+    Ok(outcomes)
+}
+
+/// Applies the events inside the caller's transaction. The user and ignored events take at most
+/// four statements, however many there are: lock, record and decide (with the deletes), settle
+/// the emails, write the users. Their outcomes are those of applying them one at a time in this
+/// order: the deletes, then each user's newest version, then the rest (`stale`); a svix-id seen
+/// before, in the database or earlier in the slice, is a `Duplicate`. Organization and
+/// membership events are applied after them, one at a time, in their order.
+async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Vec<Outcome>, DbErr> {
+    // All of the batch's locks up front and in one order, so two batches never deadlock on
+    // them. Everything below reads the rows after the locks are held.
+    lock_keys(db, events.iter().flat_map(|e| e.action.lock_ids())).await?;
+    // The first copy of each user or ignored event is decided together; organization and
+    // membership events follow their own rules afterwards ([`organizations`]).
+    let mut seen = HashSet::with_capacity(events.len());
+    let together: Vec<bool> = events
+        .iter()
+        .map(|event| {
+            seen.insert(event.svix_id.as_str()) && !matches!(event.action, Action::Organization(_))
+        })
+        .collect();
+    let recorded = users::record_and_decide(db, events, &together).await?;
+    let mut outcomes: Vec<Outcome> = events
+        .iter()
+        .zip(&together)
+        .map(
+            |(event, &together)| match recorded.get(event.svix_id.as_str()) {
+                Some(&outcome) if together => outcome,
+                _ => Outcome::Duplicate,
+            },
+        )
+        .collect();
+    let writers: Vec<&UserRecord> = events
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(event, outcome)| match (&event.action, outcome) {
+            (Action::Upsert(record), Outcome::Applied) => Some(record.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if !writers.is_empty() {
+        let without_email = users::settle_emails(db, &writers).await?;
+        users::write_users(db, &writers, &without_email).await?;
+    }
+    for (event, outcome) in events.iter().zip(outcomes.iter_mut()) {
+        if let Action::Organization(change) = &event.action {
+            *outcome = organizations::apply_event(db, event, change).await?;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// How often [`write`] tries a batch again while the database fails on its own account, and
+/// how long it waits before each try: 0.4 s, doubling, so the last waits 6.4 s.
+const WRITE_RETRIES: u32 = 5;
+const WRITE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(400),
+    max: Duration::from_millis(6_400),
+};
+
+/// What [`write`] did: the outcome of each event (`None`: it failed on its own account) and
+/// the reasons of the failed ones.
+pub type Written = (Vec<Option<Outcome>>, Vec<String>);
+
+/// Batch, then one by one: applies events in one transaction, retrying it a few times while the
+/// database fails on its own account; when one event fails on its own, the events are applied
+/// one by one so only that one fails (and is named in the second list). The commands' way to
+/// apply (`worker reconcile`, `replay`, `rebuild`); the consumer, which retries each delivery
+/// on its own schedule, composes [`apply_batch`] and [`apply`] itself.
+pub async fn write<C: TransactionTrait>(db: &C, events: &[Event]) -> Result<Written, String> {
+    let mut retries = 0;
+    loop {
+        match apply_batch(db, events).await {
+            Ok(outcomes) => return Ok((outcomes.into_iter().map(Some).collect(), Vec::new())),
+            Err(BatchFailure::Transient(error)) if retries < WRITE_RETRIES => {
+                retries += 1;
+                let delay = WRITE_BACKOFF.delay(retries);
+                tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure, retrying the batch");
+                tokio::time::sleep(delay).await;
+            }
+            Err(BatchFailure::Transient(error)) => {
+                return Err(format!("the database kept failing: {error}"));
+            }
+            Err(BatchFailure::Event(error)) => {
+                tracing::warn!(%error, "an event of the batch failed; applying them one by one");
+                let mut outcomes = Vec::with_capacity(events.len());
+                let mut failed = Vec::new();
+                for event in events {
+                    match apply(db, event).await {
+                        Ok(outcome) => outcomes.push(Some(outcome)),
+                        Err(error) => {
+                            let id = event.action.subject().map_or("", |s| s.id);
+                            tracing::error!(%id, %error, "cannot write an object");
+                            failed.push(format!("{id}: {error}"));
+                            outcomes.push(None);
+                        }
+                    }
+                }
+                return Ok((outcomes, failed));
+            }
+        }
+    }
+}
+
+/// Runs a read again while the database fails on its own account, with [`write`]'s back-off
+/// and number of tries.
+pub async fn retry_read<T, F, Fut>(what: &str, mut read: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbErr>>,
+{
+    let mut retries = 0;
+    loop {
+        match read().await {
+            Ok(value) => return Ok(value),
+            Err(error) if retries < WRITE_RETRIES && classify(&error) == DbFailure::Transient => {
+                retries += 1;
+                let delay = WRITE_BACKOFF.delay(retries);
+                tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure while {what}, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(format!("{what}: {error}")),
+        }
+    }
+}
