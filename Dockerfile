@@ -1,29 +1,25 @@
 # syntax=docker/dockerfile:1
 # One image with the three binaries: ingest, worker, migrations.
+#
+# cargo-chef derives the dependency layer from the workspace itself (every member, whatever it
+# is called), so adding or renaming a crate needs no change here; a change to the project's own
+# code rebuilds only the project's crates.
 
-FROM rust:1.95-slim-bookworm AS builder
+FROM rust:1.95-slim-bookworm AS chef
+RUN cargo install --locked cargo-chef --version 0.1.78
 WORKDIR /app
 
-# Dependency layer: build every dependency against empty sources, so that a change to the
-# project's own code rebuilds only the project's crates.
-COPY Cargo.toml Cargo.lock ./
-COPY shared/Cargo.toml shared/
-COPY ingest/Cargo.toml ingest/
-COPY worker/Cargo.toml worker/
-COPY migrations/Cargo.toml migrations/
-COPY dlq/Cargo.toml dlq/
-COPY fault-suite/Cargo.toml fault-suite/
-RUN for crate in shared ingest worker migrations dlq fault-suite; do \
-      mkdir -p "$crate/src" && echo 'fn main() {}' > "$crate/src/main.rs" && touch "$crate/src/lib.rs"; \
-    done \
- && cargo build --release --locked -p ingest -p worker -p migrations \
- && rm -rf shared/src ingest/src worker/src migrations/src dlq/src fault-suite/src
-
+FROM chef AS planner
 COPY . .
-# COPY keeps the files' own times, which may be older than the placeholders above: touch them so
-# cargo rebuilds the project's crates.
-RUN find shared ingest worker migrations dlq -name '*.rs' -exec touch {} + \
- && cargo build --release --locked -p ingest -p worker -p migrations \
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+# The dependencies of the three binaries, built from the recipe alone: this layer is rebuilt only
+# when Cargo.toml or Cargo.lock files change.
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json -p ingest -p worker -p migrations
+COPY . .
+RUN cargo build --release --locked -p ingest -p worker -p migrations \
  && mkdir -p /out \
  && cp target/release/ingest target/release/worker target/release/migrations /out/
 

@@ -40,9 +40,7 @@ pub struct IngestConfig {
     pub demo_secret: bool,
 }
 
-/// The signing secret `docker-compose.yml` falls back to without a `CLERK_WEBHOOK_SECRET` of
-/// the user's own. It is public, so the ingest warns for as long as it runs with it.
-pub const DEMO_WEBHOOK_SECRET: &str = "whsec_Y2xlcmstc3luYy1sb2NhbC1kZW1vLXNlY3JldC0wMDA=";
+pub use shared::config::DEMO_WEBHOOK_SECRET;
 
 impl IngestConfig {
     /// Reads and checks the ingest's settings.

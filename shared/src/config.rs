@@ -19,6 +19,11 @@ use crate::topology::Topology;
 /// should make.
 pub const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The signing secret `docker-compose.yml` falls back to without a `CLERK_WEBHOOK_SECRET` of
+/// the user's own. It is public: the ingest warns for as long as it runs with it, and
+/// `worker doctor` says so.
+pub const DEMO_WEBHOOK_SECRET: &str = "whsec_Y2xlcmstc3luYy1sb2NhbC1kZW1vLXNlY3JldC0wMDA=";
+
 /// A setting that is missing or malformed. Its `Display` is the one line the binary stops with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

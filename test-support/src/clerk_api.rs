@@ -13,7 +13,7 @@
 //!   memberships, filtered by `user_id` (repeatable) when given; 404 when the organization is
 //!   gone;
 //! - `GET /v1/instance`: `{"object":"instance","id","environment_type",…}`, the instance the key
-//!   belongs to: [`STAND_IN_INSTANCE`] unless the test sets another ([`ClerkApi::set_instance`]),
+//!   belongs to: [`INSTANCE_ID`] unless the test sets another ([`ClerkApi::set_instance`]),
 //!   `production` for a `sk_live_` key and `development` for any other;
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
@@ -32,9 +32,10 @@ use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
-/// The instance id every stand-in answers with unless told otherwise: the tests of one database
-/// that start several stand-ins see one instance.
-pub const STAND_IN_INSTANCE: &str = "ins_standin";
+/// The instance id every stand-in's `GET /v1/instance` answers unless told otherwise
+/// ([`ClerkApi::set_instance`]): the tests of one database that start several stand-ins see one
+/// instance.
+pub const INSTANCE_ID: &str = "ins_standin";
 
 /// An answer forced on a request, whatever it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +136,7 @@ impl ClerkApi {
             "development"
         };
         let state = Arc::new(Mutex::new(State {
-            instance: (STAND_IN_INSTANCE.to_owned(), environment.to_owned()),
+            instance: (INSTANCE_ID.to_owned(), environment.to_owned()),
             ..State::default()
         }));
         let shared = web::Data::new(Shared {

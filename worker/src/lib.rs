@@ -27,6 +27,7 @@ mod database;
 pub mod dead_letter;
 mod delivery;
 mod depth;
+pub mod doctor;
 pub mod exit;
 pub mod history;
 mod http;

@@ -42,6 +42,8 @@ enum Command {
     /// Read the event history.
     #[command(subcommand)]
     Events(worker::history::list::EventsCommand),
+    /// Check every link (database, broker, queues, Clerk key, reconcile) and say what to do.
+    Doctor(worker::doctor::DoctorArgs),
     /// Show the Clerk instance this database mirrors, or move it to another one.
     #[command(subcommand)]
     Instance(worker::instance::InstanceCommand),
@@ -59,6 +61,7 @@ impl Command {
             | Command::Dlq(_)
             | Command::Explain(_)
             | Command::Events(_)
+            | Command::Doctor(_)
             | Command::Instance(_) => false,
         }
     }
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
             Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
             Command::Events(command) => worker::history::list::execute(&settings, command).await,
+            Command::Doctor(args) => worker::doctor::execute(&settings, args).await,
             Command::Instance(command) => worker::instance::execute(&settings, command).await,
         }
     });

@@ -7,6 +7,7 @@ mod blocked_broker;
 mod broker_outage;
 mod convergence;
 mod dlq_cli;
+mod doctor;
 mod failures;
 mod history;
 mod history_explain;

@@ -1,0 +1,691 @@
+//! `worker doctor`: what a newcomer runs when something is off, inside the compose stack or
+//! anywhere the settings are. It checks every link the sync depends on and prints one line per
+//! check: a verdict, what it found, and what to do about it.
+//!
+//! - `database`: reachable, and every migration applied (read without writing anything);
+//! - `broker`: reachable;
+//! - `topology`: the exchange, the worker queue and the dead-letter queue exist (passive
+//!   declares, which create nothing);
+//! - `consumers`: at least one consumer on the worker queue;
+//! - `queue`: the messages waiting in the worker queue;
+//! - `dead letters`: the messages parked in the dead-letter queue;
+//! - `last event`: the age of the last event received from Clerk (`processed_events`);
+//! - `webhook secret`: whether `CLERK_WEBHOOK_SECRET` is the public demo secret, where this
+//!   process sees the ingest's setting (the compose file gives the worker the same one);
+//! - `clerk key`: `CLERK_SECRET_KEY` set and accepted by the Backend API (one call,
+//!   `GET /v1/instance`, which names the instance the key belongs to), and of the instance the
+//!   database mirrors (`crate::pin`), which the line names;
+//! - `last reconcile`: the last reconcile run and its outcome (`reconcile_runs`).
+//!
+//! Verdicts: `ok`, `warn` (works, but look), `FAIL` (broken: the command exits non-zero) and
+//! `skip` (not checked, the line says why). A check that needs an unreachable service is skipped.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use migrations::{Migrator, MigratorTrait};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
+    Statement,
+};
+use sea_orm_migration::MigrationStatus;
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use crate::clerk::{ClerkClient, ClerkConfig, ClerkError};
+
+/// The longest wait for any one service: the doctor answers quickly or says what did not.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A reconcile still `running` after this long has most likely lost its process.
+const RECONCILE_LOST_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// `worker doctor [--json]`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DoctorArgs {
+    /// Print one JSON object, `{"ok": …, "checks": [{"check", "verdict", "detail", "fix"}]}`,
+    /// instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a check went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+    Skip,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Verdict::Ok => "ok",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "skip",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked, e.g. `database`.
+    pub check: &'static str,
+    pub verdict: Verdict,
+    /// What the check found.
+    pub detail: String,
+    /// What to do, for anything but `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(check: &'static str, verdict: Verdict, detail: impl Into<String>) -> Self {
+        Self {
+            check,
+            verdict,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn ok(check: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(check, Verdict::Ok, detail)
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:<5} {:<15} {}", self.verdict, self.check, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, " -> {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every check, in the order they are printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// No check failed.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// The check named `check`, if the report has it.
+    pub fn get(&self, check: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.check == check)
+    }
+
+    fn failed(&self) -> usize {
+        self.checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Fail)
+            .count()
+    }
+}
+
+/// `worker doctor`: prints the report, and fails when a check failed.
+pub async fn execute(settings: &shared::Settings, args: DoctorArgs) -> anyhow::Result<()> {
+    let report = diagnose(settings).await;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for check in &report.checks {
+            println!("{check}");
+        }
+    }
+    match report.failed() {
+        0 => Ok(()),
+        failed => anyhow::bail!("{failed} of {} checks failed", report.checks.len()),
+    }
+}
+
+/// Runs every check. Never fails: what cannot be checked is a line of the report.
+pub async fn diagnose(settings: &shared::Settings) -> Report {
+    let mut checks = Vec::new();
+    let db = database(settings, &mut checks).await;
+    broker(settings, &mut checks).await;
+    checks.push(last_event(db.as_ref()).await);
+    checks.push(webhook_secret(settings));
+    checks.push(clerk_key(settings, db.as_ref()).await);
+    checks.push(last_reconcile(db.as_ref(), settings).await);
+    if let Some(db) = db {
+        let _ = db.close().await;
+    }
+    let ok = checks.iter().all(|c| c.verdict != Verdict::Fail);
+    Report { ok, checks }
+}
+
+/// `host:port/database` of a Postgres URL, without the credentials.
+fn database_place(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => format!(
+            "{}:{}{}",
+            url.host_str().unwrap_or("?"),
+            url.port().unwrap_or(5432),
+            url.path()
+        ),
+        Err(_) => "DATABASE_URL".into(),
+    }
+}
+
+/// The `database` check; the connection when the database answered.
+async fn database(
+    settings: &shared::Settings,
+    checks: &mut Vec<Check>,
+) -> Option<DatabaseConnection> {
+    const NAME: &str = "database";
+    let url = match settings.database_url() {
+        Ok(url) => url,
+        Err(error) => {
+            checks.push(
+                Check::new(NAME, Verdict::Fail, error.to_string())
+                    .fix("set DATABASE_URL, e.g. postgres://user:password@host:5432/clerk_sync"),
+            );
+            return None;
+        }
+    };
+    let place = database_place(url.expose_secret());
+    let mut options = ConnectOptions::new(url.expose_secret());
+    options
+        .max_connections(2)
+        .min_connections(0)
+        .connect_timeout(TIMEOUT)
+        .acquire_timeout(TIMEOUT)
+        .sqlx_logging(false);
+    let connected = tokio::time::timeout(TIMEOUT * 2, Database::connect(options)).await;
+    let db = match connected {
+        Ok(Ok(db)) => db,
+        Ok(Err(error)) => {
+            checks.push(
+                Check::new(
+                    NAME,
+                    Verdict::Fail,
+                    format!("cannot connect to {place}: {error}"),
+                )
+                .fix("start Postgres, or correct DATABASE_URL (host, port, password, database)"),
+            );
+            return None;
+        }
+        Err(_) => {
+            checks.push(
+                Check::new(
+                    NAME,
+                    Verdict::Fail,
+                    format!("no answer from {place} within {:?}", TIMEOUT * 2),
+                )
+                .fix("start Postgres, or correct the host and port of DATABASE_URL"),
+            );
+            return None;
+        }
+    };
+    // Read-only: a doctor creates no migration table in a database that has none.
+    let check = match Migrator::get_migration_with_status_read_only(&db).await {
+        Ok(migrations) => {
+            let total = migrations.len();
+            let pending: Vec<_> = migrations
+                .iter()
+                .filter(|m| m.status() == MigrationStatus::Pending)
+                .collect();
+            match pending.first() {
+                None => Check::ok(
+                    NAME,
+                    format!("reachable at {place}; all {total} migrations applied"),
+                ),
+                Some(first) => Check::new(
+                    NAME,
+                    Verdict::Fail,
+                    format!(
+                        "reachable at {place}; {} of {total} migrations pending, from {}",
+                        pending.len(),
+                        first.name()
+                    ),
+                )
+                .fix(
+                    "apply them: `migrations up` (in the compose stack: \
+                     `docker compose run --rm migrations`)",
+                ),
+            }
+        }
+        Err(error) => Check::new(
+            NAME,
+            Verdict::Fail,
+            format!("reachable at {place}, but the migration status cannot be read: {error}"),
+        )
+        .fix(
+            "check that DATABASE_URL names the clerk-sync database and that the migrations are \
+             of the same release as this worker",
+        ),
+    };
+    checks.push(check);
+    Some(db)
+}
+
+/// The `broker`, `topology`, `consumers`, `queue` and `dead letters` checks.
+async fn broker(settings: &shared::Settings, checks: &mut Vec<Check>) {
+    const LATER: [&str; 4] = ["topology", "consumers", "queue", "dead letters"];
+    let skip_rest = |checks: &mut Vec<Check>, why: &str| {
+        for name in LATER {
+            checks.push(Check::new(name, Verdict::Skip, why));
+        }
+    };
+    let (nodes, topology) = match (settings.amqp_nodes(), settings.topology()) {
+        (Ok(nodes), Ok(topology)) => (nodes, topology),
+        (Err(error), _) | (_, Err(error)) => {
+            checks.push(
+                Check::new("broker", Verdict::Fail, error.to_string())
+                    .fix("set AMQP_URL, e.g. amqp://user:password@host:5672/%2f"),
+            );
+            skip_rest(checks, "the broker settings are malformed");
+            return;
+        }
+    };
+    let connection = match nodes
+        .connect(ConnectionProperties::default(), TIMEOUT)
+        .await
+    {
+        Ok((connection, node)) => {
+            checks.push(Check::ok("broker", format!("reachable at {node}")));
+            connection
+        }
+        Err(error) => {
+            checks.push(
+                Check::new("broker", Verdict::Fail, format!("cannot connect: {error}"))
+                    .fix("start RabbitMQ, or correct AMQP_URL (user, password, host, vhost)"),
+            );
+            skip_rest(checks, "the broker is unreachable");
+            return;
+        }
+    };
+
+    let exchange = exchange_exists(&connection, &topology.exchange).await;
+    let queue = queue_counts(&connection, &topology.queue).await;
+    let dead = queue_counts(&connection, &topology.dead_queue).await;
+    let mut missing = Vec::new();
+    if !exchange {
+        missing.push(format!("exchange {}", topology.exchange));
+    }
+    if queue.is_none() {
+        missing.push(format!("queue {}", topology.queue));
+    }
+    if dead.is_none() {
+        missing.push(format!("queue {}", topology.dead_queue));
+    }
+    checks.push(if missing.is_empty() {
+        Check::ok(
+            "topology",
+            format!(
+                "exchange {}, queues {} and {} exist",
+                topology.exchange, topology.queue, topology.dead_queue
+            ),
+        )
+    } else {
+        Check::new(
+            "topology",
+            Verdict::Fail,
+            format!("missing: {}", missing.join(", ")),
+        )
+        .fix(
+            "start the ingest or the worker once: either declares the topology (and check that \
+             AMQP_EXCHANGE, AMQP_QUEUE and AMQP_DEAD_QUEUE are the same for all of them)",
+        )
+    });
+
+    checks.push(match queue {
+        None => Check::new("consumers", Verdict::Skip, "the worker queue is missing"),
+        Some((_, 0)) => Check::new(
+            "consumers",
+            Verdict::Fail,
+            format!("nothing consumes {}: events wait there", topology.queue),
+        )
+        .fix("start the worker (`worker run`; in the compose stack `docker compose up -d worker`)"),
+        Some((_, consumers)) => {
+            Check::ok("consumers", format!("{consumers} on {}", topology.queue))
+        }
+    });
+    checks.push(match queue {
+        None => Check::new("queue", Verdict::Skip, "the worker queue is missing"),
+        Some((ready, 0)) if ready > 0 => Check::new(
+            "queue",
+            Verdict::Warn,
+            format!(
+                "{ready} messages waiting in {} and no consumer",
+                topology.queue
+            ),
+        )
+        .fix("start the worker: it applies them in order"),
+        Some((ready, _)) => Check::ok(
+            "queue",
+            format!("{ready} messages waiting in {}", topology.queue),
+        ),
+    });
+    checks.push(match dead {
+        None => Check::new(
+            "dead letters",
+            Verdict::Skip,
+            "the dead-letter queue is missing",
+        ),
+        Some((0, _)) => Check::ok("dead letters", format!("none in {}", topology.dead_queue)),
+        Some((parked, _)) => Check::new(
+            "dead letters",
+            Verdict::Warn,
+            format!("{parked} in {}", topology.dead_queue),
+        )
+        .fix("see why with `worker dlq list`; once fixed, `worker dlq replay --all`"),
+    });
+    let _ = connection.close(200, "doctor done".into()).await;
+}
+
+/// Whether the exchange exists, by a passive declare on a channel of its own (a refused one
+/// closes its channel).
+async fn exchange_exists(connection: &Connection, exchange: &str) -> bool {
+    let Ok(channel) = connection.create_channel().await else {
+        return false;
+    };
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "checked".into()).await;
+    declared.is_ok()
+}
+
+/// The ready messages and consumers of `queue`, or `None` when it does not exist.
+async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
+    let channel = connection.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await;
+    let _ = channel.close(200, "checked".into()).await;
+    let queue = declared.ok()?;
+    Some((queue.message_count(), queue.consumer_count()))
+}
+
+/// How long ago `time` was, in whole seconds.
+fn age(time: DateTime<Utc>) -> String {
+    let seconds = (Utc::now() - time).num_seconds().max(0);
+    let seconds = u64::try_from(seconds).unwrap_or_default();
+    format!(
+        "{} ago ({})",
+        humantime::format_duration(Duration::from_secs(seconds)),
+        time.format("%Y-%m-%d %H:%M:%S UTC")
+    )
+}
+
+async fn query_one(
+    db: &DatabaseConnection,
+    sql: &str,
+) -> Result<Option<QueryResult>, sea_orm::DbErr> {
+    db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+}
+
+/// The `last event` check.
+async fn last_event(db: Option<&DatabaseConnection>) -> Check {
+    const NAME: &str = "last event";
+    let Some(db) = db else {
+        return Check::new(NAME, Verdict::Skip, "the database is unreachable");
+    };
+    // The newest webhook row by the indexed processed_at; received_at is when the ingest took it.
+    let row = query_one(
+        db,
+        "SELECT coalesce(received_at, processed_at) AS at FROM processed_events \
+         WHERE source = 'webhook' ORDER BY processed_at DESC LIMIT 1",
+    )
+    .await;
+    match row {
+        Err(_) => Check::new(NAME, Verdict::Skip, "no event history (see database)"),
+        Ok(None) => Check::new(NAME, Verdict::Warn, "no event received from Clerk yet").fix(
+            "send one: `ingest send-example user.created --url http://localhost:3000/api/webhooks`, \
+             or from the Clerk Dashboard (Webhooks -> your endpoint -> Testing)",
+        ),
+        Ok(Some(row)) => match row.try_get::<DateTime<Utc>>("", "at") {
+            Ok(at) => Check::ok(NAME, format!("received {}", age(at))),
+            Err(error) => Check::new(NAME, Verdict::Fail, format!("unreadable: {error}")),
+        },
+    }
+}
+
+/// The `webhook secret` check.
+fn webhook_secret(settings: &shared::Settings) -> Check {
+    const NAME: &str = "webhook secret";
+    let Ok(secrets) = settings.webhook_secrets() else {
+        return Check::new(
+            NAME,
+            Verdict::Skip,
+            "CLERK_WEBHOOK_SECRET is not set here, so the ingest's cannot be told",
+        );
+    };
+    if secrets
+        .iter()
+        .any(|s| s.expose_secret() == shared::config::DEMO_WEBHOOK_SECRET)
+    {
+        Check::new(
+            NAME,
+            Verdict::Warn,
+            "the public demo secret of docker-compose.yml: anyone can sign events",
+        )
+        .fix(
+            "fine for `send-example` on your machine; for Clerk, set CLERK_WEBHOOK_SECRET in .env to \
+             your endpoint's Signing Secret and `docker compose up -d`",
+        )
+    } else {
+        Check::ok(NAME, format!("{} secret(s) of your own", secrets.len()))
+    }
+}
+
+/// The `clerk key` check: one call to the Backend API, without retries.
+async fn clerk_key(settings: &shared::Settings, db: Option<&DatabaseConnection>) -> Check {
+    const NAME: &str = "clerk key";
+    let scheduled = settings
+        .worker_reconcile_interval
+        .as_deref()
+        .is_some_and(|i| !i.trim().is_empty());
+    let key = match settings.clerk_secret_key() {
+        Ok(key) => key,
+        Err(_) if scheduled => {
+            return Check::new(
+                NAME,
+                Verdict::Fail,
+                "CLERK_SECRET_KEY is not set, yet WORKER_RECONCILE_INTERVAL schedules a reconcile",
+            )
+            .fix("set CLERK_SECRET_KEY (Dashboard -> Configure -> API keys)");
+        }
+        Err(_) => {
+            return Check::new(
+                NAME,
+                Verdict::Skip,
+                "CLERK_SECRET_KEY is not set: `worker reconcile` (the backfill) cannot run",
+            )
+            .fix("set it to reconcile: Dashboard -> Configure -> API keys -> Secret keys");
+        }
+    };
+    if !key.expose_secret().trim().starts_with("sk_") {
+        return Check::new(
+            NAME,
+            Verdict::Fail,
+            "CLERK_SECRET_KEY does not start with sk_: not a secret key",
+        )
+        .fix("copy the Secret key (sk_test_... or sk_live_...), not the Publishable key");
+    }
+    let config = match ClerkConfig::from_settings(settings) {
+        Ok(config) => ClerkConfig {
+            retries: 0,
+            timeout: config.timeout.min(TIMEOUT * 2),
+            ..config
+        },
+        Err(error) => return Check::new(NAME, Verdict::Fail, error.to_string()),
+    };
+    let api_url = config.api_url.clone();
+    let client = match ClerkClient::new(config) {
+        Ok(client) => client,
+        Err(error) => return Check::new(NAME, Verdict::Fail, format!("{error:#}")),
+    };
+    match client.instance().await {
+        Ok(instance) => {
+            let found = format!(
+                "accepted by {api_url}: instance {} ({})",
+                instance.id, instance.environment_type
+            );
+            let pinned = match db {
+                Some(db) => crate::pin::pinned_instance(db).await.ok().flatten(),
+                None => None,
+            };
+            match pinned {
+                Some(pinned) if pinned.id != instance.id => Check::new(
+                    NAME,
+                    Verdict::Fail,
+                    format!(
+                        "{found}, but this database mirrors {}",
+                        pinned.described_with_pin()
+                    ),
+                )
+                .fix(format!(
+                    "use the secret key of {} (a reconcile with this one stops, exit 3), or see \
+                     `worker instance move`",
+                    pinned.id
+                )),
+                Some(pinned) => Check::ok(
+                    NAME,
+                    format!(
+                        "{found}; the database mirrors it ({} since {})",
+                        pinned.pinned_by,
+                        pinned.pinned_at.format("%Y-%m-%d")
+                    ),
+                ),
+                None => Check::ok(NAME, format!("{found}; no instance pinned yet")),
+            }
+        }
+        Err(error @ ClerkError::Unauthorized { .. }) => {
+            Check::new(NAME, Verdict::Fail, error.to_string()).fix(
+                "copy the Secret key of the same instance as the webhook (Dashboard -> Configure \
+                 -> API keys) into CLERK_SECRET_KEY",
+            )
+        }
+        Err(error) => Check::new(NAME, Verdict::Fail, error.to_string()).fix(format!(
+            "check that {api_url} (CLERK_API_URL) is reachable from here"
+        )),
+    }
+}
+
+/// The `last reconcile` check.
+async fn last_reconcile(db: Option<&DatabaseConnection>, settings: &shared::Settings) -> Check {
+    const NAME: &str = "last reconcile";
+    let Some(db) = db else {
+        return Check::new(NAME, Verdict::Skip, "the database is unreachable");
+    };
+    let row = query_one(
+        db,
+        "SELECT trigger, started_at, finished_at, outcome, error FROM reconcile_runs \
+         ORDER BY started_at DESC LIMIT 1",
+    )
+    .await;
+    let row = match row {
+        Err(_) => {
+            return Check::new(
+                NAME,
+                Verdict::Skip,
+                "no reconcile_runs table (see database)",
+            );
+        }
+        Ok(None) => {
+            let has_key = settings.clerk_secret_key().is_ok();
+            return Check::new(
+                NAME,
+                if has_key {
+                    Verdict::Warn
+                } else {
+                    Verdict::Skip
+                },
+                "no reconcile has run here",
+            )
+            .fix("after connecting Clerk, run `worker reconcile` once: that is the backfill");
+        }
+        Ok(Some(row)) => row,
+    };
+    let read = || -> Result<_, sea_orm::DbErr> {
+        Ok((
+            row.try_get::<String>("", "trigger")?,
+            row.try_get::<DateTime<Utc>>("", "started_at")?,
+            row.try_get::<Option<DateTime<Utc>>>("", "finished_at")?,
+            row.try_get::<String>("", "outcome")?,
+            row.try_get::<Option<String>>("", "error")?,
+        ))
+    };
+    let (trigger, started, finished, outcome, error) = match read() {
+        Ok(values) => values,
+        Err(error) => return Check::new(NAME, Verdict::Fail, format!("unreadable: {error}")),
+    };
+    let took = finished
+        .map(|f| {
+            let seconds = u64::try_from((f - started).num_seconds().max(0)).unwrap_or_default();
+            format!(
+                " in {}",
+                humantime::format_duration(Duration::from_secs(seconds))
+            )
+        })
+        .unwrap_or_default();
+    match outcome.as_str() {
+        "succeeded" => Check::ok(
+            NAME,
+            format!("{trigger} run started {} succeeded{took}", age(started)),
+        ),
+        "failed" => Check::new(
+            NAME,
+            Verdict::Fail,
+            format!(
+                "{trigger} run started {} failed{took}: {}",
+                age(started),
+                error.as_deref().unwrap_or("no reason recorded")
+            ),
+        )
+        .fix("fix the cause, then `worker reconcile` again (a scheduled one retries by itself)"),
+        "running" if (Utc::now() - started).to_std().unwrap_or_default() > RECONCILE_LOST_AFTER => {
+            Check::new(
+                NAME,
+                Verdict::Warn,
+                format!("{trigger} run started {} never finished", age(started)),
+            )
+            .fix("its process most likely stopped: run `worker reconcile` again")
+        }
+        "running" => Check::ok(
+            NAME,
+            format!("{trigger} run running since {}", age(started)),
+        ),
+        other => Check::new(
+            NAME,
+            Verdict::Fail,
+            format!(
+                "{trigger} run started {} has an unknown outcome {other:?}",
+                age(started)
+            ),
+        ),
+    }
+}
