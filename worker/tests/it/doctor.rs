@@ -331,3 +331,38 @@ async fn unreachable_services_fail_and_what_needs_them_is_skipped() {
         assert_eq!(line(&report, check).0, Verdict::Skip, "{check}");
     }
 }
+
+/// A key of another instance than the one the database mirrors fails the `clerk key` line,
+/// which names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_instance_than_the_pinned_one_fails() {
+    let database = TestDatabase::migrated().await;
+    let topology = TestTopology::declared().await;
+    database
+        .db
+        .execute_unprepared(
+            "INSERT INTO clerk_instance (id, environment_type, pinned_at, pinned_by) \
+             VALUES ('ins_production_pin', 'production', now(), 'reconcile')",
+        )
+        .await
+        .expect("pin");
+    let api = ClerkApi::start(KEY).await;
+    let report = diagnose(&shared::Settings {
+        clerk_secret_key: Some(KEY.to_owned().into()),
+        clerk_api_url: api.url().to_owned(),
+        ..settings(&database.url, &topology)
+    })
+    .await;
+
+    let (verdict, detail) = line(&report, "clerk key");
+    assert_eq!(verdict, Verdict::Fail, "{detail}");
+    assert!(
+        detail.contains(&format!("instance {INSTANCE_ID} (development)")),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("mirrors ins_production_pin (production"),
+        "{detail}"
+    );
+    assert!(!report.ok);
+}
