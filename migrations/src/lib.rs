@@ -20,6 +20,7 @@ mod m20261130_000004_create_organizations;
 mod m20261130_000005_create_reconcile_runs;
 mod m20261130_000006_extend_processed_events_into_history;
 mod m20261206_000001_allow_on_demand_source;
+mod m20261206_000030_create_clerk_instance;
 mod m20261206_000040_add_deleted_at;
 
 /// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000005_create_reconcile_runs::Migration),
             Box::new(m20261130_000006_extend_processed_events_into_history::Migration),
             Box::new(m20261206_000001_allow_on_demand_source::Migration),
+            Box::new(m20261206_000030_create_clerk_instance::Migration),
             Box::new(m20261206_000040_add_deleted_at::Migration),
         ]
     }

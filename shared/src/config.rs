@@ -136,9 +136,10 @@ pub struct Settings {
     pub clerk_secret_key: Option<SecretString>,
     /// `CLERK_API_URL`: the Backend API's base URL (default `https://api.clerk.com`).
     pub clerk_api_url: String,
-    /// `CLERK_API_RATE_LIMIT`: Backend API requests per 10 seconds at most (default 90, under
-    /// the 100 of a development instance; production instances allow 1000).
-    pub clerk_api_rate_limit: u32,
+    /// `CLERK_API_RATE_LIMIT`: Backend API requests per 10 seconds at most. Unset: by the key's
+    /// kind, Clerk's own limit per instance: 1000 for a production key (`sk_live_…`), 100 for
+    /// a development key (`sk_test_…`) or any other.
+    pub clerk_api_rate_limit: Option<u32>,
     /// `CLERK_API_TIMEOUT_MS`: how long one Backend API request may take (default 30000).
     pub clerk_api_timeout_ms: u64,
     /// `WORKER_PROCESSED_RETENTION`: how long a `processed_events` row is kept before the worker
@@ -220,7 +221,7 @@ impl Default for Settings {
             worker_reconcile_interval: None,
             clerk_secret_key: None,
             clerk_api_url: "https://api.clerk.com".into(),
-            clerk_api_rate_limit: 90,
+            clerk_api_rate_limit: None,
             clerk_api_timeout_ms: 30_000,
             worker_processed_retention: "30d".into(),
             worker_store_payloads: true,

@@ -17,6 +17,10 @@ pub struct Envelope {
     pub event_type: String,
     #[serde(default)]
     pub data: Value,
+    /// The Clerk instance (`ins_…`) the event comes from; absent in the dashboard's "Send
+    /// Example" events and in hand-made ones.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 /// Why a message body is not an event at all. Such a message can never apply.
@@ -42,7 +46,16 @@ impl Envelope {
             return Err(EnvelopeError::NoType);
         };
         let data = object.remove("data").unwrap_or(Value::Null);
-        Ok(Self { event_type, data })
+        // Anything but a non-empty string counts as no instance: such an event pins nothing.
+        let instance_id = match object.remove("instance_id") {
+            Some(Value::String(id)) if !id.trim().is_empty() => Some(id),
+            _ => None,
+        };
+        Ok(Self {
+            event_type,
+            data,
+            instance_id,
+        })
     }
 }
 
@@ -453,6 +466,26 @@ mod tests {
         let ok = Envelope::parse(br#"{"type":"session.created","timestamp":1}"#).expect("event");
         assert_eq!(ok.event_type, "session.created");
         assert_eq!(UserEventKind::from_type(&ok.event_type), None);
+    }
+
+    #[test]
+    fn the_envelope_names_its_instance_when_it_has_one() {
+        let with = Envelope::parse(&fixture("user.created")).expect("envelope");
+        assert_eq!(with.instance_id.as_deref(), Some("ins_123"));
+        for body in [
+            &br#"{"type":"user.created","data":{}}"#[..],
+            br#"{"type":"user.created","instance_id":null}"#,
+            br#"{"type":"user.created","instance_id":" "}"#,
+            br#"{"type":"user.created","instance_id":7}"#,
+        ] {
+            let without = Envelope::parse(body).expect("envelope");
+            assert_eq!(
+                without.instance_id,
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //!   `+created_at`/`-created_at` (default `-created_at`), and the `starting_after` cursor (a user
 //!   id; needs `created_at` ordering and no offset, else 422);
 //! - `GET /v1/users/count`: `{"object":"total_count","total_count":N}`;
-//! - `GET /v1/instance`: `{"object":"instance","id":INSTANCE_ID,"environment_type":"development"}`;
 //! - `GET /v1/users/{id}`: the user, or 404 with Clerk's error body (`resource_not_found`);
 //! - `GET /v1/organizations` and `GET /v1/organization_memberships` (the instance's): `{"data":
 //!   [...], "total_count": N}`, with the same `limit`, `offset` and `order_by` and no cursor;
@@ -13,14 +12,17 @@
 //! - `GET /v1/organizations/{id}/memberships`: `{"data", "total_count"}` of that organization's
 //!   memberships, filtered by `user_id` (repeatable) when given; 404 when the organization is
 //!   gone;
+//! - `GET /v1/instance`: `{"object":"instance","id","environment_type",…}`, the instance the key
+//!   belongs to: [`INSTANCE_ID`] unless the test sets another ([`ClerkApi::set_instance`]),
+//!   `production` for a `sk_live_` key and `development` for any other;
 //! - bearer auth: a missing or wrong key is 401 `authentication_invalid`.
 //!
 //! A test can make the next requests answer 429 (with `Retry-After`) or a 5xx, make every request
 //! answer so until told otherwise ([`ClerkApi::go_down`], [`ClerkApi::throttle`]), slow every
-//! answer down ([`ClerkApi::answer_after`]), make the listings fail from some position on,
-//! rewrite the text of the answers (to serve what a `serde_json::Value` cannot hold, like a lone
-//! surrogate escape), and read back every request served (all of them, or the number per path
-//! with [`ClerkApi::calls`]).
+//! answer down ([`ClerkApi::answer_after`]) or only the listings, make the listings fail from
+//! some position on, rewrite the text of the answers (to serve what a `serde_json::Value` cannot
+//! hold, like a lone surrogate escape), and read back every request served (all of them, or the
+//! number per path with [`ClerkApi::calls`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -32,7 +34,9 @@ use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
-/// The `id` the stand-in's `GET /v1/instance` answers.
+/// The instance id every stand-in's `GET /v1/instance` answers unless told otherwise
+/// ([`ClerkApi::set_instance`]): the tests of one database that start several stand-ins see one
+/// instance.
 pub const INSTANCE_ID: &str = "ins_standin";
 
 /// An answer forced on a request, whatever it asked.
@@ -110,6 +114,10 @@ struct State {
     outage: Option<Fault>,
     /// How long every answer waits before it is made.
     latency: Duration,
+    /// `GET /v1/instance`'s `id` and `environment_type`.
+    instance: (String, String),
+    /// How long each listing request waits before it answers.
+    listing_delay: Duration,
 }
 
 /// The running stand-in. Dropped, it stops.
@@ -128,7 +136,15 @@ struct Shared {
 impl ClerkApi {
     /// Starts a stand-in that accepts `secret_key` as its bearer key.
     pub async fn start(secret_key: &str) -> Self {
-        let state = Arc::new(Mutex::new(State::default()));
+        let environment = if secret_key.starts_with("sk_live_") {
+            "production"
+        } else {
+            "development"
+        };
+        let state = Arc::new(Mutex::new(State {
+            instance: (INSTANCE_ID.to_owned(), environment.to_owned()),
+            ..State::default()
+        }));
         let shared = web::Data::new(Shared {
             key: secret_key.to_owned(),
             state: state.clone(),
@@ -149,9 +165,9 @@ impl ClerkApi {
                     }
                 })
                 .app_data(shared.clone())
+                .route("/v1/instance", web::get().to(instance))
                 .route("/v1/users", web::get().to(list))
                 .route("/v1/users/count", web::get().to(count))
-                .route("/v1/instance", web::get().to(instance))
                 .route("/v1/users/{id}", web::get().to(get_user))
                 .route("/v1/organizations", web::get().to(list_organizations))
                 .route("/v1/organizations/{id}", web::get().to(get_organization))
@@ -329,6 +345,17 @@ impl ClerkApi {
     pub fn served(&self) -> Vec<Served> {
         self.state().served.clone()
     }
+
+    /// Makes `GET /v1/instance` answer this id and environment type (`development` or
+    /// `production`): a stand-in of another instance.
+    pub fn set_instance(&self, id: &str, environment_type: &str) {
+        self.state().instance = (id.to_owned(), environment_type.to_owned());
+    }
+
+    /// Makes every listing request wait this long before it answers, so a run lasts.
+    pub fn slow_listings(&self, delay: Duration) {
+        self.state().listing_delay = delay;
+    }
 }
 
 impl Drop for ClerkApi {
@@ -438,7 +465,26 @@ fn answer(
     answer
 }
 
+/// Waits as [`ClerkApi::slow_listings`] says.
+async fn listing_delay(shared: &Shared) {
+    let delay = lock(&shared.state).listing_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn instance(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    answer(&request, &shared, |state| {
+        let (id, environment_type) = &state.instance;
+        HttpResponse::Ok().json(json!({
+            "object": "instance", "id": id, "environment_type": environment_type,
+            "allowed_origins": null, "workspace_id": null,
+        }))
+    })
+}
+
 async fn list(request: HttpRequest, shared: web::Data<Shared>, params: Params) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         match page(state, &state.users, &params, true) {
             Ok(page) => ok_json(state, &json!(page)),
@@ -452,6 +498,7 @@ async fn list_organizations(
     shared: web::Data<Shared>,
     params: Params,
 ) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         data_page(state, &state.organizations, &params)
     })
@@ -462,6 +509,7 @@ async fn list_memberships(
     shared: web::Data<Shared>,
     params: Params,
 ) -> HttpResponse {
+    listing_delay(&shared).await;
     answer(&request, &shared, |state| {
         data_page(state, &state.memberships, &params)
     })
@@ -558,16 +606,6 @@ fn page<'a>(
         })
         .take(limit)
         .collect())
-}
-
-async fn instance(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    answer(&request, &shared, |_| {
-        HttpResponse::Ok().json(json!({
-            "object": "instance",
-            "id": INSTANCE_ID,
-            "environment_type": "development",
-        }))
-    })
 }
 
 async fn count(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {

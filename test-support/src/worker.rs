@@ -290,6 +290,7 @@ pub async fn apply_changes(
             svix_timestamp: None,
             received_at: None,
             delete_mode: worker::apply::DeleteMode::Hard,
+            instance_id: None,
         })
         .collect();
     match worker::apply::apply_batch(db, &events).await {

@@ -327,8 +327,18 @@ impl Handler {
         match self.apply_until_settled(&event).await {
             None => {}
             Some(Ok(outcome)) => self.settle(&delivery, &event, outcome),
-            Some(Err(reason)) => self.spawn_retry(delivery, reason, span, working),
+            Some(Err(ApplyError::ForeignInstance(reason))) => {
+                self.refuse_foreign(&delivery, &reason, 1).await;
+            }
+            Some(Err(error)) => self.spawn_retry(delivery, error.to_string(), span, working),
         }
+    }
+
+    /// An event of another Clerk instance: counted, dead-lettered at once as `permanent`.
+    async fn refuse_foreign(&self, delivery: &HeldDelivery, reason: &str, attempts: u32) {
+        self.metrics.foreign_instance_events.inc();
+        self.dead_letter(delivery, None, DeadKind::Permanent, reason, attempts)
+            .await;
     }
 
     fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
@@ -337,8 +347,8 @@ impl Handler {
     }
 
     /// Applies `event` alone, waiting out transient failures. None when a stop came first; the
-    /// error is the reason of a failure that counts against the message.
-    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, String>> {
+    /// error is a failure that counts against the message, or a refused instance.
+    async fn apply_until_settled(&self, event: &Event) -> Option<Result<Outcome, ApplyError>> {
         let mut stop = self.stop.clone();
         let mut retry = 0;
         loop {
@@ -355,7 +365,7 @@ impl Handler {
                         return None;
                     }
                 }
-                Err(ApplyError::Message(reason)) => return Some(Err(reason)),
+                Err(error) => return Some(Err(error)),
                 Ok(outcome) => {
                     self.metrics
                         .apply_seconds
@@ -426,7 +436,11 @@ impl Handler {
                     self.settle(&delivery, &event, outcome);
                     return;
                 }
-                Some(Err(again)) => reason = again,
+                Some(Err(ApplyError::ForeignInstance(why))) => {
+                    self.refuse_foreign(&delivery, &why, attempts).await;
+                    return;
+                }
+                Some(Err(again)) => reason = again.to_string(),
             }
         }
     }

@@ -13,7 +13,8 @@
 //! - `webhook secret`: whether `CLERK_WEBHOOK_SECRET` is the public demo secret, where this
 //!   process sees the ingest's setting (the compose file gives the worker the same one);
 //! - `clerk key`: `CLERK_SECRET_KEY` set and accepted by the Backend API (one call,
-//!   `GET /v1/instance`, which names the instance the key belongs to);
+//!   `GET /v1/instance`, which names the instance the key belongs to), and of the instance the
+//!   database mirrors (`crate::pin`), which the line names;
 //! - `last reconcile`: the last reconcile run and its outcome (`reconcile_runs`).
 //!
 //! Verdicts: `ok`, `warn` (works, but look), `FAIL` (broken: the command exits non-zero) and
@@ -161,7 +162,7 @@ pub async fn diagnose(settings: &shared::Settings) -> Report {
     broker(settings, &mut checks).await;
     checks.push(last_event(db.as_ref()).await);
     checks.push(webhook_secret(settings));
-    checks.push(clerk_key(settings).await);
+    checks.push(clerk_key(settings, db.as_ref()).await);
     checks.push(last_reconcile(db.as_ref(), settings).await);
     if let Some(db) = db {
         let _ = db.close().await;
@@ -501,7 +502,7 @@ fn webhook_secret(settings: &shared::Settings) -> Check {
 }
 
 /// The `clerk key` check: one call to the Backend API, without retries.
-async fn clerk_key(settings: &shared::Settings) -> Check {
+async fn clerk_key(settings: &shared::Settings, db: Option<&DatabaseConnection>) -> Check {
     const NAME: &str = "clerk key";
     let scheduled = settings
         .worker_reconcile_interval
@@ -549,15 +550,38 @@ async fn clerk_key(settings: &shared::Settings) -> Check {
     };
     match client.instance().await {
         Ok(instance) => {
-            let text = |field: &str| instance[field].as_str().unwrap_or("?").to_owned();
-            Check::ok(
-                NAME,
-                format!(
-                    "accepted by {api_url}: instance {} ({})",
-                    text("id"),
-                    text("environment_type")
+            let found = format!(
+                "accepted by {api_url}: instance {} ({})",
+                instance.id, instance.environment_type
+            );
+            let pinned = match db {
+                Some(db) => crate::pin::pinned_instance(db).await.ok().flatten(),
+                None => None,
+            };
+            match pinned {
+                Some(pinned) if pinned.id != instance.id => Check::new(
+                    NAME,
+                    Verdict::Fail,
+                    format!(
+                        "{found}, but this database mirrors {}",
+                        pinned.described_with_pin()
+                    ),
+                )
+                .fix(format!(
+                    "use the secret key of {} (a reconcile with this one stops, exit 3), or see \
+                     `worker instance move`",
+                    pinned.id
+                )),
+                Some(pinned) => Check::ok(
+                    NAME,
+                    format!(
+                        "{found}; the database mirrors it ({} since {})",
+                        pinned.pinned_by,
+                        pinned.pinned_at.format("%Y-%m-%d")
+                    ),
                 ),
-            )
+                None => Check::ok(NAME, format!("{found}; no instance pinned yet")),
+            }
         }
         Err(error @ ClerkError::Unauthorized { .. }) => {
             Check::new(NAME, Verdict::Fail, error.to_string()).fix(

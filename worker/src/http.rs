@@ -1,6 +1,7 @@
 //! Health and metrics on `WORKER_LISTEN`: `/healthz` (alive), `/readyz` (database and broker
-//! usable, no delivery held longer than `WORKER_STALLED_AFTER`), `/metrics` (Prometheus text);
-//! and the on-demand sync API ([`crate::on_demand::api`]) when it has no address of its own.
+//! usable, no delivery held longer than `WORKER_STALLED_AFTER`; the body also names the pinned
+//! Clerk instance), `/metrics` (Prometheus text); and the on-demand sync API
+//! ([`crate::on_demand::api`]) when it has no address of its own.
 
 use std::net::TcpListener;
 use std::sync::{Arc, RwLock};
@@ -91,6 +92,18 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         tokio::time::timeout(Duration::from_secs(2), probe.db.ping()).await,
         Ok(Ok(()))
     );
+    // Shown, not judged: nothing pinned yet is a normal start.
+    let instance = match database {
+        true => tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::pin::pinned_instance(&probe.db),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten(),
+        false => None,
+    };
     let node = probe.broker.usable_node();
     let broker = node.is_some();
     // A delivery held longer than WORKER_STALLED_AFTER means the pipeline is stuck somewhere
@@ -103,6 +116,7 @@ async fn readyz(probe: web::Data<Probe>) -> HttpResponse {
         "stalled": stalled,
         "oldest_unacked_seconds": oldest.as_secs(),
         "node": node,
+        "instance": crate::pin::as_json(instance.as_ref()),
     });
     if database && broker && !stalled {
         HttpResponse::Ok().json(body)

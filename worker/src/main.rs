@@ -44,6 +44,9 @@ enum Command {
     Events(worker::history::list::EventsCommand),
     /// Check every link (database, broker, queues, Clerk key, reconcile) and say what to do.
     Doctor(worker::doctor::DoctorArgs),
+    /// Show the Clerk instance this database mirrors, or move it to another one.
+    #[command(subcommand)]
+    Instance(worker::instance::InstanceCommand),
 }
 
 impl Command {
@@ -58,7 +61,8 @@ impl Command {
             | Command::Dlq(_)
             | Command::Explain(_)
             | Command::Events(_)
-            | Command::Doctor(_) => false,
+            | Command::Doctor(_)
+            | Command::Instance(_) => false,
         }
     }
 }
@@ -94,13 +98,14 @@ fn main() -> ExitCode {
             Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
             Command::Events(command) => worker::history::list::execute(&settings, command).await,
             Command::Doctor(args) => worker::doctor::execute(&settings, args).await,
+            Command::Instance(command) => worker::instance::execute(&settings, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error:#}");
-            ExitCode::FAILURE
+            worker::exit::code(&error)
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// `WORKER_LOCK_TIMEOUT` for a lock; their transaction was retried (also counted in
     /// `retries_total{reason="transient"}`).
     pub lock_timeouts: IntCounter,
+    /// `clerk_sync_worker_foreign_instance_events_total`: events of another Clerk instance than
+    /// the pinned one, dead-lettered without being applied (see `crate::pin`).
+    pub foreign_instance_events: IntCounter,
     /// The deliveries held unacknowledged, with the time each arrived.
     pub held: Held,
 }
@@ -169,6 +172,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(unknown_roles.clone()))?;
         registry.register(Box::new(broker_node.clone()))?;
+        let foreign_instance_events = IntCounter::new(
+            "clerk_sync_worker_foreign_instance_events_total",
+            "Events of another Clerk instance than the pinned one, dead-lettered unapplied.",
+        )?;
+        registry.register(Box::new(foreign_instance_events.clone()))?;
         Ok(Self {
             registry,
             events,
@@ -186,6 +194,7 @@ impl Metrics {
             retry_waiting,
             pruned,
             lock_timeouts,
+            foreign_instance_events,
             held: Held::default(),
         })
     }

@@ -14,6 +14,10 @@ pub enum ApplyError {
     /// `exhausted` with this reason.
     #[error("{0}")]
     Message(String),
+    /// The event names another Clerk instance than the one the database mirrors
+    /// (`crate::pin`): never applied, dead-lettered at once as `permanent`.
+    #[error("{0}")]
+    ForeignInstance(String),
 }
 
 /// How a database error is handled.

@@ -63,6 +63,9 @@ pub struct Event {
     /// What a deletion the event makes does to the rows (`WORKER_DELETE_MODE`): `hard` as read;
     /// [`super::Reading::read`] sets the configured one.
     pub delete_mode: DeleteMode,
+    /// The envelope's `instance_id`: the Clerk instance it comes from, if it says
+    /// (`crate::pin`).
+    pub instance_id: Option<String>,
 }
 
 /// Where an event came from.
@@ -221,6 +224,7 @@ impl Event {
         };
         Ok(Self {
             svix_id,
+            instance_id: envelope.instance_id,
             event_type: envelope.event_type,
             action,
             source: message.source,

@@ -167,7 +167,8 @@ pub async fn apply<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome
     let mut reruns = 0;
     loop {
         match apply_alone(db, event).await {
-            Ok(outcome) => return Ok(outcome),
+            Ok(Ok(outcome)) => return Ok(outcome),
+            Ok(Err(reason)) => return Err(ApplyError::ForeignInstance(reason)),
             Err(error) if classify(&error) == DbFailure::Race && reruns < UNIQUE_RACE_RERUNS => {
                 reruns += 1;
                 tracing::debug!(%error, reruns, "unique race, rerunning the event");
@@ -177,14 +178,31 @@ pub async fn apply<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome
     }
 }
 
-async fn apply_alone<C: TransactionTrait>(db: &C, event: &Event) -> Result<Outcome, DbErr> {
+/// The outcome, or the reason the event's instance is refused (nothing written then).
+async fn apply_alone<C: TransactionTrait>(
+    db: &C,
+    event: &Event,
+) -> Result<Result<Outcome, String>, DbErr> {
     let txn = db.begin().await?;
-    let outcomes = apply_events(&txn, std::slice::from_ref(event)).await?;
+    let events = std::slice::from_ref(event);
+    if let Some((_, reason)) = crate::pin::admit(&txn, admitted(events)).await? {
+        txn.rollback().await?;
+        return Ok(Err(reason));
+    }
+    let outcomes = apply_events(&txn, events).await?;
     txn.commit().await?;
     outcomes
         .first()
         .copied()
+        .map(Ok)
         .ok_or_else(|| DbErr::Custom("no outcome for the event".into()))
+}
+
+/// Each event's `instance_id` and source label, for [`crate::pin::admit`].
+fn admitted(events: &[Event]) -> impl Iterator<Item = (Option<&str>, &str)> + Clone {
+    events
+        .iter()
+        .map(|event| (event.instance_id.as_deref(), event.source.as_str()))
 }
 
 /// Why a batch did not commit.
@@ -210,6 +228,14 @@ pub async fn apply_batch<C: TransactionTrait>(
         DbFailure::Race | DbFailure::Message => BatchFailure::Event(error),
     };
     let txn = db.begin().await.map_err(sort)?;
+    // An event of another instance: none is written; one by one, only that one is refused.
+    if let Some((_, reason)) = crate::pin::admit(&txn, admitted(events))
+        .await
+        .map_err(sort)?
+    {
+        txn.rollback().await.map_err(sort)?;
+        return Err(BatchFailure::Event(DbErr::Custom(reason)));
+    }
     let outcomes = apply_events(&txn, events).await.map_err(sort)?;
     txn.commit().await.map_err(sort)?;
     Ok(outcomes)

@@ -53,7 +53,8 @@ pub struct ClerkConfig {
     pub secret_key: SecretString,
     /// `CLERK_API_TIMEOUT_MS`: the limit of one request, connection and body included.
     pub timeout: Duration,
-    /// `CLERK_API_RATE_LIMIT` requests per [`RATE_WINDOW`] at most.
+    /// `CLERK_API_RATE_LIMIT` requests per [`RATE_WINDOW`] at most; unset, by the key's kind
+    /// ([`default_rate_limit`]).
     pub rate_limit: u32,
     /// Retries of a 5xx, a timeout or a connection failure before the call fails.
     pub retries: usize,
@@ -65,15 +66,26 @@ pub struct ClerkConfig {
 /// The window of `CLERK_API_RATE_LIMIT`, the one Clerk's own limits are stated in.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
+/// Clerk's Backend API limit per instance, by the kind of the key: 1000 requests per 10 s for a
+/// production instance (`sk_live_…`), 100 for a development one (`sk_test_…`); a key of neither
+/// kind gets the smaller.
+pub fn default_rate_limit(secret_key: &SecretString) -> u32 {
+    if secret_key.expose_secret().trim().starts_with("sk_live_") {
+        1000
+    } else {
+        100
+    }
+}
+
 impl ClerkConfig {
-    /// Production defaults around an API URL and a key: 30 s timeout, 90 requests per 10 s, five
-    /// retries from 500 ms up to 30 s.
+    /// Production defaults around an API URL and a key: 30 s timeout, the rate limit of the
+    /// key's kind ([`default_rate_limit`]), five retries from 500 ms up to 30 s.
     pub fn new(api_url: impl Into<String>, secret_key: SecretString) -> Self {
         Self {
             api_url: api_url.into(),
+            rate_limit: default_rate_limit(&secret_key),
             secret_key,
             timeout: Duration::from_secs(30),
-            rate_limit: 90,
             retries: 5,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
@@ -95,7 +107,7 @@ impl ClerkConfig {
                 reason: "not a URL like https://api.clerk.com".into(),
             });
         }
-        if settings.clerk_api_rate_limit == 0 {
+        if settings.clerk_api_rate_limit == Some(0) {
             return Err(shared::ConfigError::Malformed {
                 variable: "CLERK_API_RATE_LIMIT",
                 reason: "must be at least 1".into(),
@@ -107,10 +119,11 @@ impl ClerkConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let by_key = Self::new(api_url, secret_key);
         Ok(Self {
-            rate_limit: settings.clerk_api_rate_limit,
+            rate_limit: settings.clerk_api_rate_limit.unwrap_or(by_key.rate_limit),
             timeout: Duration::from_millis(settings.clerk_api_timeout_ms),
-            ..Self::new(api_url, secret_key)
+            ..by_key
         })
     }
 }
@@ -178,6 +191,15 @@ struct ErrorEntry {
     code: Option<String>,
     #[serde(default)]
     message: Option<String>,
+}
+
+/// `GET /v1/instance`: the instance a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct KeyInstance {
+    /// `ins_…`, the `instance_id` of the instance's webhook events.
+    pub id: String,
+    /// `development` or `production`.
+    pub environment_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,18 +285,18 @@ impl ClerkClient {
         }
     }
 
+    /// `GET /v1/instance`: the instance the key belongs to.
+    pub async fn instance(&self) -> Result<KeyInstance, ClerkError> {
+        let call = "GET /v1/instance";
+        let body = self.get(call, "/v1/instance", &[]).await?;
+        decode(call, &body)
+    }
+
     /// `GET /v1/users/count`: how many users the instance holds.
     pub async fn count_users(&self) -> Result<u64, ClerkError> {
         let call = "GET /v1/users/count";
         let body = self.get(call, "/v1/users/count", &[]).await?;
         Ok(decode::<TotalCount>(call, &body)?.total_count)
-    }
-
-    /// `GET /v1/instance`: the instance the key belongs to (`id`, `environment_type`, …).
-    pub async fn instance(&self) -> Result<Value, ClerkError> {
-        let call = "GET /v1/instance";
-        let body = self.get(call, "/v1/instance", &[]).await?;
-        decode(call, &body)
     }
 
     /// `GET /v1/users/{id}`: the user as Clerk holds it, or `None` when Clerk answers 404.
@@ -634,6 +656,29 @@ fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ClerkError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_limit_defaults_by_the_kind_of_key_and_the_setting_overrides_it() {
+        let settings = |key: &str, limit: Option<u32>| shared::Settings {
+            clerk_secret_key: Some(key.to_owned().into()),
+            clerk_api_rate_limit: limit,
+            ..shared::Settings::default()
+        };
+        let limit = |key, setting| {
+            ClerkConfig::from_settings(&settings(key, setting))
+                .expect("valid")
+                .rate_limit
+        };
+        assert_eq!(limit("sk_live_abc", None), 1000);
+        assert_eq!(limit("sk_test_abc", None), 100);
+        assert_eq!(limit("something_else", None), 100);
+        assert_eq!(limit("sk_live_abc", Some(250)), 250);
+        assert_eq!(limit("sk_test_abc", Some(250)), 250);
+        let line = ClerkConfig::from_settings(&settings("sk_live_abc", Some(0)))
+            .expect_err("zero")
+            .to_string();
+        assert!(line.contains("CLERK_API_RATE_LIMIT"), "{line}");
+    }
 
     #[test]
     fn a_config_never_shows_its_key() {

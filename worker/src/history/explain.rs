@@ -68,6 +68,8 @@ pub struct Explanation {
     pub dead_letters: Option<Vec<dlq::Summary>>,
     /// Why the dead letters were not read.
     pub dead_letters_unread: Option<String>,
+    /// The Clerk instance the database mirrors (`crate::pin`), if one is pinned.
+    pub instance: Option<crate::pin::PinnedInstance>,
 }
 
 /// One current membership, as `explain` lists it under its user or organization.
@@ -208,6 +210,7 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
         deleted_at,
         memberships,
         history,
+        instance: crate::pin::pinned_instance(db).await?,
         dead_letters: None,
         dead_letters_unread: None,
     })
@@ -317,6 +320,7 @@ pub fn concerns(body: &[u8], id: &str) -> bool {
 pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result<()> {
     let kind = explanation.kind.as_deref().unwrap_or("unknown kind");
     writeln!(out, "{kind} {}", explanation.id)?;
+    writeln!(out, "{}", crate::pin::show(explanation.instance.as_ref()))?;
 
     writeln!(out)?;
     match &explanation.row {

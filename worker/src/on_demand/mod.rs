@@ -413,8 +413,16 @@ impl Inner {
                         Err(apply::ApplyError::Transient(error)) => {
                             return Err(SyncError::DatabaseUnavailable(error));
                         }
-                        Err(apply::ApplyError::Message(error)) if n == 0 => {
+                        // Objects from the Backend API carry no `instance_id`, so none is
+                        // refused today; should one be, the call fails like a message error.
+                        Err(
+                            apply::ApplyError::Message(error)
+                            | apply::ApplyError::ForeignInstance(error),
+                        ) if n == 0 => {
                             return Err(SyncError::Failed(error));
+                        }
+                        Err(apply::ApplyError::ForeignInstance(error)) => {
+                            tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event of another instance; left out");
                         }
                         Err(apply::ApplyError::Message(error)) => {
                             tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event does not apply; left out");

@@ -52,6 +52,8 @@ impl MaxDelete {
     pub fn limit(self, rows: u64) -> u64 {
         match self {
             MaxDelete::Rows(n) => n,
+            // 0 % is nothing at all: the floor is for small tables, not for a refusal.
+            MaxDelete::Percent(p) if p <= 0.0 => 0,
             MaxDelete::Percent(p) => ((rows as f64 * p / 100.0).floor() as u64).max(Self::FLOOR),
         }
     }
@@ -141,6 +143,10 @@ mod tests {
         assert_eq!(default.limit(50), 10);
         assert_eq!(default.limit(1_000), 100);
         assert_eq!(MaxDelete::Rows(3).limit(1_000), 3);
+        // Zero is zero, as rows or as a share: the floor does not apply.
+        assert_eq!(MaxDelete::Rows(0).limit(1_000), 0);
+        assert_eq!("0%".parse::<MaxDelete>().expect("0%").limit(1_000), 0);
+        assert_eq!(MaxDelete::Percent(0.0).limit(5), 0);
         assert_eq!(default.to_string(), "10%");
     }
 }

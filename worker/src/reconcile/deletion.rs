@@ -1,7 +1,8 @@
 //! The deletion phase of a pass: only after a complete listing, every stored object that was
 //! not listed is confirmed gone on its own before it is deleted (as `WORKER_DELETE_MODE` says),
-//! within `--max-delete`. Rows kept after an earlier deletion are neither candidates nor part of
-//! the table the limit is a share of.
+//! within what is left of the run's deletion limits (`super::limits`), memberships that go with
+//! their owner included. Rows kept after an earlier deletion are neither candidates nor part of
+//! the table a limit is a share of.
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use serde_json::Value;
@@ -10,6 +11,7 @@ use crate::apply::{Event, Outcome, retry_read};
 use crate::clerk::ClerkError;
 use crate::commands::progress;
 
+use super::limits::{self, Budget};
 use super::pass::{Candidate, Pass, reconcile_event};
 use super::{Kind, PAGE_SIZE};
 
@@ -18,11 +20,11 @@ impl Pass<'_> {
     /// ones Clerk no longer has are deleted, unless there are more than the limit.
     pub(super) async fn delete_missing(
         &mut self,
-        stored_rows: u64,
+        budget: &mut Budget,
         progress: &mut progress::Progress,
     ) -> Result<(), String> {
         let name = self.kind.name();
-        let limit = self.options.max_delete.limit(stored_rows);
+        let limit = budget.left(self.kind);
         let candidates = self.missing().await?;
         if candidates.is_empty() {
             return Ok(());
@@ -46,18 +48,34 @@ impl Pass<'_> {
                 }
             }
             progress.advance(1);
-            if gone.len() as u64 > limit {
-                return Err(format!(
-                    "the deletion phase would remove more than {limit} {name} (--max-delete {}): \
-                     {} of the first {} of {} stored {name} missing from the listing are gone \
-                     from Clerk; no {name} were deleted. A key of another Clerk instance looks \
-                     like this; if the deletions are meant, run again with a higher --max-delete",
-                    self.options.max_delete,
+            if gone.len() as u64 > limit
+                && let Err(refused) = budget.take(self.kind, gone.len() as u64, 0)
+            {
+                let why = format!(
+                    "{}: {} of the first {} of {} stored {name} missing from the listing are \
+                     gone from Clerk. If the deletions are meant, run again with a higher \
+                     --max-delete",
+                    refused.reason,
                     gone.len(),
                     checked + 1,
                     candidates.len()
-                ));
+                );
+                self.refused = Some(limits::Refused {
+                    reason: why.clone(),
+                    ..refused
+                });
+                return Err(why);
             }
+        }
+        // What goes with them counts too: a user's or an organization's memberships.
+        let gone_ids: Vec<String> = gone.iter().map(|candidate| candidate.id.clone()).collect();
+        let with_them =
+            limits::memberships_going_with(self.db, self.kind, &gone_ids, self.deleted_before)
+                .await?;
+        if let Err(refused) = budget.take(self.kind, gone.len() as u64, with_them) {
+            let why = refused.reason.clone();
+            self.refused = Some(refused);
+            return Err(why);
         }
         // Objects that an offset walk skipped, or that were created while the listing ran.
         for chunk in still_there.chunks(PAGE_SIZE as usize) {

@@ -2,6 +2,11 @@
 //! brought (users or organizations created before the endpoint existed, an outage longer than
 //! Svix's retries, a purged dead letter).
 //!
+//! A run holds the reconcile lock ([`lock`]: the command and the schedule share it), then asks
+//! `GET /v1/instance` which Clerk instance the key belongs to and stops there, before any
+//! listing, when the database mirrors another one ([`instance::check_reconcile`]). The
+//! deletion limits of the run are counted once, when it starts ([`limits`]).
+//!
 //! A run has one pass per [`Kind`], in this order: users, organizations, memberships (a
 //! membership carries an organization snapshot, so its organization is best settled first).
 //! Each pass:
@@ -21,23 +26,27 @@
 //!    membership, its organization's memberships of its user not holding its id (404 for the
 //!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted,
 //!    tombstone written; an organization's memberships go with it); one still there is applied
-//!    instead. When more objects of the kind would be deleted than `--max-delete` allows,
-//!    nothing of the kind is deleted and the run fails: a key of another instance lists none
-//!    of the stored objects and answers 404 for all of them.
+//!    instead. When more objects of the kind would be deleted than what is left of its limit
+//!    (or, for users and organizations, more memberships with them than is left of the
+//!    memberships limit), nothing of the kind is deleted and the run fails.
 //!
 //! A listing that did not complete deletes nothing of its kind and fails the run; a pass that
 //! fails (that, a refused key, the deletion limit) ends the run, and the passes after it do not
 //! run. Objects that could not be read or written fail the run too, but only once every pass
 //! has run.
-
 //!
 //! The parts: [`args`] (the command's arguments and a run's options), [`report`] (the counts,
 //! the summary and the report), `pass` (one kind's listing and writes) and `deletion` (its
-//! deletion phase), [`runs`] (`reconcile_runs`), [`schedule`] (`WORKER_RECONCILE_INTERVAL`).
+//! deletion phase), [`limits`] (the deletion limits of a run), [`lock`] (one run at a time),
+//! [`instance`] (the key's instance), [`runs`] (`reconcile_runs`), [`schedule`]
+//! (`WORKER_RECONCILE_INTERVAL`).
 //! The Backend API client and its pages are [`crate::clerk`].
 
 pub mod args;
 mod deletion;
+pub mod instance;
+pub mod limits;
+pub mod lock;
 mod pass;
 pub mod report;
 mod runs;
@@ -145,6 +154,14 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
     let clerk = ClerkConfig::from_settings(settings)?;
     let client = ClerkClient::new(clerk).context("cannot set up the Backend API client")?;
     let db = commands::connect_command(settings, WRITERS as u32 + 1).await?;
+    let Some(lock) = lock::RunLock::try_take(&settings.database_url()?, settings.lock_timeout()?)
+        .await
+        .context("cannot take the reconcile lock (DATABASE_URL)")?
+    else {
+        let busy = lock::AnotherRunHoldsTheLock::describe(&db).await;
+        db.close().await.ok();
+        return Err(busy.into());
+    };
     let options = Options {
         progress_bar: args.shows_bar(settings),
         dry_run: args.dry_run,
@@ -154,12 +171,16 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         reading: Reading::from_settings(settings)?,
     };
     let report = reconcile(&db, &client, &options).await;
+    lock.release().await.ok();
     db.close().await.ok();
     commands::print(
         args.json,
         &report.summary,
         format!("{}\n", report.paragraph()),
     )?;
+    if let Some(wrong) = report.wrong_instance {
+        return Err(wrong.into());
+    }
     match report.failure {
         None => Ok(()),
         Some(why) => Err(anyhow::anyhow!("reconcile failed: {why}")),
@@ -195,14 +216,47 @@ async fn run(
             dry_run: options.dry_run,
             summary,
             failure: Some(format!("cannot record the run in reconcile_runs: {error}")),
+            wrong_instance: None,
         };
     }
+    // Before the first listing: the key must belong to the instance the database mirrors.
+    let checked = instance::check_reconcile(db, client, options.dry_run).await;
+    let budget = match checked {
+        Ok(_) => limits::Budget::at_start(db, options.max_delete).await,
+        Err(ref refusal) => Err(refusal.to_string()),
+    };
+    let mut budget = match budget {
+        Ok(budget) => budget,
+        Err(why) => {
+            summary.seconds = started.elapsed().as_secs_f64();
+            if !options.dry_run
+                && let Err(error) =
+                    runs::finish(db, &run_id, summary.counts_json(), Some(&why)).await
+            {
+                tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
+            }
+            tracing::error!(reason = %why, "reconcile stopped before its first listing");
+            return Report {
+                run_id,
+                dry_run: options.dry_run,
+                summary,
+                failure: Some(why),
+                wrong_instance: match checked {
+                    Err(instance::ReconcileRefusal::WrongInstance(wrong)) => Some(wrong),
+                    _ => None,
+                },
+            };
+        }
+    };
     let mut reasons = Vec::new();
     let mut dry_deleted = HashSet::new();
     for kind in Kind::ALL {
         let mut pass = Pass::new(kind, db, client, options, &run_id, &dry_deleted);
-        let result = pass.run().await;
+        let result = pass.run(&mut budget).await;
         *summary.of_mut(kind) = pass.counts;
+        if let Some(refused) = pass.refused.take() {
+            summary.refused.insert(kind.name(), refused);
+        }
         let shortfalls = pass.shortfalls();
         let would_delete = std::mem::take(&mut pass.would_delete);
         dry_deleted.extend(would_delete);
@@ -230,5 +284,6 @@ async fn run(
         dry_run: options.dry_run,
         summary,
         failure,
+        wrong_instance: None,
     }
 }

@@ -99,6 +99,8 @@ pub(super) struct Pass<'a> {
     pub(super) deleted_before: &'a HashSet<String>,
     /// In a dry run, the ids this pass counted as deleted.
     pub(super) would_delete: Vec<String>,
+    /// Set when a deletion limit refused this pass's deletion phase.
+    pub(super) refused: Option<super::limits::Refused>,
 }
 
 impl<'a> Pass<'a> {
@@ -122,17 +124,14 @@ impl<'a> Pass<'a> {
             failed: Vec::new(),
             deleted_before,
             would_delete: Vec::new(),
+            refused: None,
         }
     }
 
     /// The listing, then the deletion phase. An error ends the run (the passes after this one
     /// do not run); objects that could not be read or written do not: see [`Pass::shortfalls`].
-    pub(super) async fn run(&mut self) -> Result<(), String> {
+    pub(super) async fn run(&mut self, budget: &mut super::limits::Budget) -> Result<(), String> {
         let name = self.kind.name();
-        let stored_rows = retry_read(&format!("counting the stored {name}"), || {
-            count_rows(self.db, self.kind)
-        })
-        .await?;
         // Users are counted first (also the first check of the key); the other listings say
         // their count on every page.
         let counted = match self.kind {
@@ -201,7 +200,7 @@ impl<'a> Pass<'a> {
             current = next;
         }
         if self.options.delete {
-            self.delete_missing(stored_rows, &mut progress).await?;
+            self.delete_missing(budget, &mut progress).await?;
         }
         Ok(())
     }
@@ -450,22 +449,4 @@ pub(super) fn reconcile_event(
     options
         .reading
         .read_object(Source::Reconcile, run_id, event_type, data)
-}
-
-/// The rows of the kind that are not deleted: those the deletion limit is a share of.
-async fn count_rows(db: &DatabaseConnection, kind: Kind) -> Result<u64, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!(
-                "SELECT count(*) AS n FROM {} WHERE deleted_at IS NULL",
-                kind.table()
-            ),
-        ))
-        .await?;
-    let n: i64 = match row {
-        Some(row) => row.try_get("", "n")?,
-        None => 0,
-    };
-    Ok(n.max(0) as u64)
 }

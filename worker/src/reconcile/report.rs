@@ -30,6 +30,10 @@ pub struct Summary {
     pub memberships: Counts,
     /// Wall time of the run.
     pub seconds: f64,
+    /// The kinds whose deletion phase a limit refused (nothing of them was deleted), by name;
+    /// absent when none was.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused: std::collections::BTreeMap<&'static str, super::limits::Refused>,
 }
 
 impl Summary {
@@ -70,6 +74,9 @@ pub struct Report {
     pub summary: Summary,
     /// Why the tables may not match the listing; `None` when they do.
     pub failure: Option<String>,
+    /// Set when the run stopped before its first listing because the key belongs to another
+    /// Clerk instance than the one the database mirrors (`failure` says the same).
+    pub wrong_instance: Option<super::instance::WrongInstance>,
 }
 
 impl Report {
@@ -90,9 +97,16 @@ impl Report {
                 let c = self.summary.of(kind);
                 let name = kind.name();
                 let capital = name[..1].to_uppercase() + &name[1..];
+                let refused = match self.summary.refused.get(name) {
+                    Some(refused) => format!(
+                        " (deletion refused by --max-delete: {} gone from Clerk kept)",
+                        refused.gone
+                    ),
+                    None => String::new(),
+                };
                 format!(
                     " {capital}: {} listed, {} created, {} updated, {} unchanged, {} stale, {} \
-                     deleted.",
+                     deleted{refused}.",
                     c.listed, c.created, c.updated, c.unchanged, c.stale, c.deleted
                 )
             })
@@ -134,6 +148,7 @@ mod tests {
                 ..Counts::default()
             },
             seconds: 1.5,
+            refused: Default::default(),
         };
         let zero = |listed, created, stale| {
             json!({"listed": listed, "created": created, "updated": 0, "unchanged": 0,
@@ -164,6 +179,7 @@ mod tests {
                 ..Summary::default()
             },
             failure: None,
+            wrong_instance: None,
         };
         let text = report.paragraph();
         assert!(text.contains("Dry run, nothing written"), "{text}");

@@ -1,25 +1,23 @@
 //! `WORKER_RECONCILE_INTERVAL`: a running worker reconciles when the latest run recorded in
 //! `reconcile_runs` (by any worker or command) started at least one interval ago, so restarts and
 //! replicas do not multiply the runs, and a first start with the setting on runs at once (the
-//! backfill). Only one worker runs it at a time: the run holds a transaction-scoped advisory
-//! lock on a connection of its own, which Postgres releases even if the worker dies.
+//! backfill). Only one run at a time, across workers and `worker reconcile` commands: the run
+//! holds the reconcile lock ([`super::lock`]); a worker that finds it taken leaves the run to
+//! its holder.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use secrecy::SecretString;
 
+use super::lock::RunLock;
 use super::{Options, Trigger, runs};
 use crate::apply::Reading;
 use crate::clerk::ClerkClient;
 use crate::config::ScheduledReconcile;
-use crate::database::connect_database;
 use crate::metrics::Metrics;
 use crate::stop::Stop;
-
-/// Any number fixed for the project: the advisory lock of a scheduled reconcile.
-const RECONCILE_LOCK: i64 = 0x636c_6b72_6563_6f6e; // "clkrecon"
 
 /// How long to wait before looking again after a failure to read the schedule or to take the
 /// lock, so a database outage does not make a busy loop.
@@ -94,19 +92,14 @@ async fn run_if_due(
     lock_timeout: Duration,
     metrics: &Metrics,
 ) -> Result<(), sea_orm::DbErr> {
-    let lock_db = connect_database(database_url, 1, lock_timeout).await?;
-    let txn = lock_db.begin().await?;
-    let locked: bool = txn
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!("SELECT pg_try_advisory_xact_lock({RECONCILE_LOCK}) AS locked"),
-        ))
-        .await?
-        .map(|row| row.try_get("", "locked"))
-        .transpose()?
-        .unwrap_or(false);
+    let Some(lock) = RunLock::try_take(database_url, lock_timeout).await? else {
+        tracing::info!(
+            "scheduled reconcile: another run holds the reconcile lock; leaving it to that one"
+        );
+        return Ok(());
+    };
     // Checked under the lock: another worker may have just finished a run.
-    if locked && due_in(runs::last_started(db).await?, schedule.interval).is_zero() {
+    if due_in(runs::last_started(db).await?, schedule.interval).is_zero() {
         let options = Options {
             trigger: Trigger::Schedule,
             reading: reading.clone(),
@@ -125,9 +118,7 @@ async fn run_if_due(
             }
         }
     }
-    txn.rollback().await?;
-    lock_db.close().await?;
-    Ok(())
+    lock.release().await
 }
 
 #[cfg(test)]

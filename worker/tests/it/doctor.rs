@@ -10,6 +10,12 @@ use test_support::clerk_api::{ClerkApi, INSTANCE_ID};
 use test_support::{TestDatabase, TestEnv, TestTopology, amqp_url};
 use worker::doctor::{Report, Verdict, diagnose};
 
+/// How many migrations there are: every one is applied, or pending.
+fn migrations() -> usize {
+    use migrations::MigratorTrait as _;
+    migrations::Migrator::migrations().len()
+}
+
 const KEY: &str = "sk_test_doctor_right_key";
 
 /// Settings for the doctor: this test's database, the shared broker and `topology`'s names.
@@ -103,13 +109,13 @@ async fn a_healthy_setup_passes_every_check() {
     assert!(
         line(&report, "database")
             .1
-            .contains("all 9 migrations applied")
+            .contains(&format!("all {} migrations applied", migrations()))
     );
     assert!(line(&report, "consumers").1.starts_with("1 on "));
     assert!(
         line(&report, "clerk key")
             .1
-            .ends_with(&format!("instance {INSTANCE_ID} (development)"))
+            .contains(&format!("instance {INSTANCE_ID} (development)"))
     );
     assert!(
         line(&report, "last reconcile")
@@ -181,7 +187,10 @@ async fn an_unmigrated_database_fails_and_stays_untouched() {
     let (verdict, detail) = line(&report, "database");
     assert_eq!(verdict, Verdict::Fail);
     assert!(
-        detail.ends_with("9 of 9 migrations pending, from m20261127_000001_create_users"),
+        detail.ends_with(&format!(
+            "{0} of {0} migrations pending, from m20261127_000001_create_users",
+            migrations()
+        )),
         "{detail}"
     );
     assert_eq!(line(&report, "last event").0, Verdict::Skip);
@@ -321,4 +330,39 @@ async fn unreachable_services_fail_and_what_needs_them_is_skipped() {
     ] {
         assert_eq!(line(&report, check).0, Verdict::Skip, "{check}");
     }
+}
+
+/// A key of another instance than the one the database mirrors fails the `clerk key` line,
+/// which names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_instance_than_the_pinned_one_fails() {
+    let database = TestDatabase::migrated().await;
+    let topology = TestTopology::declared().await;
+    database
+        .db
+        .execute_unprepared(
+            "INSERT INTO clerk_instance (id, environment_type, pinned_at, pinned_by) \
+             VALUES ('ins_production_pin', 'production', now(), 'reconcile')",
+        )
+        .await
+        .expect("pin");
+    let api = ClerkApi::start(KEY).await;
+    let report = diagnose(&shared::Settings {
+        clerk_secret_key: Some(KEY.to_owned().into()),
+        clerk_api_url: api.url().to_owned(),
+        ..settings(&database.url, &topology)
+    })
+    .await;
+
+    let (verdict, detail) = line(&report, "clerk key");
+    assert_eq!(verdict, Verdict::Fail, "{detail}");
+    assert!(
+        detail.contains(&format!("instance {INSTANCE_ID} (development)")),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("mirrors ins_production_pin (production"),
+        "{detail}"
+    );
+    assert!(!report.ok);
 }
