@@ -12,6 +12,7 @@ pub mod roles;
 pub mod table;
 pub mod telemetry;
 pub mod topology;
+pub mod trace_context;
 
 pub use backoff::Backoff;
 pub use broker::AmqpNodes;

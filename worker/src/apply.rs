@@ -309,6 +309,7 @@ async fn record_and_decide<C: ConnectionTrait>(
                 payload: event.payload.as_deref(),
                 svix_timestamp: event.svix_timestamp,
                 received_at: event.received_at,
+                trace_id: event.trace_id.as_deref(),
             }
         })
         .collect();
@@ -354,6 +355,8 @@ struct BatchRow<'a> {
     payload: Option<&'a str>,
     svix_timestamp: Option<DateTime<Utc>>,
     received_at: Option<DateTime<Utc>>,
+    /// The trace the event was handled in, when one was recorded.
+    trace_id: Option<&'a str>,
 }
 
 /// One statement for the whole batch (`$1`: a JSON array of `{ordinal, svix_id, event_type,
@@ -377,7 +380,7 @@ WITH batch AS ( \
   SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS b( \
     ordinal int, svix_id text, event_type text, user_id text, updated_at timestamptz, \
     deletes boolean, source text, subject_kind text, subject_id text, payload text, \
-    svix_timestamp timestamptz, received_at timestamptz)), \
+    svix_timestamp timestamptz, received_at timestamptz, trace_id text)), \
 standing AS ( \
   SELECT b.*, \
     (SELECT t.deleted_at FROM user_tombstones t WHERE t.id = b.user_id) AS tombstoned_at, \
@@ -405,9 +408,9 @@ decided AS ( \
   FROM standing s), \
 recorded AS ( \
   INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
-    subject_kind, subject_id, payload, svix_timestamp, received_at, reason) \
+    subject_kind, subject_id, payload, svix_timestamp, received_at, reason, trace_id) \
   SELECT svix_id, event_type, outcome, now(), source, subject_kind, subject_id, \
-    payload::jsonb, svix_timestamp, received_at, reason \
+    payload::jsonb, svix_timestamp, received_at, reason, trace_id \
   FROM decided ORDER BY ordinal \
   ON CONFLICT (svix_id) DO NOTHING \
   RETURNING svix_id, outcome), \

@@ -27,6 +27,9 @@ pub struct Event {
     pub svix_timestamp: Option<DateTime<Utc>>,
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
+    /// The trace the event was handled in, kept in its history row when the trace was sampled:
+    /// the `traceparent` header's, or the consumer span's (see `crate::trace`).
+    pub trace_id: Option<String>,
 }
 
 /// Where an event came from.
@@ -175,6 +178,9 @@ impl Event {
             received_at: header(properties, headers::RECEIVED_AT)
                 .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
                 .map(|at| at.with_timezone(&Utc)),
+            trace_id: shared::trace_context::remote_span(properties.headers().as_ref())
+                .filter(|span| span.is_sampled())
+                .map(|span| span.trace_id().to_string()),
         })
     }
 

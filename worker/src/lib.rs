@@ -20,6 +20,7 @@ mod prune;
 pub mod reconcile;
 mod startup;
 pub mod storage;
+mod trace;
 
 pub use apply::{ApplyError, Outcome};
 pub use config::WorkerConfig;

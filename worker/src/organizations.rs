@@ -141,8 +141,8 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
-               subject_kind, subject_id, payload, svix_timestamp, received_at) \
-             VALUES ($1, $2, $3, now(), $4, $5, $6, $7::jsonb, $8, $9) \
+               subject_kind, subject_id, payload, svix_timestamp, received_at, trace_id) \
+             VALUES ($1, $2, $3, now(), $4, $5, $6, $7::jsonb, $8, $9, $10) \
              ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id",
             [
                 event.svix_id.clone().into(),
@@ -154,6 +154,7 @@ pub(crate) async fn apply_event<C: ConnectionTrait>(
                 event.payload.clone().into(),
                 event.svix_timestamp.into(),
                 event.received_at.into(),
+                event.trace_id.clone().into(),
             ],
         ))
         .await?;

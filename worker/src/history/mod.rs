@@ -184,6 +184,7 @@ impl Pages {
     }
 
     /// The next page; empty at the end.
+    #[tracing::instrument(name = "read history page", level = "info", skip_all)]
     pub(crate) async fn next<C: ConnectionTrait>(
         &mut self,
         db: &C,

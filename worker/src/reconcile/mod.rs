@@ -492,6 +492,7 @@ enum Listing<'a> {
 }
 
 impl Listing<'_> {
+    #[tracing::instrument(name = "fetch page", level = "info", skip_all)]
     async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         match self {
             Listing::Cursor(pages) => pages.next().await,
@@ -672,6 +673,12 @@ impl<'a> Pass<'a> {
     /// Reads objects as events and compares them with what is stored; writes nothing and
     /// changes no count (see [`Pass::absorb_compared`]), so that it can run while an earlier
     /// page is written.
+    #[tracing::instrument(
+        name = "compare page",
+        level = "info",
+        skip_all,
+        fields(kind = self.kind.name(), objects = objects.len())
+    )]
     async fn prepare(
         &self,
         objects: Vec<Box<RawValue>>,
@@ -1057,6 +1064,7 @@ fn subject(action: &Action) -> &str {
 /// Applies events in one transaction, retrying it while the database fails on its own account;
 /// when one event fails on its own, the events are applied one by one so only that one fails
 /// (and is named in the second list). Also `worker replay` and `worker rebuild`'s way to apply.
+#[tracing::instrument(name = "write page", level = "info", skip_all, fields(events = events.len()))]
 pub(crate) async fn write<C: TransactionTrait>(
     db: &C,
     events: &[Event],
