@@ -122,7 +122,7 @@ impl Message {
 
 /// The producer span of one publish and its confirm, and the message with the span's trace
 /// context (`traceparent`, `tracestate`) added to its headers.
-fn producer_span(exchange: &str, message: Message) -> (tracing::Span, Message) {
+fn producer_span(exchange: &str, name: &str, message: Message) -> (tracing::Span, Message) {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let Message {
         routing_key,
@@ -132,7 +132,7 @@ fn producer_span(exchange: &str, message: Message) -> (tracing::Span, Message) {
     let span = tracing::info_span!(
         "publish",
         otel.kind = "producer",
-        otel.name = format!("{exchange} publish").as_str(),
+        otel.name = name,
         messaging.system = "rabbitmq",
         messaging.operation.type = "send",
         messaging.destination.name = exchange,
@@ -169,6 +169,8 @@ struct Shared {
     channel_count: usize,
     confirm_timeout: Duration,
     metrics: Metrics,
+    /// `<exchange> publish`: the name of the producer spans.
+    publish_span_name: String,
     /// The live connection and its channels; `None` while disconnected.
     link: RwLock<Option<Arc<Link>>>,
     /// Round-robin position in the channel pool.
@@ -198,6 +200,7 @@ impl Publisher {
     ) -> Self {
         let shared = Arc::new(Shared {
             nodes,
+            publish_span_name: format!("{} publish", topology.exchange),
             topology,
             channel_count: channel_count.max(1),
             confirm_timeout,
@@ -221,7 +224,11 @@ impl Publisher {
         if !shared::telemetry::enabled() {
             return self.publish_and_confirm(message).await;
         }
-        let (span, message) = producer_span(&self.shared.topology.exchange, message);
+        let (span, message) = producer_span(
+            &self.shared.topology.exchange,
+            &self.shared.publish_span_name,
+            message,
+        );
         let result = self
             .publish_and_confirm(message)
             .instrument(span.clone())

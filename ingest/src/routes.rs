@@ -238,9 +238,7 @@ fn request_span(request: &HttpRequest) -> tracing::Span {
         outcome = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&RequestHeaders(request))
-    });
+    let parent = shared::trace_context::extract_from(&RequestHeaders(request));
     // Only fails when the span is disabled or already started; neither is the case here.
     let _ = span.set_parent(parent);
     span

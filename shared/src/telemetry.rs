@@ -362,8 +362,11 @@ impl Telemetry {
         self.pipeline.as_ref().map(|pipeline| {
             tracing_opentelemetry::layer()
                 .with_tracer(pipeline.provider.tracer("clerk-sync"))
+                // Per span, each of these is attributes to build or timings to take on every
+                // poll; the span names and attributes say what and where already.
                 .with_threads(false)
                 .with_tracked_inactivity(false)
+                .with_location(false)
                 .with_filter(span_filter())
         })
     }

@@ -27,6 +27,12 @@ pub fn extract(headers: Option<&FieldTable>) -> opentelemetry::Context {
     }
 }
 
+/// The context any carrier of `traceparent`/`tracestate` (an HTTP request's headers, say)
+/// holds; an empty context when it holds none.
+pub fn extract_from(carrier: &dyn Extractor) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(carrier)
+}
+
 /// The span a message's headers name, when they carry a valid `traceparent`.
 pub fn remote_span(headers: Option<&FieldTable>) -> Option<SpanContext> {
     let cx = extract(headers);
