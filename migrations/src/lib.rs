@@ -19,6 +19,7 @@ mod m20261130_000003_index_processed_events_processed_at;
 mod m20261130_000004_create_organizations;
 mod m20261130_000005_create_reconcile_runs;
 mod m20261130_000006_extend_processed_events_into_history;
+mod m20261206_000001_add_processed_events_trace_id;
 
 /// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
 pub struct Migrator;
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000004_create_organizations::Migration),
             Box::new(m20261130_000005_create_reconcile_runs::Migration),
             Box::new(m20261130_000006_extend_processed_events_into_history::Migration),
+            Box::new(m20261206_000001_add_processed_events_trace_id::Migration),
         ]
     }
 }

@@ -285,6 +285,7 @@ pub async fn apply_changes(
             payload: None,
             svix_timestamp: None,
             received_at: None,
+            trace_id: None,
         })
         .collect();
     match worker::apply::apply_batch(db, &events).await {

@@ -36,6 +36,7 @@ pub mod reconcile;
 mod startup;
 mod stop;
 pub mod storage;
+mod trace;
 
 pub use apply::{ApplyError, Outcome};
 pub use config::WorkerConfig;

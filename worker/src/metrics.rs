@@ -169,6 +169,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(unknown_roles.clone()))?;
         registry.register(Box::new(broker_node.clone()))?;
+        shared::telemetry::register_metrics(&registry)?;
         Ok(Self {
             registry,
             events,

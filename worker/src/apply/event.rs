@@ -26,6 +26,9 @@ pub struct Message<'a> {
     pub received_at: Option<DateTime<Utc>>,
     /// Where it came from, kept in its history row.
     pub source: Source,
+    /// The trace it is handled in, kept in its history row: the delivery's `traceparent` when
+    /// that trace is sampled (the consumer's span replaces it when traces are exported).
+    pub trace_id: Option<String>,
 }
 
 impl<'a> Message<'a> {
@@ -37,6 +40,7 @@ impl<'a> Message<'a> {
             svix_timestamp: None,
             received_at: None,
             source,
+            trace_id: None,
         }
     }
 }
@@ -59,6 +63,9 @@ pub struct Event {
     pub svix_timestamp: Option<DateTime<Utc>>,
     /// The `received-at` header: when the ingest accepted it.
     pub received_at: Option<DateTime<Utc>>,
+    /// The trace the event was handled in, kept in its history row when the trace was sampled:
+    /// the `traceparent` header's, or the consumer span's (see `crate::trace`).
+    pub trace_id: Option<String>,
 }
 
 /// Where an event came from.
@@ -223,6 +230,7 @@ impl Event {
             payload: storable(body),
             svix_timestamp: message.svix_timestamp,
             received_at: message.received_at,
+            trace_id: message.trace_id.clone(),
         })
     }
 
@@ -251,6 +259,7 @@ mod tests {
             svix_timestamp: None,
             received_at: None,
             source: Source::Webhook,
+            trace_id: None,
         }
     }
 

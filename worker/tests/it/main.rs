@@ -18,5 +18,7 @@ mod pipeline_health;
 mod process;
 mod pruning;
 mod reconcile;
+mod tracing;
+mod tracing_stalled;
 mod unstorable_strings;
 mod waiting_at_start;
