@@ -19,6 +19,7 @@ use lapin::{
     PublisherConfirm,
 };
 use shared::{AmqpNodes, Topology, headers};
+use tracing::Instrument as _;
 
 use crate::error::DlqError;
 use crate::letter::DeadLetter;
@@ -168,13 +169,26 @@ pub enum RepublishError {
 pub struct PendingCopy {
     confirm: PublisherConfirm,
     queue: String,
+    /// The copy's producer span (none when spans are not exported), ended with the confirm.
+    span: tracing::Span,
 }
 
 impl PendingCopy {
     /// Waits for the broker's answer: `Ok` only when it took the copy into the worker queue.
     pub async fn confirmed(self) -> Result<(), RepublishError> {
-        let queue = self.queue;
-        let confirmation = tokio::time::timeout(BROKER_TIMEOUT, self.confirm)
+        let span = self.span;
+        let result = Self::answer(self.confirm, self.queue).await;
+        match &result {
+            Ok(()) => span.record("outcome", "confirmed"),
+            Err(error) => span
+                .record("outcome", error.to_string())
+                .record("otel.status_code", "ERROR"),
+        };
+        result
+    }
+
+    async fn answer(confirm: PublisherConfirm, queue: String) -> Result<(), RepublishError> {
+        let confirmation = tokio::time::timeout(BROKER_TIMEOUT, confirm)
             .await
             .map_err(|_| RepublishError::Timeout)?;
         match confirmation.map_err(RepublishError::Broker)? {
@@ -303,6 +317,7 @@ impl Session {
     /// worker counts its attempts afresh.
     pub async fn publish_copy(&self, letter: &DeadLetter) -> Result<PendingCopy, RepublishError> {
         let queue = self.topology.queue.clone();
+        let (span, properties) = replay_span(letter, &queue);
         let publish = self.channel.basic_publish(
             "".into(),
             queue.as_str().into(),
@@ -312,13 +327,18 @@ impl Session {
                 ..BasicPublishOptions::default()
             },
             letter.body(),
-            replay_properties(letter.properties()),
+            properties,
         );
         let confirm = tokio::time::timeout(BROKER_TIMEOUT, publish)
+            .instrument(span.clone())
             .await
             .map_err(|_| RepublishError::Timeout)?
             .map_err(RepublishError::Broker)?;
-        Ok(PendingCopy { confirm, queue })
+        Ok(PendingCopy {
+            confirm,
+            queue,
+            span,
+        })
     }
 
     /// Removes `letters` from the dead-letter queue for good, one acknowledgement each (never
@@ -407,6 +427,37 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
         .with_headers(kept)
         // A replay must survive a broker restart whatever the original said.
         .with_delivery_mode(2)
+}
+
+/// The copy's properties and, when spans are exported, its producer span: a new span in the
+/// command's trace, linked to the trace the letter's `traceparent` names (the event's first
+/// delivery and failure), whose own context replaces that `traceparent`, so the worker's handling
+/// of the copy continues the replay's trace.
+fn replay_span(letter: &DeadLetter, queue: &str) -> (tracing::Span, BasicProperties) {
+    let properties = replay_properties(letter.properties());
+    if !shared::telemetry::enabled() {
+        return (tracing::Span::none(), properties);
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::info_span!(
+        "dlq republish",
+        otel.kind = "producer",
+        otel.name = format!("{queue} publish").as_str(),
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = queue,
+        messaging.message.id = letter.summary().id.as_deref().unwrap_or_default(),
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(original) =
+        shared::trace_context::remote_span(letter.properties().headers().as_ref())
+    {
+        span.add_link(original);
+    }
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    shared::trace_context::inject(&span.context(), &mut headers);
+    (span, properties.with_headers(headers))
 }
 
 /// The ready messages of `queue`, by a passive declare (which creates nothing).

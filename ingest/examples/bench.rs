@@ -20,7 +20,11 @@
 //! cargo build --release -p ingest --bin ingest --example ingest-bench
 //! target/release/examples/ingest-bench --concurrency 64 --seconds 10
 //! target/release/examples/ingest-bench --processes 1,2 --rounds 3 --seconds 10
+//! target/release/examples/ingest-bench --channels 1 --trace-ratio 0.1
 //! ```
+//!
+//! With `--trace-ratio R` the ingest exports its traces (sampling R of them) to an OTLP receiver
+//! this benchmark runs, so the CPU figures include the tracing's cost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +42,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use shared::Topology;
 use test_support::http_load::{HttpClient, start_ingest, stop_process};
+use test_support::otlp::OtlpReceiver;
 use test_support::proc_stats;
 use test_support::signing::{SECRET, event_body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,6 +88,14 @@ struct Args {
     /// the ingest's peak RSS and how the valid events were answered.
     #[arg(long)]
     stalled: Option<usize>,
+    /// Export the ingest's traces, sampling this ratio of them (`OTEL_TRACES_SAMPLER=
+    /// parentbased_traceidratio`), to an OTLP receiver this benchmark runs (default: tracing
+    /// off, as without `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(long, value_name = "RATIO")]
+    trace_ratio: Option<f64>,
+    /// The receiver's address when `--trace-ratio` is given (set at start).
+    #[arg(skip)]
+    trace_endpoint: Option<String>,
 }
 
 /// What one run measured.
@@ -227,7 +240,9 @@ impl CpuUse {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let receiver = args.trace_ratio.map(|_| OtlpReceiver::start());
+    args.trace_endpoint = receiver.as_ref().map(|r| r.endpoint().to_owned());
     let ingest_binary = match &args.ingest {
         Some(path) => path.clone(),
         None => std::env::current_exe()?
@@ -273,6 +288,13 @@ async fn main() -> anyhow::Result<()> {
     };
     cleanup(&admin, &topology).await;
     let _ = connection.close(200, "bench done".into()).await;
+    if let (Some(receiver), Some(ratio)) = (&receiver, args.trace_ratio) {
+        println!(
+            "traces: sampling {ratio}, {} spans received in {} export requests",
+            receiver.spans().len(),
+            receiver.requests()
+        );
+    }
     result
 }
 
@@ -870,6 +892,11 @@ fn ingest_settings(args: &Args, channels: usize) -> Vec<(&'static str, String)> 
     let mut settings = vec![("INGEST_PUBLISH_CHANNELS", channels.to_string())];
     if let Some(workers) = args.workers {
         settings.push(("INGEST_WORKERS", workers.to_string()));
+    }
+    if let (Some(endpoint), Some(ratio)) = (&args.trace_endpoint, args.trace_ratio) {
+        settings.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+        settings.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()));
+        settings.push(("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()));
     }
     settings
 }

@@ -63,11 +63,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            shared::telemetry::init(settings.log_format);
+            let telemetry = shared::telemetry::init(&settings, "clerk-sync-ingest")?;
             let config = IngestConfig::from_settings(&settings)?;
             let application = Application::build(config).await?;
-            tracing::info!(port = application.port(), "ingest listening");
-            application.run_until_stopped().await?;
+            tracing::info!(
+                port = application.port(),
+                tracing = telemetry.is_on(),
+                "ingest listening"
+            );
+            let served = application.run_until_stopped().await;
+            telemetry.shutdown().await;
+            served?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SendExample {

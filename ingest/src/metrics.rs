@@ -136,6 +136,7 @@ impl Metrics {
         registry.register(Box::new(broker_reconnects.clone()))?;
         registry.register(Box::new(last_accepted.clone()))?;
         registry.register(Box::new(body_budget_used.clone()))?;
+        shared::telemetry::register_metrics(&registry)?;
         let outcomes = Outcome::ALL.map(|outcome| requests.with_label_values(&[outcome.label()]));
         for reason in crate::signature::VerifyError::REASONS {
             verification_failures.with_label_values(&[reason]);

@@ -21,6 +21,7 @@ use shared::headers::{RECEIVED_AT, SVIX_ID, SVIX_SIGNATURE, SVIX_TIMESTAMP};
 use shared::{AmqpNodes, Backoff, Topology};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::signature::SignedHeaders;
@@ -119,6 +120,42 @@ impl Message {
     }
 }
 
+/// The producer span of one publish and its confirm, and the message with the span's trace
+/// context (`traceparent`, `tracestate`) added to its headers.
+fn producer_span(exchange: &str, name: &str, message: Message) -> (tracing::Span, Message) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Message {
+        routing_key,
+        properties,
+        body,
+    } = message;
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        otel.name = name,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = exchange,
+        messaging.rabbitmq.destination.routing_key = routing_key.as_str(),
+        messaging.message.id = properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str)
+            .unwrap_or_default(),
+        messaging.message.body.size = body.len(),
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    shared::trace_context::inject(&span.context(), &mut headers);
+    let message = Message {
+        routing_key,
+        properties: properties.with_headers(headers),
+        body,
+    };
+    (span, message)
+}
+
 /// The publishing side of the ingest. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -132,6 +169,8 @@ struct Shared {
     channel_count: usize,
     confirm_timeout: Duration,
     metrics: Metrics,
+    /// `<exchange> publish`: the name of the producer spans.
+    publish_span_name: String,
     /// The live connection and its channels; `None` while disconnected.
     link: RwLock<Option<Arc<Link>>>,
     /// Round-robin position in the channel pool.
@@ -161,6 +200,7 @@ impl Publisher {
     ) -> Self {
         let shared = Arc::new(Shared {
             nodes,
+            publish_span_name: format!("{} publish", topology.exchange),
             topology,
             channel_count: channel_count.max(1),
             confirm_timeout,
@@ -181,6 +221,28 @@ impl Publisher {
     /// Publishes `message` and waits for the broker's confirm, at most the confirm timeout.
     /// `Ok` only when the broker acknowledged the message and did not return it.
     pub async fn publish(&self, message: Message) -> Result<(), PublishError> {
+        if !shared::telemetry::enabled() {
+            return self.publish_and_confirm(message).await;
+        }
+        let (span, message) = producer_span(
+            &self.shared.topology.exchange,
+            &self.shared.publish_span_name,
+            message,
+        );
+        let result = self
+            .publish_and_confirm(message)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(()) => span.record("outcome", "confirmed"),
+            Err(error) => span
+                .record("outcome", error.to_string())
+                .record("otel.status_code", "ERROR"),
+        };
+        result
+    }
+
+    async fn publish_and_confirm(&self, message: Message) -> Result<(), PublishError> {
         let channel = self.channel().ok_or(PublishError::NotConnected)?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.shared.confirm_timeout);

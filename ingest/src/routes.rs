@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use prometheus::IntGauge;
 use serde::Deserialize;
 use tokio::sync::{Semaphore, SemaphorePermit};
+use tracing::Instrument as _;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::publisher::{InvalidMessage, Message, PublishError, Publisher};
@@ -123,11 +124,26 @@ pub async fn webhook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebhookError> {
-    let result = accept(&request, payload, &state).await;
-    state.metrics.record(match &result {
+    let span = request_span(&request);
+    let result = accept(&request, payload, &state)
+        .instrument(span.clone())
+        .await;
+    let outcome = match &result {
         Ok(()) => Outcome::Accepted,
         Err(error) => error.outcome(),
-    });
+    };
+    state.metrics.record(outcome);
+    if !span.is_none() {
+        let status = match &result {
+            Ok(()) => StatusCode::OK,
+            Err(error) => error.status_code(),
+        };
+        span.record("outcome", outcome.label());
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     result.map(|()| {
         HttpResponse::Ok()
             .content_type(ContentType::json())
@@ -174,10 +190,16 @@ async fn accept(
             }
         })?;
 
+    if shared::telemetry::enabled() {
+        tracing::Span::current().record("svix_id", signed.id.as_str());
+    }
     let event_type = parse_event_type(&body).ok_or_else(|| {
         tracing::info!(svix_id = %signed.id, "signed body is not an event");
         WebhookError::NotAnEvent
     })?;
+    if shared::telemetry::enabled() {
+        tracing::Span::current().record("event_type", &*event_type);
+    }
     // The message shares the body's bytes (a reference count, not a copy).
     let message = Message::new(&event_type, &signed, body.clone(), received_at)?;
     match state.publisher.publish(message).await {
@@ -194,6 +216,47 @@ async fn accept(
             );
             Err(WebhookError::Unavailable(error))
         }
+    }
+}
+
+/// The request's span when spans are exported (none otherwise, at no cost): it continues the
+/// trace of an incoming `traceparent`, and gets the svix-id, the event type, the outcome and the
+/// status code as they become known.
+fn request_span(request: &HttpRequest) -> tracing::Span {
+    if !shared::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::info_span!(
+        "POST /api/webhooks",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/api/webhooks",
+        http.response.status_code = tracing::field::Empty,
+        svix_id = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let parent = shared::trace_context::extract_from(&RequestHeaders(request));
+    // Only fails when the span is disabled or already started; neither is the case here.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// A request's headers as the trace context propagator reads them.
+struct RequestHeaders<'a>(&'a HttpRequest);
+
+impl opentelemetry::propagation::Extractor for RequestHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .headers()
+            .get(key)
+            .and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.headers().keys().map(|name| name.as_str()).collect()
     }
 }
 

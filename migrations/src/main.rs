@@ -65,7 +65,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shared::telemetry::init(settings.log_format);
+    let telemetry = match shared::telemetry::init(&settings, "clerk-sync-migrations") {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -74,7 +80,9 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Up { num: None });
-    match runtime.block_on(migrate(database_url.expose_secret(), lock_timeout, command)) {
+    let migrated = runtime.block_on(migrate(database_url.expose_secret(), lock_timeout, command));
+    runtime.block_on(telemetry.shutdown());
+    match migrated {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error:#}");

@@ -62,6 +62,36 @@ pub struct Settings {
     /// `LOG_FORMAT`: `pretty` (default) or `json`.
     pub log_format: LogFormat,
 
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: the OTLP/HTTP collector traces are exported to, e.g.
+    /// `http://collector:4318` (`/v1/traces` is appended). Unset (the default): no tracing.
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`: headers sent with every export, `key=value` pairs separated
+    /// by commas (a tracing backend's API key, say). Never logged.
+    #[serde(serialize_with = "redacted")]
+    pub otel_exporter_otlp_headers: Option<SecretString>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`, the only one supported (the default).
+    pub otel_exporter_otlp_protocol: String,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT`: milliseconds one export may take, retries included; the
+    /// flush at shutdown waits this long and a second at most (default 10000).
+    pub otel_exporter_otlp_timeout: u64,
+    /// `OTEL_SERVICE_NAME`: the service name on exported spans (default: `clerk-sync-ingest`,
+    /// `clerk-sync-worker`, `clerk-sync-migrations`).
+    pub otel_service_name: Option<String>,
+    /// `OTEL_TRACES_SAMPLER`: `parentbased_always_on` (default), `parentbased_traceidratio`,
+    /// `traceidratio`, `always_on`, `always_off` or `parentbased_always_off`.
+    pub otel_traces_sampler: String,
+    /// `OTEL_TRACES_SAMPLER_ARG`: the ratio of the ratio samplers, 0 to 1 (default 1).
+    pub otel_traces_sampler_arg: Option<String>,
+    /// `OTEL_RESOURCE_ATTRIBUTES`: extra resource attributes, `key=value` pairs separated by
+    /// commas, e.g. `deployment.environment=production`.
+    pub otel_resource_attributes: Option<String>,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`: finished spans waiting for export at most; beyond it spans are
+    /// dropped and counted in `clerk_sync_trace_spans_dropped_total` (default 2048).
+    pub otel_bsp_max_queue_size: usize,
+    /// `OTEL_BSP_SCHEDULE_DELAY`: milliseconds between two exports of the spans gathered
+    /// (default 5000; a full batch of 512 goes at once).
+    pub otel_bsp_schedule_delay: u64,
+
     /// `AMQP_EXCHANGE`: the topic exchange (default `clerk.events`).
     pub amqp_exchange: String,
     /// `AMQP_QUEUE`: the worker's quorum queue (default `clerk.events.worker`).
@@ -194,6 +224,16 @@ impl Default for Settings {
             amqp_url: None,
             database_url: None,
             log_format: LogFormat::Pretty,
+            otel_exporter_otlp_endpoint: None,
+            otel_exporter_otlp_headers: None,
+            otel_exporter_otlp_protocol: "http/protobuf".into(),
+            otel_exporter_otlp_timeout: 10_000,
+            otel_service_name: None,
+            otel_traces_sampler: "parentbased_always_on".into(),
+            otel_traces_sampler_arg: None,
+            otel_resource_attributes: None,
+            otel_bsp_max_queue_size: 2048,
+            otel_bsp_schedule_delay: 5_000,
             amqp_exchange: topology.exchange,
             amqp_queue: topology.queue,
             amqp_dead_queue: topology.dead_queue,

@@ -14,6 +14,7 @@ pub mod sanitize;
 pub mod table;
 pub mod telemetry;
 pub mod topology;
+pub mod trace_context;
 
 pub use backoff::Backoff;
 pub use broker::AmqpNodes;

@@ -14,6 +14,7 @@
 //!   the benchmarks.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`clerk_api`]: a stand-in for Clerk's Backend API, for `worker reconcile`.
+//! - [`otlp`]: a real OTLP/HTTP trace receiver that keeps what it gets, and can stall.
 //! - [`proc_stats`]: CPU time, peak memory and load from `/proc`, for the benchmarks.
 
 pub mod broker;
@@ -23,6 +24,7 @@ pub mod events;
 pub mod http;
 pub mod http_load;
 pub mod ingest;
+pub mod otlp;
 pub mod proc_stats;
 pub mod proxy;
 pub mod rows;

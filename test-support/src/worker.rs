@@ -291,6 +291,7 @@ pub async fn apply_changes(
             received_at: None,
             delete_mode: worker::apply::DeleteMode::Hard,
             instance_id: None,
+            trace_id: None,
         })
         .collect();
     match worker::apply::apply_batch(db, &events).await {

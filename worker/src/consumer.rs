@@ -236,6 +236,9 @@ fn span_for(delivery: &Delivery) -> tracing::Span {
         .as_ref()
         .map(|kind| kind.to_string())
         .unwrap_or_else(|| delivery.routing_key.to_string());
+    if shared::telemetry::enabled() {
+        return crate::trace::consumer_span(delivery, &svix_id, &event_type);
+    }
     tracing::info_span!("event", svix_id = %svix_id, r#type = %event_type)
 }
 
@@ -254,7 +257,10 @@ impl Handler {
                 .reading
                 .read(&message(&delivery.data, &delivery.properties))
             {
-                Ok(event) => {
+                Ok(mut event) => {
+                    if shared::telemetry::enabled() {
+                        event.trace_id = crate::trace::trace_id(&span).or(event.trace_id);
+                    }
                     held.push((delivery, span));
                     events.push(event);
                 }
@@ -275,7 +281,15 @@ impl Handler {
         let mut retry = 0;
         loop {
             let started = Instant::now();
-            match apply::apply_batch(&self.db, &events).await {
+            let batch_span = if shared::telemetry::enabled() {
+                crate::trace::batch_span(&held.iter().map(|(_, span)| span).collect::<Vec<_>>())
+            } else {
+                tracing::Span::none()
+            };
+            match apply::apply_batch(&self.db, &events)
+                .instrument(batch_span)
+                .await
+            {
                 Ok(outcomes) => {
                     self.metrics
                         .apply_seconds
@@ -285,6 +299,7 @@ impl Handler {
                         held.iter().zip(events.iter().zip(outcomes))
                     {
                         span.in_scope(|| report(&self.metrics, event, outcome));
+                        crate::trace::record_outcome(span, event, outcome);
                         delivery.done();
                     }
                     return;
@@ -343,6 +358,7 @@ impl Handler {
 
     fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
         report(&self.metrics, event, outcome);
+        crate::trace::record_outcome(&tracing::Span::current(), event, outcome);
         delivery.done();
     }
 
@@ -387,6 +403,7 @@ impl Handler {
     ) {
         let handler = self.clone();
         let working = working.clone();
+        span.record("outcome", "retried");
         delivery.park();
         handler.metrics.retry_waiting.inc();
         tokio::spawn(
@@ -419,7 +436,13 @@ impl Handler {
                 .reading
                 .read(&message(&delivery.data, &delivery.properties))
             {
-                Ok(event) => event,
+                Ok(mut event) => {
+                    if shared::telemetry::enabled() {
+                        let span = tracing::Span::current();
+                        event.trace_id = crate::trace::trace_id(&span).or(event.trace_id);
+                    }
+                    event
+                }
                 Err(ReadError::Message(again)) => {
                     reason = again;
                     continue;
@@ -474,6 +497,9 @@ impl Handler {
                         .or_else(|| delivery.properties.kind().as_ref().map(|k| k.to_string()))
                         .unwrap_or_else(|| "unknown".into());
                     self.metrics.event(&event_type, "dead_lettered");
+                    tracing::Span::current()
+                        .record("outcome", "dead_lettered")
+                        .record("otel.status_code", "ERROR");
                     tracing::error!(kind = kind.as_str(), attempts, error = %reason, "dead-lettered");
                     delivery.done();
                     return;

@@ -9,7 +9,8 @@ use shared::headers;
 use crate::apply::{Message, Source};
 
 /// What a delivery hands the door: its body and what the ingest put in its properties (the
-/// `svix-id` header, else the message id; the `svix-timestamp` and `received-at` headers).
+/// `svix-id` header, else the message id; the `svix-timestamp` and `received-at` headers; the
+/// trace of a sampled `traceparent` header).
 pub(crate) fn message<'a>(body: &'a [u8], properties: &BasicProperties) -> Message<'a> {
     Message {
         body,
@@ -22,6 +23,9 @@ pub(crate) fn message<'a>(body: &'a [u8], properties: &BasicProperties) -> Messa
             .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
             .map(|at| at.with_timezone(&Utc)),
         source: Source::Webhook,
+        trace_id: shared::trace_context::remote_span(properties.headers().as_ref())
+            .filter(|span| span.is_sampled())
+            .map(|span| span.trace_id().to_string()),
     }
 }
 

@@ -41,6 +41,7 @@ pub mod reconcile;
 mod startup;
 mod stop;
 pub mod storage;
+mod trace;
 
 pub use apply::{ApplyError, Outcome};
 pub use config::WorkerConfig;

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing::Instrument as _;
+
+/// The service name of the worker's spans unless `OTEL_SERVICE_NAME` says otherwise.
+const SERVICE: &str = "clerk-sync-worker";
 
 // Reading an event builds and drops a tree of JSON values, and a reconcile does so for every
 // listed object: with glibc's allocator, allocating took about half of the worker's CPU time
@@ -67,6 +71,17 @@ impl Command {
     }
 }
 
+/// The root span of a command's run, with its error when it fails.
+macro_rules! run_span {
+    ($name:literal) => {
+        tracing::info_span!(
+            $name,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty
+        )
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match shared::Settings::load(cli.config.as_deref()) {
@@ -76,11 +91,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if cli.command.as_ref().is_some_and(|c| c.shows_bar(&settings)) {
-        worker::commands::progress::init_telemetry_with_bar();
+    let telemetry = if cli.command.as_ref().is_some_and(|c| c.shows_bar(&settings)) {
+        worker::commands::progress::init_telemetry_with_bar(&settings, SERVICE)
     } else {
-        shared::telemetry::init(settings.log_format);
-    }
+        shared::telemetry::init(&settings, SERVICE)
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -88,19 +110,47 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run) {
-            Command::Run => worker::run(settings).await,
-            Command::Dlq(command) => dlq::execute(&settings, command).await,
-            Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
-            Command::Replay(args) => worker::history::replay::execute(&settings, args).await,
-            Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
-            Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
-            Command::Events(command) => worker::history::list::execute(&settings, command).await,
-            Command::Doctor(args) => worker::doctor::execute(&settings, args).await,
-            Command::Instance(command) => worker::instance::execute(&settings, command).await,
+    let command = cli.command.unwrap_or(Command::Run);
+    // One trace per command run (the consumer's traces are per event instead).
+    let span = match &command {
+        Command::Run => tracing::Span::none(),
+        Command::Dlq(dlq::DlqCommand::List { .. }) => run_span!("worker dlq list"),
+        Command::Dlq(dlq::DlqCommand::Show { .. }) => run_span!("worker dlq show"),
+        Command::Dlq(dlq::DlqCommand::Replay(_)) => run_span!("worker dlq replay"),
+        Command::Dlq(dlq::DlqCommand::Purge { .. }) => run_span!("worker dlq purge"),
+        Command::Reconcile(_) => run_span!("worker reconcile"),
+        Command::Replay(_) => run_span!("worker replay"),
+        Command::Rebuild(_) => run_span!("worker rebuild"),
+        Command::Explain(_) => run_span!("worker explain"),
+        Command::Events(_) => run_span!("worker events"),
+        Command::Doctor(_) => run_span!("worker doctor"),
+        Command::Instance(_) => run_span!("worker instance"),
+    };
+    let result = runtime.block_on(
+        async {
+            let result = match command {
+                Command::Run => worker::run(settings).await,
+                Command::Dlq(command) => dlq::execute(&settings, command).await,
+                Command::Reconcile(args) => worker::reconcile::execute(&settings, args).await,
+                Command::Replay(args) => worker::history::replay::execute(&settings, args).await,
+                Command::Rebuild(args) => worker::history::rebuild::execute(&settings, args).await,
+                Command::Explain(args) => worker::history::explain::execute(&settings, args).await,
+                Command::Events(command) => {
+                    worker::history::list::execute(&settings, command).await
+                }
+                Command::Doctor(args) => worker::doctor::execute(&settings, args).await,
+                Command::Instance(command) => worker::instance::execute(&settings, command).await,
+            };
+            if let Err(error) = &result {
+                tracing::Span::current()
+                    .record("otel.status_code", "ERROR")
+                    .record("error", format!("{error:#}"));
+            }
+            result
         }
-    });
+        .instrument(span),
+    );
+    runtime.block_on(telemetry.shutdown());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -177,6 +177,7 @@ impl Metrics {
             "Events of another Clerk instance than the pinned one, dead-lettered unapplied.",
         )?;
         registry.register(Box::new(foreign_instance_events.clone()))?;
+        shared::telemetry::register_metrics(&registry)?;
         Ok(Self {
             registry,
             events,

@@ -2,7 +2,6 @@
 //! known sources; `down` takes it back out.
 
 use migrations::{Migrator, MigratorTrait};
-use sea_orm_migration::MigrationName;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 use test_support::TestDatabase;
 

@@ -27,6 +27,9 @@ pub struct Message<'a> {
     pub received_at: Option<DateTime<Utc>>,
     /// Where it came from, kept in its history row.
     pub source: Source,
+    /// The trace it is handled in, kept in its history row: the delivery's `traceparent` when
+    /// that trace is sampled (the consumer's span replaces it when traces are exported).
+    pub trace_id: Option<String>,
 }
 
 impl<'a> Message<'a> {
@@ -38,6 +41,7 @@ impl<'a> Message<'a> {
             svix_timestamp: None,
             received_at: None,
             source,
+            trace_id: None,
         }
     }
 }
@@ -66,6 +70,9 @@ pub struct Event {
     /// The envelope's `instance_id`: the Clerk instance it comes from, if it says
     /// (`crate::pin`).
     pub instance_id: Option<String>,
+    /// The trace the event was handled in, kept in its history row when the trace was sampled:
+    /// the `traceparent` header's, or the consumer span's (see `crate::trace`).
+    pub trace_id: Option<String>,
 }
 
 /// Where an event came from.
@@ -232,6 +239,7 @@ impl Event {
             svix_timestamp: message.svix_timestamp,
             received_at: message.received_at,
             delete_mode: DeleteMode::Hard,
+            trace_id: message.trace_id.clone(),
         })
     }
 
@@ -268,6 +276,7 @@ mod tests {
             svix_timestamp: None,
             received_at: None,
             source: Source::Webhook,
+            trace_id: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The history writer: every handled event becomes one `processed_events` row (svix-id, type,
-//! outcome and its reason, source, subject, payload, times), in the statement that decides its
-//! outcome and in the same transaction as its effect. One row type and one `INSERT` for every
+//! outcome and its reason, source, subject, payload, times, trace id), in the statement that
+//! decides its outcome and in the same transaction as its effect. One row type and one `INSERT` for every
 //! rule: the users' batch statement and the organizations' and memberships' one-by-one path
 //! both write through [`insert`].
 
@@ -15,7 +15,7 @@ use super::event::Event;
 /// The columns of a JSON array of [`Row`]s, as `jsonb_to_recordset` reads them.
 pub(super) const ROW_COLUMNS: &str = "ordinal int, svix_id text, event_type text, source text, \
      subject_kind text, subject_id text, payload text, svix_timestamp timestamptz, \
-     received_at timestamptz";
+     received_at timestamptz, trace_id text";
 
 /// An event as its history row holds it (the outcome and its reason are decided in SQL).
 #[derive(Serialize)]
@@ -31,6 +31,8 @@ pub(super) struct Row<'a> {
     payload: Option<&'a str>,
     svix_timestamp: Option<DateTime<Utc>>,
     received_at: Option<DateTime<Utc>>,
+    /// The trace the event was handled in, when one was recorded.
+    trace_id: Option<&'a str>,
 }
 
 impl<'a> Row<'a> {
@@ -46,6 +48,7 @@ impl<'a> Row<'a> {
             payload: event.payload.as_deref(),
             svix_timestamp: event.svix_timestamp,
             received_at: event.received_at,
+            trace_id: event.trace_id.as_deref(),
         }
     }
 }
@@ -56,9 +59,9 @@ impl<'a> Row<'a> {
 pub(super) fn insert(from: &str) -> String {
     format!(
         "INSERT INTO processed_events (svix_id, event_type, outcome, processed_at, source, \
-           subject_kind, subject_id, payload, svix_timestamp, received_at, reason) \
+           subject_kind, subject_id, payload, svix_timestamp, received_at, reason, trace_id) \
          SELECT svix_id, event_type, outcome, now(), source, subject_kind, subject_id, \
-           payload::jsonb, svix_timestamp, received_at, reason \
+           payload::jsonb, svix_timestamp, received_at, reason, trace_id \
          FROM {from} ORDER BY ordinal \
          ON CONFLICT (svix_id) DO NOTHING \
          RETURNING svix_id, outcome"

@@ -309,6 +309,7 @@ pub type Written = (Vec<Option<Outcome>>, Vec<String>);
 /// one by one so only that one fails (and is named in the second list). The commands' way to
 /// apply (`worker reconcile`, `replay`, `rebuild`); the consumer, which retries each delivery
 /// on its own schedule, composes [`apply_batch`] and [`apply`] itself.
+#[tracing::instrument(name = "write page", level = "info", skip_all, fields(events = events.len()))]
 pub async fn write<C: TransactionTrait>(db: &C, events: &[Event]) -> Result<Written, String> {
     let mut retries = 0;
     loop {

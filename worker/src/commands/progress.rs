@@ -25,18 +25,27 @@ pub fn shows_bar(settings: &shared::Settings, json: bool) -> bool {
 }
 
 /// Installs the global subscriber of a command with a bar on a terminal: the usual human-readable
-/// lines, written through the bar's writer, and the bar of the one span that asks for it.
-pub fn init_telemetry_with_bar() {
+/// lines, written through the bar's writer, the bar of the one span that asks for it, and the
+/// trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+pub fn init_telemetry_with_bar(
+    settings: &shared::Settings,
+    service: &str,
+) -> Result<shared::telemetry::Telemetry, shared::ConfigError> {
+    use shared::telemetry::{Telemetry, TraceSettings};
+    let telemetry = Telemetry::start(TraceSettings::from_settings(settings, service)?);
     let bars = IndicatifLayer::new()
         .with_span_field_formatter(hide_indicatif_span_fields(DefaultFields::new()));
     let lines = tracing_subscriber::fmt::layer()
         .with_writer(bars.get_stderr_writer())
         .with_filter(shared::telemetry::filter());
     // `try_init`: harmless when a subscriber is already set.
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(lines)
         .with(bars.with_filter(IndicatifFilter::new(false)))
-        .try_init();
+        .with(telemetry.layer())
+        .try_init()
+        .is_ok();
+    Ok(telemetry.installed(installed))
 }
 
 /// Reports how far a pass is.

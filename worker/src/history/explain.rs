@@ -180,6 +180,7 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
     .into_iter()
     .map(Event::from)
     .collect();
+    let history = with_trace_ids(db, history).await?;
     // Only the history names the kind of an id whose row and tombstone are gone (pruned or
     // never written).
     let kind = kind.or_else(|| history.iter().find_map(|event| event.subject_kind.clone()));
@@ -214,6 +215,36 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
         dead_letters: None,
         dead_letters_unread: None,
     })
+}
+
+/// The history rows with the trace ids recorded for them (`processed_events.trace_id`).
+async fn with_trace_ids(
+    db: &DatabaseConnection,
+    mut history: Vec<Event>,
+) -> Result<Vec<Event>, DbErr> {
+    let ids: Vec<String> = history.iter().map(|event| event.svix_id.clone()).collect();
+    if ids.is_empty() {
+        return Ok(history);
+    }
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT svix_id, trace_id FROM processed_events \
+             WHERE svix_id = ANY($1) AND trace_id IS NOT NULL",
+            [ids.into()],
+        ))
+        .await?;
+    let mut traces = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        traces.insert(
+            row.try_get::<String>("", "svix_id")?,
+            row.try_get::<String>("", "trace_id")?,
+        );
+    }
+    for event in &mut history {
+        event.trace_id = traces.remove(&event.svix_id);
+    }
+    Ok(history)
 }
 
 /// For each kind, the row and the tombstone with that id; only kinds with either are returned,
@@ -402,6 +433,25 @@ pub fn write_text(out: &mut impl Write, explanation: &Explanation) -> io::Result
     writeln!(out, "history ({events}, oldest first):")?;
     if !explanation.history.is_empty() {
         write_table(out, &explanation.history)?;
+        let traced: Vec<&Event> = explanation
+            .history
+            .iter()
+            .filter(|event| event.trace_id.is_some())
+            .collect();
+        if !traced.is_empty() {
+            writeln!(out)?;
+            writeln!(out, "traces:")?;
+            let rows: Vec<Vec<String>> = traced
+                .iter()
+                .map(|event| {
+                    vec![
+                        event.svix_id.clone(),
+                        event.trace_id.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            shared::table::write(out, &["SVIX-ID", "TRACE ID"], &rows)?;
+        }
     }
 
     writeln!(out)?;

@@ -74,6 +74,9 @@ pub struct Event {
     pub received_at: Option<String>,
     /// The body as delivered; null when payloads are not stored.
     pub payload: Option<Value>,
+    /// The trace the event was handled in, where one was recorded (read by `explain`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl From<processed_events::Model> for Event {
@@ -90,6 +93,7 @@ impl From<processed_events::Model> for Event {
             svix_timestamp: row.svix_timestamp.as_ref().map(utc),
             received_at: row.received_at.as_ref().map(utc),
             payload: row.payload,
+            trace_id: None,
         }
     }
 }

@@ -125,6 +125,7 @@ pub fn event_from_row(
         svix_timestamp: row.svix_timestamp.map(|at| at.with_timezone(&Utc)),
         received_at: row.received_at.map(|at| at.with_timezone(&Utc)),
         source: Source::Replay,
+        trace_id: None,
     };
     Some(reading.read(&message))
 }
@@ -174,6 +175,7 @@ impl Pages {
     }
 
     /// The next page; empty at the end.
+    #[tracing::instrument(name = "read history page", level = "info", skip_all)]
     pub(crate) async fn next<C: ConnectionTrait>(
         &mut self,
         db: &C,

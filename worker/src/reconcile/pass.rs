@@ -64,6 +64,7 @@ enum Listing<'a> {
 }
 
 impl Listing<'_> {
+    #[tracing::instrument(name = "fetch page", level = "info", skip_all)]
     async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         match self {
             Listing::Cursor(pages) => pages.next().await,
@@ -243,6 +244,12 @@ impl<'a> Pass<'a> {
     /// Reads objects as events and compares them with what is stored; writes nothing and
     /// changes no count (see [`Pass::absorb_compared`]), so that it can run while an earlier
     /// page is written.
+    #[tracing::instrument(
+        name = "compare page",
+        level = "info",
+        skip_all,
+        fields(kind = self.kind.name(), objects = objects.len())
+    )]
     async fn prepare(
         &self,
         objects: Vec<Box<RawValue>>,

@@ -23,5 +23,7 @@ mod pruning;
 mod reconcile;
 mod reconcile_instance;
 mod reconcile_limits;
+mod tracing;
+mod tracing_stalled;
 mod unstorable_strings;
 mod waiting_at_start;
