@@ -23,6 +23,7 @@ mod m20261206_000001_allow_on_demand_source;
 mod m20261206_000030_create_clerk_instance;
 mod m20261206_000040_add_deleted_at;
 mod m20261206_000050_add_processed_events_trace_id;
+mod m20261206_000060_reconcile_resume;
 
 /// Every migration, oldest first. Never edit one that has been applied anywhere; add a new one.
 pub struct Migrator;
@@ -44,6 +45,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000030_create_clerk_instance::Migration),
             Box::new(m20261206_000040_add_deleted_at::Migration),
             Box::new(m20261206_000050_add_processed_events_trace_id::Migration),
+            Box::new(m20261206_000060_reconcile_resume::Migration),
         ]
     }
 }

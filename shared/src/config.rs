@@ -159,6 +159,10 @@ pub struct Settings {
     /// `WORKER_RECONCILE_INTERVAL`: how often a running worker reconciles from Clerk's Backend
     /// API, e.g. `24h` (humantime; unset or empty: never). Needs `CLERK_SECRET_KEY`.
     pub worker_reconcile_interval: Option<String>,
+    /// `WORKER_RECONCILE_CONNECTIONS`: the database connections of a reconcile run, its own pool
+    /// apart from the consumer's (default 4, at least 2): one reads, the others write a page's
+    /// objects at once.
+    pub worker_reconcile_connections: u32,
 
     /// `CLERK_SECRET_KEY`: the Backend API key of the Clerk instance (`sk_live_…`/`sk_test_…`).
     /// Required by `worker reconcile` and by a scheduled reconcile only.
@@ -259,6 +263,7 @@ impl Default for Settings {
             worker_roles: "admin,trainer,client".into(),
             worker_default_role: "client".into(),
             worker_reconcile_interval: None,
+            worker_reconcile_connections: 4,
             clerk_secret_key: None,
             clerk_api_url: "https://api.clerk.com".into(),
             clerk_api_rate_limit: None,

@@ -145,6 +145,8 @@ pub struct ScheduledReconcile {
     pub interval: Duration,
     /// The Backend API client's settings (`CLERK_SECRET_KEY`, `CLERK_API_URL`, …).
     pub clerk: ClerkConfig,
+    /// `WORKER_RECONCILE_CONNECTIONS`: the run's own database pool.
+    pub connections: u32,
 }
 
 impl ScheduledReconcile {
@@ -161,7 +163,20 @@ impl ScheduledReconcile {
         Ok(Some(Self {
             interval: duration("WORKER_RECONCILE_INTERVAL", text)?,
             clerk: ClerkConfig::from_settings(settings)?,
+            connections: reconcile_connections(settings)?,
         }))
+    }
+}
+
+/// `WORKER_RECONCILE_CONNECTIONS`, checked: one connection reads while the others write, so at
+/// least 2.
+pub fn reconcile_connections(settings: &Settings) -> Result<u32, ConfigError> {
+    match settings.worker_reconcile_connections {
+        0 | 1 => Err(ConfigError::Malformed {
+            variable: "WORKER_RECONCILE_CONNECTIONS",
+            reason: "must be at least 2 (one reads, the others write)".into(),
+        }),
+        connections => Ok(connections),
     }
 }
 

@@ -71,7 +71,7 @@ pub async fn run(settings: shared::Settings) -> anyhow::Result<()> {
 }
 
 /// Registers SIGTERM and SIGINT now (so none is missed), returning a future of the first one.
-async fn wait_for_signal() -> std::io::Result<impl Future<Output = ()>> {
+pub(crate) async fn wait_for_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

@@ -188,7 +188,6 @@ impl Application {
                             schedule,
                             self.config.reading.clone(),
                             client,
-                            self.db.clone(),
                             self.config.database_url.clone(),
                             self.config.lock_timeout,
                             self.metrics.clone(),
@@ -198,7 +197,7 @@ impl Application {
             consume_until_stopped(&self.config, &self.db, &self.metrics, &self.broker, stop).await;
             let _ = pruning.await;
             if let Some(task) = scheduled {
-                // It gives up a run in progress as soon as the stop is requested.
+                // A run in progress ends at its next page, recorded interrupted.
                 let _ = task.await;
             }
         }

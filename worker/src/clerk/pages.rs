@@ -16,6 +16,18 @@ pub struct UserPages<'a> {
 }
 
 impl UserPages<'_> {
+    /// The listing continued after this user (an interrupted listing's last one), instead of
+    /// from the first.
+    pub fn starting_after(mut self, cursor: String) -> Self {
+        self.cursor = Some(cursor);
+        self
+    }
+
+    /// The id of the last user of the latest page: where the listing goes on from.
+    pub fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref()
+    }
+
     /// The next page of user objects as Clerk wrote them, or `None` after the last.
     pub async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
         if self.done {
@@ -79,6 +91,18 @@ impl<'a> OffsetPages<'a> {
             total: None,
             done: false,
         }
+    }
+
+    /// The listing continued from this offset (an interrupted listing's), instead of from the
+    /// first object.
+    pub fn from_offset(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// The offset of the next page: where the listing goes on from.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Clerk's `total_count` of the latest page, once one was fetched.

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use tokio::sync::watch;
+
 use crate::apply::Reading;
 use crate::commands::progress;
 
@@ -92,6 +94,9 @@ impl FromStr for MaxDelete {
     }
 }
 
+/// `WORKER_RECONCILE_CONNECTIONS`'s default.
+pub const DEFAULT_CONNECTIONS: u32 = 4;
+
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -105,6 +110,49 @@ pub struct Options {
     /// `WORKER_ROLES`, `WORKER_DEFAULT_ROLE` and `WORKER_STORE_PAYLOADS`: listed objects are
     /// read with them, as events are.
     pub reading: Reading,
+    /// `WORKER_RECONCILE_CONNECTIONS`: the connections of the run's pool; a page is written in
+    /// one transaction fewer at once (the other connection reads).
+    pub connections: u32,
+    /// The stop (SIGTERM, SIGINT, a worker stopping): the run ends at the next page and is
+    /// recorded `interrupted`.
+    pub interruption: Interruption,
+}
+
+impl Options {
+    /// Transactions a page is split into and applied at once.
+    pub(super) fn writers(&self) -> usize {
+        (self.connections.saturating_sub(1) as usize).max(1)
+    }
+}
+
+/// A stop the run watches for; by default none ever comes.
+#[derive(Debug, Clone, Default)]
+pub struct Interruption(Option<watch::Receiver<bool>>);
+
+impl Interruption {
+    /// The run stops once `stop` holds true (or its sender is gone).
+    pub fn new(stop: watch::Receiver<bool>) -> Self {
+        Self(Some(stop))
+    }
+
+    /// Whether a stop was asked for.
+    pub fn requested(&self) -> bool {
+        self.0.as_ref().is_some_and(|stop| *stop.borrow())
+    }
+
+    /// Runs `work` to its end, or gives it up (`None`) as soon as a stop is asked for: a page
+    /// that waits out a long `Retry-After` must not hold up a shutdown.
+    pub async fn unless<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let Some(stop) = &self.0 else {
+            return Some(work.await);
+        };
+        let mut stop = stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => None,
+            output = work => Some(output),
+        }
+    }
 }
 
 impl Default for Options {
@@ -119,6 +167,8 @@ impl Default for Options {
                 store_payloads: true,
                 ..Reading::default()
             },
+            connections: DEFAULT_CONNECTIONS,
+            interruption: Interruption::default(),
         }
     }
 }

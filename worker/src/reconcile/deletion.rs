@@ -3,6 +3,11 @@
 //! within what is left of the run's deletion limits (`super::limits`), memberships that go with
 //! their owner included. Rows kept after an earlier deletion are neither candidates nor part of
 //! the table a limit is a share of.
+//!
+//! In flat memory: the candidates are the stored rows the listing's ids (`super::listed`) do not
+//! hold, found by an anti-join in Postgres and read 500 at a time in id order (keyset); the ones
+//! confirmed gone are written back under `<kind>.gone` and counted there, and deleted from there
+//! once every candidate was confirmed and the limits allow it. The worker holds one chunk.
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use serde_json::Value;
@@ -13,7 +18,7 @@ use crate::commands::progress;
 
 use super::limits::{self, Budget};
 use super::pass::{Candidate, Pass, reconcile_event};
-use super::{Kind, PAGE_SIZE};
+use super::{Kind, PAGE_SIZE, listed};
 
 impl Pass<'_> {
     /// The deletion phase: every stored object that was not listed is asked for on its own; the
@@ -25,69 +30,108 @@ impl Pass<'_> {
     ) -> Result<(), String> {
         let name = self.kind.name();
         let limit = budget.left(self.kind);
-        let candidates = self.missing().await?;
-        if candidates.is_empty() {
+        let gone_key = listed::gone(self.kind);
+        let what = format!("forgetting the {name} an earlier phase found gone");
+        retry_read(&what, || listed::clear(self.db, self.listing_id, &gone_key)).await?;
+        let candidates = self.count_missing().await?;
+        if candidates == 0 {
             return Ok(());
         }
         progress.phase(
             &format!("confirming the {name} missing from the listing"),
-            candidates.len() as u64,
+            candidates,
         );
-        let mut gone = Vec::new();
-        let mut still_there = Vec::new();
-        for (checked, candidate) in candidates.iter().enumerate() {
-            match self.confirm(candidate).await {
-                Ok(None) => gone.push(candidate),
-                Ok(Some(object)) => still_there
-                    .push(serde_json::value::to_raw_value(&object).map_err(|e| e.to_string())?),
-                Err(error) => {
-                    return Err(format!(
-                        "confirming the {name} missing from the listing failed: {error}; no \
-                         {name} were deleted"
-                    ));
+        let mut gone: u64 = 0;
+        let mut checked: u64 = 0;
+        let mut after = String::new();
+        loop {
+            let chunk = self.missing_after(&after).await?;
+            let Some(last) = chunk.last() else {
+                break;
+            };
+            after = last.id.clone();
+            let mut gone_ids = Vec::new();
+            let mut still_there = Vec::new();
+            for candidate in &chunk {
+                let confirmed = match self
+                    .options
+                    .interruption
+                    .unless(self.confirm(candidate))
+                    .await
+                {
+                    Some(confirmed) => confirmed,
+                    None => {
+                        return Err(self.interrupt("while confirming the objects missing from"));
+                    }
+                };
+                match confirmed {
+                    Ok(None) => gone_ids.push(candidate.id.clone()),
+                    Ok(Some(object)) => still_there
+                        .push(serde_json::value::to_raw_value(&object).map_err(|e| e.to_string())?),
+                    Err(error) => {
+                        return Err(format!(
+                            "confirming the {name} missing from the listing failed: {error}; no \
+                             {name} were deleted"
+                        ));
+                    }
+                }
+                checked += 1;
+                progress.advance(1);
+                let gone_now = gone + gone_ids.len() as u64;
+                if gone_now > limit
+                    && let Err(refused) = budget.take(self.kind, gone_now, 0)
+                {
+                    let why = format!(
+                        "{}: {gone_now} of the first {checked} of {candidates} stored {name} \
+                         missing from the listing are gone from Clerk. If the deletions are \
+                         meant, run again with a higher --max-delete",
+                        refused.reason,
+                    );
+                    self.refused = Some(limits::Refused {
+                        reason: why.clone(),
+                        ..refused
+                    });
+                    return Err(why);
                 }
             }
-            progress.advance(1);
-            if gone.len() as u64 > limit
-                && let Err(refused) = budget.take(self.kind, gone.len() as u64, 0)
-            {
-                let why = format!(
-                    "{}: {} of the first {} of {} stored {name} missing from the listing are \
-                     gone from Clerk. If the deletions are meant, run again with a higher \
-                     --max-delete",
-                    refused.reason,
-                    gone.len(),
-                    checked + 1,
-                    candidates.len()
-                );
-                self.refused = Some(limits::Refused {
-                    reason: why.clone(),
-                    ..refused
-                });
-                return Err(why);
+            gone += gone_ids.len() as u64;
+            let what = format!("recording the {name} gone from Clerk");
+            retry_read(&what, || {
+                listed::add(self.db, self.listing_id, &gone_key, gone_ids.clone())
+            })
+            .await?;
+            // Objects that an offset walk skipped, or that were created while the listing ran.
+            if !still_there.is_empty() {
+                self.apply_objects(still_there, false).await?;
             }
         }
         // What goes with them counts too: a user's or an organization's memberships.
-        let gone_ids: Vec<String> = gone.iter().map(|candidate| candidate.id.clone()).collect();
-        let with_them =
-            limits::memberships_going_with(self.db, self.kind, &gone_ids, self.deleted_before)
-                .await?;
-        if let Err(refused) = budget.take(self.kind, gone.len() as u64, with_them) {
+        let with_them = limits::memberships_going_with(
+            self.db,
+            self.kind,
+            self.listing_id,
+            self.options.dry_run,
+        )
+        .await?;
+        if let Err(refused) = budget.take(self.kind, gone, with_them) {
             let why = refused.reason.clone();
             self.refused = Some(refused);
             return Err(why);
         }
-        // Objects that an offset walk skipped, or that were created while the listing ran.
-        for chunk in still_there.chunks(PAGE_SIZE as usize) {
-            self.apply_objects(chunk.to_vec(), false).await?;
-        }
         if self.options.dry_run {
-            self.counts.deleted += gone.len() as u64;
-            self.would_delete
-                .extend(gone.iter().map(|candidate| candidate.id.clone()));
+            self.counts.deleted += gone;
             return Ok(());
         }
-        for chunk in gone.chunks(PAGE_SIZE as usize) {
+        let mut after = String::new();
+        loop {
+            if self.options.interruption.requested() {
+                return Err(self.interrupt("while deleting the objects gone from"));
+            }
+            let chunk = self.gone_after(&after).await?;
+            let Some(last) = chunk.last() else {
+                break;
+            };
+            after = last.id.clone();
             let events = chunk
                 .iter()
                 .map(|candidate| {
@@ -107,43 +151,124 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// The stored objects the listing did not return (rows kept after their deletion are not
-    /// stored objects: Clerk has deleted them).
-    async fn missing(&self) -> Result<Vec<Candidate>, String> {
-        let statement = Statement::from_string(
+    /// What makes a stored row (`t`) a candidate: not kept after a deletion, not listed, and,
+    /// in a dry run, for a membership: not going with an owner the dry run counted as deleted
+    /// already (a real run would have removed it with its owner). `$1` is the listing id, `$2`
+    /// the kind.
+    fn missing_condition(&self) -> String {
+        let owners_gone = match (self.kind, self.options.dry_run) {
+            (Kind::Memberships, true) => format!(
+                " AND NOT EXISTS (SELECT 1 FROM reconcile_listed g WHERE g.listing_id = $1 \
+                   AND g.kind IN ('{}', '{}') AND g.id IN (t.user_id, t.organization_id))",
+                listed::gone(Kind::Users),
+                listed::gone(Kind::Organizations)
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM reconcile_listed l \
+               WHERE l.listing_id = $1 AND l.kind = $2 AND l.id = t.id){owners_gone}"
+        )
+    }
+
+    /// How many stored objects the listing did not return.
+    async fn count_missing(&self) -> Result<u64, String> {
+        let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
-            match self.kind {
-                Kind::Memberships => "SELECT id, organization_id, user_id \
-                     FROM organization_memberships WHERE deleted_at IS NULL"
-                    .to_owned(),
-                Kind::Users | Kind::Organizations => format!(
-                    "SELECT id, NULL::text AS organization_id, NULL::text AS user_id FROM {} \
-                     WHERE deleted_at IS NULL",
-                    self.kind.table()
-                ),
-            },
+            format!(
+                "SELECT count(*) AS n FROM {} t WHERE {}",
+                self.kind.table(),
+                self.missing_condition()
+            ),
+            [self.listing_id.into(), self.kind.name().into()],
         );
-        let what = format!("reading the stored {} ids", self.kind.name());
-        let rows = retry_read(&what, || self.db.query_all_raw(statement.clone())).await?;
-        let mut candidates = Vec::new();
-        for row in rows {
-            let read = || -> Result<Candidate, DbErr> {
-                Ok(Candidate {
-                    id: row.try_get("", "id")?,
-                    organization_id: row.try_get("", "organization_id")?,
-                    user_id: row.try_get("", "user_id")?,
-                })
-            };
-            let candidate = read().map_err(|e| format!("{what}: {e}"))?;
-            let goes_with_its_owner = [&candidate.organization_id, &candidate.user_id]
-                .into_iter()
-                .flatten()
-                .any(|owner| self.deleted_before.contains(owner));
-            if !self.listed.contains(&candidate.id) && !goes_with_its_owner {
-                candidates.push(candidate);
+        let what = format!(
+            "counting the stored {} missing from the listing",
+            self.kind.name()
+        );
+        let row = retry_read(&what, || self.db.query_one_raw(statement.clone())).await?;
+        let n: i64 = match row {
+            Some(row) => row.try_get("", "n").map_err(|e| format!("{what}: {e}"))?,
+            None => 0,
+        };
+        Ok(n.max(0) as u64)
+    }
+
+    /// The next stored objects the listing did not return, after id `after` in id order, a
+    /// page at most (rows kept after their deletion are not stored objects: Clerk has deleted
+    /// them).
+    async fn missing_after(&self, after: &str) -> Result<Vec<Candidate>, String> {
+        let owners = match self.kind {
+            Kind::Memberships => "t.organization_id, t.user_id",
+            Kind::Users | Kind::Organizations => {
+                "NULL::text AS organization_id, NULL::text AS user_id"
             }
-        }
-        Ok(candidates)
+        };
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "SELECT t.id, {owners} FROM {table} t WHERE t.id > $3 AND {condition} \
+                 ORDER BY t.id LIMIT {PAGE_SIZE}",
+                table = self.kind.table(),
+                condition = self.missing_condition()
+            ),
+            [
+                self.listing_id.into(),
+                self.kind.name().into(),
+                after.into(),
+            ],
+        );
+        let what = format!(
+            "reading the stored {} missing from the listing",
+            self.kind.name()
+        );
+        self.candidates(&what, statement).await
+    }
+
+    /// The next objects confirmed gone, after id `after` in id order, a page at most; a
+    /// membership with its organization and user, as stored (one deleted meanwhile, by a
+    /// webhook, is left out).
+    async fn gone_after(&self, after: &str) -> Result<Vec<Candidate>, String> {
+        let (owners, join) = match self.kind {
+            Kind::Memberships => (
+                "t.organization_id, t.user_id",
+                "JOIN organization_memberships t ON t.id = g.id",
+            ),
+            Kind::Users | Kind::Organizations => {
+                ("NULL::text AS organization_id, NULL::text AS user_id", "")
+            }
+        };
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "SELECT g.id, {owners} FROM reconcile_listed g {join} \
+                 WHERE g.listing_id = $1 AND g.kind = $2 AND g.id > $3 \
+                 ORDER BY g.id LIMIT {PAGE_SIZE}"
+            ),
+            [
+                self.listing_id.into(),
+                listed::gone(self.kind).into(),
+                after.into(),
+            ],
+        );
+        let what = format!("reading the {} gone from Clerk", self.kind.name());
+        self.candidates(&what, statement).await
+    }
+
+    async fn candidates(&self, what: &str, statement: Statement) -> Result<Vec<Candidate>, String> {
+        let rows = retry_read(what, || self.db.query_all_raw(statement.clone())).await?;
+        rows.into_iter()
+            .map(|row| {
+                let read = || -> Result<Candidate, DbErr> {
+                    Ok(Candidate {
+                        id: row.try_get("", "id")?,
+                        organization_id: row.try_get("", "organization_id")?,
+                        user_id: row.try_get("", "user_id")?,
+                    })
+                };
+                read().map_err(|e| format!("{what}: {e}"))
+            })
+            .collect()
     }
 
     /// Asks Clerk for one object missing from the listing: `None` when it is gone. A user or

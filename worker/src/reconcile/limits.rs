@@ -9,7 +9,7 @@
 //!   memberships limit, for what goes with it) deletes nothing, the summary's `refused` says so,
 //!   and the run fails.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::Serialize;
@@ -116,32 +116,41 @@ impl Budget {
     }
 }
 
-/// How many stored memberships go with these users or organizations when they are deleted,
-/// leaving out those of `deleted_before` (a dry run's earlier deletions, whose memberships a
-/// real run would have removed already).
+/// How many stored memberships go with the users or organizations of `kind` that the deletion
+/// phase found gone (`super::listed::gone`) when they are deleted. In a dry run, leaving out
+/// those whose other owner the dry run already counted as deleted (a real run would have removed
+/// them with it).
 pub(crate) async fn memberships_going_with<C: ConnectionTrait>(
     db: &C,
     kind: Kind,
-    ids: &[String],
-    deleted_before: &HashSet<String>,
+    listing_id: &str,
+    dry_run: bool,
 ) -> Result<u64, String> {
     let column = match kind {
         Kind::Users => "user_id",
         Kind::Organizations => "organization_id",
         Kind::Memberships => return Ok(0),
     };
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let before: Vec<String> = deleted_before.iter().cloned().collect();
+    let before = if dry_run {
+        format!(
+            " AND NOT EXISTS (SELECT 1 FROM reconcile_listed b WHERE b.listing_id = $1 \
+               AND b.kind <> $2 AND b.kind IN ('{}', '{}') \
+               AND b.id IN (m.user_id, m.organization_id))",
+            super::listed::gone(Kind::Users),
+            super::listed::gone(Kind::Organizations)
+        )
+    } else {
+        String::new()
+    };
     let statement = Statement::from_sql_and_values(
         DbBackend::Postgres,
         format!(
-            "SELECT count(*) AS n FROM organization_memberships \
-             WHERE {column} = ANY ($1) AND NOT (user_id = ANY ($2)) \
-               AND NOT (organization_id = ANY ($2)) AND deleted_at IS NULL"
+            "SELECT count(*) AS n FROM organization_memberships m \
+             WHERE m.deleted_at IS NULL AND m.{column} IN \
+               (SELECT g.id FROM reconcile_listed g WHERE g.listing_id = $1 AND g.kind = $2)\
+             {before}"
         ),
-        [ids.to_vec().into(), before.into()],
+        [listing_id.into(), super::listed::gone(kind).into()],
     );
     let what = format!("counting the memberships of the {} to delete", kind.name());
     let row = retry_read(&what, || db.query_one_raw(statement.clone())).await?;

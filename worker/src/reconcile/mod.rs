@@ -46,28 +46,31 @@ pub mod args;
 mod deletion;
 pub mod instance;
 pub mod limits;
+mod listed;
 pub mod lock;
 mod pass;
 pub mod report;
 mod runs;
 pub mod schedule;
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::apply::{Reading, SubjectKind};
 use crate::clerk::{self, ClerkClient, ClerkConfig};
 use crate::commands;
 
-pub use args::{MaxDelete, Options, ReconcileArgs};
-pub use report::{Counts, Report, Summary};
+pub use args::{Interruption, MaxDelete, Options, ReconcileArgs};
+pub use report::{Counts, Report, Resumed, Summary};
 pub use runs::Trigger;
+
+use runs::Ending;
 
 use pass::{Candidate, Pass};
 
@@ -144,16 +147,27 @@ impl Kind {
     }
 }
 
-/// Transactions a page is split into and applied at once: like the worker's batches in flight.
-/// The command's pool has one connection more, for the reads.
-pub const WRITERS: usize = 8;
-
 /// `worker reconcile`: loads the settings it needs, runs once, prints the summary. An error when
-/// the run failed (after the summary was printed), so the process exits non-zero.
+/// the run failed or was interrupted (after the summary was printed), so the process exits
+/// non-zero. SIGTERM or SIGINT ends the run at its next page, recorded `interrupted`.
 pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow::Result<()> {
     let clerk = ClerkConfig::from_settings(settings)?;
+    let connections = crate::config::reconcile_connections(settings)?;
     let client = ClerkClient::new(clerk).context("cannot set up the Backend API client")?;
-    let db = commands::connect_command(settings, WRITERS as u32 + 1).await?;
+    let signals = crate::wait_for_signal()
+        .await
+        .context("cannot listen for signals")?;
+    let (stop, stopped) = watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    let on_signal = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            signals.await;
+            tracing::warn!("stop requested: the run ends at its next page, recorded interrupted");
+            stop.send_replace(true);
+        })
+    };
+    let db = commands::connect_command(settings, connections).await?;
     let Some(lock) = lock::RunLock::try_take(&settings.database_url()?, settings.lock_timeout()?)
         .await
         .context("cannot take the reconcile lock (DATABASE_URL)")?
@@ -162,6 +176,9 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         db.close().await.ok();
         return Err(busy.into());
     };
+    runs::settle_abandoned(&db)
+        .await
+        .context("cannot record abandoned runs as interrupted (reconcile_runs)")?;
     let options = Options {
         progress_bar: args.shows_bar(settings),
         dry_run: args.dry_run,
@@ -169,8 +186,11 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         max_delete: args.max_delete,
         trigger: Trigger::Command,
         reading: Reading::from_settings(settings)?,
+        connections,
+        interruption: Interruption::new(stopped),
     };
     let report = reconcile(&db, &client, &options).await;
+    on_signal.abort();
     lock.release().await.ok();
     db.close().await.ok();
     commands::print(
@@ -183,12 +203,14 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
     }
     match report.failure {
         None => Ok(()),
+        Some(why) if report.interrupted => Err(anyhow::anyhow!("reconcile interrupted: {why}")),
         Some(why) => Err(anyhow::anyhow!("reconcile failed: {why}")),
     }
 }
 
 /// Runs one reconcile and records it in `reconcile_runs` (unless dry). Never panics and never
-/// returns early without a report: every failure ends up in [`Report::failure`].
+/// returns early without a report: every failure ends up in [`Report::failure`]. The caller
+/// holds the reconcile lock ([`lock`]).
 pub async fn reconcile(db: &DatabaseConnection, client: &ClerkClient, options: &Options) -> Report {
     let run_id = format!(
         "{}_{}",
@@ -199,6 +221,18 @@ pub async fn reconcile(db: &DatabaseConnection, client: &ClerkClient, options: &
     run(db, client, options, run_id).instrument(span).await
 }
 
+/// A report of a run that ended before its first listing.
+fn stopped_early(run_id: String, options: &Options, summary: Summary, why: String) -> Report {
+    Report {
+        run_id,
+        dry_run: options.dry_run,
+        summary,
+        failure: Some(why),
+        wrong_instance: None,
+        interrupted: false,
+    }
+}
+
 async fn run(
     db: &DatabaseConnection,
     client: &ClerkClient,
@@ -207,17 +241,49 @@ async fn run(
 ) -> Report {
     let started = Instant::now();
     let mut summary = Summary::default();
-    if !options.dry_run
-        && let Err(error) = runs::start(db, &run_id, options.trigger).await
-    {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Report {
-            run_id,
-            dry_run: options.dry_run,
-            summary,
-            failure: Some(format!("cannot record the run in reconcile_runs: {error}")),
-            wrong_instance: None,
-        };
+    // A run that writes continues the latest run's listing when that one was interrupted; a
+    // dry run never does (it records nothing for a later run to resume either).
+    let resuming = if options.dry_run {
+        Ok(None)
+    } else {
+        runs::resumable(db).await
+    };
+    let prepared = match resuming {
+        Ok(resuming) => {
+            let keep = resuming.as_ref().map(|r| r.listing_id.as_str());
+            match listed::keep_only(db, keep).await {
+                Ok(()) if options.dry_run => Ok(resuming),
+                Ok(()) => runs::start(db, &run_id, options.trigger, resuming.as_ref())
+                    .await
+                    .map(|()| resuming),
+                Err(error) => Err(error),
+            }
+        }
+        Err(error) => Err(error),
+    };
+    let resuming = match prepared {
+        Ok(resuming) => resuming,
+        Err(error) => {
+            summary.seconds = started.elapsed().as_secs_f64();
+            let why = format!("cannot record the run in reconcile_runs: {error}");
+            return stopped_early(run_id, options, summary, why);
+        }
+    };
+    let listing_id = resuming
+        .as_ref()
+        .map_or(run_id.clone(), |r| r.listing_id.clone());
+    if let Some(resumed) = &resuming {
+        tracing::info!(
+            resumed_from = %resumed.run_id,
+            kind = resumed.kind.name(),
+            after = ?resumed.cursor,
+            "resuming the listing of an interrupted run"
+        );
+        summary.resumed = Some(Resumed {
+            run_id: resumed.run_id.clone(),
+            kind: resumed.kind.name(),
+            after: resumed.cursor.clone(),
+        });
     }
     // Before the first listing: the key must belong to the instance the database mirrors.
     let checked = instance::check_reconcile(db, client, options.dry_run).await;
@@ -229,55 +295,83 @@ async fn run(
         Ok(budget) => budget,
         Err(why) => {
             summary.seconds = started.elapsed().as_secs_f64();
-            if !options.dry_run
-                && let Err(error) =
-                    runs::finish(db, &run_id, summary.counts_json(), Some(&why)).await
-            {
-                tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
-            }
+            end(
+                db,
+                options,
+                &run_id,
+                &listing_id,
+                &summary,
+                Ending::Failed,
+                Some(&why),
+            )
+            .await;
             tracing::error!(reason = %why, "reconcile stopped before its first listing");
-            return Report {
-                run_id,
-                dry_run: options.dry_run,
-                summary,
-                failure: Some(why),
-                wrong_instance: match checked {
-                    Err(instance::ReconcileRefusal::WrongInstance(wrong)) => Some(wrong),
-                    _ => None,
-                },
-            };
+            let mut report = stopped_early(run_id, options, summary, why);
+            if let Err(instance::ReconcileRefusal::WrongInstance(wrong)) = checked {
+                report.wrong_instance = Some(wrong);
+            }
+            return report;
         }
     };
     let mut reasons = Vec::new();
-    let mut dry_deleted = HashSet::new();
-    for kind in Kind::ALL {
-        let mut pass = Pass::new(kind, db, client, options, &run_id, &dry_deleted);
-        let result = pass.run(&mut budget).await;
+    let mut interrupted = false;
+    // The kinds before the one resumed were done by the interrupted run.
+    let first = resuming
+        .as_ref()
+        .and_then(|r| Kind::ALL.iter().position(|&kind| kind == r.kind))
+        .unwrap_or(0);
+    for (index, &kind) in Kind::ALL.iter().enumerate().skip(first) {
+        let start = match &resuming {
+            Some(resumed) if resumed.kind == kind => resumed.cursor.clone(),
+            _ => None,
+        };
+        let mut pass = Pass::new(kind, db, client, options, &run_id, &listing_id, start);
+        let result = if options.interruption.requested() {
+            Err(pass.interrupt("before the listing"))
+        } else {
+            pass.run(&mut budget).await
+        };
         *summary.of_mut(kind) = pass.counts;
         if let Some(refused) = pass.refused.take() {
             summary.refused.insert(kind.name(), refused);
         }
         let shortfalls = pass.shortfalls();
-        let would_delete = std::mem::take(&mut pass.would_delete);
-        dry_deleted.extend(would_delete);
         if let Err(why) = result {
+            interrupted = pass.interrupted;
             reasons.push(why);
             reasons.extend(shortfalls);
             break;
         }
         reasons.extend(shortfalls);
+        // The resume point moves on to the next kind, from its first page.
+        if !options.dry_run
+            && let Err(error) =
+                runs::listing_at(db, &run_id, Kind::ALL.get(index + 1).copied(), None).await
+        {
+            tracing::warn!(%error, "cannot record the resume point in reconcile_runs");
+        }
     }
     let failure = (!reasons.is_empty()).then(|| reasons.join("; "));
     summary.seconds = started.elapsed().as_secs_f64();
-    if !options.dry_run
-        && let Err(error) =
-            runs::finish(db, &run_id, summary.counts_json(), failure.as_deref()).await
-    {
-        tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
-    }
-    match &failure {
-        None => tracing::info!(?summary, "reconcile finished"),
-        Some(why) => tracing::error!(?summary, reason = %why, "reconcile failed"),
+    let ending = match (&failure, interrupted) {
+        (_, true) => Ending::Interrupted,
+        (None, false) => Ending::Succeeded,
+        (Some(_), false) => Ending::Failed,
+    };
+    end(
+        db,
+        options,
+        &run_id,
+        &listing_id,
+        &summary,
+        ending,
+        failure.as_deref(),
+    )
+    .await;
+    match (&failure, interrupted) {
+        (None, _) => tracing::info!(?summary, "reconcile finished"),
+        (Some(why), true) => tracing::warn!(?summary, reason = %why, "reconcile interrupted"),
+        (Some(why), false) => tracing::error!(?summary, reason = %why, "reconcile failed"),
     }
     Report {
         run_id,
@@ -285,5 +379,30 @@ async fn run(
         summary,
         failure,
         wrong_instance: None,
+        interrupted,
+    }
+}
+
+/// Records the end of a run (unless dry) and, unless it was interrupted (its listing is then
+/// kept for the run that resumes it), removes its listed ids.
+async fn end(
+    db: &DatabaseConnection,
+    options: &Options,
+    run_id: &str,
+    listing_id: &str,
+    summary: &Summary,
+    ending: Ending,
+    failure: Option<&str>,
+) {
+    if !options.dry_run
+        && let Err(error) = runs::finish(db, run_id, summary.counts_json(), ending, failure).await
+    {
+        tracing::error!(%error, "cannot record the end of the run in reconcile_runs");
+    }
+    if (ending != Ending::Interrupted || options.dry_run)
+        && let Err(error) = listed::forget(db, listing_id).await
+    {
+        // The next run removes them.
+        tracing::warn!(%error, "cannot remove the run's listed ids (reconcile_listed)");
     }
 }

@@ -1,7 +1,7 @@
 //! One pass of a run: one kind's listing, page by page, compared with what is stored and
 //! written through the door (the deletion phase is in `deletion`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
@@ -14,7 +14,7 @@ use crate::apply::{self, Event, Outcome, Source, SubjectKind, retry_read};
 use crate::clerk::{self, ClerkClient, ClerkError};
 use crate::commands::progress;
 
-use super::{Counts, Kind, Options, PAGE_SIZE, WRITERS};
+use super::{Counts, Kind, Options, PAGE_SIZE, listed};
 
 /// What a page's objects are in Postgres before anything is written.
 struct Stored {
@@ -30,6 +30,8 @@ struct Prepared {
     objects: u64,
     /// The id of each listed object (`None`: it has none); empty outside the listing.
     listed: Vec<Option<String>>,
+    /// Where the listing stands once this page is written (the resume point).
+    position: Option<String>,
     unreadable: Vec<String>,
     /// The events newer than what is stored, with the change each makes.
     writes: Vec<Event>,
@@ -63,13 +65,29 @@ enum Listing<'a> {
     Offset(clerk::OffsetPages<'a>),
 }
 
+/// A page of a listing and where the listing stands after it: the last user's id, or the
+/// offset of the next page.
+type Page = (Vec<Box<RawValue>>, String);
+
+/// Why a listing gave no next page.
+enum Halt {
+    Failed(ClerkError),
+    /// A stop was asked for while the page was fetched.
+    Interrupted,
+}
+
 impl Listing<'_> {
     #[tracing::instrument(name = "fetch page", level = "info", skip_all)]
-    async fn next(&mut self) -> Result<Option<Vec<Box<RawValue>>>, ClerkError> {
-        match self {
-            Listing::Cursor(pages) => pages.next().await,
-            Listing::Offset(pages) => pages.next().await,
-        }
+    async fn next(&mut self) -> Result<Option<Page>, ClerkError> {
+        let page = match self {
+            Listing::Cursor(pages) => pages.next().await?,
+            Listing::Offset(pages) => pages.next().await?,
+        };
+        let position = match self {
+            Listing::Cursor(pages) => pages.cursor().unwrap_or_default().to_owned(),
+            Listing::Offset(pages) => pages.offset().to_string(),
+        };
+        Ok(page.map(|page| (page, position)))
     }
 
     /// The listing's own count, once a page was fetched (offset listings only).
@@ -88,20 +106,37 @@ pub(super) struct Pass<'a> {
     pub(super) client: &'a ClerkClient,
     pub(super) options: &'a Options,
     pub(super) run_id: &'a str,
+    /// Under which id the listed ids are kept ([`listed`]): the run's own, or the one of the
+    /// run whose listing it resumed.
+    pub(super) listing_id: &'a str,
+    /// Where the listing starts: after this user, or at this offset (a resumed listing);
+    /// `None` for the first page.
+    pub(super) start: Option<String>,
     pub(super) counts: Counts,
-    /// Every id the listing returned: what is not in here is a deletion candidate.
-    pub(super) listed: HashSet<String>,
-    /// Listed objects that cannot be read as their kind (the reason of each).
-    pub(super) unreadable: Vec<String>,
+    /// Listed objects that cannot be read as their kind.
+    pub(super) unreadable: Shortfall,
     /// Objects whose write failed on their own account.
-    pub(super) failed: Vec<String>,
-    /// In a dry run, the ids the earlier passes counted as deleted: a real run would have
-    /// removed their memberships with them, so the memberships pass does not count those again.
-    pub(super) deleted_before: &'a HashSet<String>,
-    /// In a dry run, the ids this pass counted as deleted.
-    pub(super) would_delete: Vec<String>,
+    pub(super) failed: Shortfall,
     /// Set when a deletion limit refused this pass's deletion phase.
     pub(super) refused: Option<super::limits::Refused>,
+    /// Set when a stop ended the pass before its end.
+    pub(super) interrupted: bool,
+}
+
+/// How many objects fell short, with the first reason: the count grows, the memory does not.
+#[derive(Debug, Default)]
+pub(super) struct Shortfall {
+    pub(super) count: u64,
+    pub(super) first: Option<String>,
+}
+
+impl Shortfall {
+    pub(super) fn extend(&mut self, reasons: impl IntoIterator<Item = String>) {
+        for reason in reasons {
+            self.count += 1;
+            self.first.get_or_insert(reason);
+        }
+    }
 }
 
 impl<'a> Pass<'a> {
@@ -111,7 +146,8 @@ impl<'a> Pass<'a> {
         client: &'a ClerkClient,
         options: &'a Options,
         run_id: &'a str,
-        deleted_before: &'a HashSet<String>,
+        listing_id: &'a str,
+        start: Option<String>,
     ) -> Self {
         Self {
             kind,
@@ -119,14 +155,24 @@ impl<'a> Pass<'a> {
             client,
             options,
             run_id,
+            listing_id,
+            start,
             counts: Counts::default(),
-            listed: HashSet::new(),
-            unreadable: Vec::new(),
-            failed: Vec::new(),
-            deleted_before,
-            would_delete: Vec::new(),
+            unreadable: Shortfall::default(),
+            failed: Shortfall::default(),
             refused: None,
+            interrupted: false,
         }
+    }
+
+    /// Ends the pass as interrupted: the error that ends the run.
+    pub(super) fn interrupt(&mut self, at: &str) -> String {
+        self.interrupted = true;
+        format!(
+            "interrupted by a stop {at} of the {} ({} listed); the next run resumes the              listing where it stopped",
+            self.kind.name(),
+            self.counts.listed
+        )
     }
 
     /// The listing, then the deletion phase. An error ends the run (the passes after this one
@@ -135,16 +181,42 @@ impl<'a> Pass<'a> {
         let name = self.kind.name();
         // Users are counted first (also the first check of the key); the other listings say
         // their count on every page.
+        let interruption = self.options.interruption.clone();
         let counted = match self.kind {
-            Kind::Users => Some(self.client.count_users().await.map_err(|e| e.to_string())?),
+            Kind::Users => match interruption.unless(self.client.count_users()).await {
+                Some(counted) => Some(counted.map_err(|e| e.to_string())?),
+                None => return Err(self.interrupt("before the listing")),
+            },
             Kind::Organizations | Kind::Memberships => None,
         };
-        let mut pages = match self.kind {
-            Kind::Users => Listing::Cursor(self.client.users(PAGE_SIZE)),
-            Kind::Organizations => Listing::Offset(self.client.organizations(PAGE_SIZE)),
-            Kind::Memberships => Listing::Offset(self.client.memberships(PAGE_SIZE)),
+        let offset = || {
+            self.start
+                .as_deref()
+                .and_then(|offset| offset.parse::<u64>().ok())
+                .unwrap_or(0)
         };
-        let mut current = pages.next().await;
+        let mut pages = match self.kind {
+            Kind::Users => {
+                let pages = self.client.users(PAGE_SIZE);
+                Listing::Cursor(match self.start.clone() {
+                    Some(cursor) => pages.starting_after(cursor),
+                    None => pages,
+                })
+            }
+            Kind::Organizations => {
+                Listing::Offset(self.client.organizations(PAGE_SIZE).from_offset(offset()))
+            }
+            Kind::Memberships => {
+                Listing::Offset(self.client.memberships(PAGE_SIZE).from_offset(offset()))
+            }
+        };
+        let fetch = async |pages: &mut Listing<'_>| -> Result<Option<Page>, Halt> {
+            match interruption.unless(pages.next()).await {
+                None => Err(Halt::Interrupted),
+                Some(page) => page.map_err(Halt::Failed),
+            }
+        };
+        let mut current = fetch(&mut pages).await;
         let total = counted.or(pages.total()).unwrap_or(0);
         let mut progress =
             progress::Progress::new(self.options.progress_bar, "reconciling", name, total);
@@ -153,21 +225,27 @@ impl<'a> Pass<'a> {
         // statement that keeps one core busy while the other idles.
         let mut compared: Option<Prepared> = None;
         loop {
+            if interruption.requested() {
+                current = Err(Halt::Interrupted);
+            }
             let page = match current {
                 Ok(page) => page,
-                Err(error) => {
-                    // What was listed before the failure is still written.
+                Err(halt) => {
+                    // What was listed before the failure or the stop is still written.
                     if let Some(mut prepared) = compared.take() {
                         let written = self
                             .write_prepared(std::mem::take(&mut prepared.writes))
                             .await;
-                        self.absorb_written(prepared, written)?;
+                        self.absorb_written(prepared, written).await?;
                     }
-                    return Err(format!(
-                        "the {name} listing did not complete ({} {name} listed): {error}; no \
-                         {name} were deleted",
-                        self.counts.listed
-                    ));
+                    return Err(match halt {
+                        Halt::Interrupted => self.interrupt("during the listing"),
+                        Halt::Failed(error) => format!(
+                            "the {name} listing did not complete ({} {name} listed): {error}; \
+                             no {name} were deleted",
+                            self.counts.listed
+                        ),
+                    });
                 }
             };
             if page.is_none() && compared.is_none() {
@@ -184,8 +262,14 @@ impl<'a> Pass<'a> {
                 },
                 async {
                     match page {
-                        Some(objects) => {
-                            tokio::join!(self.prepare(objects, true).map(Some), pages.next())
+                        Some((objects, position)) => {
+                            let prepared = self.prepare(objects, true).map(move |prepared| {
+                                Some(prepared.map(|prepared| Prepared {
+                                    position: Some(position),
+                                    ..prepared
+                                }))
+                            });
+                            tokio::join!(prepared, fetch(&mut pages))
                         }
                         None => (None, Ok(None)),
                     }
@@ -193,7 +277,7 @@ impl<'a> Pass<'a> {
             );
             if let (Some(prepared), Some(written)) = (writing, written) {
                 progress.advance(prepared.objects);
-                self.absorb_written(prepared, written)?;
+                self.absorb_written(prepared, written).await?;
             }
             if let Some(prepared) = next_compared {
                 compared = Some(self.absorb_compared(prepared?));
@@ -210,16 +294,16 @@ impl<'a> Pass<'a> {
     pub(super) fn shortfalls(&self) -> Vec<String> {
         let name = self.kind.name();
         let mut shortfalls = Vec::new();
-        if let Some(first) = self.failed.first() {
+        if let Some(first) = &self.failed.first {
             shortfalls.push(format!(
                 "{} {name} could not be written, e.g. {first}",
-                self.failed.len()
+                self.failed.count
             ));
         }
-        if let Some(first) = self.unreadable.first() {
+        if let Some(first) = &self.unreadable.first {
             shortfalls.push(format!(
                 "{} listed {name} could not be read and were left as they are, e.g. {first}",
-                self.unreadable.len()
+                self.unreadable.count
             ));
         }
         shortfalls
@@ -238,7 +322,7 @@ impl<'a> Pass<'a> {
         let written = self
             .write_prepared(std::mem::take(&mut prepared.writes))
             .await;
-        self.absorb_written(prepared, written)
+        self.absorb_written(prepared, written).await
     }
 
     /// Reads objects as events and compares them with what is stored; writes nothing and
@@ -258,6 +342,7 @@ impl<'a> Pass<'a> {
         let mut prepared = Prepared {
             objects: objects.len() as u64,
             listed: Vec::new(),
+            position: None,
             unreadable: Vec::new(),
             writes: Vec::new(),
             changes: Vec::new(),
@@ -327,8 +412,7 @@ impl<'a> Pass<'a> {
     /// Counts what a comparison found; returns what is left to write.
     fn absorb_compared(&mut self, mut prepared: Prepared) -> Prepared {
         self.counts.listed += prepared.listed.len() as u64;
-        self.listed.extend(prepared.listed.drain(..).flatten());
-        self.unreadable.append(&mut prepared.unreadable);
+        self.unreadable.extend(prepared.unreadable.drain(..));
         self.counts.unchanged += prepared.unchanged;
         self.counts.stale += prepared.stale;
         prepared
@@ -342,10 +426,26 @@ impl<'a> Pass<'a> {
         self.write(writes).await
     }
 
-    /// Counts what the writes of a comparison did.
-    fn absorb_written(&mut self, prepared: Prepared, written: Written) -> Result<(), String> {
+    /// Counts what the writes of a comparison did; for a listed page, then records its ids and
+    /// the resume point after it ([`listed::record_page`]): once its writes committed.
+    async fn absorb_written(&mut self, prepared: Prepared, written: Written) -> Result<(), String> {
         let (outcomes, failed) = written?;
         self.failed.extend(failed);
+        if let Some(position) = &prepared.position {
+            let ids: Vec<String> = prepared.listed.iter().flatten().cloned().collect();
+            let what = format!("recording the listed {}", self.kind.name());
+            retry_read(&what, || {
+                listed::record_page(
+                    self.db,
+                    self.run_id,
+                    self.listing_id,
+                    self.kind,
+                    ids.clone(),
+                    Some(position),
+                )
+            })
+            .await?;
+        }
         for (change, outcome) in prepared.changes.into_iter().zip(outcomes) {
             match outcome {
                 Some(Outcome::Applied) => self.count_change(change),
@@ -410,7 +510,7 @@ impl<'a> Pass<'a> {
         Ok(stored)
     }
 
-    /// Applies events in [`WRITERS`] transactions at once (a page's objects are distinct; those
+    /// Applies events in [`Options::writers`] transactions at once (a page's objects are distinct; those
     /// that share a lock, like memberships of one organization, wait for each other), keeping
     /// their order in the outcomes. `None` for an event that failed on its own account. Each
     /// transaction is a task of its own, so that building its statements (serializing the
@@ -419,7 +519,7 @@ impl<'a> Pass<'a> {
         if events.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let size = events.len().div_ceil(WRITERS);
+        let size = events.len().div_ceil(self.options.writers());
         let mut events = events.into_iter();
         let tasks: Vec<_> = std::iter::from_fn(|| {
             let chunk: Vec<Event> = events.by_ref().take(size).collect();

@@ -34,6 +34,37 @@ pub struct Summary {
     /// absent when none was.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refused: std::collections::BTreeMap<&'static str, super::limits::Refused>,
+    /// Set when the run continued the listing of an interrupted run instead of starting from
+    /// the first page; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumed>,
+}
+
+/// Where a run took up an interrupted run's listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resumed {
+    /// The interrupted run.
+    pub run_id: String,
+    /// The kind whose listing it continued (the kinds before it were done).
+    pub kind: &'static str,
+    /// Where: the last user listed (`starting_after`), or the offset of organizations or
+    /// memberships; `None` from the kind's first page.
+    pub after: Option<String>,
+}
+
+impl Resumed {
+    /// "the users listing of run R after user_123".
+    fn describe(&self) -> String {
+        let at = match &self.after {
+            None => "from its first page".to_owned(),
+            Some(after) if self.kind == "users" => format!("after {after}"),
+            Some(offset) => format!("at offset {offset}"),
+        };
+        format!(
+            "Resumed the {} listing of interrupted run {} {at}.",
+            self.kind, self.run_id
+        )
+    }
 }
 
 impl Summary {
@@ -77,6 +108,9 @@ pub struct Report {
     /// Set when the run stopped before its first listing because the key belongs to another
     /// Clerk instance than the one the database mirrors (`failure` says the same).
     pub wrong_instance: Option<super::instance::WrongInstance>,
+    /// The run was stopped (SIGTERM, SIGINT, its worker stopping) and recorded `interrupted`:
+    /// the next run resumes its listing (`failure` says so too).
+    pub interrupted: bool,
 }
 
 impl Report {
@@ -115,8 +149,12 @@ impl Report {
             None => "The tables match Clerk.".to_owned(),
             Some(why) => format!("FAILED: {why}"),
         };
+        let resumed = match &self.summary.resumed {
+            Some(resumed) => format!(" {}", resumed.describe()),
+            None => String::new(),
+        };
         format!(
-            "Reconcile {} in {:.1} s.{dry}{kinds} {end}",
+            "Reconcile {} in {:.1} s.{dry}{resumed}{kinds} {end}",
             self.run_id, self.summary.seconds
         )
     }
@@ -149,6 +187,7 @@ mod tests {
             },
             seconds: 1.5,
             refused: Default::default(),
+            resumed: None,
         };
         let zero = |listed, created, stale| {
             json!({"listed": listed, "created": created, "updated": 0, "unchanged": 0,
@@ -180,6 +219,7 @@ mod tests {
             },
             failure: None,
             wrong_instance: None,
+            interrupted: false,
         };
         let text = report.paragraph();
         assert!(text.contains("Dry run, nothing written"), "{text}");
@@ -192,5 +232,34 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("The tables match Clerk."), "{text}");
+    }
+
+    #[test]
+    fn a_resumed_run_says_from_where() {
+        let resumed = |kind, after: Option<&str>| Resumed {
+            run_id: "r0".into(),
+            kind,
+            after: after.map(str::to_owned),
+        };
+        assert_eq!(
+            resumed("users", Some("user_9")).describe(),
+            "Resumed the users listing of interrupted run r0 after user_9."
+        );
+        assert_eq!(
+            resumed("memberships", Some("1500")).describe(),
+            "Resumed the memberships listing of interrupted run r0 at offset 1500."
+        );
+        assert_eq!(
+            resumed("organizations", None).describe(),
+            "Resumed the organizations listing of interrupted run r0 from its first page."
+        );
+        let summary = Summary {
+            resumed: Some(resumed("users", Some("user_9"))),
+            ..Summary::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&summary).expect("json")["resumed"],
+            json!({"run_id": "r0", "kind": "users", "after": "user_9"})
+        );
     }
 }
