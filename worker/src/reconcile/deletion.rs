@@ -155,11 +155,18 @@ impl Pass<'_> {
     /// in a dry run, for a membership: not going with an owner the dry run counted as deleted
     /// already (a real run would have removed it with its owner). `$1` is the listing id, `$2`
     /// the kind.
+    ///
+    /// Each stored row is looked up in the listed ids by their primary key (`OFFSET 0` keeps the
+    /// lookup a subplan rather than a join): linear in the rows, whatever the statistics say.
+    /// The table of listed ids is filled during the run and never analyzed before this, so
+    /// Postgres estimates it at one row and, left to plan a join, compares every stored row with
+    /// every listed id (35 s for 20 000 users).
     fn missing_condition(&self) -> String {
         let owners_gone = match (self.kind, self.options.dry_run) {
             (Kind::Memberships, true) => format!(
                 " AND NOT EXISTS (SELECT 1 FROM reconcile_listed g WHERE g.listing_id = $1 \
-                   AND g.kind IN ('{}', '{}') AND g.id IN (t.user_id, t.organization_id))",
+                   AND g.kind IN ('{}', '{}') AND g.id IN (t.user_id, t.organization_id) \
+                   OFFSET 0)",
                 listed::gone(Kind::Users),
                 listed::gone(Kind::Organizations)
             ),
@@ -167,7 +174,7 @@ impl Pass<'_> {
         };
         format!(
             "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM reconcile_listed l \
-               WHERE l.listing_id = $1 AND l.kind = $2 AND l.id = t.id){owners_gone}"
+               WHERE l.listing_id = $1 AND l.kind = $2 AND l.id = t.id OFFSET 0){owners_gone}"
         )
     }
 

@@ -119,7 +119,8 @@ impl Budget {
 /// How many stored memberships go with the users or organizations of `kind` that the deletion
 /// phase found gone (`super::listed::gone`) when they are deleted. In a dry run, leaving out
 /// those whose other owner the dry run already counted as deleted (a real run would have removed
-/// them with it).
+/// them with it). Each membership is looked up by primary key, as the deletion phase's
+/// candidates are (`OFFSET 0`: see `missing_condition` there).
 pub(crate) async fn memberships_going_with<C: ConnectionTrait>(
     db: &C,
     kind: Kind,
@@ -135,7 +136,7 @@ pub(crate) async fn memberships_going_with<C: ConnectionTrait>(
         format!(
             " AND NOT EXISTS (SELECT 1 FROM reconcile_listed b WHERE b.listing_id = $1 \
                AND b.kind <> $2 AND b.kind IN ('{}', '{}') \
-               AND b.id IN (m.user_id, m.organization_id))",
+               AND b.id IN (m.user_id, m.organization_id) OFFSET 0)",
             super::listed::gone(Kind::Users),
             super::listed::gone(Kind::Organizations)
         )
@@ -146,8 +147,8 @@ pub(crate) async fn memberships_going_with<C: ConnectionTrait>(
         DbBackend::Postgres,
         format!(
             "SELECT count(*) AS n FROM organization_memberships m \
-             WHERE m.deleted_at IS NULL AND m.{column} IN \
-               (SELECT g.id FROM reconcile_listed g WHERE g.listing_id = $1 AND g.kind = $2)\
+             WHERE m.deleted_at IS NULL AND EXISTS (SELECT 1 FROM reconcile_listed g \
+               WHERE g.listing_id = $1 AND g.kind = $2 AND g.id = m.{column} OFFSET 0)\
              {before}"
         ),
         [listing_id.into(), super::listed::gone(kind).into()],

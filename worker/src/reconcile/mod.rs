@@ -20,26 +20,41 @@
 //!    webhook would have delivered, read from the listed JSON by [`crate::apply::Reading`] like
 //!    any delivery (so the same mapping and the same rules apply), with a svix-id of their own per
 //!    run and object (all made by one function, `reconcile_event`), a page split into
-//!    [`WRITERS`] transactions applied at once.
-//! 2. Only after a complete listing: every stored object that was not listed is confirmed on
-//!    its own: `GET /v1/users/{id}` or `GET /v1/organizations/{id}` answering 404, or, for a
+//!    [`Options::connections`] − 1 transactions applied at once. Once a page's writes
+//!    committed, its ids go to `reconcile_listed` and the run's resume point
+//!    (`reconcile_runs.listing_cursor`) moves past it, in one statement (`listed`).
+//! 2. Only after a complete listing: every stored object that was not listed (an anti-join of
+//!    the table with the listed ids, in Postgres, 500 rows at a time) is confirmed on its own:
+//!    `GET /v1/users/{id}` or `GET /v1/organizations/{id}` answering 404, or, for a
 //!    membership, its organization's memberships of its user not holding its id (404 for the
-//!    organization counts as gone too). A gone object makes the `.deleted` event (row deleted,
-//!    tombstone written; an organization's memberships go with it); one still there is applied
-//!    instead. When more objects of the kind would be deleted than what is left of its limit
-//!    (or, for users and organizations, more memberships with them than is left of the
-//!    memberships limit), nothing of the kind is deleted and the run fails.
+//!    organization counts as gone too). A gone object is recorded as such and, once all are
+//!    confirmed, makes the `.deleted` event (row deleted, tombstone written; an organization's
+//!    memberships go with it); one still there is applied instead. When more objects of the
+//!    kind would be deleted than what is left of its limit (or, for users and organizations,
+//!    more memberships with them than is left of the memberships limit), nothing of the kind is
+//!    deleted and the run fails.
+//!
+//! The worker's memory holds a page, never the whole listing: what grows with the number of
+//! objects is in Postgres (`listed`).
 //!
 //! A listing that did not complete deletes nothing of its kind and fails the run; a pass that
 //! fails (that, a refused key, the deletion limit) ends the run, and the passes after it do not
 //! run. Objects that could not be read or written fail the run too, but only once every pass
 //! has run.
 //!
+//! A stop ([`Options::interruption`]: SIGTERM to the command, a worker stopping) ends the run at
+//! its next page (a page being fetched, or a Backend API wait, is given up): it is recorded
+//! `interrupted`, deletes nothing more, and keeps its listed ids. A run found `running` by the
+//! next holder of the lock is recorded `interrupted` too (its process died). The next run that
+//! writes resumes the latest run's listing when that one was interrupted: it skips the kinds
+//! that were done and continues the kind's listing at the recorded point, writing to the same
+//! listed ids, so its deletion phase still follows one complete listing ([`Summary::resumed`]).
+//!
 //! The parts: [`args`] (the command's arguments and a run's options), [`report`] (the counts,
 //! the summary and the report), `pass` (one kind's listing and writes) and `deletion` (its
-//! deletion phase), [`limits`] (the deletion limits of a run), [`lock`] (one run at a time),
-//! [`instance`] (the key's instance), [`runs`] (`reconcile_runs`), [`schedule`]
-//! (`WORKER_RECONCILE_INTERVAL`).
+//! deletion phase), `listed` (the listed ids, `reconcile_listed`), [`limits`] (the deletion
+//! limits of a run), [`lock`] (one run at a time), [`instance`] (the key's instance), `runs`
+//! (`reconcile_runs`: outcomes, resume points), [`schedule`] (`WORKER_RECONCILE_INTERVAL`).
 //! The Backend API client and its pages are [`crate::clerk`].
 
 pub mod args;
