@@ -667,6 +667,16 @@ async fn last_reconcile(db: Option<&DatabaseConnection>, settings: &shared::Sett
             ),
         )
         .fix("fix the cause, then `worker reconcile` again (a scheduled one retries by itself)"),
+        "interrupted" => Check::new(
+            NAME,
+            Verdict::Warn,
+            format!(
+                "{trigger} run started {} was interrupted: {}",
+                age(started),
+                error.as_deref().unwrap_or("stopped")
+            ),
+        )
+        .fix("the next run resumes its listing: run `worker reconcile` (a scheduled one does at once)"),
         "running" if (Utc::now() - started).to_std().unwrap_or_default() > RECONCILE_LOST_AFTER => {
             Check::new(
                 NAME,

@@ -10,10 +10,13 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use test_support::clerk_api::ClerkApi;
+use test_support::events::{clerk_membership, clerk_organization};
 use test_support::{TestEnv, eventually};
-use worker::clerk::ClerkConfig;
+use tokio::sync::watch;
+use worker::clerk::{ClerkClient, ClerkConfig};
 use worker::config::ScheduledReconcile;
 use worker::reconcile::lock::RunLock;
+use worker::reconcile::{self, Interruption, Options, Resumed};
 
 const KEY: &str = "sk_test_standin_key";
 const WITHIN: Duration = Duration::from_secs(60);
@@ -354,4 +357,127 @@ async fn the_next_scheduled_run_is_due_one_interval_after_the_last_finished_run(
     .await;
     worker.stop().await;
     assert_eq!(count(&env, "SELECT count(*) AS n FROM users").await, 3);
+}
+
+fn membership(user: usize) -> Value {
+    let organization = clerk_organization("org_0001", "Org", CREATED);
+    clerk_membership(
+        &format!("orgmem_{user:06}"),
+        &organization,
+        &user_id(user),
+        "org:member",
+        CREATED + user as i64,
+        CREATED + 5,
+    )
+}
+
+/// The library's run, stopped by its interruption while it lists memberships: the next run goes
+/// on at the recorded offset, skipping the kinds that were done, and its deletion phase still
+/// follows the whole listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_memberships_listing_resumes_at_its_offset() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    let client = std::sync::Arc::new(
+        ClerkClient::new(ClerkConfig {
+            rate_limit: 10_000,
+            ..ClerkConfig::new(api.url(), KEY.to_owned().into())
+        })
+        .expect("client"),
+    );
+    api.put_organization(clerk_organization("org_0001", "Org", CREATED + 5));
+    api.put_membership(membership(9_999));
+    let first = reconcile::reconcile(env.db(), &client, &Options::default()).await;
+    assert!(first.succeeded(), "{first:?}");
+    api.delete_membership("orgmem_009999");
+    api.put_memberships((0..2_500).map(membership));
+
+    api.slow_listings(Duration::from_millis(500));
+    let (stop, stopped) = watch::channel(false);
+    let options = Options {
+        interruption: Interruption::new(stopped),
+        ..Options::default()
+    };
+    let running = {
+        let (db, client) = (env.db().clone(), client.clone());
+        tokio::spawn(async move { reconcile::reconcile(&db, &client, &options).await })
+    };
+    eventually(WITHIN, "a page of memberships written", || async {
+        runs(&env).await.iter().any(|run| {
+            run.outcome == "running"
+                && run.listing_kind.as_deref() == Some("memberships")
+                && run.listing_cursor.is_some()
+        })
+    })
+    .await;
+    stop.send_replace(true);
+    let stopped = running.await.expect("the run ends");
+
+    assert!(stopped.interrupted, "{stopped:?}");
+    assert!(
+        stopped
+            .failure
+            .as_deref()
+            .is_some_and(|why| why.contains("interrupted")),
+        "{stopped:?}"
+    );
+    let recorded = runs(&env).await;
+    assert_eq!(recorded[1].outcome, "interrupted");
+    let offset = recorded[1].listing_cursor.clone().expect("an offset");
+    let at: u64 = offset.parse().expect("an offset");
+    assert!(
+        at.is_multiple_of(500) && (500..2_500).contains(&at),
+        "{offset}"
+    );
+    assert!(
+        env.membership("orgmem_009999").await.is_some(),
+        "nothing deleted"
+    );
+    let served_before = api.served().len();
+
+    api.slow_listings(Duration::ZERO);
+    let resumed = reconcile::reconcile(env.db(), &client, &Options::default()).await;
+
+    assert!(resumed.succeeded(), "{resumed:?}");
+    assert_eq!(
+        resumed.summary.resumed,
+        Some(Resumed {
+            run_id: recorded[1].id.clone(),
+            kind: "memberships",
+            after: Some(offset.clone()),
+        })
+    );
+    assert_eq!(resumed.summary.users.listed, 0, "done before the stop");
+    assert_eq!(
+        resumed.summary.organizations.listed, 0,
+        "done before the stop"
+    );
+    let served = &api.served()[served_before..];
+    let listings: Vec<&str> = served
+        .iter()
+        .filter(|s| s.path == "/v1/organization_memberships")
+        .map(|s| s.query.as_str())
+        .collect();
+    assert!(
+        listings[0].contains(&format!("offset={offset}")),
+        "{listings:?}"
+    );
+    assert!(
+        !served
+            .iter()
+            .any(|s| s.path == "/v1/users" || s.path == "/v1/organizations"),
+        "{served:?}"
+    );
+    // Only the membership gone from Clerk was confirmed and deleted.
+    let confirmed = served
+        .iter()
+        .filter(|s| s.path == "/v1/organizations/org_0001/memberships")
+        .count();
+    assert_eq!(confirmed, 1, "{served:?}");
+    assert_eq!(resumed.summary.memberships.deleted, 1);
+    assert!(env.membership("orgmem_009999").await.is_none());
+    assert_eq!(
+        count(&env, "SELECT count(*) AS n FROM organization_memberships").await,
+        2_500
+    );
 }
