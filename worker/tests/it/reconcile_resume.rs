@@ -481,3 +481,64 @@ async fn an_interrupted_memberships_listing_resumes_at_its_offset() {
         2_500
     );
 }
+
+/// A worker stopped (as SIGTERM stops it) while its schedule runs a reconcile records the run
+/// `interrupted` with its counts so far, and the next worker's schedule resumes it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_run_stopped_with_its_worker_is_interrupted_and_taken_up_by_the_next() {
+    let env = TestEnv::new().await;
+    let api = ClerkApi::start(KEY).await;
+    api.put_users((0..2_500).map(user));
+    api.slow_listings(Duration::from_millis(500));
+    let mut config = env.config();
+    config.reconcile = Some(ScheduledReconcile {
+        interval: Duration::from_secs(3600),
+        clerk: ClerkConfig {
+            rate_limit: 10_000,
+            ..ClerkConfig::new(api.url(), KEY.to_owned().into())
+        },
+        connections: 2,
+    });
+    let worker = env.start_worker(config.clone()).await;
+    eventually(WITHIN, "the first page written", || async {
+        runs(&env)
+            .await
+            .iter()
+            .any(|run| run.outcome == "running" && run.listing_cursor.is_some())
+    })
+    .await;
+
+    worker.stop().await;
+
+    let recorded = runs(&env).await;
+    assert_eq!(recorded[0].outcome, "interrupted", "{:?}", recorded[0]);
+    let listed = recorded[0].counts["users"]["listed"]
+        .as_u64()
+        .expect("counts so far");
+    assert!((500..2_500).contains(&listed), "{:?}", recorded[0]);
+    let cursor = recorded[0].listing_cursor.clone().expect("a resume point");
+
+    api.slow_listings(Duration::ZERO);
+    let worker = env.start_worker(config).await;
+    eventually(WITHIN, "the next run finished", || async {
+        runs(&env)
+            .await
+            .iter()
+            .any(|run| run.outcome == "succeeded")
+    })
+    .await;
+    worker.stop().await;
+    let recorded = runs(&env).await;
+    assert_eq!(
+        recorded[1].resumed_from.as_deref(),
+        Some(recorded[0].id.as_str())
+    );
+    assert!(
+        api.served()
+            .iter()
+            .filter(|s| s.path == "/v1/users")
+            .any(|s| s.query.contains(&format!("starting_after={cursor}"))),
+        "resumed after {cursor}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) AS n FROM users").await, 2_500);
+}
