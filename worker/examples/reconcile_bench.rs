@@ -43,7 +43,8 @@ struct Args {
     /// Users in the stand-in (and events in the queue).
     #[arg(long, default_value_t = 100_000)]
     users: usize,
-    /// Database connections of the worker (batches in flight) and of the reconcile's pool.
+    /// Database connections of the worker (batches in flight) and of the reconcile's pool
+    /// (`WORKER_RECONCILE_CONNECTIONS`: one fewer writers).
     #[arg(long, default_value_t = 8)]
     connections: u32,
 }
@@ -143,7 +144,7 @@ async fn measure(
         rate_limit: u32::MAX,
         ..ClerkConfig::new(api.url(), KEY.to_owned().into())
     })?;
-    let backfill = timed(&db, &client).await?;
+    let backfill = timed(&db, &client, args.connections).await?;
     let backfill_rate = args.users as f64 / backfill.as_secs_f64();
     println!(
         "reconcile backfill: {} users created    in {:>6.2} s = {:>7.0} users/s",
@@ -151,7 +152,7 @@ async fn measure(
         backfill.as_secs_f64(),
         backfill_rate
     );
-    let unchanged = timed(&db, &client).await?;
+    let unchanged = timed(&db, &client, args.connections).await?;
     let unchanged_rate = args.users as f64 / unchanged.as_secs_f64();
     println!(
         "reconcile again:    {} users unchanged  in {:>6.2} s = {:>7.0} users/s",
@@ -168,9 +169,17 @@ async fn measure(
     Ok(())
 }
 
-async fn timed(db: &sea_orm::DatabaseConnection, client: &ClerkClient) -> anyhow::Result<Duration> {
+async fn timed(
+    db: &sea_orm::DatabaseConnection,
+    client: &ClerkClient,
+    connections: u32,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let report: Report = worker::reconcile::reconcile(db, client, &Options::default()).await;
+    let options = Options {
+        connections,
+        ..Options::default()
+    };
+    let report: Report = worker::reconcile::reconcile(db, client, &options).await;
     let elapsed = started.elapsed();
     if let Some(failure) = &report.failure {
         bail!("reconcile failed: {failure}");

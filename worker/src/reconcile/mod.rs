@@ -257,17 +257,13 @@ async fn run(
     let started = Instant::now();
     let mut summary = Summary::default();
     // A run that writes continues the latest run's listing when that one was interrupted; a
-    // dry run never does (it records nothing for a later run to resume either).
-    let resuming = if options.dry_run {
-        Ok(None)
-    } else {
-        runs::resumable(db).await
-    };
-    let prepared = match resuming {
+    // dry run never does (it records nothing for a later run to resume either), and leaves
+    // that listing's ids for the run that will.
+    let prepared = match runs::resumable(db).await {
         Ok(resuming) => {
             let keep = resuming.as_ref().map(|r| r.listing_id.as_str());
             match listed::keep_only(db, keep).await {
-                Ok(()) if options.dry_run => Ok(resuming),
+                Ok(()) if options.dry_run => Ok(None),
                 Ok(()) => runs::start(db, &run_id, options.trigger, resuming.as_ref())
                     .await
                     .map(|()| resuming),

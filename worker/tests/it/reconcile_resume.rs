@@ -433,9 +433,18 @@ async fn an_interrupted_memberships_listing_resumes_at_its_offset() {
         env.membership("orgmem_009999").await.is_some(),
         "nothing deleted"
     );
+    // A dry run meanwhile neither resumes it nor takes its listed ids away.
+    api.slow_listings(Duration::ZERO);
+    let dry = Options {
+        dry_run: true,
+        ..Options::default()
+    };
+    let dry = reconcile::reconcile(env.db(), &client, &dry).await;
+    assert!(dry.succeeded(), "{dry:?}");
+    assert_eq!(dry.summary.resumed, None);
+    assert_eq!(dry.summary.memberships.listed, 2_500);
     let served_before = api.served().len();
 
-    api.slow_listings(Duration::ZERO);
     let resumed = reconcile::reconcile(env.db(), &client, &Options::default()).await;
 
     assert!(resumed.succeeded(), "{resumed:?}");
