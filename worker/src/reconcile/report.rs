@@ -147,6 +147,7 @@ impl Report {
             .collect();
         let end = match &self.failure {
             None => "The tables match Clerk.".to_owned(),
+            Some(why) if self.interrupted => format!("INTERRUPTED: {why}"),
             Some(why) => format!("FAILED: {why}"),
         };
         let resumed = match &self.summary.resumed {
