@@ -35,7 +35,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::apply::{self, ApplyError, Event, Next, Outcome, Reading, Settle, Source};
+use crate::apply::{self, ApplyError, Event, Next, Outcome, Reading, Settle, Source, SubjectKind};
 use crate::clerk::{ClerkClient, ClerkError};
 use crate::metrics::Metrics;
 pub use config::OnDemandConfig;
@@ -57,26 +57,18 @@ pub(crate) enum Object {
 }
 
 impl Object {
+    /// The kind of subject: its label (the metrics' `kind`, the `object` of a deleted one), its
+    /// table and its tombstones' table.
+    fn kind(self) -> SubjectKind {
+        match self {
+            Object::User => SubjectKind::User,
+            Object::Organization => SubjectKind::Organization,
+        }
+    }
+
     /// The metrics' `kind` label.
     fn name(self) -> &'static str {
-        match self {
-            Object::User => "user",
-            Object::Organization => "organization",
-        }
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Object::User => "users",
-            Object::Organization => "organizations",
-        }
-    }
-
-    fn tombstones(self) -> &'static str {
-        match self {
-            Object::User => "user_tombstones",
-            Object::Organization => "organization_tombstones",
-        }
+        self.kind().label()
     }
 }
 
@@ -306,7 +298,7 @@ impl Inner {
                 DbBackend::Postgres,
                 format!(
                     "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1) AS tombstoned",
-                    object.tombstones()
+                    object.kind().tombstone_table()
                 ),
                 [id.into()],
             ))
@@ -328,7 +320,7 @@ impl Inner {
                 DbBackend::Postgres,
                 format!(
                     "SELECT to_jsonb(t)::text AS row FROM {} AS t WHERE id = $1",
-                    object.table()
+                    object.kind().table()
                 ),
                 [id.into()],
             ))
