@@ -39,6 +39,7 @@
 //! update on two workers unable to resurrect a user, and what keeps the decision, read after the
 //! locks, true until the commit.
 
+pub mod compare;
 pub mod delete_mode;
 pub mod errors;
 pub mod event;
