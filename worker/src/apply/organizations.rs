@@ -2,7 +2,8 @@
 //!
 //! The rules (DESIGN.md "Organizations and memberships"):
 //! - creates and updates: last writer wins on `updated_at`; an older or equal version, or one
-//!   whose id has a tombstone, writes nothing;
+//!   whose id has a tombstone, writes nothing (an equal one does when it is a reconcile repair,
+//!   [`Event::repair`], and then only its own row, never a membership's organization snapshot);
 //! - a delete always wins and leaves a tombstone; the row goes or stays marked as the event's
 //!   delete mode says (`super::delete_mode`). Memberships are deleted by membership id, so a
 //!   late delete of a removed member's old id never touches the re-added member's new row;

@@ -126,9 +126,9 @@ struct BatchRow<'a> {
 /// - an upsert is `applied` when it is its user's newest in the batch (then the earliest), no
 ///   tombstone exists and no delete of the user is in the batch, and the stored row is older
 ///   (or, for a repair, [`Event::repair`], of the same `updated_at`: applied with
-///   [`super::compare::REPAIRED`] as its reason); every other upsert is `stale`. A svix-id recorded before is never newer than what is
-///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
-///   part in the ranking changes no outcome;
+///   [`super::compare::REPAIRED`] as its reason); every other upsert is `stale`. A svix-id
+///   recorded before is never newer than what is stored (its own version, or a newer one, got
+///   there, or a tombstone did), so letting it take part in the ranking changes no outcome;
 /// - a delete is `deleted` (applied); if its svix-id is new, [`delete_users`] carries it out;
 /// - any other type is `ignored`.
 ///
