@@ -23,6 +23,7 @@ mod pruning;
 mod reconcile;
 mod reconcile_instance;
 mod reconcile_limits;
+mod reconcile_repair;
 mod tracing;
 mod tracing_stalled;
 mod unstorable_strings;
