@@ -72,7 +72,7 @@ const CHUNK_BACKOFF: Backoff = Backoff {
 /// ids and migrations).
 const REBUILD_LOCK: &str = "pg_try_advisory_xact_lock(1919247467, 1)";
 
-/// `worker rebuild [--dry-run] [--json]`.
+/// `worker rebuild [--dry-run] [--json] [--chunk-subjects N]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebuildArgs {
     #[command(flatten)]
