@@ -20,6 +20,7 @@ mod organizations;
 mod pipeline_health;
 mod process;
 mod pruning;
+mod rebuild_scale;
 mod reconcile;
 mod reconcile_instance;
 mod reconcile_limits;
