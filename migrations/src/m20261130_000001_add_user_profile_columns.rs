@@ -16,7 +16,7 @@ use sea_orm_migration::prelude::*;
 use crate::online::create_index_concurrently;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const EXTERNAL_ID_INDEX: &str = "users_external_id_idx";
 

@@ -10,7 +10,7 @@
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 /// The name Postgres gave the column's inline check in `m20261127_000001_create_users`.
 const ROLE_CHECK: &str = "users_role_check";

@@ -12,7 +12,7 @@ use sea_orm_migration::prelude::*;
 use crate::online::create_index_concurrently;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const INDEX: &str = "processed_events_processed_at_idx";
 

@@ -22,7 +22,7 @@ use sea_orm_migration::prelude::*;
 use crate::online::{add_check, create_index_concurrently};
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const SUBJECT_INDEX: &str = "processed_events_subject_idx";
 

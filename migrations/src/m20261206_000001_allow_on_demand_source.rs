@@ -13,7 +13,7 @@ use sea_orm_migration::prelude::*;
 use crate::online::add_check;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const SOURCE_CHECK: &str = "processed_events_source_check";
 

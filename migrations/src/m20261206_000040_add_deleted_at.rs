@@ -40,7 +40,7 @@ use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
 use crate::online::without_lock_timeout;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const TABLES: [&str; 3] = ["users", "organizations", "organization_memberships"];
 

@@ -23,7 +23,7 @@ use sea_orm_migration::prelude::*;
 use crate::online::add_check;
 
 #[derive(DeriveMigrationName)]
-pub struct Migration;
+pub(crate) struct Migration;
 
 const OUTCOMES: &str = "reconcile_runs_outcome_check";
 

@@ -12,17 +12,43 @@ pub(crate) async fn connect_database(
     pool_size: u32,
     lock_timeout: Duration,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let pool = Pool {
+        size: pool_size,
+        lock_timeout: Some(lock_timeout),
+        // No connection at start: the worker waits for the database in `run_until_stopped`.
+        lazy: true,
+    };
+    connect(database_url, pool).await
+}
+
+/// How a pool connects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pool {
+    /// At most this many connections.
+    pub(crate) size: u32,
+    /// `lock_timeout` on every connection, when set.
+    pub(crate) lock_timeout: Option<Duration>,
+    /// Connects on first use; otherwise at once, so an unreachable database is an error here.
+    pub(crate) lazy: bool,
+}
+
+/// The pool every part of the worker connects with: 5 s to connect and to take a connection.
+pub(crate) async fn connect(
+    database_url: &SecretString,
+    pool: Pool,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let mut options = ConnectOptions::new(database_url.expose_secret());
     options
-        .max_connections(pool_size)
+        .max_connections(pool.size)
         .min_connections(0)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         // Statements are not logged one by one; errors are logged where they are handled.
         .sqlx_logging(false)
-        // No connection at start: the worker waits for the database in `run_until_stopped`.
-        .connect_lazy(true);
-    migrations::online::set_lock_timeout(&mut options, lock_timeout);
+        .connect_lazy(pool.lazy);
+    if let Some(lock_timeout) = pool.lock_timeout {
+        migrations::online::set_lock_timeout(&mut options, lock_timeout);
+    }
     Database::connect(options).await
 }
 

@@ -16,8 +16,6 @@
 //!   service's wiring (`startup`, [`config`], `database`, `http`, `depth`, `prune`, [`metrics`],
 //!   `stop`).
 
-#![warn(unreachable_pub)]
-
 mod acks;
 pub mod apply;
 pub mod clerk;

@@ -10,6 +10,9 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
+use shared::roles::RoleSource;
+
+use crate::apply::{Action, Event, Outcome};
 
 /// Every metric the worker exports on `/metrics`.
 #[derive(Clone)]
@@ -220,6 +223,26 @@ impl Metrics {
         self.events
             .with_label_values(&[type_label(event_type), outcome])
             .inc();
+    }
+
+    /// Counts and logs what became of an event, once its transaction committed: its outcome, a
+    /// duplicate, a role the settings do not know.
+    pub(crate) fn handled(&self, event: &Event, outcome: Outcome) {
+        self.event(&event.event_type, outcome.as_str());
+        if outcome == Outcome::Duplicate {
+            self.duplicates.inc();
+        }
+        if let Action::Upsert(record) = &event.action
+            && let RoleSource::Unknown(value) = &record.role_source
+            && outcome == Outcome::Applied
+        {
+            self.unknown_roles.inc();
+            tracing::warn!(
+                user_id = %record.id, role = %value, stored_as = %record.role,
+                "unknown role in public_metadata; stored as the default role"
+            );
+        }
+        tracing::info!(outcome = outcome.as_str(), "event handled");
     }
 
     /// Adds a metric defined elsewhere (the on-demand sync's) to this registry.

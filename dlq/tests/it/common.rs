@@ -13,7 +13,7 @@ use test_support::{BrokerChannel, TestTopology};
 
 /// A dead letter to put in the queue, as the worker writes one.
 #[derive(Debug, Clone)]
-pub struct Letter {
+pub(crate) struct Letter {
     pub id: String,
     pub event_type: String,
     pub body: Vec<u8>,
@@ -24,7 +24,7 @@ pub struct Letter {
 
 impl Letter {
     /// A `permanent` dead letter of `event_type` with a JSON body.
-    pub fn new(id: &str, event_type: &str) -> Self {
+    pub(crate) fn new(id: &str, event_type: &str) -> Self {
         Self {
             id: id.to_string(),
             event_type: event_type.to_string(),
@@ -38,20 +38,20 @@ impl Letter {
         }
     }
 
-    pub fn exhausted(mut self, attempts: u32, reason: &str) -> Self {
+    pub(crate) fn exhausted(mut self, attempts: u32, reason: &str) -> Self {
         self.kind = Some(headers::KIND_EXHAUSTED);
         self.attempts = attempts;
         self.reason = reason.to_string();
         self
     }
 
-    pub fn body(mut self, body: &[u8]) -> Self {
+    pub(crate) fn body(mut self, body: &[u8]) -> Self {
         self.body = body.to_vec();
         self
     }
 
     /// The headers the ingest sets on every event.
-    pub fn event_headers(&self) -> FieldTable {
+    pub(crate) fn event_headers(&self) -> FieldTable {
         let mut table = FieldTable::default();
         table.insert(headers::SVIX_ID.into(), long(&self.id));
         table.insert(headers::SVIX_TIMESTAMP.into(), long("1764212400"));
@@ -64,7 +64,7 @@ impl Letter {
     }
 
     /// The event's properties as the ingest publishes them.
-    pub fn event_properties(&self) -> BasicProperties {
+    pub(crate) fn event_properties(&self) -> BasicProperties {
         BasicProperties::default()
             .with_message_id(self.id.as_str().into())
             .with_type(self.event_type.as_str().into())
@@ -94,13 +94,13 @@ impl Letter {
 
 /// A declared topology of its own on the shared broker, deleted when the fixture is dropped, and
 /// a confirming channel (whose helpers it derefs to).
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub broker: BrokerChannel,
     pub topology: TestTopology,
 }
 
 impl Fixture {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self {
             broker: BrokerChannel::open().await,
             topology: TestTopology::declared().await,
@@ -108,7 +108,7 @@ impl Fixture {
     }
 
     /// A fixture whose worker queue dead-letters a message after `limit` failed deliveries.
-    pub async fn with_delivery_limit(limit: u32) -> Self {
+    pub(crate) async fn with_delivery_limit(limit: u32) -> Self {
         Self {
             broker: BrokerChannel::open().await,
             topology: TestTopology::declared_as(|topology| topology.delivery_limit = limit).await,
@@ -117,7 +117,7 @@ impl Fixture {
 
     /// Declares a classic queue that holds at most `length` messages and refuses (nacks) the
     /// publishes beyond, returning its name.
-    pub async fn declare_full_after(&mut self, length: i64) -> String {
+    pub(crate) async fn declare_full_after(&mut self, length: i64) -> String {
         let name = format!("{}.limited", self.topology.queue);
         let mut arguments = FieldTable::default();
         arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(length));
@@ -136,7 +136,7 @@ impl Fixture {
     }
 
     /// Settings pointing the commands at this fixture's topology.
-    pub fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             amqp_url: Some(amqp_url().into()),
             amqp_exchange: self.topology.exchange.clone(),
@@ -148,7 +148,7 @@ impl Fixture {
     }
 
     /// Puts `letters` in the dead-letter queue, each confirmed by the broker.
-    pub async fn dead_letters(&self, letters: &[Letter]) {
+    pub(crate) async fn dead_letters(&self, letters: &[Letter]) {
         for letter in letters {
             let properties = letter.dead_letter_properties();
             self.publish("", &self.topology.dead_queue, &letter.body, properties)
@@ -159,7 +159,7 @@ impl Fixture {
     }
 
     /// Publishes and checks the broker routed and confirmed it.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -188,7 +188,7 @@ impl std::ops::Deref for Fixture {
 
 /// Runs a `worker dlq …` command line (the words after `dlq`) against `settings`, returning its
 /// result, its stdout and its stderr.
-pub async fn run(
+pub(crate) async fn run(
     settings: &Settings,
     words: &[&str],
 ) -> (Result<(), dlq::DlqError>, String, String) {

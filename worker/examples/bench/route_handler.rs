@@ -24,11 +24,11 @@ struct State {
 }
 
 /// The line the handler prints, with its port, once it listens.
-pub const LISTENING: &str = "route handler listening on port ";
+pub(crate) const LISTENING: &str = "route handler listening on port ";
 
 /// Serves `POST /api/webhooks` on a free local port, with a pool of `connections`, until
 /// SIGTERM or SIGINT.
-pub async fn serve(database_url: &str, connections: u32) -> anyhow::Result<()> {
+pub(crate) async fn serve(database_url: &str, connections: u32) -> anyhow::Result<()> {
     let mut options = ConnectOptions::new(database_url);
     options.max_connections(connections).sqlx_logging(false);
     let state = web::Data::new(State {

@@ -7,15 +7,15 @@ use shared::Roles;
 use shared::events::{ClerkUser, UserRecord};
 
 /// The columns of `users` a user event writes, `synced_at` last.
-pub const COLUMNS: &str = "id, email, first_name, last_name, role, phone, username, image_url, \
+pub(crate) const COLUMNS: &str = "id, email, first_name, last_name, role, phone, username, image_url, \
      external_id, public_metadata, private_metadata, last_sign_in_at, clerk_data, created_at, \
      updated_at, synced_at";
 
 /// Parameters per row: every column but `synced_at`, which is `now()`.
-pub const PARAMETERS: usize = 15;
+pub(crate) const PARAMETERS: usize = 15;
 
 /// The worker's conflict rule: every column but the id replaced, only over an older version.
-pub const UPSERT_TAIL: &str = "ON CONFLICT (id) DO UPDATE SET \
+pub(crate) const UPSERT_TAIL: &str = "ON CONFLICT (id) DO UPDATE SET \
      email = excluded.email, first_name = excluded.first_name, last_name = excluded.last_name, \
      role = excluded.role, phone = excluded.phone, username = excluded.username, \
      image_url = excluded.image_url, external_id = excluded.external_id, \
@@ -26,12 +26,12 @@ pub const UPSERT_TAIL: &str = "ON CONFLICT (id) DO UPDATE SET \
      WHERE users.updated_at < excluded.updated_at";
 
 /// A Clerk user object as the worker's row, with the default roles.
-pub fn record(user: serde_json::Value) -> anyhow::Result<UserRecord> {
+pub(crate) fn record(user: serde_json::Value) -> anyhow::Result<UserRecord> {
     Ok(ClerkUser::from_data(user)?.to_record(&Roles::default())?)
 }
 
 /// The row's parameters, in the order of [`COLUMNS`].
-pub fn values(record: UserRecord) -> [Value; PARAMETERS] {
+pub(crate) fn values(record: UserRecord) -> [Value; PARAMETERS] {
     [
         record.id.into(),
         record.email.into(),
@@ -52,7 +52,7 @@ pub fn values(record: UserRecord) -> [Value; PARAMETERS] {
 }
 
 /// `($k+1, …, $k+15, now())`: a row's placeholders, its first parameter the one after `k`.
-pub fn placeholders(k: usize) -> String {
+pub(crate) fn placeholders(k: usize) -> String {
     let mut row = String::from("(");
     for p in k + 1..=k + PARAMETERS {
         row.push_str(&format!("${p}, "));

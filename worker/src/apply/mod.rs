@@ -1,13 +1,14 @@
 //! The door into the tables: every source of events (the queue consumer, `worker reconcile`,
-//! `worker replay`, `worker rebuild`, and the on-demand sync to come) hands its events in here,
+//! `worker replay`, `worker rebuild`, and the on-demand sync) hands its events in here,
 //! and nothing else writes the synced tables or the history. Nothing in here knows where an
 //! event came from beyond its [`Source`] label: no broker, no HTTP.
 //!
 //! The entry: a source turns what it received into a [`Message`] (body, svix-id, times,
 //! source), [`Reading::read`] makes it an [`Event`] (or says why it never can be one), and
-//! [`apply`] (one event), [`apply_batch`] (many, in one transaction) or [`write`] (many, batch
-//! then one by one, for the commands) applies it. For one event of the on-demand sync:
-//! `apply(db, &reading.read(&Message::new(body, svix_id, Source::OnDemand))?)`.
+//! [`apply`] (one event) or [`apply_batch`] (many, in one transaction) applies it. Many events
+//! go "batch, then one by one" through [`write_with`], every source the same way: in one
+//! transaction, then, when one event fails on its own account, each alone; the source says what
+//! becomes of each event through its [`Settle`] turns. [`write`] is the commands' tally of it.
 //!
 //! What is in here:
 //! - [`event`]: reading a message as an event;
@@ -15,6 +16,7 @@
 //!   [`organizations`] (organizations and memberships, one at a time);
 //! - [`locks`]: the advisory locks every transaction takes first;
 //! - [`errors`]: the error classes, and the one SQLSTATE classifier;
+//! - [`batches`]: "batch, then one by one", with the source's turns;
 //! - [`history`]: the history writer;
 //! - [`subject`]: the kinds of subject, their tables and their history labels.
 //!
@@ -22,7 +24,8 @@
 //! - the svix-id goes into `processed_events` in the statement that decides the outcome; a
 //!   conflict means the event was handled before, and nothing else is written (`Duplicate`);
 //! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
-//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
+//!   the event's `updated_at` is newer than the stored row's (or equal, for a reconcile's repair
+//!   of a row whose content differs: [`compare`]); otherwise the event is `Stale`.
 //!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
 //!   exactly as if the newest had been applied first;
 //! - `user.deleted` deletes the row and the user's organization memberships and writes a
@@ -39,6 +42,8 @@
 //! update on two workers unable to resurrect a user, and what keeps the decision, read after the
 //! locks, true until the commit.
 
+mod batches;
+pub mod compare;
 pub mod delete_mode;
 pub mod errors;
 pub mod event;
@@ -49,14 +54,13 @@ pub mod organizations;
 pub mod subject;
 mod users;
 
-use std::collections::HashSet;
-use std::time::Duration;
-
 use sea_orm::{ConnectionTrait, DbErr, TransactionSession as _, TransactionTrait};
 use serde_json::value::RawValue;
 use shared::events::UserRecord;
-use shared::{Backoff, ConfigError, Roles, Settings};
+use shared::{ConfigError, Roles, Settings};
+use std::collections::HashSet;
 
+pub use batches::{Next, Settle, Written, retry_read, write, write_with};
 pub use delete_mode::DeleteMode;
 pub use errors::{ApplyError, DbFailure, classify};
 pub use event::{Action, Event, Message, ReadError, Source};
@@ -290,79 +294,4 @@ async fn apply_events<C: ConnectionTrait>(db: &C, events: &[Event]) -> Result<Ve
         }
     }
     Ok(outcomes)
-}
-
-/// How often [`write`] tries a batch again while the database fails on its own account, and
-/// how long it waits before each try: 0.4 s, doubling, so the last waits 6.4 s.
-const WRITE_RETRIES: u32 = 5;
-const WRITE_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(400),
-    max: Duration::from_millis(6_400),
-};
-
-/// What [`write`] did: the outcome of each event (`None`: it failed on its own account) and
-/// the reasons of the failed ones.
-pub type Written = (Vec<Option<Outcome>>, Vec<String>);
-
-/// Batch, then one by one: applies events in one transaction, retrying it a few times while the
-/// database fails on its own account; when one event fails on its own, the events are applied
-/// one by one so only that one fails (and is named in the second list). The commands' way to
-/// apply (`worker reconcile`, `replay`, `rebuild`); the consumer, which retries each delivery
-/// on its own schedule, composes [`apply_batch`] and [`apply`] itself.
-#[tracing::instrument(name = "write page", level = "info", skip_all, fields(events = events.len()))]
-pub async fn write<C: TransactionTrait>(db: &C, events: &[Event]) -> Result<Written, String> {
-    let mut retries = 0;
-    loop {
-        match apply_batch(db, events).await {
-            Ok(outcomes) => return Ok((outcomes.into_iter().map(Some).collect(), Vec::new())),
-            Err(BatchFailure::Transient(error)) if retries < WRITE_RETRIES => {
-                retries += 1;
-                let delay = WRITE_BACKOFF.delay(retries);
-                tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure, retrying the batch");
-                tokio::time::sleep(delay).await;
-            }
-            Err(BatchFailure::Transient(error)) => {
-                return Err(format!("the database kept failing: {error}"));
-            }
-            Err(BatchFailure::Event(error)) => {
-                tracing::warn!(%error, "an event of the batch failed; applying them one by one");
-                let mut outcomes = Vec::with_capacity(events.len());
-                let mut failed = Vec::new();
-                for event in events {
-                    match apply(db, event).await {
-                        Ok(outcome) => outcomes.push(Some(outcome)),
-                        Err(error) => {
-                            let id = event.action.subject().map_or("", |s| s.id);
-                            tracing::error!(%id, %error, "cannot write an object");
-                            failed.push(format!("{id}: {error}"));
-                            outcomes.push(None);
-                        }
-                    }
-                }
-                return Ok((outcomes, failed));
-            }
-        }
-    }
-}
-
-/// Runs a read again while the database fails on its own account, with [`write`]'s back-off
-/// and number of tries.
-pub async fn retry_read<T, F, Fut>(what: &str, mut read: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, DbErr>>,
-{
-    let mut retries = 0;
-    loop {
-        match read().await {
-            Ok(value) => return Ok(value),
-            Err(error) if retries < WRITE_RETRIES && classify(&error) == DbFailure::Transient => {
-                retries += 1;
-                let delay = WRITE_BACKOFF.delay(retries);
-                tracing::warn!(%error, retries, next_attempt_in = ?delay, "database failure while {what}, retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(error) => return Err(format!("{what}: {error}")),
-        }
-    }
 }

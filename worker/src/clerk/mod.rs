@@ -15,6 +15,8 @@
 //!
 //! Errors name the call (`GET /v1/users`), the status and Clerk's `errors[0].code`; never the key.
 
+mod config;
+mod error;
 mod limiter;
 mod pages;
 
@@ -22,12 +24,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+pub use config::{ClerkConfig, RATE_WINDOW, default_rate_limit};
+pub use error::ClerkError;
+use error::{ErrorBody, clerk_reason, transport_error};
 use limiter::RateLimiter;
 pub use pages::{OffsetPages, UserPages};
 
@@ -43,155 +48,6 @@ const RATE_LIMITED_IN_A_ROW: u32 = 20;
 
 /// The longest `Retry-After` honoured as given; a longer one is waited this long and asked again.
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// How the client talks to the API. `Debug` never shows the key.
-#[derive(Debug, Clone)]
-pub struct ClerkConfig {
-    /// `CLERK_API_URL`, e.g. `https://api.clerk.com`.
-    pub api_url: String,
-    /// `CLERK_SECRET_KEY`.
-    pub secret_key: SecretString,
-    /// `CLERK_API_TIMEOUT_MS`: the limit of one request, connection and body included.
-    pub timeout: Duration,
-    /// `CLERK_API_RATE_LIMIT` requests per [`RATE_WINDOW`] at most; unset, by the key's kind
-    /// ([`default_rate_limit`]).
-    pub rate_limit: u32,
-    /// Retries of a 5xx, a timeout or a connection failure before the call fails.
-    pub retries: usize,
-    /// The first back-off step of those retries; doubled each time, with jitter, up to `retry_max`.
-    pub retry_base: Duration,
-    pub retry_max: Duration,
-}
-
-/// The window of `CLERK_API_RATE_LIMIT`, the one Clerk's own limits are stated in.
-pub const RATE_WINDOW: Duration = Duration::from_secs(10);
-
-/// Clerk's Backend API limit per instance, by the kind of the key: 1000 requests per 10 s for a
-/// production instance (`sk_live_…`), 100 for a development one (`sk_test_…`); a key of neither
-/// kind gets the smaller.
-pub fn default_rate_limit(secret_key: &SecretString) -> u32 {
-    if secret_key.expose_secret().trim().starts_with("sk_live_") {
-        1000
-    } else {
-        100
-    }
-}
-
-impl ClerkConfig {
-    /// Production defaults around an API URL and a key: 30 s timeout, the rate limit of the
-    /// key's kind ([`default_rate_limit`]), five retries from 500 ms up to 30 s.
-    pub fn new(api_url: impl Into<String>, secret_key: SecretString) -> Self {
-        Self {
-            api_url: api_url.into(),
-            rate_limit: default_rate_limit(&secret_key),
-            secret_key,
-            timeout: Duration::from_secs(30),
-            retries: 5,
-            retry_base: Duration::from_millis(500),
-            retry_max: Duration::from_secs(30),
-        }
-    }
-
-    /// From the loaded settings: `CLERK_SECRET_KEY` (required), `CLERK_API_URL`,
-    /// `CLERK_API_RATE_LIMIT`, `CLERK_API_TIMEOUT_MS`.
-    pub fn from_settings(settings: &shared::Settings) -> Result<Self, shared::ConfigError> {
-        let secret_key = settings.clerk_secret_key()?;
-        let api_url = settings
-            .clerk_api_url
-            .trim()
-            .trim_end_matches('/')
-            .to_owned();
-        if reqwest::Url::parse(&api_url).is_err() {
-            return Err(shared::ConfigError::Malformed {
-                variable: "CLERK_API_URL",
-                reason: "not a URL like https://api.clerk.com".into(),
-            });
-        }
-        if settings.clerk_api_rate_limit == Some(0) {
-            return Err(shared::ConfigError::Malformed {
-                variable: "CLERK_API_RATE_LIMIT",
-                reason: "must be at least 1".into(),
-            });
-        }
-        if settings.clerk_api_timeout_ms == 0 {
-            return Err(shared::ConfigError::Malformed {
-                variable: "CLERK_API_TIMEOUT_MS",
-                reason: "must be at least 1".into(),
-            });
-        }
-        let by_key = Self::new(api_url, secret_key);
-        Ok(Self {
-            rate_limit: settings.clerk_api_rate_limit.unwrap_or(by_key.rate_limit),
-            timeout: Duration::from_millis(settings.clerk_api_timeout_ms),
-            ..by_key
-        })
-    }
-}
-
-/// Why a call to the Backend API failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClerkError {
-    /// 401 or 403: the key is wrong, revoked or lacks access.
-    #[error(
-        "{call}: {status}{}: check CLERK_SECRET_KEY (the secret key of the instance to reconcile)",
-        clerk_reason(.code, .message)
-    )]
-    Unauthorized {
-        call: String,
-        status: StatusCode,
-        code: Option<String>,
-        message: Option<String>,
-    },
-    /// A status that retrying does not change (4xx other than 401, 403, 404 and 429).
-    #[error("{call}: {status}{}", clerk_reason(.code, .message))]
-    Rejected {
-        call: String,
-        status: StatusCode,
-        code: Option<String>,
-        message: Option<String>,
-    },
-    /// 5xx, timeouts or connection failures that outlasted the retries, or 429s that kept coming.
-    #[error("{call}: gave up after {attempts} attempts: {last}")]
-    GaveUp {
-        call: String,
-        attempts: u32,
-        last: String,
-    },
-    /// The rate limit was reached, for an impatient client: Clerk answered 429, or the shared
-    /// client-side limit (`CLERK_API_RATE_LIMIT`) has no room soon enough.
-    #[error("{call}: rate limited, next request possible in {} ms", retry_after.as_millis())]
-    RateLimited { call: String, retry_after: Duration },
-    /// A 2xx whose body is not what the API describes.
-    #[error("{call}: unexpected answer: {reason}")]
-    Decode { call: String, reason: String },
-    /// The request could not even be built or sent (e.g. a malformed URL).
-    #[error("{call}: {reason}")]
-    Request { call: String, reason: String },
-}
-
-fn clerk_reason(code: &Option<String>, message: &Option<String>) -> String {
-    match (code, message) {
-        (Some(code), Some(message)) => format!(" ({code}: {message})"),
-        (Some(code), None) => format!(" ({code})"),
-        (None, Some(message)) => format!(" ({message})"),
-        (None, None) => String::new(),
-    }
-}
-
-/// Clerk's error body: `{"errors": [{"message", "long_message", "code", "meta"}], "clerk_trace_id"}`.
-#[derive(Debug, Default, Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    errors: Vec<ErrorEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorEntry {
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-}
 
 /// `GET /v1/instance`: the instance a key belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -610,27 +466,6 @@ impl ClerkClient {
     }
 }
 
-/// A transport error in one line with its causes (reqwest's own line hides them), without the
-/// URL.
-fn transport_error(error: reqwest::Error) -> String {
-    let kind = if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "cannot connect"
-    } else {
-        "transport error"
-    };
-    let error = error.without_url();
-    let mut line = kind.to_owned();
-    let mut cause: Option<&dyn std::error::Error> = Some(&error);
-    while let Some(current) = cause {
-        line.push_str(": ");
-        line.push_str(&current.to_string());
-        cause = current.source();
-    }
-    line
-}
-
 /// How one attempt ended, when it did not succeed.
 enum Attempt {
     Final(Answer),
@@ -651,53 +486,4 @@ fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ClerkError>
         call: call.into(),
         reason: error.to_string(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_rate_limit_defaults_by_the_kind_of_key_and_the_setting_overrides_it() {
-        let settings = |key: &str, limit: Option<u32>| shared::Settings {
-            clerk_secret_key: Some(key.to_owned().into()),
-            clerk_api_rate_limit: limit,
-            ..shared::Settings::default()
-        };
-        let limit = |key, setting| {
-            ClerkConfig::from_settings(&settings(key, setting))
-                .expect("valid")
-                .rate_limit
-        };
-        assert_eq!(limit("sk_live_abc", None), 1000);
-        assert_eq!(limit("sk_test_abc", None), 100);
-        assert_eq!(limit("something_else", None), 100);
-        assert_eq!(limit("sk_live_abc", Some(250)), 250);
-        assert_eq!(limit("sk_test_abc", Some(250)), 250);
-        let line = ClerkConfig::from_settings(&settings("sk_live_abc", Some(0)))
-            .expect_err("zero")
-            .to_string();
-        assert!(line.contains("CLERK_API_RATE_LIMIT"), "{line}");
-    }
-
-    #[test]
-    fn a_config_never_shows_its_key() {
-        let config = ClerkConfig::new("https://api.clerk.com", "sk_test_hunter2".into());
-        assert!(!format!("{config:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn an_unauthorized_error_names_the_call_the_code_and_the_setting() {
-        let error = ClerkError::Unauthorized {
-            call: "GET /v1/users/count".into(),
-            status: StatusCode::UNAUTHORIZED,
-            code: Some("authentication_invalid".into()),
-            message: Some("Invalid authentication".into()),
-        };
-        assert_eq!(
-            error.to_string(),
-            "GET /v1/users/count: 401 Unauthorized (authentication_invalid: Invalid \
-             authentication): check CLERK_SECRET_KEY (the secret key of the instance to reconcile)"
-        );
-    }
 }

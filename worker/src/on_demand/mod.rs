@@ -8,7 +8,7 @@
 //! 3. otherwise `GET /v1/users/{id}`, or `GET /v1/organizations/{id}` and that organization's
 //!    memberships, made into the `.updated` events a webhook would carry (by the door's
 //!    [`Reading::read_object`], as reconcile makes its own; source `on_demand`) and applied in one transaction by
-//!    [`apply::apply_batch`], under the same rules as every event: last writer wins, tombstones
+//!    [`apply::write_with`], under the same rules as every event: last writer wins, tombstones
 //!    hold. A 404 from Clerk is applied as the `.deleted` event instead (row removed, tombstone
 //!    written) and answered 404;
 //! 4. the row as stored after the commit is the answer.
@@ -21,84 +21,33 @@
 //! (else 503). The HTTP side (routes, token, statuses) is [`api`].
 
 pub(crate) mod api;
+mod config;
+mod error;
+mod metrics;
 mod single_flight;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
-use secrecy::SecretString;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use shared::roles::RoleSource;
-use shared::{ConfigError, Settings};
 
-use crate::apply::{self, Action, BatchFailure, DbFailure, Event, Outcome, Reading, Source};
-use crate::clerk::{ClerkClient, ClerkConfig, ClerkError};
+use crate::apply::{self, ApplyError, Event, Next, Outcome, Reading, Settle, Source, SubjectKind};
+use crate::clerk::{ClerkClient, ClerkError};
 use crate::metrics::Metrics;
+pub use config::OnDemandConfig;
+pub(crate) use error::{SyncError, retry_after};
+use metrics::OnDemandMetrics;
 use single_flight::SingleFlight;
 
 /// Database connections of the API's own pool: syncs never take the consumer's connections.
 pub const API_DB_POOL: u32 = 4;
 
-/// `Retry-After` of a 503 for an unreachable database or Backend API.
-const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
-
 /// Recently synced objects kept before the expired ones are swept out.
 const RECENT_SWEEP_AT: usize = 10_000;
-
-/// The on-demand sync API's settings. `Debug` never shows the token.
-#[derive(Debug, Clone)]
-pub struct OnDemandConfig {
-    /// `WORKER_API_TOKEN`.
-    pub token: SecretString,
-    /// `WORKER_API_LISTEN`: an address of its own, or `None` for the worker's `WORKER_LISTEN`.
-    pub listen: Option<SocketAddr>,
-    /// `WORKER_API_TIMEOUT_MS`.
-    pub timeout: Duration,
-    /// `WORKER_API_REUSE_MS`.
-    pub reuse: Duration,
-    /// The Backend API (`CLERK_SECRET_KEY`, `CLERK_API_URL`, `CLERK_API_RATE_LIMIT`, …).
-    pub clerk: ClerkConfig,
-}
-
-impl OnDemandConfig {
-    /// `None` when `WORKER_API_TOKEN` is unset or blank; an error naming the variable when a
-    /// setting is malformed, or when `CLERK_SECRET_KEY` is missing.
-    pub fn from_settings(settings: &Settings) -> Result<Option<Self>, ConfigError> {
-        let Some(token) = settings.worker_api_token() else {
-            return Ok(None);
-        };
-        let listen = match settings
-            .worker_api_listen
-            .as_deref()
-            .map(str::trim)
-            .filter(|text| !text.is_empty())
-        {
-            None => None,
-            Some(text) => Some(text.parse().map_err(|error| ConfigError::Malformed {
-                variable: "WORKER_API_LISTEN",
-                reason: format!("not an address like 0.0.0.0:3002 ({error})"),
-            })?),
-        };
-        if settings.worker_api_timeout_ms == 0 {
-            return Err(ConfigError::Malformed {
-                variable: "WORKER_API_TIMEOUT_MS",
-                reason: "must be at least 1".into(),
-            });
-        }
-        Ok(Some(Self {
-            token,
-            listen,
-            timeout: Duration::from_millis(settings.worker_api_timeout_ms),
-            reuse: Duration::from_millis(settings.worker_api_reuse_ms),
-            clerk: ClerkConfig::from_settings(settings)?,
-        }))
-    }
-}
 
 /// What can be synced on demand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,26 +57,18 @@ pub(crate) enum Object {
 }
 
 impl Object {
+    /// The kind of subject: its label (the metrics' `kind`, the `object` of a deleted one), its
+    /// table and its tombstones' table.
+    fn kind(self) -> SubjectKind {
+        match self {
+            Object::User => SubjectKind::User,
+            Object::Organization => SubjectKind::Organization,
+        }
+    }
+
     /// The metrics' `kind` label.
     fn name(self) -> &'static str {
-        match self {
-            Object::User => "user",
-            Object::Organization => "organization",
-        }
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Object::User => "users",
-            Object::Organization => "organizations",
-        }
-    }
-
-    fn tombstones(self) -> &'static str {
-        match self {
-            Object::User => "user_tombstones",
-            Object::Organization => "organization_tombstones",
-        }
+        self.kind().label()
     }
 }
 
@@ -150,59 +91,6 @@ pub(crate) struct Synced {
     pub(crate) found: Found,
     /// The row as stored, as JSON text.
     pub(crate) row: Option<Arc<str>>,
-}
-
-/// Why a sync has no answer.
-#[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum SyncError {
-    /// The shared rate limit has no room soon enough, or Clerk answered 429.
-    #[error("rate limited: {0}")]
-    RateLimited(String, Duration),
-    /// The Backend API did not answer usefully after a retry (5xx, timeout, connection).
-    #[error("Backend API unavailable: {0}")]
-    ClerkUnavailable(String),
-    /// The database is unreachable or in trouble (a transient failure).
-    #[error("database unavailable: {0}")]
-    DatabaseUnavailable(String),
-    /// `WORKER_API_TIMEOUT_MS` passed.
-    #[error("no answer within the timeout")]
-    TimedOut,
-    /// Anything else: a refused key, an object that does not apply, a bug.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl SyncError {
-    /// The metrics' `outcome` label.
-    fn outcome(&self) -> &'static str {
-        match self {
-            SyncError::RateLimited(..) => "rate_limited",
-            SyncError::ClerkUnavailable(_) => "clerk_unavailable",
-            SyncError::DatabaseUnavailable(_) => "database_unavailable",
-            SyncError::TimedOut => "timed_out",
-            SyncError::Failed(_) => "failed",
-        }
-    }
-
-    fn from_clerk(error: ClerkError) -> Self {
-        match error {
-            ClerkError::RateLimited { retry_after, .. } => {
-                SyncError::RateLimited(error.to_string(), retry_after)
-            }
-            ClerkError::GaveUp { .. } => SyncError::ClerkUnavailable(error.to_string()),
-            ClerkError::Unauthorized { .. }
-            | ClerkError::Rejected { .. }
-            | ClerkError::Decode { .. }
-            | ClerkError::Request { .. } => SyncError::Failed(error.to_string()),
-        }
-    }
-
-    fn from_db(what: &str, error: &DbErr) -> Self {
-        match apply::classify(error) {
-            DbFailure::Transient => SyncError::DatabaseUnavailable(format!("{what}: {error}")),
-            DbFailure::Race | DbFailure::Message => SyncError::Failed(format!("{what}: {error}")),
-        }
-    }
 }
 
 type Key = (Object, String);
@@ -389,68 +277,18 @@ impl Inner {
             })
     }
 
-    /// Applies the events in one transaction through the one entry every source uses. When one
-    /// of them fails on its own account (a membership that does not apply), they are applied one
-    /// by one, so the others still land; the first (the object asked for) must.
+    /// Applies the events "batch, then one by one" ([`apply::write_with`]): when one of them
+    /// fails on its own account (a membership that does not apply), the others still land; the
+    /// first (the object asked for) must.
     async fn apply(&self, events: &[Event]) -> Result<()> {
-        let started = Instant::now();
-        match apply::apply_batch(&self.db, events).await {
-            Ok(outcomes) => {
-                self.metrics
-                    .apply_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                for (event, outcome) in events.iter().zip(outcomes) {
-                    self.report(event, outcome);
-                }
-                Ok(())
-            }
-            Err(BatchFailure::Transient(error)) => Err(SyncError::from_db("applying", &error)),
-            Err(BatchFailure::Event(error)) => {
-                tracing::warn!(%error, "an on-demand event failed; applying them one by one");
-                for (n, event) in events.iter().enumerate() {
-                    match apply::apply(&self.db, event).await {
-                        Ok(outcome) => self.report(event, outcome),
-                        Err(apply::ApplyError::Transient(error)) => {
-                            return Err(SyncError::DatabaseUnavailable(error));
-                        }
-                        // Objects from the Backend API carry no `instance_id`, so none is
-                        // refused today; should one be, the call fails like a message error.
-                        Err(
-                            apply::ApplyError::Message(error)
-                            | apply::ApplyError::ForeignInstance(error),
-                        ) if n == 0 => {
-                            return Err(SyncError::Failed(error));
-                        }
-                        Err(apply::ApplyError::ForeignInstance(error)) => {
-                            tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event of another instance; left out");
-                        }
-                        Err(apply::ApplyError::Message(error)) => {
-                            tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event does not apply; left out");
-                        }
-                    }
-                }
-                Ok(())
-            }
-        }
+        apply::write_with(&self.db, events, &mut Applying(self)).await
     }
 
     /// Counts and logs what became of an event, once its transaction committed, as the
     /// consumer does for a delivery.
     fn report(&self, event: &Event, outcome: Outcome) {
         let span = tracing::info_span!("on_demand", svix_id = %event.svix_id, event_type = %event.event_type);
-        let _entered = span.enter();
-        self.metrics.event(&event.event_type, outcome.as_str());
-        if let Action::Upsert(record) = &event.action
-            && let RoleSource::Unknown(value) = &record.role_source
-            && outcome == Outcome::Applied
-        {
-            self.metrics.unknown_roles.inc();
-            tracing::warn!(
-                user_id = %record.id, role = %value, stored_as = %record.role,
-                "unknown role in public_metadata; stored as the default role"
-            );
-        }
-        tracing::info!(outcome = outcome.as_str(), "event handled");
+        span.in_scope(|| self.metrics.handled(event, outcome));
     }
 
     async fn tombstoned(&self, object: Object, id: &str) -> Result<bool> {
@@ -460,7 +298,7 @@ impl Inner {
                 DbBackend::Postgres,
                 format!(
                     "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1) AS tombstoned",
-                    object.tombstones()
+                    object.kind().tombstone_table()
                 ),
                 [id.into()],
             ))
@@ -482,7 +320,7 @@ impl Inner {
                 DbBackend::Postgres,
                 format!(
                     "SELECT to_jsonb(t)::text AS row FROM {} AS t WHERE id = $1",
-                    object.table()
+                    object.kind().table()
                 ),
                 [id.into()],
             ))
@@ -519,131 +357,54 @@ impl Inner {
     }
 }
 
-/// The on-demand metrics, registered with the worker's.
-#[derive(Clone)]
-struct OnDemandMetrics {
-    /// `clerk_sync_worker_on_demand_requests_total{kind, outcome}`.
-    requests: IntCounterVec,
-    /// `clerk_sync_worker_on_demand_seconds{kind}`: from the request's arrival to its answer,
-    /// for requests that passed the token check.
-    seconds: HistogramVec,
-}
+/// The on-demand sync's turns of "batch, then one by one": a database in trouble ends the sync;
+/// so does the object asked for (the first event) when it does not apply.
+struct Applying<'a>(&'a Inner);
 
-impl OnDemandMetrics {
-    fn register(metrics: &Metrics) -> Result<Self, prometheus::Error> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "clerk_sync_worker_on_demand_requests_total",
-                "On-demand sync requests, by kind (user, organization) and outcome: synced, \
-                 reused, deleted, tombstoned, rate_limited, clerk_unavailable, \
-                 database_unavailable, timed_out, failed, unauthorized, forbidden, bad_request.",
-            ),
-            &["kind", "outcome"],
-        )?;
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "clerk_sync_worker_on_demand_seconds",
-                "Time to answer an on-demand sync request that passed the token check.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["kind"],
-        )?;
-        metrics.register(Box::new(requests.clone()))?;
-        metrics.register(Box::new(seconds.clone()))?;
-        Ok(Self { requests, seconds })
+impl Settle for Applying<'_> {
+    type Stop = SyncError;
+
+    async fn batch_unavailable(&mut self, error: DbErr, _retry: u32) -> ControlFlow<SyncError> {
+        ControlFlow::Break(SyncError::from_db("applying", &error))
     }
 
-    fn count(&self, object: Object, outcome: &str, took: Duration) {
-        self.requests
-            .with_label_values(&[object.name(), outcome])
-            .inc();
-        self.seconds
-            .with_label_values(&[object.name()])
-            .observe(took.as_secs_f64());
-    }
-}
-
-/// `Retry-After` for an error, in whole seconds (at least 1), or `None` when retrying will not
-/// help.
-pub(crate) fn retry_after(error: &SyncError) -> Option<u64> {
-    let wait = match error {
-        SyncError::RateLimited(_, wait) => *wait,
-        SyncError::ClerkUnavailable(_) | SyncError::DatabaseUnavailable(_) => {
-            UNAVAILABLE_RETRY_AFTER
-        }
-        SyncError::TimedOut => Duration::from_secs(1),
-        SyncError::Failed(_) => return None,
-    };
-    Some(wait.as_secs_f64().ceil().max(1.0) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(token: Option<&str>) -> Settings {
-        Settings {
-            worker_api_token: token.map(Into::into),
-            clerk_secret_key: Some("sk_test_1".into()),
-            ..Settings::default()
+    fn batch_applied(&mut self, events: &[Event], outcomes: Vec<Outcome>, took: Duration) {
+        self.0.metrics.apply_seconds.observe(took.as_secs_f64());
+        for (event, outcome) in events.iter().zip(outcomes) {
+            self.0.report(event, outcome);
         }
     }
 
-    #[test]
-    fn the_api_is_off_without_a_token_and_on_with_one() {
-        assert!(
-            OnDemandConfig::from_settings(&settings(None))
-                .expect("off")
-                .is_none()
-        );
-        assert!(
-            OnDemandConfig::from_settings(&settings(Some("  ")))
-                .expect("off")
-                .is_none()
-        );
-        let config = OnDemandConfig::from_settings(&settings(Some("s3cret-token")))
-            .expect("valid")
-            .expect("on");
-        assert_eq!(config.listen, None);
-        assert_eq!(config.timeout, Duration::from_secs(5));
-        assert_eq!(config.reuse, Duration::from_secs(2));
-        assert!(!format!("{config:?}").contains("s3cret-token"));
+    fn going_alone(&mut self, error: &DbErr) {
+        tracing::warn!(%error, "an on-demand event failed; applying them one by one");
     }
 
-    #[test]
-    fn malformed_settings_and_a_missing_key_are_named() {
-        let line = |settings: Settings| {
-            OnDemandConfig::from_settings(&settings)
-                .expect_err("refused")
-                .to_string()
-        };
-        let no_key = Settings {
-            clerk_secret_key: None,
-            ..settings(Some("t"))
-        };
-        assert!(line(no_key).contains("CLERK_SECRET_KEY"));
-        let listen = Settings {
-            worker_api_listen: Some("port 3002".into()),
-            ..settings(Some("t"))
-        };
-        assert!(line(listen).contains("WORKER_API_LISTEN"));
-        let timeout = Settings {
-            worker_api_timeout_ms: 0,
-            ..settings(Some("t"))
-        };
-        assert!(line(timeout).contains("WORKER_API_TIMEOUT_MS"));
+    fn event_applied(&mut self, _index: usize, event: &Event, outcome: Outcome, _took: Duration) {
+        self.0.report(event, outcome);
     }
 
-    #[test]
-    fn retry_after_is_whole_seconds_and_absent_for_failures() {
-        let limited = SyncError::RateLimited("x".into(), Duration::from_millis(2_300));
-        assert_eq!(retry_after(&limited), Some(3));
-        assert_eq!(
-            retry_after(&SyncError::ClerkUnavailable("x".into())),
-            Some(5)
-        );
-        assert_eq!(retry_after(&SyncError::Failed("x".into())), None);
+    async fn event_failed(
+        &mut self,
+        index: usize,
+        event: &Event,
+        error: ApplyError,
+        _retry: u32,
+    ) -> Next<SyncError> {
+        match error {
+            ApplyError::Transient(error) => Next::Stop(SyncError::DatabaseUnavailable(error)),
+            // Objects from the Backend API carry no `instance_id`, so none is refused today;
+            // should one be, the call fails like a message error.
+            ApplyError::Message(error) | ApplyError::ForeignInstance(error) if index == 0 => {
+                Next::Stop(SyncError::Failed(error))
+            }
+            ApplyError::ForeignInstance(error) => {
+                tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event of another instance; left out");
+                Next::Skip
+            }
+            ApplyError::Message(error) => {
+                tracing::warn!(svix_id = %event.svix_id, %error, "an on-demand event does not apply; left out");
+                Next::Skip
+            }
+        }
     }
 }

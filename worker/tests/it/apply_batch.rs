@@ -1,13 +1,18 @@
 //! One batch, one transaction: events read as the worker reads them and applied together through
-//! `apply_batch`, each with the outcome and effect it would have had alone.
+//! `apply_batch`, each with the outcome and effect it would have had alone; and "batch, then one
+//! by one" (`write_with`) telling a source every turn.
 
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use sea_orm::DbErr;
 use serde_json::{Value, json};
 use shared::Roles;
 use test_support::TestEnv;
 use test_support::events::clerk_user;
 use test_support::signing::svix_id;
 use worker::Outcome;
-use worker::apply::{Event, Message, Source, apply_batch};
+use worker::apply::{ApplyError, Event, Message, Next, Settle, Source, apply_batch, write_with};
 
 fn event(svix_id: &str, event_type: &str, data: Value) -> Event {
     let body = json!({"type": event_type, "object": "event", "timestamp": 1, "data": data});
@@ -199,4 +204,84 @@ async fn a_stored_holder_that_is_older_loses_its_address_to_a_batch_member() {
             .as_deref(),
         Some("n@example.org")
     );
+}
+
+/// A source's turns, written down in order, that retries the failing event once.
+#[derive(Default)]
+struct Turns(Vec<String>);
+
+impl Settle for Turns {
+    type Stop = ();
+
+    async fn batch_unavailable(&mut self, _error: DbErr, _retry: u32) -> ControlFlow<()> {
+        self.0.push("batch unavailable".into());
+        ControlFlow::Break(())
+    }
+
+    fn batch_applied(&mut self, events: &[Event], _outcomes: Vec<Outcome>, _took: Duration) {
+        self.0.push(format!("batch of {} applied", events.len()));
+    }
+
+    fn going_alone(&mut self, _error: &DbErr) {
+        self.0.push("one by one".into());
+    }
+
+    fn event_applied(&mut self, index: usize, _event: &Event, outcome: Outcome, _took: Duration) {
+        self.0.push(format!("{index} {}", outcome.as_str()));
+    }
+
+    async fn event_failed(
+        &mut self,
+        index: usize,
+        _event: &Event,
+        error: ApplyError,
+        retry: u32,
+    ) -> Next<()> {
+        assert!(matches!(error, ApplyError::Message(_)), "{error}");
+        self.0.push(format!("{index} failed, try {retry}"));
+        if retry < 2 { Next::Retry } else { Next::Skip }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_then_one_by_one_settles_every_event_through_the_sources_turns() {
+    let env = TestEnv::new().await;
+    let mut unstorable = clerk_user("user_bad", None, None, 100);
+    // Before 4713 BC: Postgres refuses the timestamp (22008), the event's own fault.
+    unstorable["created_at"] = json!(-300_000_000_000_000_i64);
+    let events = [
+        event(
+            &svix_id(),
+            "user.created",
+            clerk_user("user_1", None, None, 100),
+        ),
+        event(&svix_id(), "user.created", unstorable),
+        event(
+            &svix_id(),
+            "user.created",
+            clerk_user("user_2", None, None, 100),
+        ),
+    ];
+    let mut turns = Turns::default();
+    write_with(env.db(), &events, &mut turns)
+        .await
+        .expect("no stop");
+    assert_eq!(
+        turns.0,
+        [
+            "one by one",
+            "0 applied",
+            "1 failed, try 1",
+            "1 failed, try 2",
+            "2 applied"
+        ]
+    );
+    assert!(env.user("user_1").await.is_some());
+    assert!(env.user("user_bad").await.is_none());
+
+    let mut turns = Turns::default();
+    write_with(env.db(), &events[2..], &mut turns)
+        .await
+        .expect("no stop");
+    assert_eq!(turns.0, ["batch of 1 applied"]);
 }

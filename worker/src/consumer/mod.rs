@@ -32,15 +32,19 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::Instrument;
 
 use shared::headers;
-use shared::roles::RoleSource;
+
+mod held;
+mod settling;
 
 use crate::acks::Acks;
-use crate::apply::{self, Action, ApplyError, BatchFailure, Event, Outcome, ReadError};
+use crate::apply::{self, ApplyError, Event, Outcome, ReadError};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadKind, DeadLetters};
 use crate::delivery::{message, text};
-use crate::metrics::{HeldSince, Metrics};
+use crate::metrics::Metrics;
 use crate::stop::Stop;
+use held::HeldDelivery;
+use settling::Settling;
 
 /// The longest a batch that is not full waits for a batch in flight to be done before it starts
 /// beside it: about one transaction of a full batch on a loaded machine.
@@ -248,6 +252,7 @@ impl Handler {
         deliveries: Vec<HeldDelivery>,
         working: &mpsc::Sender<()>,
     ) {
+        let mut spans = Vec::with_capacity(deliveries.len());
         let mut held = Vec::with_capacity(deliveries.len());
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
@@ -261,7 +266,8 @@ impl Handler {
                     if shared::telemetry::enabled() {
                         event.trace_id = crate::trace::trace_id(&span).or(event.trace_id);
                     }
-                    held.push((delivery, span));
+                    held.push(Some(delivery));
+                    spans.push(span);
                     events.push(event);
                 }
                 Err(ReadError::Permanent(reason)) => {
@@ -277,76 +283,15 @@ impl Handler {
         if events.is_empty() {
             return;
         }
-        let mut stop = self.stop.clone();
-        let mut retry = 0;
-        loop {
-            let started = Instant::now();
-            let batch_span = if shared::telemetry::enabled() {
-                crate::trace::batch_span(&held.iter().map(|(_, span)| span).collect::<Vec<_>>())
-            } else {
-                tracing::Span::none()
-            };
-            match apply::apply_batch(&self.db, &events)
-                .instrument(batch_span)
-                .await
-            {
-                Ok(outcomes) => {
-                    self.metrics
-                        .apply_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    self.metrics.batch_size.observe(events.len() as f64);
-                    for ((delivery, span), (event, outcome)) in
-                        held.iter().zip(events.iter().zip(outcomes))
-                    {
-                        span.in_scope(|| report(&self.metrics, event, outcome));
-                        crate::trace::record_outcome(span, event, outcome);
-                        delivery.done();
-                    }
-                    return;
-                }
-                Err(BatchFailure::Transient(error)) => {
-                    retry += 1;
-                    self.metrics.retries.with_label_values(&["transient"]).inc();
-                    if crate::apply::lock_timeout::is(&error) {
-                        self.metrics.lock_timeouts.inc();
-                    }
-                    tracing::warn!(
-                        %error, retry, events = events.len(),
-                        "database unavailable; retrying the batch after a pause"
-                    );
-                    if !stop.sleep(self.config.backoff.delay(retry)).await {
-                        return;
-                    }
-                }
-                Err(BatchFailure::Event(error)) => {
-                    tracing::debug!(%error, "an event of the batch failed; applying them one by one");
-                    for ((delivery, span), event) in held.into_iter().zip(events) {
-                        self.handle_alone(delivery, event, span.clone(), working)
-                            .instrument(span)
-                            .await;
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Applies one event in its own transaction; a failure goes to the retry path.
-    async fn handle_alone(
-        self: &Arc<Self>,
-        delivery: HeldDelivery,
-        event: Event,
-        span: tracing::Span,
-        working: &mpsc::Sender<()>,
-    ) {
-        match self.apply_until_settled(&event).await {
-            None => {}
-            Some(Ok(outcome)) => self.settle(&delivery, &event, outcome),
-            Some(Err(ApplyError::ForeignInstance(reason))) => {
-                self.refuse_foreign(&delivery, &reason, 1).await;
-            }
-            Some(Err(error)) => self.spawn_retry(delivery, error.to_string(), span, working),
-        }
+        let mut settling = Settling {
+            handler: self,
+            spans,
+            deliveries: held,
+            working,
+            stop: self.stop.clone(),
+        };
+        // Stopped: what is left unsettled is released when `settling` drops.
+        let _ = apply::write_with(&self.db, &events, &mut settling).await;
     }
 
     /// An event of another Clerk instance: counted, dead-lettered at once as `permanent`.
@@ -357,7 +302,7 @@ impl Handler {
     }
 
     fn settle(&self, delivery: &HeldDelivery, event: &Event, outcome: Outcome) {
-        report(&self.metrics, event, outcome);
+        self.metrics.handled(event, outcome);
         crate::trace::record_outcome(&tracing::Span::current(), event, outcome);
         delivery.done();
     }
@@ -519,73 +464,4 @@ impl Handler {
             }
         }
     }
-}
-
-/// A delivery with its place among the held ones ([`crate::metrics::Held`]): the age of the
-/// oldest is a metric and decides readiness, and it leaves the list when this is dropped. Its
-/// acknowledgement goes through the channel's [`Acks`]: [`HeldDelivery::done`] once it is
-/// settled; dropped without that, it is left for the broker to hand out again.
-pub(crate) struct HeldDelivery {
-    delivery: Delivery,
-    tag: lapin::types::DeliveryTag,
-    acks: Acks,
-    _since: HeldSince,
-}
-
-impl HeldDelivery {
-    fn new(delivery: Delivery, acks: &Acks, metrics: &Metrics) -> Self {
-        let tag = delivery.delivery_tag;
-        acks.received(tag, delivery.acker.clone());
-        Self {
-            delivery,
-            tag,
-            acks: acks.clone(),
-            _since: metrics.held.hold(),
-        }
-    }
-
-    /// Committed, or its dead letter confirmed: to be acknowledged. An acknowledgement that does
-    /// not get through only means a redelivery, which the svix-id makes harmless.
-    fn done(&self) {
-        self.acks.done(self.tag);
-    }
-
-    /// Waiting for a retry: its pauses must not hold up the acknowledgement of the deliveries
-    /// received after it.
-    fn park(&self) {
-        self.acks.parked(self.tag);
-    }
-}
-
-impl Drop for HeldDelivery {
-    fn drop(&mut self) {
-        self.acks.released(self.tag);
-    }
-}
-
-impl std::ops::Deref for HeldDelivery {
-    type Target = Delivery;
-
-    fn deref(&self) -> &Delivery {
-        &self.delivery
-    }
-}
-
-/// Counts and logs what became of an event, once its transaction committed.
-fn report(metrics: &Metrics, event: &Event, outcome: Outcome) {
-    metrics.event(&event.event_type, outcome.as_str());
-    if outcome == Outcome::Duplicate {
-        metrics.duplicates.inc();
-    }
-    if let Action::Upsert(record) = &event.action
-        && let RoleSource::Unknown(value) = &record.role_source
-        && outcome == Outcome::Applied
-    {
-        metrics.unknown_roles.inc();
-        tracing::warn!(
-            user_id = %record.id, role = %value, stored_as = %record.role,
-            "unknown role in public_metadata; stored as the default role"
-        );
-    }
-    tracing::info!(outcome = outcome.as_str(), "event handled");
 }

@@ -20,23 +20,21 @@
 //! Verdicts: `ok`, `warn` (works, but look), `FAIL` (broken: the command exits non-zero) and
 //! `skip` (not checked, the line says why). A check that needs an unreachable service is skipped.
 
-use std::fmt;
+mod broker;
+mod report;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
-    Statement,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement};
 use sea_orm_migration::MigrationStatus;
 use secrecy::ExposeSecret;
-use serde::Serialize;
 
 use crate::clerk::{ClerkClient, ClerkConfig, ClerkError};
+use crate::database::{Pool, connect};
+
+pub use report::{Check, Report, Verdict};
 
 /// The longest wait for any one service: the doctor answers quickly or says what did not.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,92 +49,6 @@ pub struct DoctorArgs {
     /// instead of lines.
     #[arg(long)]
     pub json: bool,
-}
-
-/// How a check went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Ok,
-    Warn,
-    Fail,
-    Skip,
-}
-
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(match self {
-            Verdict::Ok => "ok",
-            Verdict::Warn => "warn",
-            Verdict::Fail => "FAIL",
-            Verdict::Skip => "skip",
-        })
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    /// What was checked, e.g. `database`.
-    pub check: &'static str,
-    pub verdict: Verdict,
-    /// What the check found.
-    pub detail: String,
-    /// What to do, for anything but `ok`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
-}
-
-impl Check {
-    fn new(check: &'static str, verdict: Verdict, detail: impl Into<String>) -> Self {
-        Self {
-            check,
-            verdict,
-            detail: detail.into(),
-            fix: None,
-        }
-    }
-
-    fn ok(check: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(check, Verdict::Ok, detail)
-    }
-
-    fn fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = Some(fix.into());
-        self
-    }
-}
-
-impl fmt::Display for Check {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:<5} {:<15} {}", self.verdict, self.check, self.detail)?;
-        if let Some(fix) = &self.fix {
-            write!(f, " -> {fix}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Every check, in the order they are printed.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// No check failed.
-    pub ok: bool,
-    pub checks: Vec<Check>,
-}
-
-impl Report {
-    /// The check named `check`, if the report has it.
-    pub fn get(&self, check: &str) -> Option<&Check> {
-        self.checks.iter().find(|c| c.check == check)
-    }
-
-    fn failed(&self) -> usize {
-        self.checks
-            .iter()
-            .filter(|c| c.verdict == Verdict::Fail)
-            .count()
-    }
 }
 
 /// `worker doctor`: prints the report, and fails when a check failed.
@@ -159,7 +71,7 @@ pub async fn execute(settings: &shared::Settings, args: DoctorArgs) -> anyhow::R
 pub async fn diagnose(settings: &shared::Settings) -> Report {
     let mut checks = Vec::new();
     let db = database(settings, &mut checks).await;
-    broker(settings, &mut checks).await;
+    broker::check(settings, &mut checks).await;
     checks.push(last_event(db.as_ref()).await);
     checks.push(webhook_secret(settings));
     checks.push(clerk_key(settings, db.as_ref()).await);
@@ -201,14 +113,13 @@ async fn database(
         }
     };
     let place = database_place(url.expose_secret());
-    let mut options = ConnectOptions::new(url.expose_secret());
-    options
-        .max_connections(2)
-        .min_connections(0)
-        .connect_timeout(TIMEOUT)
-        .acquire_timeout(TIMEOUT)
-        .sqlx_logging(false);
-    let connected = tokio::time::timeout(TIMEOUT * 2, Database::connect(options)).await;
+    // At once rather than lazily: an unreachable database is this check's answer.
+    let pool = Pool {
+        size: 2,
+        lock_timeout: None,
+        lazy: false,
+    };
+    let connected = tokio::time::timeout(TIMEOUT * 2, connect(&url, pool)).await;
     let db = match connected {
         Ok(Ok(db)) => db,
         Ok(Err(error)) => {
@@ -274,158 +185,6 @@ async fn database(
     };
     checks.push(check);
     Some(db)
-}
-
-/// The `broker`, `topology`, `consumers`, `queue` and `dead letters` checks.
-async fn broker(settings: &shared::Settings, checks: &mut Vec<Check>) {
-    const LATER: [&str; 4] = ["topology", "consumers", "queue", "dead letters"];
-    let skip_rest = |checks: &mut Vec<Check>, why: &str| {
-        for name in LATER {
-            checks.push(Check::new(name, Verdict::Skip, why));
-        }
-    };
-    let (nodes, topology) = match (settings.amqp_nodes(), settings.topology()) {
-        (Ok(nodes), Ok(topology)) => (nodes, topology),
-        (Err(error), _) | (_, Err(error)) => {
-            checks.push(
-                Check::new("broker", Verdict::Fail, error.to_string())
-                    .fix("set AMQP_URL, e.g. amqp://user:password@host:5672/%2f"),
-            );
-            skip_rest(checks, "the broker settings are malformed");
-            return;
-        }
-    };
-    let connection = match nodes
-        .connect(ConnectionProperties::default(), TIMEOUT)
-        .await
-    {
-        Ok((connection, node)) => {
-            checks.push(Check::ok("broker", format!("reachable at {node}")));
-            connection
-        }
-        Err(error) => {
-            checks.push(
-                Check::new("broker", Verdict::Fail, format!("cannot connect: {error}"))
-                    .fix("start RabbitMQ, or correct AMQP_URL (user, password, host, vhost)"),
-            );
-            skip_rest(checks, "the broker is unreachable");
-            return;
-        }
-    };
-
-    let exchange = exchange_exists(&connection, &topology.exchange).await;
-    let queue = queue_counts(&connection, &topology.queue).await;
-    let dead = queue_counts(&connection, &topology.dead_queue).await;
-    let mut missing = Vec::new();
-    if !exchange {
-        missing.push(format!("exchange {}", topology.exchange));
-    }
-    if queue.is_none() {
-        missing.push(format!("queue {}", topology.queue));
-    }
-    if dead.is_none() {
-        missing.push(format!("queue {}", topology.dead_queue));
-    }
-    checks.push(if missing.is_empty() {
-        Check::ok(
-            "topology",
-            format!(
-                "exchange {}, queues {} and {} exist",
-                topology.exchange, topology.queue, topology.dead_queue
-            ),
-        )
-    } else {
-        Check::new(
-            "topology",
-            Verdict::Fail,
-            format!("missing: {}", missing.join(", ")),
-        )
-        .fix(
-            "start the ingest or the worker once: either declares the topology (and check that \
-             AMQP_EXCHANGE, AMQP_QUEUE and AMQP_DEAD_QUEUE are the same for all of them)",
-        )
-    });
-
-    checks.push(match queue {
-        None => Check::new("consumers", Verdict::Skip, "the worker queue is missing"),
-        Some((_, 0)) => Check::new(
-            "consumers",
-            Verdict::Fail,
-            format!("nothing consumes {}: events wait there", topology.queue),
-        )
-        .fix("start the worker (`worker run`; in the compose stack `docker compose up -d worker`)"),
-        Some((_, consumers)) => {
-            Check::ok("consumers", format!("{consumers} on {}", topology.queue))
-        }
-    });
-    checks.push(match queue {
-        None => Check::new("queue", Verdict::Skip, "the worker queue is missing"),
-        Some((ready, 0)) if ready > 0 => Check::new(
-            "queue",
-            Verdict::Warn,
-            format!(
-                "{ready} messages waiting in {} and no consumer",
-                topology.queue
-            ),
-        )
-        .fix("start the worker: it applies them in order"),
-        Some((ready, _)) => Check::ok(
-            "queue",
-            format!("{ready} messages waiting in {}", topology.queue),
-        ),
-    });
-    checks.push(match dead {
-        None => Check::new(
-            "dead letters",
-            Verdict::Skip,
-            "the dead-letter queue is missing",
-        ),
-        Some((0, _)) => Check::ok("dead letters", format!("none in {}", topology.dead_queue)),
-        Some((parked, _)) => Check::new(
-            "dead letters",
-            Verdict::Warn,
-            format!("{parked} in {}", topology.dead_queue),
-        )
-        .fix("see why with `worker dlq list`; once fixed, `worker dlq replay --all`"),
-    });
-    let _ = connection.close(200, "doctor done".into()).await;
-}
-
-/// Whether the exchange exists, by a passive declare on a channel of its own (a refused one
-/// closes its channel).
-async fn exchange_exists(connection: &Connection, exchange: &str) -> bool {
-    let Ok(channel) = connection.create_channel().await else {
-        return false;
-    };
-    let passive = ExchangeDeclareOptions {
-        passive: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let declared = channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            passive,
-            FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "checked".into()).await;
-    declared.is_ok()
-}
-
-/// The ready messages and consumers of `queue`, or `None` when it does not exist.
-async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
-    let channel = connection.create_channel().await.ok()?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let declared = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await;
-    let _ = channel.close(200, "checked".into()).await;
-    let queue = declared.ok()?;
-    Some((queue.message_count(), queue.consumer_count()))
 }
 
 /// How long ago `time` was, in whole seconds.
