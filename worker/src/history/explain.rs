@@ -334,7 +334,7 @@ pub async fn dead_letters_about(
 /// Whether an event body is about `id`: its `data.id`, or for a membership the user
 /// (`data.public_user_data.user_id`) or organization (`data.organization.id`) it joins.
 pub fn concerns(body: &[u8], id: &str) -> bool {
-    let Ok(event) = serde_json::from_slice::<Value>(body) else {
+    let Ok(event) = shared::json::from_slice::<Value>(body) else {
         return false;
     };
     let data = &event["data"];
