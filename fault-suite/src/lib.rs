@@ -6,7 +6,6 @@
 pub mod check;
 pub mod cluster;
 pub mod history;
-pub mod postgres;
 pub mod rabbit;
 pub mod report;
 pub mod scenario;

@@ -13,11 +13,11 @@ use shared::{Backoff, Topology};
 use crate::check::{self, Verdict};
 use crate::cluster::RabbitCluster;
 use crate::history;
-use crate::postgres::PgCluster;
 use crate::rabbit::RabbitNode;
 use crate::sender::{self, SenderConfig, SenderOutcome, SenderStats};
 use crate::service::Service;
 use crate::support;
+use test_support::private_postgres::PgCluster;
 
 /// How long a broker or database outage lasts before the suite brings it back.
 const OUTAGE: Duration = Duration::from_secs(3);

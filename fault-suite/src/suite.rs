@@ -10,11 +10,11 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::cluster::RabbitCluster;
 
-use crate::postgres::{self, PgCluster};
 use crate::rabbit::{self, RabbitNode};
 use crate::report;
 use crate::scenario::{self, Binaries, Broker, Infrastructure, Load, Names, Scenario};
 use crate::support;
+use test_support::private_postgres::{self as postgres, PgCluster};
 
 /// Runs the pipeline under faults and counts what was lost.
 #[derive(Debug, clap::Parser)]

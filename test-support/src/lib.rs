@@ -1,5 +1,5 @@
-//! What the clerk-sync tests share. A dev-dependency of the other crates only: nothing here is
-//! ever part of a shipped binary.
+//! What the clerk-sync tests share. A dev-dependency of the other crates (and a dependency of the
+//! fault suite, a test tool itself): nothing here is ever part of a shipped binary.
 //!
 //! - [`services`]: where the shared Postgres and RabbitMQ are (`DATABASE_URL`, `AMQP_URL`).
 //! - [`TestDatabase`]: a fresh database, migrated or not, dropped on drop.
@@ -16,6 +16,8 @@
 //! - [`clerk_api`]: a stand-in for Clerk's Backend API, for `worker reconcile`.
 //! - [`otlp`]: a real OTLP/HTTP trace receiver that keeps what it gets, and can stall.
 //! - [`proc_stats`]: CPU time, peak memory and load from `/proc`, for the benchmarks.
+//! - [`private_postgres`]: a Postgres cluster of the test's own, with default settings, that the
+//!   test may stop (the fault suite uses it too).
 
 pub mod broker;
 pub mod clerk_api;
@@ -25,6 +27,7 @@ pub mod http;
 pub mod http_load;
 pub mod ingest;
 pub mod otlp;
+pub mod private_postgres;
 pub mod proc_stats;
 pub mod proxy;
 pub mod rows;

@@ -292,6 +292,7 @@ pub async fn apply_changes(
             delete_mode: worker::apply::DeleteMode::Hard,
             instance_id: None,
             trace_id: None,
+            repair: false,
         })
         .collect();
     match worker::apply::apply_batch(db, &events).await {

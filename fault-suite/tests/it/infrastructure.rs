@@ -2,7 +2,6 @@
 //! what was confirmed or committed before the crash is there after the restart. If these did not
 //! hold, a scenario's "lost" count would measure the harness, not the pipeline.
 
-use fault_suite::postgres::{self, PgCluster};
 use fault_suite::rabbit::{self, RabbitNode};
 use fault_suite::support;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -11,6 +10,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use std::time::Duration;
 use test_support::eventually;
+use test_support::private_postgres::{self as postgres, PgCluster};
 
 fn workdir() -> tempfile::TempDir {
     support::workdir("fault-suite-test-").expect("temp dir")

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use fault_suite::check;
 use fault_suite::history::{self, ExpectedState};
-use fault_suite::postgres::{self, PgCluster};
 use fault_suite::rabbit::{self, RabbitNode};
 use fault_suite::support;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -14,6 +13,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use shared::Topology;
+use test_support::private_postgres::{self as postgres, PgCluster};
 
 fn millis(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).expect("a valid timestamp")

@@ -73,6 +73,10 @@ pub struct Event {
     /// The trace the event was handled in, kept in its history row when the trace was sampled:
     /// the `traceparent` header's, or the consumer span's (see `crate::trace`).
     pub trace_id: Option<String>,
+    /// Rewrite a stored row whose `updated_at` equals this version's: set by reconcile for a
+    /// row whose content differs from what this version writes ([`super::compare`]). False as
+    /// read: an equal version (a webhook's duplicate) is `stale`.
+    pub repair: bool,
 }
 
 /// Where an event came from.
@@ -240,6 +244,7 @@ impl Event {
             received_at: message.received_at,
             delete_mode: DeleteMode::Hard,
             trace_id: message.trace_id.clone(),
+            repair: false,
         })
     }
 
@@ -247,6 +252,14 @@ impl Event {
     pub fn with_delete_mode(self, delete_mode: DeleteMode) -> Self {
         Self {
             delete_mode,
+            ..self
+        }
+    }
+
+    /// The same event, rewriting a stored row of the same `updated_at` (see [`Event::repair`]).
+    pub fn repairing(self) -> Self {
+        Self {
+            repair: true,
             ..self
         }
     }

@@ -110,3 +110,18 @@ pub(super) async fn mark_stale<C: ConnectionTrait>(
     .await?;
     Ok(())
 }
+
+/// Gives a recorded event the reason of its outcome (a repair's, [`super::compare::REPAIRED`]).
+pub(super) async fn note<C: ConnectionTrait>(
+    db: &C,
+    svix_id: &str,
+    reason: &str,
+) -> Result<(), DbErr> {
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE processed_events SET reason = $2 WHERE svix_id = $1",
+        [svix_id.into(), reason.into()],
+    ))
+    .await?;
+    Ok(())
+}

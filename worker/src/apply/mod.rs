@@ -24,7 +24,8 @@
 //! - the svix-id goes into `processed_events` in the statement that decides the outcome; a
 //!   conflict means the event was handled before, and nothing else is written (`Duplicate`);
 //! - `user.created`/`user.updated` write the user only when no tombstone exists for the id and
-//!   the event's `updated_at` is newer than the stored row's; otherwise the event is `Stale`.
+//!   the event's `updated_at` is newer than the stored row's (or equal, for a reconcile's repair
+//!   of a row whose content differs: [`compare`]); otherwise the event is `Stale`.
 //!   Several versions of one user in a batch collapse to the newest: the others are `Stale`,
 //!   exactly as if the newest had been applied first;
 //! - `user.deleted` deletes the row and the user's organization memberships and writes a
@@ -42,6 +43,7 @@
 //! locks, true until the commit.
 
 mod batches;
+pub mod compare;
 pub mod delete_mode;
 pub mod errors;
 pub mod event;

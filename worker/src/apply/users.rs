@@ -18,6 +18,7 @@ use serde::Serialize;
 use shared::events::UserRecord;
 
 use super::Outcome;
+use super::compare::Standing;
 use super::delete_mode::{self, DeleteMode};
 use super::event::{Action, Event};
 use super::history;
@@ -76,6 +77,7 @@ pub(super) async fn record_and_decide<C: ConnectionTrait>(
                 user_id,
                 updated_at,
                 deletes,
+                repair: event.repair,
             }
         })
         .collect();
@@ -113,6 +115,8 @@ struct BatchRow<'a> {
     user_id: Option<&'a str>,
     updated_at: Option<DateTime<Utc>>,
     deletes: bool,
+    /// [`Event::repair`]: an equal stored version is rewritten.
+    repair: bool,
 }
 
 /// One statement for the whole batch, with the history's `INSERT` ([`history::insert`]) (`$1`: a JSON array of `{ordinal, svix_id, event_type,
@@ -120,10 +124,11 @@ struct BatchRow<'a> {
 /// copies only; `$2`: [`REASON_TIME_FORMAT`]). Each new svix-id becomes a history row with its
 /// outcome and, for `stale`, the reason:
 /// - an upsert is `applied` when it is its user's newest in the batch (then the earliest), no
-///   tombstone exists and no delete of the user is in the batch, and the stored row is older;
-///   every other upsert is `stale`. A svix-id recorded before is never newer than what is
-///   stored (its own version, or a newer one, got there, or a tombstone did), so letting it take
-///   part in the ranking changes no outcome;
+///   tombstone exists and no delete of the user is in the batch, and the stored row is older
+///   (or, for a repair, [`Event::repair`], of the same `updated_at`: applied with
+///   [`super::compare::REPAIRED`] as its reason); every other upsert is `stale`. A svix-id
+///   recorded before is never newer than what is stored (its own version, or a newer one, got
+///   there, or a tombstone did), so letting it take part in the ranking changes no outcome;
 /// - a delete is `deleted` (applied); if its svix-id is new, [`delete_users`] carries it out;
 /// - any other type is `ignored`.
 ///
@@ -134,7 +139,8 @@ static RECORD_AND_DECIDE: LazyLock<String> = LazyLock::new(|| {
         "\
 WITH batch AS ( \
   SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS b( \
-    {history_columns}, user_id text, updated_at timestamptz, deletes boolean)), \
+    {history_columns}, user_id text, updated_at timestamptz, deletes boolean, \
+    repair boolean)), \
 standing AS ( \
   SELECT b.*, \
     (SELECT t.deleted_at FROM user_tombstones t WHERE t.id = b.user_id) AS tombstoned_at, \
@@ -148,13 +154,15 @@ decided AS ( \
     CASE WHEN user_id IS NULL THEN 'ignored' \
          WHEN deletes THEN 'deleted' \
          WHEN rank = 1 AND tombstoned_at IS NULL AND NOT deleted_in_batch \
-              AND (stored_updated_at IS NULL OR stored_updated_at < updated_at) THEN 'applied' \
+              AND (stored_updated_at IS NULL OR stored_updated_at < updated_at \
+                   OR (repair AND stored_updated_at = updated_at)) THEN 'applied' \
          ELSE 'stale' END AS outcome, \
     CASE WHEN user_id IS NULL OR deletes THEN NULL \
          WHEN tombstoned_at IS NOT NULL THEN \
            'the user was deleted at ' || to_char(tombstoned_at AT TIME ZONE 'UTC', $2) \
          WHEN deleted_in_batch THEN 'the user is deleted by an event of the same batch' \
          WHEN rank > 1 THEN 'a newer version of the user came in the same batch' \
+         WHEN repair AND stored_updated_at = updated_at THEN '{repaired}' \
          WHEN stored_updated_at >= updated_at THEN \
            'stored updated_at ' || to_char(stored_updated_at AT TIME ZONE 'UTC', $2) \
            || ' is not older than ' || to_char(updated_at AT TIME ZONE 'UTC', $2) \
@@ -163,6 +171,7 @@ decided AS ( \
 recorded AS ({record}) \
 SELECT svix_id, outcome FROM recorded",
         history_columns = history::ROW_COLUMNS,
+        repaired = super::compare::REPAIRED,
         record = history::insert("decided"),
     )
 });
@@ -177,24 +186,14 @@ pub(super) async fn settle_emails<C: ConnectionTrait>(
     db: &C,
     writers: &[&UserRecord],
 ) -> Result<HashSet<String>, DbErr> {
-    let wanting: Vec<&&UserRecord> = writers.iter().filter(|w| w.email.is_some()).collect();
-    if wanting.is_empty() {
+    if writers.iter().all(|w| w.email.is_none()) {
         return Ok(HashSet::new());
     }
-    let ids: Vec<String> = wanting.iter().map(|w| w.id.clone()).collect();
-    let emails: Vec<String> = wanting.iter().filter_map(|w| w.email.clone()).collect();
-    let updated_at: Vec<DateTime<Utc>> = wanting.iter().map(|w| w.updated_at).collect();
-    let all_writers: Vec<String> = writers.iter().map(|w| w.id.clone()).collect();
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            SETTLE_EMAILS,
-            [
-                ids.into(),
-                emails.into(),
-                updated_at.into(),
-                all_writers.into(),
-            ],
+            SETTLE_EMAILS.as_str(),
+            email_claims(writers),
         ))
         .await?;
     let mut without_email = HashSet::new();
@@ -218,18 +217,30 @@ pub(super) async fn settle_emails<C: ConnectionTrait>(
     Ok(without_email)
 }
 
-/// `$1`–`$3`: the writers that carry an email (id, email, updated_at); `$4`: every writer's id.
-/// For each wanted address the candidates are those writers and the row holding it now, unless
-/// that row is a writer's (it is about to be overwritten). Rows that hold a won address and are
-/// not its winner lose it now, so the upsert that follows meets no conflict: a writer's old
-/// row unconditionally, anyone else's only if still older than the winner, checked again under
-/// the row lock (a holder that moved on meanwhile keeps it, and the upsert's unique violation
-/// reruns the batch). Returns `lost` rows (a writer, the winner it lost to) and `freed` rows
-/// (the winner, a holder other than a writer that lost the address).
-///
-/// Raw SQL: sea-query builds neither data-modifying CTEs nor `DISTINCT ON`.
-const SETTLE_EMAILS: &str = "\
-WITH incoming AS ( \
+/// The parameters of [`EMAIL_WINNERS`]: `$1`–`$3` the writers that carry an email (id, email,
+/// updated_at), `$4` every writer's id.
+fn email_claims(writers: &[&UserRecord]) -> [sea_orm::Value; 4] {
+    let wanting: Vec<&&UserRecord> = writers.iter().filter(|w| w.email.is_some()).collect();
+    let ids: Vec<String> = wanting.iter().map(|w| w.id.clone()).collect();
+    let emails: Vec<String> = wanting.iter().filter_map(|w| w.email.clone()).collect();
+    let updated_at: Vec<DateTime<Utc>> = wanting.iter().map(|w| w.updated_at).collect();
+    let all_writers: Vec<String> = writers.iter().map(|w| w.id.clone()).collect();
+    [
+        ids.into(),
+        emails.into(),
+        updated_at.into(),
+        all_writers.into(),
+    ]
+}
+
+/// The email rule's decision, as CTEs (`incoming`, `candidates`, `winners`) over
+/// [`email_claims`]: for each wanted address the candidates are those writers and the live row
+/// holding it now, unless that row is a writer's (it is about to be overwritten); the newest
+/// (by `updated_at`, then id) wins. A writer whose address another candidate wins is written
+/// with a null email. Shared by [`SETTLE_EMAILS`] and [`compare_users`], so the comparison
+/// expects the email the write really stores.
+const EMAIL_WINNERS: &str = "\
+incoming AS ( \
   SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS i(id, email, updated_at)), \
 candidates AS ( \
   SELECT id, email, updated_at FROM incoming \
@@ -239,7 +250,20 @@ candidates AS ( \
     AND u.deleted_at IS NULL), \
 winners AS ( \
   SELECT DISTINCT ON (email) email, id, updated_at FROM candidates \
-  ORDER BY email, updated_at DESC, id DESC), \
+  ORDER BY email, updated_at DESC, id DESC)";
+
+/// [`EMAIL_WINNERS`], then: rows that hold a won address and are
+/// not its winner lose it now, so the upsert that follows meets no conflict: a writer's old
+/// row unconditionally, anyone else's only if still older than the winner, checked again under
+/// the row lock (a holder that moved on meanwhile keeps it, and the upsert's unique violation
+/// reruns the batch). Returns `lost` rows (a writer, the winner it lost to) and `freed` rows
+/// (the winner, a holder other than a writer that lost the address).
+///
+/// Raw SQL: sea-query builds neither data-modifying CTEs nor `DISTINCT ON`.
+static SETTLE_EMAILS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "\
+WITH {EMAIL_WINNERS}, \
 freed AS ( \
   UPDATE users SET email = NULL, synced_at = now() \
   FROM winners w \
@@ -249,7 +273,9 @@ freed AS ( \
 SELECT 'lost' AS kind, i.id AS user_id, w.id AS other \
 FROM incoming i JOIN winners w ON w.email = i.email WHERE w.id <> i.id \
 UNION ALL \
-SELECT 'freed', winner, holder FROM freed WHERE holder <> ALL ($4::text[])";
+SELECT 'freed', winner, holder FROM freed WHERE holder <> ALL ($4::text[])"
+    )
+});
 
 /// The columns of `users` an event writes, each with this version's value as JSON text. The
 /// rows, the insert's column list and the update's `SET` list all come from this one list, so a
@@ -279,17 +305,13 @@ fn user_columns(
     ])
 }
 
-/// Writes the winning versions in one statement:
-/// `INSERT INTO users (…) SELECT … FROM jsonb_populate_recordset(NULL::users, $1) ON CONFLICT
-/// (id) DO UPDATE SET … WHERE users.updated_at < excluded.updated_at`. The rows come as JSON
-/// typed by the table itself (not `unnest` of arrays: sea-query's array values cannot hold the
-/// NULLs of nullable columns).
-pub(super) async fn write_users<C: ConnectionTrait>(
-    db: &C,
+/// The rows the write stores for `writers` (a writer in `without_email` lost its address to
+/// the email rule), each column with its value as JSON text, in [`user_columns`]' order.
+fn written_rows(
     writers: &[&UserRecord],
     without_email: &HashSet<String>,
-) -> Result<(), DbErr> {
-    let rows = writers
+) -> Result<Vec<Vec<(users::Column, String)>>, DbErr> {
+    writers
         .iter()
         .map(|w| {
             let email = w
@@ -299,16 +321,13 @@ pub(super) async fn write_users<C: ConnectionTrait>(
             user_columns(w, email)
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| DbErr::Custom(e.to_string()))?;
-    let Some(columns) = rows
-        .first()
-        .map(|row| row.iter().map(|(column, _)| *column).collect::<Vec<_>>())
-    else {
-        return Ok(());
-    };
-    // The rows as one JSON text, put together from each value's own text (column names need
-    // no escaping): a tree of JSON values would copy every user's data, and the statement
-    // builder copies its values again.
+        .map_err(|e| DbErr::Custom(e.to_string()))
+}
+
+/// The rows as one JSON array text, put together from each value's own text (column names need
+/// no escaping): a tree of JSON values would copy every user's data, and the statement builder
+/// copies its values again.
+fn rows_json(rows: &[Vec<(users::Column, String)>]) -> String {
     let mut json = String::with_capacity(rows.iter().flatten().map(|(_, v)| v.len() + 24).sum());
     json.push('[');
     for (r, row) in rows.iter().enumerate() {
@@ -325,6 +344,29 @@ pub(super) async fn write_users<C: ConnectionTrait>(
         json.push('}');
     }
     json.push(']');
+    json
+}
+
+/// Writes the winning versions in one statement:
+/// `INSERT INTO users (…) SELECT … FROM jsonb_populate_recordset(NULL::users, $1) ON CONFLICT
+/// (id) DO UPDATE SET … WHERE users.updated_at <= excluded.updated_at`. The rows come as JSON
+/// typed by the table itself (not `unnest` of arrays: sea-query's array values cannot hold the
+/// NULLs of nullable columns). The writers were decided under their locks
+/// ([`record_and_decide`]): each is newer than its stored row, or a repair of the same
+/// `updated_at`; the guard only keeps an older version from ever overwriting.
+pub(super) async fn write_users<C: ConnectionTrait>(
+    db: &C,
+    writers: &[&UserRecord],
+    without_email: &HashSet<String>,
+) -> Result<(), DbErr> {
+    let rows = written_rows(writers, without_email)?;
+    let Some(columns) = rows
+        .first()
+        .map(|row| row.iter().map(|(column, _)| *column).collect::<Vec<_>>())
+    else {
+        return Ok(());
+    };
+    let json = rows_json(&rows);
     let table = users::Entity.table_name();
     let incoming = Query::select()
         .columns(columns.iter().copied())
@@ -352,11 +394,67 @@ pub(super) async fn write_users<C: ConnectionTrait>(
                 .update_columns(updated)
                 .action_and_where(
                     Expr::col((users::Entity, users::Column::UpdatedAt))
-                        .lt(Expr::col(("excluded", users::Column::UpdatedAt))),
+                        .lte(Expr::col(("excluded", users::Column::UpdatedAt))),
                 )
                 .to_owned(),
         )
         .to_owned();
     db.execute(&upsert).await?;
     Ok(())
+}
+
+/// How listed versions of users stand against the stored rows, in one statement: for each, the
+/// stored `updated_at`, whether it is tombstoned, and whether the stored row is, column for
+/// column, what writing this version would store ([`super::compare`]). The expected row is
+/// built by the write's own code ([`written_rows`], the email of a writer that loses its address
+/// to the email rule null, decided by the write's own rule, [`EMAIL_WINNERS`], with every
+/// listed user as a writer).
+pub(super) async fn compare_users<C: ConnectionTrait>(
+    db: &C,
+    records: &[&UserRecord],
+) -> Result<Vec<(String, Standing)>, DbErr> {
+    let rows = written_rows(records, &HashSet::new())?;
+    let Some(columns) = rows
+        .first()
+        .map(|row| row.iter().map(|(column, _)| *column).collect::<Vec<_>>())
+    else {
+        return Ok(Vec::new());
+    };
+    // Every written column but the id (the join) and the email (which the rule may clear).
+    let compared: Vec<&str> = columns
+        .iter()
+        .filter(|c| !matches!(c, users::Column::Id | users::Column::Email))
+        .map(|c| c.as_str())
+        .collect();
+    let row = |alias: &str| {
+        compared
+            .iter()
+            .map(|c| format!("{alias}.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "WITH {EMAIL_WINNERS}, \
+         lost AS (SELECT i.id FROM incoming i JOIN winners w ON w.email = i.email \
+                  WHERE w.id <> i.id), \
+         listed AS (SELECT * FROM jsonb_populate_recordset(NULL::users, $5::text::jsonb)) \
+         SELECT l.id, u.updated_at, \
+           EXISTS (SELECT 1 FROM user_tombstones t WHERE t.id = l.id) AS tombstoned, \
+           (u.id IS NOT NULL \
+            AND u.email IS NOT DISTINCT FROM \
+              (CASE WHEN l.id IN (SELECT id FROM lost) THEN NULL ELSE l.email END) \
+            AND ROW({stored}) IS NOT DISTINCT FROM ROW({listed})) AS same \
+         FROM listed l LEFT JOIN users u ON u.id = l.id",
+        stored = row("u"),
+        listed = row("l"),
+    );
+    let [ids, emails, updated_at, all] = email_claims(records);
+    let found = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [ids, emails, updated_at, all, rows_json(&rows).into()],
+        ))
+        .await?;
+    found.iter().map(Standing::read).collect()
 }

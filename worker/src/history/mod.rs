@@ -202,8 +202,8 @@ impl Pages {
 /// The flags `worker replay` and `worker rebuild` share.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
 pub struct RunFlags {
-    /// Do the work inside a transaction that is rolled back: report exactly what would change,
-    /// write nothing.
+    /// Do the work in transactions that are rolled back (each chunk or page its own): report
+    /// what would change, write nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Print the summary as one JSON object on stdout.

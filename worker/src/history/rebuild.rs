@@ -1,59 +1,86 @@
 //! `worker rebuild`: derives `users`, `organizations` and `organization_memberships` again from
 //! the stored history, after a mapping change (`WORKER_ROLES`, new columns).
 //!
-//! One transaction, so readers keep seeing the old rows until the commit (MVCC; rows are
-//! deleted, not truncated, since `TRUNCATE` would block the readers):
-//! 1. an advisory lock, so two rebuilds never run at once;
-//! 2. a snapshot of the three tables (temporary tables), to report what changed;
-//! 3. the subjects to derive again: those with history rows that carry a payload, unless the
-//!    stored row is newer than every version in that history (pruned by
-//!    `WORKER_PROCESSED_RETENTION`, or written while payloads were not stored); such a row, like
-//!    the rows of subjects without any payload and the rows kept after their deletion
-//!    (`WORKER_DELETE_MODE` `soft` or `anonymize`: their tombstone would turn every version
-//!    away, and an anonymized one has no payloads left), is kept as it is: a row that cannot be
-//!    derived again is never deleted;
-//! 4. the advisory locks of those subjects (and of the organizations and users their
-//!    memberships name), in the order the worker takes them: live events of those ids wait
-//!    until the commit;
-//! 5. their rows deleted, their history applied again in the order it was applied, through
-//!    [`apply_batch`](crate::apply::apply_batch) with the role and delete settings of now,
-//!    under svix-ids of the run (`rebuild_<run>_<original>`) whose history rows are deleted
-//!    again right away: a rebuild is not an event. Tombstones stay, so a deleted user stays
-//!    deleted;
-//! 6. the tables compared with the snapshot; commit, or roll back for `--dry-run` and whenever
-//!    an event could not be read or applied.
+//! In chunks, so it works at any size on default Postgres settings and never stops live events
+//! for long: the subjects with history that carries a payload are walked in the order of their
+//! ids (a page of [`CHUNK_SUBJECTS`] at a time, never all of them in memory), and each chunk is
+//! one transaction of its own ([`chunk`]):
+//! 1. the advisory locks of the chunk's subjects (and of the organizations and users their
+//!    memberships name), in the order the worker takes them: at most a few per subject, so a
+//!    chunk stays far below the server's lock table (`max_locks_per_transaction` 64 by
+//!    default, times `max_connections`), and live events of those ids wait only for this chunk;
+//! 2. which subjects are derived again, decided after the locks: a stored row newer than every
+//!    version in its history (pruned by `WORKER_PROCESSED_RETENTION`, or written while payloads
+//!    were not stored), and a row kept after its deletion (`WORKER_DELETE_MODE` `soft` or
+//!    `anonymize`: its tombstone would turn every version away, and an anonymized one has no
+//!    payloads left), is kept as it is, like the rows of subjects without any payload: a row that
+//!    cannot be derived again is never deleted;
+//! 3. their rows read (a digest of each, for the summary), deleted, their history applied again
+//!    in the order it was applied through [`apply_batch`](crate::apply::apply_batch) with the
+//!    role and delete settings of now, under svix-ids of the run (`rebuild_<run>_<original>`)
+//!    whose history rows are deleted again right away: a rebuild is not an event. Tombstones
+//!    stay, so a deleted user stays deleted;
+//! 4. their rows read again and compared; commit, or roll back for `--dry-run` and when an event
+//!    of the chunk could not be read or applied (its subjects keep their rows; the run goes on
+//!    and exits non-zero).
+//!
+//! What a reader sees meanwhile: each subject's row is replaced in the transaction of its chunk,
+//! so a reader sees it either as it was or as it is derived again, never missing nor half
+//! written; a statement sees the chunks committed before it started, the subjects not reached
+//! yet keeping their previous rows. A live event of a subject is applied either before its chunk
+//! (its chunk then applies it again, from the history, with the rest) or after (by the usual
+//! rules, on top of the derived row): either way the newest version wins.
+//!
+//! A statement that waits longer than `WORKER_LOCK_TIMEOUT` (a live batch holding a subject's
+//! lock or row) rolls its chunk back; the chunk is run again after a pause ([`CHUNK_BACKOFF`]),
+//! and counted. An advisory lock of its own keeps two rebuilds from running at once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::Utc;
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    PaginatorTrait, QueryFilter, Statement, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use serde::Serialize;
-use shared::Roles;
+use shared::{Backoff, Roles};
 
-use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
-use crate::apply::DeleteMode;
-use crate::apply::locks::LOCK_KEY;
-use crate::apply::{self, Reading, SubjectKind};
+use super::{RunFlags, note_failure};
+use crate::apply::{DeleteMode, Reading, SubjectKind};
 use crate::commands::progress::{self, Progress};
-use crate::storage::processed_events;
+use chunk::{ChunkError, ChunkReport, Run};
+
+mod chunk;
 
 /// History rows read and applied at once.
 const PAGE_SIZE: u64 = 500;
+
+/// Subjects derived again in one transaction, by default (`--chunk-subjects`): each takes its
+/// own advisory lock and those of the organization and user of its memberships, so a chunk
+/// holds at most a few hundred locks, a few percent of the default lock table (64 ×
+/// `max_connections`, shared by every session).
+pub const CHUNK_SUBJECTS: u64 = 200;
+
+/// How often a chunk is run again after the database's own trouble (a lock held past
+/// `WORKER_LOCK_TIMEOUT`, a deadlock, a lost connection) before the run stops, and the pause
+/// before each try: 0.2 s, doubling up to 5 s.
+const CHUNK_RETRIES: u32 = 12;
+const CHUNK_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
 
 /// The advisory lock of a rebuild (the two-key form, whose keys never meet the one-key locks of
 /// ids and migrations).
 const REBUILD_LOCK: &str = "pg_try_advisory_xact_lock(1919247467, 1)";
 
-/// `worker rebuild [--dry-run] [--json]`.
+/// `worker rebuild [--dry-run] [--json] [--chunk-subjects N]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebuildArgs {
     #[command(flatten)]
     pub flags: RunFlags,
+    /// Subjects derived again in one transaction: the advisory locks and the time a chunk
+    /// holds grow with it.
+    #[arg(long, value_name = "N", default_value_t = CHUNK_SUBJECTS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_subjects: u64,
 }
 
 /// What a run is asked to do.
@@ -66,6 +93,8 @@ pub struct Options {
     pub delete_mode: DeleteMode,
     /// A progress bar (on a terminal) rather than progress log lines.
     pub progress_bar: bool,
+    /// Subjects derived again in one transaction ([`CHUNK_SUBJECTS`] unless told).
+    pub chunk_subjects: u64,
 }
 
 /// The history the rebuild had.
@@ -81,8 +110,23 @@ pub struct History {
     pub subjects: u64,
 }
 
-/// One table after the rebuild, against the snapshot taken before it. Rows are compared without
-/// `synced_at` (the time of the write).
+/// How the chunks went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Chunks {
+    /// Chunks committed.
+    pub committed: u64,
+    /// Chunks rolled back: every chunk of a dry run, and those with an event that failed.
+    pub rolled_back: u64,
+    /// Tries of a chunk that ended in the database's own trouble and were run again.
+    pub retries: u64,
+    /// Of those, the tries in which a statement waited longer than `WORKER_LOCK_TIMEOUT`.
+    pub lock_timeouts: u64,
+}
+
+/// One table after the rebuild: the rows of the subjects derived again, each against itself
+/// before its chunk, compared without `synced_at` (the time of the write). A row another
+/// subject's event wrote (an email taken over, an organization a membership's snapshot
+/// advanced) is counted with its own subject's chunk, as that chunk found it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct TableCounts {
     pub created: u64,
@@ -90,8 +134,18 @@ pub struct TableCounts {
     pub removed: u64,
     pub unchanged: u64,
     /// Rows whose subject had no history to derive them from, left as they were (counted in
-    /// `unchanged` as well, unless another row's event changed them).
+    /// `unchanged` as well).
     pub kept_without_history: u64,
+}
+
+impl TableCounts {
+    fn add(&mut self, other: &TableCounts) {
+        self.created += other.created;
+        self.changed += other.changed;
+        self.removed += other.removed;
+        self.unchanged += other.unchanged;
+        self.kept_without_history += other.kept_without_history;
+    }
 }
 
 /// The summary of a run: `--json` prints exactly this.
@@ -100,13 +154,14 @@ pub struct Summary {
     /// The run's id: its start in milliseconds since the epoch.
     pub run: i64,
     pub dry_run: bool,
-    /// Whether the rebuild was committed (false for a dry run and after a failure).
+    /// Whether every chunk was committed (false for a dry run and after a failure).
     pub committed: bool,
     pub history: History,
+    pub chunks: Chunks,
     pub users: TableCounts,
     pub organizations: TableCounts,
     pub organization_memberships: TableCounts,
-    /// Events that could not be read or applied, the first few; any makes the run roll back.
+    /// Events that could not be read or applied, the first few; each rolls its chunk back.
     pub failures: Vec<String>,
     pub seconds: f64,
 }
@@ -154,15 +209,23 @@ impl Summary {
                 counts.kept_without_history
             ));
         }
+        let c = &self.chunks;
+        text.push_str(&format!(
+            "  {} chunks committed, {} rolled back; {} retried ({} after a lock timeout)\n",
+            c.committed, c.rolled_back, c.retries, c.lock_timeouts
+        ));
         for failure in &self.failures {
             text.push_str(&format!("FAILED: {failure}\n"));
         }
         text.push_str(if self.committed {
             "Committed.\n"
         } else if self.dry_run && self.failures.is_empty() {
-            "Dry run: rolled back, nothing written.\n"
-        } else {
+            "Dry run: every chunk rolled back, nothing written.\n"
+        } else if c.committed == 0 {
             "Rolled back, nothing written.\n"
+        } else {
+            "The chunks with a failure were rolled back (their subjects keep their rows); the \
+             others were committed.\n"
         });
         text
     }
@@ -176,15 +239,17 @@ pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::
         dry_run: args.flags.dry_run,
         roles: settings.roles()?,
         delete_mode: DeleteMode::from_settings(settings)?,
+        chunk_subjects: args.chunk_subjects,
     };
-    let db = crate::commands::connect_command(settings, 1).await?;
+    // One connection holds the rebuild's lock, the other runs the chunks.
+    let db = crate::commands::connect_command(settings, 2).await?;
     let summary = rebuild(&db, &options).await;
     db.close().await.ok();
     let summary = summary?;
     args.flags.print(&summary, summary.text())?;
     anyhow::ensure!(
         summary.failures.is_empty(),
-        "the rebuild was rolled back: events could not be applied again"
+        "events could not be applied again: their chunks were rolled back"
     );
     Ok(())
 }
@@ -193,239 +258,197 @@ pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::
 pub async fn rebuild(db: &DatabaseConnection, options: &Options) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let run = Utc::now().timestamp_millis();
-    let txn = db.begin().await.context("cannot reach the database")?;
-    let locked: bool = query_one(&txn, &format!("SELECT {REBUILD_LOCK} AS locked"), "locked")
+    // The run's lock, held by a transaction that stays open (and idle: it has no snapshot, so it
+    // keeps nothing from vacuum) until the end; closing its connection releases it too.
+    let lock = db.begin().await.context("cannot reach the database")?;
+    let locked: bool = query_one(&lock, &format!("SELECT {REBUILD_LOCK} AS locked"), "locked")
         .await
         .context("cannot take the rebuild's lock")?;
     anyhow::ensure!(locked, "another rebuild is running; nothing was done");
+    let result = run_chunks(db, options, run).await;
+    lock.rollback().await.ok();
+    let mut summary = result?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        run,
+        committed = summary.committed,
+        applied_again = summary.history.applied_again,
+        chunks = summary.chunks.committed + summary.chunks.rolled_back,
+        retries = summary.chunks.retries,
+        "rebuild finished"
+    );
+    Ok(summary)
+}
+
+async fn run_chunks(
+    db: &DatabaseConnection,
+    options: &Options,
+    run: i64,
+) -> anyhow::Result<Summary> {
     let mut summary = Summary {
         run,
         dry_run: options.dry_run,
         committed: false,
         history: History::default(),
+        chunks: Chunks::default(),
         users: TableCounts::default(),
         organizations: TableCounts::default(),
         organization_memberships: TableCounts::default(),
         failures: Vec::new(),
         seconds: 0.0,
     };
-    prepare(&txn, &mut summary.history)
+    let subjects = count_history(db, &mut summary)
         .await
-        .context("cannot prepare the rebuild")?;
-    let svix_prefix = format!("rebuild_{run}_");
-    let select = Filter::default()
-        .select()
-        .filter(processed_events::Column::Payload.is_not_null())
-        .filter(Expr::cust(
-            "EXISTS (SELECT 1 FROM rebuild_subjects s \
-             WHERE s.kind = processed_events.subject_kind AND s.id = processed_events.subject_id)",
-        ))
-        .filter(Expr::cust_with_values(
-            "NOT starts_with(svix_id, $1)",
-            [svix_prefix],
-        ));
-    let total = select
-        .clone()
-        .count(&txn)
-        .await
-        .context("cannot count the history to apply")?;
-    let mut progress = Progress::new(options.progress_bar, "rebuilding from", "events", total);
+        .context("cannot count the history")?;
+    let mut progress = Progress::new(options.progress_bar, "rebuilding", "subjects", subjects);
     // The rebuild's own history rows are deleted again: no payload to keep.
     let reading = Reading {
         roles: options.roles.clone(),
         store_payloads: false,
         delete_mode: options.delete_mode,
     };
-    let mut pages = Pages::new(select, PAGE_SIZE);
+    let chunk_run = Run {
+        run,
+        dry_run: options.dry_run,
+        reading: &reading,
+    };
+    let mut after = String::new();
     loop {
-        let rows = pages
-            .next(&txn)
-            .await
-            .context("cannot read the event history")?;
-        if rows.is_empty() {
-            break;
+        let ids = crate::apply::retry_read("reading the subjects of the history", || {
+            next_subjects(db, &after, options.chunk_subjects)
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("the rebuild stopped: {error}"))?;
+        let Some(last) = ids.last() else { break };
+        after = last.clone();
+        let report = run_chunk_until_done(db, &chunk_run, &ids, &mut summary.chunks).await?;
+        if report.committed {
+            summary.chunks.committed += 1;
+        } else {
+            summary.chunks.rolled_back += 1;
         }
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let svix_id = rerun_svix_id("rebuild", run, &row.svix_id);
-            match event_from_row(row, &svix_id, &reading) {
-                Some(Ok(event)) => events.push(event),
-                Some(Err(error)) => {
-                    note_failure(&mut summary.failures, format!("{}: {error}", row.svix_id))
-                }
-                None => {}
+        // A chunk rolled back for a failure changed nothing: only a dry run counts what it would
+        // have done.
+        if report.committed || (options.dry_run && report.failures.is_empty()) {
+            for (index, kind) in SubjectKind::ALL.into_iter().enumerate() {
+                summary.counts_mut(kind).add(&report.counts[index]);
             }
         }
-        let (_, failed) = apply::write(&txn, &events)
-            .await
-            .map_err(|error| anyhow::anyhow!("the rebuild stopped: {error}"))?;
-        for failure in failed {
+        summary.history.applied_again += report.applied_again;
+        summary.history.subjects += report.derived;
+        for failure in report.failures {
             note_failure(&mut summary.failures, failure);
         }
-        forget(
-            &txn,
-            events.into_iter().map(|event| event.svix_id).collect(),
-        )
-        .await
-        .context("cannot delete the rebuild's own history rows")?;
-        summary.history.applied_again += rows.len() as u64;
-        progress.advance(rows.len() as u64);
+        progress.advance(ids.len() as u64);
     }
-    for kind in SubjectKind::ALL {
-        let table = kind.table();
-        *summary.counts_mut(kind) = compare(&txn, table, kind.label())
-            .await
-            .with_context(|| format!("cannot compare {table} with its snapshot"))?;
-    }
-    if options.dry_run || !summary.failures.is_empty() {
-        txn.rollback().await?;
-    } else {
-        txn.commit().await.context("cannot commit the rebuild")?;
-        summary.committed = true;
-    }
-    summary.seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        run,
-        committed = summary.committed,
-        applied_again = summary.history.applied_again,
-        "rebuild finished"
-    );
+    summary.committed = !options.dry_run && summary.chunks.rolled_back == 0;
     Ok(summary)
 }
 
-/// Steps 2 to 5 up to the re-application: counts the history, snapshots the tables, decides the
-/// subjects, takes their locks and deletes their rows.
-async fn prepare(txn: &DatabaseTransaction, history: &mut History) -> anyhow::Result<()> {
-    let rows: i64 = query_one(txn, "SELECT count(*) AS n FROM processed_events", "n").await?;
+/// Runs a chunk, again after a pause while it ends in the database's own trouble, counting each
+/// such try in `chunks`.
+async fn run_chunk_until_done(
+    db: &DatabaseConnection,
+    run: &Run<'_>,
+    ids: &[String],
+    chunks: &mut Chunks,
+) -> anyhow::Result<ChunkReport> {
+    let mut retries = 0;
+    loop {
+        match chunk::run_chunk(db, run, ids).await {
+            Ok(report) => return Ok(report),
+            Err(ChunkError::Transient {
+                reason,
+                lock_timeout,
+            }) if retries < CHUNK_RETRIES => {
+                retries += 1;
+                chunks.retries += 1;
+                chunks.lock_timeouts += u64::from(lock_timeout);
+                let delay = CHUNK_BACKOFF.delay(retries);
+                tracing::warn!(%reason, retries, next_attempt_in = ?delay, first = %ids[0], "a chunk of the rebuild was rolled back, running it again");
+                tokio::time::sleep(delay).await;
+            }
+            Err(ChunkError::Transient { reason, .. }) => {
+                anyhow::bail!(
+                    "the rebuild stopped after {retries} tries of the chunk from {}: {reason} \
+                     (the chunks before it were done; running it again does them again)",
+                    ids[0]
+                )
+            }
+            Err(ChunkError::Fatal(error)) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("the rebuild stopped at the chunk from {}", ids[0])));
+            }
+        }
+    }
+}
+
+/// Counts the history, and the rows that have none to derive them from (kept as they are);
+/// returns the number of subjects with history that carries a payload.
+async fn count_history(db: &DatabaseConnection, summary: &mut Summary) -> anyhow::Result<u64> {
+    let rows: i64 = query_one(db, "SELECT count(*) AS n FROM processed_events", "n").await?;
     let with_payload: i64 = query_one(
-        txn,
+        db,
         "SELECT count(*) AS n FROM processed_events WHERE payload IS NOT NULL",
         "n",
     )
     .await?;
+    let history = &mut summary.history;
     history.rows = rows.max(0) as u64;
     history.with_payload = with_payload.max(0) as u64;
     history.without_payload = history.rows - history.with_payload;
-    for table in SubjectKind::ALL.map(SubjectKind::table) {
-        txn.execute_unprepared(&format!(
-            "CREATE TEMPORARY TABLE rebuild_before_{table} ON COMMIT DROP AS \
-             SELECT * FROM {table}; \
-             ALTER TABLE rebuild_before_{table} ADD PRIMARY KEY (id)"
-        ))
-        .await?;
-    }
-    txn.execute_unprepared(SUBJECTS).await?;
-    for (table, kind) in SubjectKind::ALL.map(|kind| (kind.table(), kind.label())) {
-        txn.execute_unprepared(&format!(
-            "DELETE FROM rebuild_subjects s USING {table} t \
-             WHERE s.kind = '{kind}' AND t.id = s.id \
-               AND (s.newest_ms IS NULL OR extract(epoch FROM t.updated_at) * 1000 > s.newest_ms \
-                    OR t.deleted_at IS NOT NULL)"
-        ))
-        .await?;
-    }
-    let subjects: i64 = query_one(txn, "SELECT count(*) AS n FROM rebuild_subjects", "n").await?;
-    history.subjects = subjects.max(0) as u64;
-    txn.execute_unprepared(&format!(
-        "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(key) FROM \
-           (SELECT DISTINCT {LOCK_KEY} AS key FROM ({LOCKED_IDS}) AS ids(id) \
-            WHERE id IS NOT NULL ORDER BY key) AS keys) AS locked"
-    ))
-    .await?;
-    for (table, kind) in SubjectKind::ALL.map(|kind| (kind.table(), kind.label())) {
-        txn.execute_unprepared(&format!(
-            "DELETE FROM {table} WHERE id IN (SELECT id FROM rebuild_subjects WHERE kind = '{kind}')"
-        ))
-        .await?;
-    }
-    Ok(())
-}
-
-/// Every subject with history that carries a payload, with the newest `updated_at` (in
-/// milliseconds, as Clerk sends it) among those payloads; null when none has one (only deletes).
-const SUBJECTS: &str = "\
-CREATE TEMPORARY TABLE rebuild_subjects ON COMMIT DROP AS \
-SELECT subject_kind AS kind, subject_id AS id, \
-  max(CASE WHEN jsonb_typeof(payload -> 'data' -> 'updated_at') = 'number' \
-      THEN (payload -> 'data' ->> 'updated_at')::numeric END) AS newest_ms \
-FROM processed_events \
-WHERE payload IS NOT NULL AND subject_id IS NOT NULL \
-GROUP BY subject_kind, subject_id; \
-ALTER TABLE rebuild_subjects ADD PRIMARY KEY (kind, id); \
-ANALYZE rebuild_subjects";
-
-/// The ids whose advisory locks applying the subjects' history takes: the subjects, and the
-/// organization and user each membership event names (see `Change::lock_ids`).
-const LOCKED_IDS: &str = "\
-SELECT id FROM rebuild_subjects \
-UNION \
-SELECT p.payload -> 'data' -> 'organization' ->> 'id' FROM processed_events p \
-  JOIN rebuild_subjects s ON s.kind = p.subject_kind AND s.id = p.subject_id \
-  WHERE p.subject_kind = 'membership' AND p.payload IS NOT NULL \
-UNION \
-SELECT p.payload -> 'data' -> 'public_user_data' ->> 'user_id' FROM processed_events p \
-  JOIN rebuild_subjects s ON s.kind = p.subject_kind AND s.id = p.subject_id \
-  WHERE p.subject_kind = 'membership' AND p.payload IS NOT NULL";
-
-/// Deletes the history rows of the rebuild's own events.
-async fn forget(txn: &DatabaseTransaction, svix_ids: Vec<String>) -> Result<(), sea_orm::DbErr> {
-    if svix_ids.is_empty() {
-        return Ok(());
-    }
-    txn.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "DELETE FROM processed_events WHERE svix_id = ANY($1)",
-        [svix_ids.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
-/// `table` now against its snapshot.
-async fn compare(
-    txn: &DatabaseTransaction,
-    table: &str,
-    kind: &str,
-) -> anyhow::Result<TableCounts> {
-    let row = txn
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!(
-                "SELECT \
-                   count(*) FILTER (WHERE b.id IS NULL) AS created, \
-                   count(*) FILTER (WHERE a.id IS NULL) AS removed, \
-                   count(*) FILTER (WHERE a.id IS NOT NULL AND b.id IS NOT NULL \
-                     AND (to_jsonb(a) - 'synced_at') IS DISTINCT FROM (to_jsonb(b) - 'synced_at')) \
-                     AS changed, \
-                   count(*) FILTER (WHERE a.id IS NOT NULL AND b.id IS NOT NULL \
-                     AND (to_jsonb(a) - 'synced_at') = (to_jsonb(b) - 'synced_at')) AS unchanged, \
-                   count(*) FILTER (WHERE b.id IS NOT NULL AND NOT EXISTS ( \
-                     SELECT 1 FROM rebuild_subjects s WHERE s.kind = '{kind}' AND s.id = b.id)) \
-                     AS kept \
-                 FROM {table} a FULL JOIN rebuild_before_{table} b ON a.id = b.id"
+    for kind in SubjectKind::ALL {
+        let kept: i64 = query_one(
+            db,
+            &format!(
+                "SELECT count(*) AS n FROM {table} t WHERE NOT EXISTS (SELECT 1 \
+                   FROM processed_events p WHERE p.subject_id = t.id \
+                   AND p.subject_kind = '{kind}' AND p.payload IS NOT NULL)",
+                table = kind.table(),
+                kind = kind.label()
             ),
-        ))
-        .await?
-        .context("no counts")?;
-    let count = |column: &str| -> anyhow::Result<u64> {
-        let n: i64 = row.try_get("", column)?;
-        Ok(n.max(0) as u64)
-    };
-    Ok(TableCounts {
-        created: count("created")?,
-        changed: count("changed")?,
-        removed: count("removed")?,
-        unchanged: count("unchanged")?,
-        kept_without_history: count("kept")?,
-    })
+            "n",
+        )
+        .await?;
+        let counts = summary.counts_mut(kind);
+        counts.kept_without_history += kept.max(0) as u64;
+        counts.unchanged += kept.max(0) as u64;
+    }
+    let subjects: i64 = query_one(
+        db,
+        "SELECT count(DISTINCT subject_id) AS n FROM processed_events WHERE payload IS NOT NULL",
+        "n",
+    )
+    .await?;
+    Ok(subjects.max(0) as u64)
 }
 
-async fn query_one<T: sea_orm::TryGetable>(
-    txn: &DatabaseTransaction,
+/// The next `limit` subjects with history that carries a payload, in the order of their ids,
+/// after `after` (the last of the previous chunk; empty at the start). Ids of users,
+/// organizations and memberships never collide (Clerk prefixes them), so a subject is its id.
+async fn next_subjects(
+    db: &DatabaseConnection,
+    after: &str,
+    limit: u64,
+) -> Result<Vec<String>, sea_orm::DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT DISTINCT subject_id AS id FROM processed_events \
+             WHERE subject_id > $1 AND payload IS NOT NULL \
+             ORDER BY subject_id LIMIT $2",
+            [after.into(), (limit.min(i64::MAX as u64) as i64).into()],
+        ))
+        .await?;
+    rows.into_iter().map(|row| row.try_get("", "id")).collect()
+}
+
+async fn query_one<C: ConnectionTrait, T: sea_orm::TryGetable>(
+    db: &C,
     sql: &str,
     column: &str,
 ) -> anyhow::Result<T> {
-    let row = txn
+    let row = db
         .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
         .await?
         .with_context(|| format!("no row from {sql}"))?;

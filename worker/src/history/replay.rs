@@ -6,11 +6,20 @@
 //! Each event is read again from its stored payload with the role settings of now, gets a
 //! svix-id of its own (`replay_<run>_<original>`, the svix-id being the dedup key), source
 //! `replay` and its own history row. The window's end is fixed when the run starts (at the
-//! latest, the database's time then), so the run never reads the rows it writes itself. The
-//! history is read a page at a time. `--dry-run` applies everything inside one transaction and
-//! rolls it back: the report says exactly what would change, and nothing is written (the
-//! transaction holds the advisory locks of the ids it touched until then, so live events of
-//! those ids wait for it).
+//! latest, the database's time then), so the run never reads the rows it writes itself.
+//!
+//! The history is read a page of [`PAGE_SIZE`] events at a time (never all of it in memory),
+//! and each page is applied in a transaction of its own ([`apply::write`]: batch, then one by
+//! one), which takes the advisory locks of that page's ids only: at most a few per event,
+//! whatever the size of the window, so live events of those ids wait for one page at most. A
+//! page blocked past `WORKER_LOCK_TIMEOUT` is rolled back and tried again after a pause.
+//!
+//! `--dry-run` applies each page in a transaction that is rolled back: nothing is written, and
+//! the report says what each event would do against the tables as they are, with the events of
+//! its own page before it. An event does not see the effect of an earlier page (a user created
+//! in one page and updated in the next is reported `applied` twice, as it would be; an older
+//! version in a later page than the newer one is reported `applied` where a real run says
+//! `stale`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -242,14 +251,7 @@ pub async fn replay(db: &DatabaseConnection, options: &Options) -> anyhow::Resul
         .context("cannot count the events to replay")?;
     let mut progress = Progress::new(options.progress_bar, "replaying", "events", total);
     let mut pages = Pages::new(select, PAGE_SIZE);
-    if options.dry_run {
-        let txn = db.begin().await?;
-        let result = run_pages(&txn, &mut pages, options, &mut summary, &mut progress).await;
-        txn.rollback().await?;
-        result?;
-    } else {
-        run_pages(db, &mut pages, options, &mut summary, &mut progress).await?;
-    }
+    run_pages(db, &mut pages, options, &mut summary, &mut progress).await?;
     summary.changed.sort();
     summary.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -261,9 +263,9 @@ pub async fn replay(db: &DatabaseConnection, options: &Options) -> anyhow::Resul
     Ok(summary)
 }
 
-/// Reads the pages and applies their events, a page per transaction (a savepoint in a dry run).
-async fn run_pages<C: ConnectionTrait + TransactionTrait>(
-    db: &C,
+/// Reads the pages and applies their events, a page per transaction (rolled back in a dry run).
+async fn run_pages(
+    db: &DatabaseConnection,
     pages: &mut Pages,
     options: &Options,
     summary: &mut Summary,
@@ -290,9 +292,18 @@ async fn run_pages<C: ConnectionTrait + TransactionTrait>(
             }
         }
         summary.read += rows.len() as u64;
-        let (outcomes, failed) = apply::write(db, &events)
-            .await
-            .map_err(|error| anyhow::anyhow!("replay stopped: {error}"))?;
+        let written = if options.dry_run {
+            let txn = db.begin().await.context("cannot reach the database")?;
+            let written = apply::write(&txn, &events).await;
+            txn.rollback()
+                .await
+                .context("cannot roll the dry run back")?;
+            written
+        } else {
+            apply::write(db, &events).await
+        };
+        let (outcomes, failed) =
+            written.map_err(|error| anyhow::anyhow!("replay stopped: {error}"))?;
         for failure in failed {
             note_failure(&mut summary.failures, failure);
         }

@@ -13,14 +13,17 @@
 //! 1. The listing, page by page, 500 a page: users with the `starting_after` cursor (after
 //!    `GET /v1/users/count`, the bar's length and the first check of the key), organizations
 //!    and memberships (`GET /v1/organizations`, `GET /v1/organization_memberships`) by offset.
-//!    A page's stored versions and tombstones are read first: an object whose stored
-//!    `updated_at` equals the listed one is `unchanged` and not written (that is what makes a
-//!    run with nothing to do fast), an older listed version or a tombstoned object is `stale`.
-//!    The rest go through the door ([`crate::apply::write`]) as the `.updated` event a
-//!    webhook would have delivered, read from the listed JSON by [`crate::apply::Reading`] like
-//!    any delivery (so the same mapping and the same rules apply), with a svix-id of their own per
-//!    run and object (all made by one function, `reconcile_event`), a page split into
-//!    [`WRITERS`] transactions applied at once.
+//!    A page is first compared with what is stored, by the door
+//!    ([`crate::apply::compare`], one statement per page): an object whose stored row is,
+//!    column for column, what the door would write for it under the current settings is
+//!    `unchanged` and not written (that is what makes a run with nothing to do fast); an older
+//!    listed version or a tombstoned object is `stale`. The rest go through the door
+//!    ([`crate::apply::write`]) as the `.updated` event a webhook would have delivered (a row of
+//!    the same `updated_at` that differs as a repair, [`crate::apply::Event::repair`]), read
+//!    from the listed JSON by [`crate::apply::Reading`] like any delivery (so the same mapping
+//!    and the same rules apply), with a svix-id of their own per run and object (all made by
+//!    one function, `reconcile_event`), a page split into [`WRITERS`] transactions applied at
+//!    once.
 //! 2. Only after a complete listing: every stored object that was not listed is confirmed on
 //!    its own: `GET /v1/users/{id}` or `GET /v1/organizations/{id}` answering 404, or, for a
 //!    membership, its organization's memberships of its user not holding its id (404 for the

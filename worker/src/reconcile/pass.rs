@@ -3,25 +3,20 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::DatabaseConnection;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use tracing::Instrument as _;
 
-use crate::apply::{self, Event, Outcome, Source, SubjectKind, retry_read};
+use crate::apply::{self, Event, Outcome, Source, retry_read};
 use crate::clerk::{self, ClerkClient, ClerkError};
 use crate::commands::progress;
 
 use super::{Counts, Kind, Options, PAGE_SIZE, WRITERS};
 
-/// What a page's objects are in Postgres before anything is written.
-struct Stored {
-    updated_at: Option<DateTime<Utc>>,
-    /// The object, or one it hangs on (a membership's organization or user), has a tombstone.
-    tombstoned: bool,
-}
+/// What a page's objects are in Postgres before anything is written: the door's comparison of
+/// each listed version with its stored rows.
+type Stored = apply::compare::Standing;
 
 /// A page read as events and compared with what is stored, before anything is counted or
 /// written.
@@ -292,26 +287,29 @@ impl<'a> Pass<'a> {
             let Some(listed_at) = event.action.version() else {
                 continue;
             };
-            let change = match stored.get(&id) {
+            // `unchanged` only when the stored row is what this version writes, column for
+            // column; a row of the same `updated_at` that differs is repaired.
+            let (change, event) = match stored.get(&id) {
                 Some(Stored {
                     tombstoned: true, ..
-                }) => None,
-                Some(Stored {
-                    updated_at: Some(at),
-                    ..
-                }) if *at == listed_at => {
+                }) => (None, event),
+                Some(Stored { same: true, .. }) => {
                     prepared.unchanged += 1;
                     continue;
                 }
                 Some(Stored {
                     updated_at: Some(at),
                     ..
-                }) if *at > listed_at => None,
+                }) if *at == listed_at => (Some(Change::Update), event.repairing()),
+                Some(Stored {
+                    updated_at: Some(at),
+                    ..
+                }) if *at > listed_at => (None, event),
                 Some(Stored {
                     updated_at: Some(_),
                     ..
-                }) => Some(Change::Update),
-                _ => Some(Change::Create),
+                }) => (Some(Change::Update), event),
+                _ => (Some(Change::Create), event),
             };
             match change {
                 None => prepared.stale += 1,
@@ -365,49 +363,15 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Stored `updated_at` of each id, and whether it, or what it hangs on, is tombstoned (ids
-    /// never collide across kinds: Clerk prefixes them).
+    /// How each listed version stands against what is stored (ids never collide across kinds:
+    /// Clerk prefixes them), compared by the door with what it would write now.
     async fn stored(
         &self,
         events: &HashMap<String, Event>,
     ) -> Result<HashMap<String, Stored>, String> {
-        let batch: Vec<Value> = events
-            .iter()
-            .map(|(id, event)| json!({"id": id, "locks": event.action.lock_ids()}))
-            .collect();
-        let statement = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!(
-                "SELECT b.id, t.updated_at, {tombstoned} AS tombstoned \
-                 FROM jsonb_to_recordset($1::jsonb) AS b(id text, locks text[]) \
-                 LEFT JOIN {table} AS t ON t.id = b.id",
-                tombstoned = SubjectKind::ALL
-                    .map(|kind| format!(
-                        "EXISTS (SELECT 1 FROM {} WHERE id = ANY (b.locks))",
-                        kind.tombstone_table()
-                    ))
-                    .join(" OR "),
-                table = self.kind.table()
-            ),
-            [Value::Array(batch).into()],
-        );
+        let events: Vec<&Event> = events.values().collect();
         let what = format!("reading the stored {}", self.kind.name());
-        let rows = retry_read(&what, || self.db.query_all_raw(statement.clone())).await?;
-        let mut stored = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let read = || -> Result<(String, Stored), DbErr> {
-                Ok((
-                    row.try_get("", "id")?,
-                    Stored {
-                        updated_at: row.try_get("", "updated_at")?,
-                        tombstoned: row.try_get("", "tombstoned")?,
-                    },
-                ))
-            };
-            let (id, entry) = read().map_err(|e| format!("{what}: {e}"))?;
-            stored.insert(id, entry);
-        }
-        Ok(stored)
+        retry_read(&what, || apply::compare::standing(self.db, &events)).await
     }
 
     /// Applies events in [`WRITERS`] transactions at once (a page's objects are distinct; those

@@ -473,6 +473,7 @@ async fn replay_and_rebuild_keep_the_kept_rows_and_apply_deletes_in_their_mode()
             roles: Roles::default(),
             delete_mode: DeleteMode::Soft,
             progress_bar: false,
+            chunk_subjects: rebuild::CHUNK_SUBJECTS,
         },
     )
     .await

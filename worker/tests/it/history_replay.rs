@@ -347,6 +347,7 @@ async fn rebuild_with(
         roles,
         delete_mode: DeleteMode::Hard,
         progress_bar: false,
+        chunk_subjects: rebuild::CHUNK_SUBJECTS,
     };
     rebuild::rebuild(env.db(), &options).await
 }

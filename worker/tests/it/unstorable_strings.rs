@@ -297,6 +297,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
             roles: Roles::default(),
             delete_mode: DeleteMode::Hard,
             progress_bar: false,
+            chunk_subjects: rebuild::CHUNK_SUBJECTS,
         },
     )
     .await

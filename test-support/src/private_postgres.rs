@@ -1,6 +1,8 @@
-//! The suite's own Postgres cluster (`initdb` + `pg_ctl` in a directory of its own, on a spare
-//! port, with its socket in that directory), so it can be stopped in immediate mode, which is a
-//! crash as far as the data is concerned, without touching any other cluster on the machine.
+//! A Postgres cluster of the test's own (`initdb` + `pg_ctl` in a directory of its own, on a
+//! spare port, with its socket in that directory), with the server's default settings: for a
+//! test that stops the server (the fault suite stops it in immediate mode, a crash as far as the
+//! data is concerned) or needs the defaults the shared server may not have
+//! (`max_locks_per_transaction`, say), without touching any other cluster on the machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,24 +11,33 @@ use anyhow::{Context, bail};
 use sea_orm::{ConnectionTrait, Database};
 use tokio::process::Command;
 
-use crate::support;
-
-/// Postgres refuses to run as root; when the suite runs as root it runs the cluster as this user.
+/// Postgres refuses to run as root; when the tests run as root they run the cluster as this user.
 const SERVICE_USER: &str = "postgres";
 
-/// A Postgres cluster the suite created and may stop and start.
+/// A Postgres cluster the test created and may stop and start; stopped (immediately) on drop.
 pub struct PgCluster {
     bin: PathBuf,
     data: PathBuf,
     dir: PathBuf,
     port: u16,
-    /// `Some("postgres")` when the suite runs as root.
+    /// `Some("postgres")` when the tests run as root.
     run_as: Option<&'static str>,
     running: bool,
+    /// The directory [`PgCluster::start_temporary`] made, removed after the server stopped.
+    _temporary: Option<tempfile::TempDir>,
 }
 
 impl PgCluster {
-    /// Creates a cluster under `dir` with the binaries in `bin` and starts it. When the suite runs
+    /// Creates a cluster in a temporary directory of its own with the binaries
+    /// [`find_bin_dir`] finds, and starts it; the directory is removed on drop.
+    pub async fn start_temporary() -> anyhow::Result<Self> {
+        let dir = workdir("postgres-")?;
+        let mut cluster = Self::start(&find_bin_dir()?, &dir.path().join("postgres")).await?;
+        cluster._temporary = Some(dir);
+        Ok(cluster)
+    }
+
+    /// Creates a cluster under `dir` with the binaries in `bin` and starts it. When the tests run
     /// as root, `dir` is handed to the service user, who must be able to reach it.
     pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -41,9 +52,10 @@ impl PgCluster {
             bin: bin.to_owned(),
             data: dir.join("data"),
             dir: dir.to_owned(),
-            port: support::spare_port()?,
+            port: spare_port()?,
             run_as,
             running: false,
+            _temporary: None,
         };
         let data = cluster.data.clone();
         cluster
@@ -76,7 +88,7 @@ impl PgCluster {
     pub async fn create_database(&self, name: &str) -> anyhow::Result<()> {
         let db = Database::connect(self.url("postgres"))
             .await
-            .context("connecting to the suite's Postgres cluster")?;
+            .context("connecting to the test's Postgres cluster")?;
         db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await
             .with_context(|| format!("creating database {name}"))?;
@@ -150,7 +162,7 @@ impl PgCluster {
         command
             .args(args)
             .env_clear()
-            .env("PATH", support::path_env())
+            .env("PATH", path_env())
             .env("LANG", "C.UTF-8")
             .current_dir(&self.dir)
             .stdin(Stdio::null());
@@ -186,7 +198,7 @@ impl Drop for PgCluster {
 /// The directory holding `initdb` and `pg_ctl`: the one on `PATH` if there is one, else the
 /// newest under Debian's `/usr/lib/postgresql/<version>/bin`.
 pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::split_paths(&support::path_env())
+    if let Some(dir) = std::env::split_paths(&path_env())
         .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
     {
         return Ok(dir);
@@ -206,4 +218,26 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
         .pop()
         .map(|(_, bin)| bin)
         .context("no initdb found on PATH or under /usr/lib/postgresql; pass --pg-bin")
+}
+
+/// A port nothing listens on right now, picked by the kernel.
+pub fn spare_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `PATH` for the processes the tests start, which otherwise get a cleared environment so no
+/// setting of the caller (a `DATABASE_URL`, say) can leak into them.
+pub fn path_env() -> std::ffi::OsString {
+    std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
+}
+
+/// A temporary working directory, removed when dropped. Its mode is 0711: when the tests run as
+/// root, the Postgres cluster runs as the postgres user, who must pass through it to reach the
+/// cluster's own directory.
+pub fn workdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
 }
