@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::Filter;
 use super::list::{Event, utc, write_table};
 use crate::apply::SubjectKind;
+use crate::storage::processed_events;
 
 /// `worker explain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -170,16 +171,16 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
         ),
         None => (None, None, None),
     };
-    let history: Vec<Event> = Filter {
+    let select = Filter {
         subject: Some(id.to_owned()),
         ..Filter::default()
     }
-    .select()
-    .all(db)
-    .await?
-    .into_iter()
-    .map(Event::from)
-    .collect();
+    .select();
+    let history: Vec<Event> = processed_events::all(select, db)
+        .await?
+        .into_iter()
+        .map(Event::from)
+        .collect();
     let history = with_trace_ids(db, history).await?;
     // Only the history names the kind of an id whose row and tombstone are gone (pruned or
     // never written).

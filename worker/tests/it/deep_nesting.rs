@@ -1,17 +1,20 @@
 //! An end user can nest `unsafe_metadata` deeper than the 128 levels serde_json reads by default
 //! (Clerk bounds metadata by size, 8 KB, not by depth). Such a user syncs like any other, against
 //! the real Postgres and RabbitMQ (and the stand-in for Clerk's Backend API): through the
-//! webhook path, and through a reconcile whose listing page holds it.
+//! webhook path, replay and rebuild of its history, and a reconcile whose listing page holds it.
 
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
+use shared::Roles;
 use test_support::clerk_api::ClerkApi;
 use test_support::events::{clerk_user, envelope};
 use test_support::signing::svix_id;
 use test_support::{TestEnv, eventually};
+use worker::apply::{DeleteMode, Reading};
 use worker::clerk::{ClerkClient, ClerkConfig};
+use worker::history::{Filter, rebuild, replay};
 use worker::reconcile::Options;
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -87,6 +90,50 @@ async fn a_user_with_deeply_nested_metadata_is_applied_from_webhooks() {
     assert!(
         stored_metadata_is(&env, "user_deep", &json!({ "deep": nested("second") })).await,
         "the newer version, whole"
+    );
+
+    // The history holds both payloads, whole: replay and rebuild read them again.
+    let replayed = replay::replay(
+        env.db(),
+        &replay::Options {
+            filter: Filter {
+                since: Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+                subject: Some("user_deep".into()),
+                ..Filter::default()
+            },
+            dry_run: false,
+            reading: Reading {
+                roles: Roles::default(),
+                store_payloads: true,
+                ..Reading::default()
+            },
+            progress_bar: false,
+        },
+    )
+    .await
+    .expect("replay");
+    assert_eq!(replayed.unreadable, 0, "{replayed:?}");
+    assert_eq!(replayed.outcomes.failed, 0, "{replayed:?}");
+    assert_eq!(replayed.outcomes.stale, 2, "{replayed:?}");
+    let rebuilt = rebuild::rebuild(
+        env.db(),
+        &rebuild::Options {
+            dry_run: false,
+            roles: Roles::default(),
+            delete_mode: DeleteMode::Hard,
+            progress_bar: false,
+            chunk_subjects: rebuild::CHUNK_SUBJECTS,
+        },
+    )
+    .await
+    .expect("rebuild");
+    assert!(rebuilt.committed, "{rebuilt:?}");
+    assert!(rebuilt.failures.is_empty(), "{rebuilt:?}");
+    // The two webhook events and their two replays.
+    assert_eq!(rebuilt.history.applied_again, 4, "{rebuilt:?}");
+    assert!(
+        stored_metadata_is(&env, "user_deep", &json!({ "deep": nested("second") })).await,
+        "rebuilt from the history, whole"
     );
 }
 
