@@ -124,7 +124,7 @@ fn death_reason(death: &FieldTable) -> String {
 }
 
 fn body_type(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
+    let value: Value = shared::json::from_slice(body).ok()?;
     value.get("type")?.as_str().map(str::to_owned)
 }
 

@@ -94,7 +94,7 @@ pub fn letter(out: &mut impl Write, letter: &DeadLetter) -> io::Result<()> {
     }
 
     let body = letter.body();
-    match serde_json::from_slice::<Value>(body) {
+    match shared::json::from_slice::<Value>(body) {
         Ok(value) => {
             writeln!(out, "\nbody ({} bytes, JSON):", body.len())?;
             serde_json::to_writer_pretty(&mut *out, &value)?;

@@ -280,7 +280,7 @@ fn parse_event_type(body: &[u8]) -> Option<Cow<'_, str>> {
     if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    serde_json::from_slice::<EventType<'_>>(body)
+    shared::json::from_slice::<EventType<'_>>(body)
         .ok()
         .map(|event| event.event_type)
 }
@@ -480,5 +480,21 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    /// An end user can nest `unsafe_metadata` deeper than serde_json's 128 levels: the signed
+    /// event is still an event, not a 400 that Svix retries in vain.
+    #[test]
+    fn an_event_with_metadata_nested_deeper_than_serde_json_reads_is_an_event() {
+        let depth = 2_000;
+        let body = format!(
+            r#"{{"data":{{"unsafe_metadata":{}1{}}},"type":"user.updated"}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert_eq!(
+            parse_event_type(body.as_bytes()).as_deref(),
+            Some("user.updated")
+        );
     }
 }

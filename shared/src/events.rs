@@ -38,7 +38,7 @@ impl Envelope {
     /// Reads the envelope of a raw body: a JSON object with a string `type`.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
         let value: Value =
-            serde_json::from_slice(body).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
+            crate::json::from_slice(body).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
         let Value::Object(mut object) = value else {
             return Err(EnvelopeError::NotAnObject);
         };

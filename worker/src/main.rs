@@ -103,7 +103,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Events are walked recursively (read, cloned, compared, written back): the deepest JSON
+    // Clerk can send needs more than tokio's 2 MiB (see `shared::json`).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(shared::json::THREAD_STACK)
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

@@ -70,6 +70,67 @@ pub mod processed_events {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    /// A row with its payload as text: SeaORM reads `jsonb` with serde_json's limit of 128
+    /// levels of nesting, and an end user can nest metadata deeper (see `shared::json`).
+    #[derive(sea_orm::FromQueryResult)]
+    struct RowWithTextPayload {
+        svix_id: String,
+        event_type: String,
+        outcome: String,
+        processed_at: DateTimeWithTimeZone,
+        source: String,
+        subject_kind: Option<String>,
+        subject_id: Option<String>,
+        payload: Option<String>,
+        svix_timestamp: Option<DateTimeWithTimeZone>,
+        received_at: Option<DateTimeWithTimeZone>,
+        reason: Option<String>,
+    }
+
+    /// The rows `select` (over the whole entity) finds, their payloads read at any depth: what
+    /// the history commands read rows with.
+    pub async fn all<C: ConnectionTrait>(
+        select: Select<Entity>,
+        db: &C,
+    ) -> Result<Vec<Model>, DbErr> {
+        use sea_orm::sea_query::{Alias, Expr, ExprTrait as _};
+        use sea_orm::{Iterable as _, QuerySelect as _};
+        let rows = select
+            .select_only()
+            .columns(Column::iter().filter(|column| !matches!(column, Column::Payload)))
+            .column_as(
+                Expr::col(Column::Payload).cast_as(Alias::new("text")),
+                "payload",
+            )
+            .into_model::<RowWithTextPayload>()
+            .all(db)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let payload = row
+                    .payload
+                    .map(|text| shared::json::from_slice(text.as_bytes()))
+                    .transpose()
+                    .map_err(|error| {
+                        DbErr::Type(format!("payload of {} is not JSON: {error}", row.svix_id))
+                    })?;
+                Ok(Model {
+                    svix_id: row.svix_id,
+                    event_type: row.event_type,
+                    outcome: row.outcome,
+                    processed_at: row.processed_at,
+                    source: row.source,
+                    subject_kind: row.subject_kind,
+                    subject_id: row.subject_id,
+                    payload,
+                    svix_timestamp: row.svix_timestamp,
+                    received_at: row.received_at,
+                    reason: row.reason,
+                })
+            })
+            .collect()
+    }
 }
 
 /// `user_tombstones`: ids of deleted users.

@@ -147,7 +147,7 @@ impl Reading {
         struct Id {
             id: Option<String>,
         }
-        let id = serde_json::from_str::<Id>(data.get())
+        let id = shared::json::from_slice::<Id>(data.get().as_bytes())
             .ok()
             .and_then(|object| object.id)
             .ok_or("no id")?;

@@ -76,7 +76,9 @@ pub fn object_id(object: &RawValue) -> Option<String> {
     struct Id {
         id: Option<String>,
     }
-    serde_json::from_str::<Id>(object.get()).ok()?.id
+    shared::json::from_slice::<Id>(object.get().as_bytes())
+        .ok()?
+        .id
 }
 
 /// One answer that is neither a success nor final.
@@ -433,7 +435,7 @@ impl ClerkClient {
         if status.is_success() {
             return Ok(body);
         }
-        let error = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_default();
+        let error = shared::json::from_slice::<ErrorBody>(&body).unwrap_or_default();
         let first = error.errors.into_iter().next();
         let (code, message) = first.map_or((None, None), |e| (e.code, e.message));
         let described = format!("{status}{}", clerk_reason(&code, &message));
@@ -482,7 +484,7 @@ enum Answer {
 /// surrogate in any object would make serde_json refuse the whole body where it builds strings.
 fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ClerkError> {
     let body = shared::sanitize::strip_unstorable(body);
-    serde_json::from_slice(&body).map_err(|error| ClerkError::Decode {
+    shared::json::from_slice(&body).map_err(|error| ClerkError::Decode {
         call: call.into(),
         reason: error.to_string(),
     })

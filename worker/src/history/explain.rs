@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::Filter;
 use super::list::{Event, utc, write_table};
 use crate::apply::SubjectKind;
+use crate::storage::processed_events;
 
 /// `worker explain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -170,16 +171,16 @@ pub async fn from_database(db: &DatabaseConnection, id: &str) -> Result<Explanat
         ),
         None => (None, None, None),
     };
-    let history: Vec<Event> = Filter {
+    let select = Filter {
         subject: Some(id.to_owned()),
         ..Filter::default()
     }
-    .select()
-    .all(db)
-    .await?
-    .into_iter()
-    .map(Event::from)
-    .collect();
+    .select();
+    let history: Vec<Event> = processed_events::all(select, db)
+        .await?
+        .into_iter()
+        .map(Event::from)
+        .collect();
     let history = with_trace_ids(db, history).await?;
     // Only the history names the kind of an id whose row and tombstone are gone (pruned or
     // never written).
@@ -334,7 +335,7 @@ pub async fn dead_letters_about(
 /// Whether an event body is about `id`: its `data.id`, or for a membership the user
 /// (`data.public_user_data.user_id`) or organization (`data.organization.id`) it joins.
 pub fn concerns(body: &[u8], id: &str) -> bool {
-    let Ok(event) = serde_json::from_slice::<Value>(body) else {
+    let Ok(event) = shared::json::from_slice::<Value>(body) else {
         return false;
     };
     let data = &event["data"];

@@ -157,7 +157,7 @@ pub async fn list(
         select = select.filter(processed_events::Column::Outcome.eq(outcome.as_str()));
     }
     // One more than shown says whether the limit cut anything.
-    let mut rows = select.limit(limit.saturating_add(1)).all(db).await?;
+    let mut rows = processed_events::all(select.limit(limit.saturating_add(1)), db).await?;
     let cut = rows.len() as u64 > limit;
     rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     rows.reverse();

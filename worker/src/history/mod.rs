@@ -191,7 +191,7 @@ impl Pages {
                 ),
             );
         }
-        let rows = select.limit(self.size).all(db).await?;
+        let rows = processed_events::all(select.limit(self.size), db).await?;
         if let Some(last) = rows.last() {
             self.after = Some((last.processed_at, last.svix_id.clone()));
         }

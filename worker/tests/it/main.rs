@@ -6,6 +6,7 @@ mod batching;
 mod blocked_broker;
 mod broker_outage;
 mod convergence;
+mod deep_nesting;
 mod delete_modes;
 mod dlq_cli;
 mod doctor;
