@@ -151,9 +151,24 @@ async fn main() -> anyhow::Result<()> {
                     args.key
                 );
                 let figures = reconcile::run(&setup, scenario).await?;
-                for phase in &figures.phases {
+                for (index, phase) in figures.phases.iter().enumerate() {
                     print!("{phase}");
                     verdict(phase);
+                    if let Some(floor) = figures.pacing_floor(index) {
+                        // Within 15 % of the pacing alone: the rate limit is what it waited for.
+                        let bound = if phase.wall.as_secs_f64() < 1.15 * floor.as_secs_f64() {
+                            "the Backend API rate limit"
+                        } else {
+                            "the worker"
+                        };
+                        println!(
+                            "  Backend API: {} requests, at most {} per 10 s: {:.1} s of pacing \
+                             alone; bound by {bound}",
+                            figures.api_requests[index],
+                            figures.rate_limit,
+                            floor.as_secs_f64()
+                        );
+                    }
                 }
                 println!(
                     "users stored: {} · bench process (stand-in, live events) peak RSS {}",

@@ -40,6 +40,15 @@ impl KeyKind {
             KeyKind::Production => "sk_live_scale_bench",
         }
     }
+
+    /// Clerk's limit for an instance of this kind, in requests per 10 s: what reconcile
+    /// keeps to when `CLERK_API_RATE_LIMIT` is unset.
+    pub fn default_rate_limit(self) -> u32 {
+        match self {
+            KeyKind::Development => 100,
+            KeyKind::Production => 1000,
+        }
+    }
 }
 
 /// What a reconcile scenario runs.
@@ -61,6 +70,18 @@ pub struct ReconcileFigures {
     pub stored_users: u64,
     /// The bench process's peak RSS in KiB: the stand-in, the live events, the bench itself.
     pub bench_peak_kib: Option<u64>,
+    /// Backend API requests each phase made.
+    pub api_requests: Vec<usize>,
+    /// The rate limit reconcile kept to, in requests per 10 s.
+    pub rate_limit: u32,
+}
+
+impl ReconcileFigures {
+    /// The least time phase `index`'s requests take at the rate limit: the pacing alone.
+    pub fn pacing_floor(&self, index: usize) -> Option<Duration> {
+        let requests = *self.api_requests.get(index)?;
+        Some(Duration::from_secs(10) * u32::try_from(requests).ok()? / self.rate_limit.max(1))
+    }
 }
 
 /// Runs the scenario on a database and broker names of its own, both removed afterwards.
@@ -102,8 +123,10 @@ pub async fn run(setup: &Setup, scenario: ReconcileScenario) -> anyhow::Result<R
     .await?;
 
     let mut phases = Vec::new();
+    let mut api_requests = Vec::new();
     for name in ["reconcile backfill", "reconcile with nothing changed"] {
         let idle = live.baseline(setup.idle, LIVE_WITHIN).await;
+        let requests = api.served().len();
         let from = live.mark();
         let warnings = worker.warnings();
         let run = run_command(
@@ -115,6 +138,7 @@ pub async fn run(setup: &Setup, scenario: ReconcileScenario) -> anyhow::Result<R
         )
         .await?;
         let to = live.mark();
+        api_requests.push(api.served().len() - requests);
         let worker_peak_kib = worker.peak_kib();
         let during = live.latency(from, to, LIVE_WITHIN).await;
         phases.push(Phase {
@@ -136,6 +160,10 @@ pub async fn run(setup: &Setup, scenario: ReconcileScenario) -> anyhow::Result<R
         phases,
         stored_users,
         bench_peak_kib: proc_stats::peak_rss_kib(std::process::id()),
+        api_requests,
+        rate_limit: scenario
+            .rate_limit
+            .unwrap_or(scenario.key.default_rate_limit()),
     })
 }
 
