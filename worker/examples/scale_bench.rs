@@ -52,6 +52,9 @@ struct Args {
     /// `default` (the key's), `unlimited` or a number. Each size runs once per value.
     #[arg(long, value_delimiter = ',', default_value = "default")]
     rate_limit: Vec<String>,
+    /// Only the backfill: no reconcile run with nothing changed after it.
+    #[arg(long)]
+    no_unchanged: bool,
     /// Live events per second.
     #[arg(long, default_value_t = 200)]
     live_rate: u32,
@@ -145,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
                         Key::Production => KeyKind::Production,
                     },
                     rate_limit: rate_limit(limit)?,
+                    unchanged: !args.no_unchanged,
                 };
                 println!(
                     "\n== reconcile, {users} users, {:?} key, rate limit {limit}",

@@ -59,6 +59,8 @@ pub struct ReconcileScenario {
     pub key: KeyKind,
     /// `CLERK_API_RATE_LIMIT` (requests per 10 s); `None` leaves it unset: the key's default.
     pub rate_limit: Option<u32>,
+    /// Whether a run with nothing changed follows the backfill.
+    pub unchanged: bool,
 }
 
 /// What a reconcile scenario measured.
@@ -124,7 +126,8 @@ pub async fn run(setup: &Setup, scenario: ReconcileScenario) -> anyhow::Result<R
 
     let mut phases = Vec::new();
     let mut api_requests = Vec::new();
-    for name in ["reconcile backfill", "reconcile with nothing changed"] {
+    let names = ["reconcile backfill", "reconcile with nothing changed"];
+    for name in &names[..if scenario.unchanged { 2 } else { 1 }] {
         let idle = live.baseline(setup.idle, LIVE_WITHIN).await;
         let requests = api.served().len();
         let from = live.mark();

@@ -73,6 +73,7 @@ async fn a_reconcile_of_20k_users_beside_live_events_syncs_every_user() {
             key: KeyKind::Production,
             // The short form is about correctness: no pacing.
             rate_limit: Some(10_000_000),
+            unchanged: true,
         },
     )
     .await
