@@ -156,7 +156,6 @@ async fn main() -> anyhow::Result<()> {
                 );
                 let figures = reconcile::run(&setup, scenario).await?;
                 for (index, phase) in figures.phases.iter().enumerate() {
-                    print!("{phase}");
                     verdict(phase);
                     if let Some(floor) = figures.pacing_floor(index) {
                         // Within 15 % of the pacing alone: the rate limit is what it waited for.
@@ -200,7 +199,6 @@ async fn main() -> anyhow::Result<()> {
                 figures.fill.as_secs_f64()
             );
             for phase in &figures.phases {
-                print!("{phase}");
                 verdict(phase);
             }
             println!("users stored: {}", figures.stored_users);
@@ -241,7 +239,8 @@ fn verdict(phase: &Phase) {
     let ratio = phase.p99_ratio();
     let max = phase.during.max.unwrap_or_default();
     println!(
-        "  targets: p99 ≤ 2 × idle {}, no live event over 5 s {}, every live event applied {}",
+        "{}: p99 ≤ 2 × idle {}, no live event over 5 s {}, every live event applied {}",
+        phase.name,
         match ratio {
             Some(ratio) if ratio <= 2.0 => "met",
             Some(_) => "MISSED",

@@ -104,6 +104,10 @@ pub async fn run(setup: &Setup, scenario: HistoryScenario) -> anyhow::Result<His
             load: proc_stats::load_average().unwrap_or_default(),
             worker_warnings: worker.warnings().since(&warnings),
         });
+        // As each command ends: a long run shows what it has so far.
+        if let Some(phase) = phases.last() {
+            print!("{phase}");
+        }
     }
     live.finish().await?;
     worker.stop().await?;

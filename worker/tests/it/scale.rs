@@ -79,7 +79,6 @@ async fn a_reconcile_of_20k_users_beside_live_events_syncs_every_user() {
     .await
     .expect("the reconcile scenario runs");
     for phase in &figures.phases {
-        println!("{phase}");
         let summary = phase.outcome.as_ref().expect("reconcile succeeded");
         assert_eq!(summary["users"]["listed"], USERS, "every user listed");
         assert_eq!(summary["users"]["deleted"], 0, "no user deleted");
@@ -117,7 +116,6 @@ async fn a_rebuild_of_20k_subjects_beside_live_events_on_default_settings_succee
     .await
     .expect("the history scenario runs");
     for phase in &figures.phases {
-        println!("{phase}");
         let summary = phase.outcome.as_ref().expect("rebuild succeeded");
         assert_eq!(summary["committed"], true, "the rebuild committed");
         live_events_measured(phase);
