@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
+use test_support::private_postgres::PgCluster;
 use test_support::scale::history::{self, HistoryScenario};
 use test_support::scale::reconcile::{self, KeyKind, ReconcileScenario};
 use test_support::scale::{Phase, Setup, mib};
@@ -105,15 +106,8 @@ async fn main() -> anyhow::Result<()> {
         "no worker binary at {} (build it with --bins, or pass --worker-bin)",
         worker_bin.display()
     );
-    let workdir = fault_suite::support::workdir("scale-bench-")?;
     let cluster = match args.postgres {
-        Postgres::Private => Some(
-            fault_suite::postgres::PgCluster::start(
-                &fault_suite::postgres::find_bin_dir()?,
-                &workdir.path().join("postgres"),
-            )
-            .await?,
-        ),
+        Postgres::Private => Some(PgCluster::start_temporary().await?),
         Postgres::Shared => None,
     };
     let setup = Setup {

@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use fault_suite::postgres::{PgCluster, find_bin_dir};
-use fault_suite::support::workdir;
 use test_support::amqp_url;
+use test_support::private_postgres::PgCluster;
 use test_support::scale::history::{self, HistoryScenario};
 use test_support::scale::reconcile::{self, KeyKind, ReconcileScenario};
 use test_support::scale::{Phase, Setup};
@@ -42,15 +41,11 @@ fn live_events_measured(phase: &Phase) {
     );
 }
 
-/// A Postgres cluster of the test's own, with default settings, in `dir`, and the bench's
-/// setup on it.
-async fn setup(dir: &std::path::Path) -> (PgCluster, Setup) {
-    let cluster = PgCluster::start(
-        &find_bin_dir().expect("Postgres binaries"),
-        &dir.join("postgres"),
-    )
-    .await
-    .expect("a private Postgres cluster");
+/// A Postgres cluster of the test's own, with default settings, and the bench's setup on it.
+async fn setup() -> (PgCluster, Setup) {
+    let cluster = PgCluster::start_temporary()
+        .await
+        .expect("a private Postgres cluster");
     let setup = Setup {
         admin_url: cluster.url("postgres"),
         amqp_url: amqp_url(),
@@ -64,8 +59,7 @@ async fn setup(dir: &std::path::Path) -> (PgCluster, Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_of_20k_users_beside_live_events_syncs_every_user() {
-    let dir = workdir("scale-test-").expect("a working directory");
-    let (_cluster, setup) = setup(dir.path()).await;
+    let (_cluster, setup) = setup().await;
     let figures = reconcile::run(
         &setup,
         ReconcileScenario {
@@ -101,10 +95,8 @@ async fn a_reconcile_of_20k_users_beside_live_events_syncs_every_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the rebuild takes a lock per subject in one transaction: out of shared memory on default settings"]
 async fn a_rebuild_of_20k_subjects_beside_live_events_on_default_settings_succeeds() {
-    let dir = workdir("scale-test-").expect("a working directory");
-    let (_cluster, setup) = setup(dir.path()).await;
+    let (_cluster, setup) = setup().await;
     let figures = history::run(
         &setup,
         HistoryScenario {
