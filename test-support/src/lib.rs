@@ -18,6 +18,8 @@
 //! - [`proc_stats`]: CPU time, peak memory and load from `/proc`, for the benchmarks.
 //! - [`private_postgres`]: a Postgres cluster of the test's own, with default settings, that the
 //!   test may stop (the fault suite uses it too).
+//! - [`scale`]: the repair commands at scale beside live events, for the scale bench and its
+//!   short form.
 
 pub mod broker;
 pub mod clerk_api;
@@ -31,6 +33,7 @@ pub mod private_postgres;
 pub mod proc_stats;
 pub mod proxy;
 pub mod rows;
+pub mod scale;
 pub mod services;
 pub mod signing;
 pub mod worker;

@@ -23,8 +23,15 @@
 //! some position on, rewrite the text of the answers (to serve what a `serde_json::Value` cannot
 //! hold, like a lone surrogate escape), and read back every request served (all of them, or the
 //! number per path with [`ClerkApi::calls`]).
+//!
+//! For the scale benchmarks it can also serve a million users or more without holding them:
+//! [`ClerkApi::generate_users`] makes each user from its position when a page or a GET asks
+//! for it.
 
+mod generated;
 mod routes;
+
+pub use generated::generated_user_id;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -123,6 +130,8 @@ struct State {
     instance: (String, String),
     /// How long each listing request waits before it answers.
     listing_delay: Duration,
+    /// Users made from their position, served instead of `users` when set.
+    generated: Option<generated::Generated>,
 }
 
 /// The running stand-in. Dropped, it stops.
@@ -219,25 +228,40 @@ impl ClerkApi {
     /// Adds a user, or replaces the one with its id. It needs a string `id`; `created_at`
     /// (milliseconds) orders the listing.
     pub fn put_user(&self, user: Value) {
-        self.state().users.put(user);
+        self.state().stored_users().put(user);
     }
 
     /// Adds or replaces many users at once.
     pub fn put_users(&self, users: impl IntoIterator<Item = Value>) {
         let mut state = self.state();
+        let stored = state.stored_users();
         for user in users {
-            state.users.put(user);
+            stored.put(user);
         }
     }
 
     /// Deletes a user, as deleting it in Clerk's dashboard would.
     pub fn delete_user(&self, id: &str) {
-        self.state().users.remove(id);
+        self.state().stored_users().remove(id);
     }
 
     /// How many users it holds.
     pub fn user_count(&self) -> usize {
-        self.state().users.objects.len()
+        self.state().user_count()
+    }
+
+    /// Serves `count` users made when asked: the user at position `p` (0-based, in the order
+    /// of `+created_at`) is `user(p)` with its `id` set to [`generated_user_id`]`(p)`, so
+    /// nothing but the function is held, whatever the count. `user` should give `created_at`
+    /// values that grow with the position, as the listing's order is the positions' order.
+    /// From then on the users are these alone: [`ClerkApi::put_user`] and
+    /// [`ClerkApi::delete_user`] refuse.
+    pub fn generate_users(
+        &self,
+        count: usize,
+        user: impl Fn(usize) -> Value + Send + Sync + 'static,
+    ) {
+        self.state().generated = Some(generated::Generated::new(count, user));
     }
 
     /// Adds an organization, or replaces the one with its id (like [`ClerkApi::put_user`]).
@@ -367,6 +391,25 @@ impl Drop for ClerkApi {
     fn drop(&mut self) {
         // Sends the stop at once; the returned future only waits for it to finish.
         drop(self.handle.stop(false));
+    }
+}
+
+impl State {
+    /// The users put one by one; refused once they are generated.
+    fn stored_users(&mut self) -> &mut Collection {
+        assert!(
+            self.generated.is_none(),
+            "the stand-in's users are generated: they cannot be put or deleted one by one"
+        );
+        &mut self.users
+    }
+
+    /// How many users it serves.
+    fn user_count(&self) -> usize {
+        match &self.generated {
+            Some(generated) => generated.count,
+            None => self.users.objects.len(),
+        }
     }
 }
 

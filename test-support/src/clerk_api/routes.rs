@@ -127,8 +127,12 @@ pub(super) async fn list(
 ) -> HttpResponse {
     listing_delay(&shared).await;
     answer(&request, &shared, |state| {
-        match page(state, &state.users, &params, true) {
-            Ok(page) => ok_json(state, &json!(page)),
+        let page = match &state.generated {
+            Some(generated) => generated.page(state, &params).map(|page| json!(page)),
+            None => page(state, &state.users, &params, true).map(|page| json!(page)),
+        };
+        match page {
+            Ok(page) => ok_json(state, &page),
             Err((status, code, message)) => error(status, code, message),
         }
     })
@@ -168,7 +172,78 @@ fn data_page(state: &State, collection: &Collection, params: &[(String, String)]
 }
 
 /// Why a listing request is refused: the status and Clerk's error code and message.
-type Refusal = (StatusCode, &'static str, &'static str);
+pub(super) type Refusal = (StatusCode, &'static str, &'static str);
+
+/// What a listing request asks: `limit`, `offset`, `order_by` and (where a cursor is allowed)
+/// `starting_after`.
+pub(super) struct Listing<'a> {
+    pub(super) limit: usize,
+    pub(super) offset: usize,
+    pub(super) ascending: bool,
+    pub(super) after: Option<&'a str>,
+}
+
+impl<'a> Listing<'a> {
+    pub(super) fn read(params: &'a [(String, String)], cursor: bool) -> Result<Self, Refusal> {
+        let invalid = |message| {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "form_param_value_invalid",
+                message,
+            )
+        };
+        let limit = match param(params, "limit").map(str::parse::<usize>) {
+            None => 10,
+            Some(Ok(limit)) if (1..=500).contains(&limit) => limit,
+            Some(_) => return Err(invalid("limit must be between 1 and 500")),
+        };
+        let offset = match param(params, "offset").map(str::parse::<usize>) {
+            None => 0,
+            Some(Ok(offset)) => offset,
+            Some(Err(_)) => return Err(invalid("offset must be a number")),
+        };
+        let ascending = match param(params, "order_by") {
+            None | Some("-created_at") => false,
+            Some("+created_at" | "created_at") => true,
+            Some(_) => return Err(invalid("order_by is not supported by this stand-in")),
+        };
+        let after = param(params, "starting_after").filter(|_| cursor);
+        if after.is_some() && offset > 0 {
+            return Err(invalid(
+                "starting_after cannot be combined with a non-zero offset",
+            ));
+        }
+        Ok(Self {
+            limit,
+            offset,
+            ascending,
+            after,
+        })
+    }
+}
+
+/// The answer to a listing request that starts at `start` (0-based, in the listing's order):
+/// 500 when the test made the listing fail from there on.
+pub(super) fn failing_from(state: &State, start: usize) -> Result<(), Refusal> {
+    if state
+        .failing_listing_from
+        .is_some_and(|position| start >= position)
+    {
+        return Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_clerk_error",
+            "Something went wrong",
+        ));
+    }
+    Ok(())
+}
+
+/// The 404 of a cursor that names no user.
+pub(super) const UNKNOWN_CURSOR: Refusal = (
+    StatusCode::NOT_FOUND,
+    "resource_not_found",
+    "starting_after names no user",
+);
 
 /// One page of a listing, by `limit`, `offset`, `order_by` and (where `cursor` is allowed)
 /// `starting_after`.
@@ -178,44 +253,18 @@ fn page<'a>(
     params: &[(String, String)],
     cursor: bool,
 ) -> Result<Vec<&'a Value>, Refusal> {
-    let invalid = |message| {
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "form_param_value_invalid",
-            message,
-        )
-    };
-    let limit = match param(params, "limit").map(str::parse::<usize>) {
-        None => 10,
-        Some(Ok(limit)) if (1..=500).contains(&limit) => limit,
-        Some(_) => return Err(invalid("limit must be between 1 and 500")),
-    };
-    let offset = match param(params, "offset").map(str::parse::<usize>) {
-        None => 0,
-        Some(Ok(offset)) => offset,
-        Some(Err(_)) => return Err(invalid("offset must be a number")),
-    };
-    let ascending = match param(params, "order_by") {
-        None | Some("-created_at") => false,
-        Some("+created_at" | "created_at") => true,
-        Some(_) => return Err(invalid("order_by is not supported by this stand-in")),
-    };
-    let after = param(params, "starting_after").filter(|_| cursor);
-    if after.is_some() && offset > 0 {
-        return Err(invalid(
-            "starting_after cannot be combined with a non-zero offset",
-        ));
-    }
+    let Listing {
+        limit,
+        offset,
+        ascending,
+        after,
+    } = Listing::read(params, cursor)?;
     let objects = &collection.objects;
     // Where the page starts in the listing's order, and the objects from there on.
     let (start, rest): (usize, Box<dyn Iterator<Item = &Value>>) = match after {
         Some(id) => {
             let Some(key) = collection.keys.get(id) else {
-                return Err((
-                    StatusCode::NOT_FOUND,
-                    "resource_not_found",
-                    "starting_after names no user",
-                ));
+                return Err(UNKNOWN_CURSOR);
             };
             if ascending {
                 let start = objects.range(..=key.clone()).count();
@@ -230,16 +279,7 @@ fn page<'a>(
         None if ascending => (offset, Box::new(objects.values().skip(offset))),
         None => (offset, Box::new(objects.values().rev().skip(offset))),
     };
-    if state
-        .failing_listing_from
-        .is_some_and(|position| start >= position)
-    {
-        return Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_clerk_error",
-            "Something went wrong",
-        ));
-    }
+    failing_from(state, start)?;
     Ok(rest
         .filter(|object| {
             let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
@@ -251,8 +291,7 @@ fn page<'a>(
 
 pub(super) async fn count(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
     answer(&request, &shared, |state| {
-        HttpResponse::Ok()
-            .json(json!({"object": "total_count", "total_count": state.users.objects.len()}))
+        HttpResponse::Ok().json(json!({"object": "total_count", "total_count": state.user_count()}))
     })
 }
 
@@ -261,8 +300,9 @@ pub(super) async fn get_user(
     shared: web::Data<Shared>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    answer(&request, &shared, |state| {
-        found(state, state.users.get(&id))
+    answer(&request, &shared, |state| match &state.generated {
+        Some(generated) => found(state, generated.get(&id).as_ref()),
+        None => found(state, state.users.get(&id)),
     })
 }
 

@@ -386,13 +386,16 @@ async fn run_chunk_until_done(
 /// Counts the history, and the rows that have none to derive them from (kept as they are);
 /// returns the number of subjects with history that carries a payload.
 async fn count_history(db: &DatabaseConnection, summary: &mut Summary) -> anyhow::Result<u64> {
-    let rows: i64 = query_one(db, "SELECT count(*) AS n FROM processed_events", "n").await?;
-    let with_payload: i64 = query_one(
-        db,
-        "SELECT count(*) AS n FROM processed_events WHERE payload IS NOT NULL",
-        "n",
-    )
-    .await?;
+    // One statement, so both counts are of the same rows: live events add history meanwhile.
+    let counts = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n, count(payload) AS with_payload FROM processed_events",
+        ))
+        .await?
+        .context("the history's counts")?;
+    let rows: i64 = counts.try_get("", "n")?;
+    let with_payload: i64 = counts.try_get("", "with_payload")?;
     let history = &mut summary.history;
     history.rows = rows.max(0) as u64;
     history.with_payload = with_payload.max(0) as u64;

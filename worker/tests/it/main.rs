@@ -27,6 +27,7 @@ mod reconcile_instance;
 mod reconcile_limits;
 mod reconcile_repair;
 mod reconcile_resume;
+mod scale;
 mod tracing;
 mod tracing_stalled;
 mod unstorable_strings;
