@@ -118,7 +118,8 @@ struct Inner {
 
 impl OnDemand {
     /// The service on its own database pool (`db`), drawing on `client`'s rate limit. Registers
-    /// its metrics in `metrics`.
+    /// its metrics in `metrics`. Called on the worker's runtime: the syncs run there, whatever
+    /// thread serves the request.
     pub(crate) fn new(
         config: &OnDemandConfig,
         db: DatabaseConnection,
@@ -136,7 +137,7 @@ impl OnDemand {
                 recent: Mutex::new(HashMap::new()),
                 metrics: metrics.clone(),
             }),
-            flights: SingleFlight::default(),
+            flights: SingleFlight::on_current_runtime(),
             metrics: OnDemandMetrics::register(metrics)?,
             timeout: config.timeout,
         })

@@ -16,12 +16,18 @@ pub(crate) type Flight<V> = Shared<BoxFuture<'static, Option<V>>>;
 /// The flights in progress, by key.
 pub(crate) struct SingleFlight<K, V> {
     flights: Arc<Mutex<HashMap<K, Flight<V>>>>,
+    /// Where the work runs. Not the caller's runtime: the API's requests are served by actix's
+    /// threads, whose stacks are the default 2 MiB, and the work reads and applies objects whose
+    /// metadata can nest thousands of levels deep (see `shared::json::THREAD_STACK`).
+    runtime: tokio::runtime::Handle,
 }
 
-impl<K, V> Default for SingleFlight<K, V> {
-    fn default() -> Self {
+impl<K, V> SingleFlight<K, V> {
+    /// Flights whose work runs on the runtime this is called on. Panics outside a runtime.
+    pub(crate) fn on_current_runtime() -> Self {
         Self {
             flights: Arc::new(Mutex::new(HashMap::new())),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 }
@@ -48,7 +54,7 @@ where
         let work = work();
         // The entry goes when the task ends, however it ends (a panic included). It cannot go
         // before it is inserted: the lock is held until then.
-        let task = tokio::spawn(async move {
+        let task = self.runtime.spawn(async move {
             let _landing = landing;
             work.await
         });
@@ -92,7 +98,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_run_and_the_key_is_free_afterwards() {
-        let flights: SingleFlight<&str, usize> = SingleFlight::default();
+        let flights: SingleFlight<&str, usize> = SingleFlight::on_current_runtime();
         let runs = Arc::new(AtomicUsize::new(0));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let counting = runs.clone();
@@ -129,7 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_goes_on_when_its_callers_stop_waiting_and_a_panic_frees_the_key() {
-        let flights: SingleFlight<u8, u8> = SingleFlight::default();
+        let flights: SingleFlight<u8, u8> = SingleFlight::on_current_runtime();
         let (done, finished) = tokio::sync::oneshot::channel();
         let (flight, _) = flights.join(1, move || async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
