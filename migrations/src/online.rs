@@ -46,10 +46,15 @@ const LOCK_TIMEOUT_PAUSE_MAX: Duration = Duration::from_secs(15);
 /// Sets Postgres's `lock_timeout` on every connection `options` opens, as a startup parameter
 /// (as SeaORM sets `statement_timeout`): no connection exists without it.
 pub fn set_lock_timeout(options: &mut ConnectOptions, lock_timeout: Duration) {
-    let milliseconds = lock_timeout.as_millis().max(1).to_string();
-    options.map_sqlx_postgres_opts(move |pg| {
-        pg.options([("lock_timeout", format!("{milliseconds}ms"))])
-    });
+    let parameter = lock_timeout_parameter(lock_timeout);
+    options.map_sqlx_postgres_opts(move |pg| pg.options([parameter.clone()]));
+}
+
+/// `lock_timeout` as a startup parameter, for a connection that sets others beside it (SeaORM
+/// keeps one function that maps a connection's options: a second call replaces the first).
+pub fn lock_timeout_parameter(lock_timeout: Duration) -> (&'static str, String) {
+    let milliseconds = lock_timeout.as_millis().max(1);
+    ("lock_timeout", format!("{milliseconds}ms"))
 }
 
 /// The migrating session: one connection, with `lock_timeout`. It is never closed for being idle
