@@ -68,6 +68,10 @@ struct Args {
     /// The `worker` binary; default: the one built beside this example.
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// A setting given to the worker and to every command, as `NAME=value` (repeatable), e.g.
+    /// `--env WORKER_RECONCILE_CONNECTIONS=2`.
+    #[arg(long = "env", value_parser = setting)]
+    env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         live_rate: args.live_rate,
         idle: Duration::from_secs(args.idle_seconds),
         command_timeout: Duration::from_secs(3 * 3600),
+        env: args.env.clone(),
     };
     println!(
         "{} · load {} · {} cores · Postgres {:?} · {} live events/s · worker {}",
@@ -130,6 +135,9 @@ async fn main() -> anyhow::Result<()> {
         args.live_rate,
         setup.worker_bin.display()
     );
+    for (name, value) in &setup.env {
+        println!("{name}={value}");
+    }
 
     let mut backfills = Vec::new();
     if args.scenarios.contains(&Scenario::Reconcile) {
@@ -214,6 +222,14 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(cluster);
     Ok(())
+}
+
+/// A `--env` value: `NAME=value`.
+fn setting(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not NAME=value")),
+    }
 }
 
 /// `CLERK_API_RATE_LIMIT` for a `--rate-limit` value.

@@ -52,6 +52,7 @@ pub async fn run(setup: &Setup, scenario: HistoryScenario) -> anyhow::Result<His
     let target = Target {
         db_url: database.url.clone(),
         amqp_url: setup.amqp_url.clone(),
+        env: setup.env.clone(),
         topology: topology.topology.clone(),
     };
     let started = Instant::now();

@@ -39,6 +39,8 @@ pub struct Setup {
     pub idle: Duration,
     /// The longest a command may run before the bench gives up on it.
     pub command_timeout: Duration,
+    /// Settings given to the worker and to every command, e.g. `WORKER_LOCK_TIMEOUT`.
+    pub env: Vec<(String, String)>,
 }
 
 /// One command measured beside the live events.

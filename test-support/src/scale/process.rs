@@ -28,6 +28,8 @@ pub struct Target {
     pub db_url: String,
     pub amqp_url: String,
     pub topology: shared::Topology,
+    /// Settings given to every process of the bench, after its own (`--env` of the bench).
+    pub env: Vec<(String, String)>,
 }
 
 impl Target {
@@ -43,6 +45,7 @@ impl Target {
             .env("WORKER_RUN_MIGRATIONS", "false")
             .env("RUST_LOG", "warn")
             .env("LOG_FORMAT", "json")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         command

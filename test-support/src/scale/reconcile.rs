@@ -96,6 +96,7 @@ pub async fn run(setup: &Setup, scenario: ReconcileScenario) -> anyhow::Result<R
     let target = Target {
         db_url: database.url.clone(),
         amqp_url: setup.amqp_url.clone(),
+        env: setup.env.clone(),
         topology: topology.topology.clone(),
     };
 

@@ -53,6 +53,7 @@ async fn setup() -> (PgCluster, Setup) {
         live_rate: 200,
         idle: Duration::from_secs(2),
         command_timeout: Duration::from_secs(300),
+        env: Vec::new(),
     };
     (cluster, setup)
 }
