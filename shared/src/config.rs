@@ -160,9 +160,16 @@ pub struct Settings {
     /// API, e.g. `24h` (humantime; unset or empty: never). Needs `CLERK_SECRET_KEY`.
     pub worker_reconcile_interval: Option<String>,
     /// `WORKER_RECONCILE_CONNECTIONS`: the database connections of a reconcile run, its own pool
-    /// apart from the consumer's (default 4, at least 2): one reads, the others write a page's
+    /// apart from the consumer's (default 2, at least 2): one reads, the others write a page's
     /// objects at once.
     pub worker_reconcile_connections: u32,
+
+    /// `WORKER_REPAIR_SHARE`: the share of its time a repair command (`worker reconcile`, a
+    /// scheduled reconcile, `rebuild`, `replay`) spends working, as a percentage (default `50%`,
+    /// `100%` never rests). After each page or chunk it rests for the rest of the time, so that
+    /// live events find the database free: see BENCHMARKS.md ("Scale") for what each share
+    /// costs the live events and the command.
+    pub worker_repair_share: String,
 
     /// `CLERK_SECRET_KEY`: the Backend API key of the Clerk instance (`sk_live_…`/`sk_test_…`).
     /// Required by `worker reconcile` and by a scheduled reconcile only.
@@ -263,7 +270,8 @@ impl Default for Settings {
             worker_roles: "admin,trainer,client".into(),
             worker_default_role: "client".into(),
             worker_reconcile_interval: None,
-            worker_reconcile_connections: 4,
+            worker_reconcile_connections: 2,
+            worker_repair_share: "50%".into(),
             clerk_secret_key: None,
             clerk_api_url: "https://api.clerk.com".into(),
             clerk_api_rate_limit: None,
@@ -379,6 +387,19 @@ impl Settings {
         }
     }
 
+    /// `WORKER_REPAIR_SHARE`, checked: a percentage above 0 and at most 100, as a fraction.
+    pub fn repair_share(&self) -> Result<f64, ConfigError> {
+        let text = self.worker_repair_share.trim();
+        text.strip_suffix('%')
+            .and_then(|percent| percent.trim().parse::<f64>().ok())
+            .filter(|percent| *percent > 0.0 && *percent <= 100.0)
+            .map(|percent| percent / 100.0)
+            .ok_or_else(|| ConfigError::Malformed {
+                variable: "WORKER_REPAIR_SHARE",
+                reason: format!("{text:?} is not a percentage above 0% and at most 100%, like 50%"),
+            })
+    }
+
     /// `CLERK_WEBHOOK_SECRET`, split into its secrets. Whether each one decodes is for the
     /// verifier to say.
     pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, ConfigError> {
@@ -491,6 +512,27 @@ mod tests {
             let line = timeout(bad).expect_err(bad).to_string();
             assert!(
                 line.contains("WORKER_LOCK_TIMEOUT is malformed"),
+                "{bad}: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_repair_share_is_a_percentage_named_when_malformed() {
+        let share = |text: &str| {
+            Settings {
+                worker_repair_share: text.into(),
+                ..Settings::default()
+            }
+            .repair_share()
+        };
+        assert_eq!(Settings::default().repair_share().expect("default"), 0.5);
+        assert_eq!(share(" 25 % ").expect("25 %"), 0.25);
+        assert_eq!(share("100%").expect("100%"), 1.0);
+        for bad in ["0%", "150%", "0.5", "half", "-5%"] {
+            let line = share(bad).expect_err(bad).to_string();
+            assert!(
+                line.contains("WORKER_REPAIR_SHARE is malformed"),
                 "{bad}: {line}"
             );
         }

@@ -7,6 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::{AmqpNodes, Backoff, ConfigError, Settings, Topology};
 
 use crate::apply::Reading;
+use crate::apply::pace::Pace;
 use crate::clerk::ClerkConfig;
 use crate::on_demand::OnDemandConfig;
 
@@ -147,6 +148,8 @@ pub struct ScheduledReconcile {
     pub clerk: ClerkConfig,
     /// `WORKER_RECONCILE_CONNECTIONS`: the run's own database pool.
     pub connections: u32,
+    /// `WORKER_REPAIR_SHARE`: the run rests after each page.
+    pub pace: Pace,
 }
 
 impl ScheduledReconcile {
@@ -164,6 +167,7 @@ impl ScheduledReconcile {
             interval: duration("WORKER_RECONCILE_INTERVAL", text)?,
             clerk: ClerkConfig::from_settings(settings)?,
             connections: reconcile_connections(settings)?,
+            pace: Pace::from_settings(settings)?,
         }))
     }
 }
@@ -370,5 +374,22 @@ mod tests {
                 .expect_err("not a duration")
                 .to_string();
         assert!(line.contains("WORKER_RECONCILE_INTERVAL"), "{line}");
+    }
+
+    #[test]
+    fn a_scheduled_run_rests_half_the_time_unless_told_and_a_bad_share_is_named() {
+        let schedule =
+            ScheduledReconcile::from_settings(&schedule_settings(Some("24h"), Some("sk_test_1")))
+                .expect("valid")
+                .expect("on");
+        assert_eq!(schedule.pace, Pace::new(0.5).expect("a half"));
+        assert_eq!(schedule.connections, 2);
+        let line = ScheduledReconcile::from_settings(&Settings {
+            worker_repair_share: "fast".into(),
+            ..schedule_settings(Some("24h"), Some("sk_test_1"))
+        })
+        .expect_err("not a share")
+        .to_string();
+        assert!(line.contains("WORKER_REPAIR_SHARE"), "{line}");
     }
 }

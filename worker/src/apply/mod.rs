@@ -17,6 +17,8 @@
 //! - [`locks`]: the advisory locks every transaction takes first;
 //! - [`errors`]: the error classes, and the one SQLSTATE classifier;
 //! - [`batches`]: "batch, then one by one", with the source's turns;
+//! - [`pace`]: how the repair commands write beside live events (small transactions, a share
+//!   of the time);
 //! - [`history`]: the history writer;
 //! - [`subject`]: the kinds of subject, their tables and their history labels.
 //!
@@ -51,6 +53,7 @@ mod history;
 pub(crate) mod lock_timeout;
 pub mod locks;
 pub mod organizations;
+pub mod pace;
 pub mod subject;
 mod users;
 

@@ -44,6 +44,7 @@ use serde::Serialize;
 use shared::{Backoff, Roles};
 
 use super::{RunFlags, note_failure};
+use crate::apply::pace::{Pace, TRANSACTION_EVENTS};
 use crate::apply::{DeleteMode, Reading, SubjectKind};
 use crate::commands::progress::{self, Progress};
 use chunk::{ChunkError, ChunkReport, Run};
@@ -53,11 +54,12 @@ mod chunk;
 /// History rows read and applied at once.
 const PAGE_SIZE: u64 = 500;
 
-/// Subjects derived again in one transaction, by default (`--chunk-subjects`): each takes its
-/// own advisory lock and those of the organization and user of its memberships, so a chunk
-/// holds at most a few hundred locks, a few percent of the default lock table (64 ×
-/// `max_connections`, shared by every session).
-pub const CHUNK_SUBJECTS: u64 = 200;
+/// Subjects derived again in one transaction, by default (`--chunk-subjects`): a repair
+/// command's transaction ([`TRANSACTION_EVENTS`]), short enough that a live event of one of its
+/// subjects waits little for it. Each takes its own advisory lock and those of the organization
+/// and user of its memberships, so a chunk holds at most a few hundred locks, a few percent of
+/// the default lock table (64 × `max_connections`, shared by every session).
+pub const CHUNK_SUBJECTS: u64 = TRANSACTION_EVENTS as u64;
 
 /// How often a chunk is run again after the database's own trouble (a lock held past
 /// `WORKER_LOCK_TIMEOUT`, a deadlock, a lost connection) before the run stops, and the pause
@@ -95,6 +97,8 @@ pub struct Options {
     pub progress_bar: bool,
     /// Subjects derived again in one transaction ([`CHUNK_SUBJECTS`] unless told).
     pub chunk_subjects: u64,
+    /// `WORKER_REPAIR_SHARE`: the rebuild rests after each chunk.
+    pub pace: Pace,
 }
 
 /// The history the rebuild had.
@@ -240,6 +244,7 @@ pub async fn execute(settings: &shared::Settings, args: RebuildArgs) -> anyhow::
         roles: settings.roles()?,
         delete_mode: DeleteMode::from_settings(settings)?,
         chunk_subjects: args.chunk_subjects,
+        pace: Pace::from_settings(settings)?,
     };
     // One connection holds the rebuild's lock, the other runs the chunks.
     let db = crate::commands::connect_command(settings, 2).await?;
@@ -314,6 +319,7 @@ async fn run_chunks(
     };
     let mut after = String::new();
     loop {
+        let step = Instant::now();
         let ids = crate::apply::retry_read("reading the subjects of the history", || {
             next_subjects(db, &after, options.chunk_subjects)
         })
@@ -340,6 +346,7 @@ async fn run_chunks(
             note_failure(&mut summary.failures, failure);
         }
         progress.advance(ids.len() as u64);
+        options.pace.rest_since(step).await;
     }
     summary.committed = !options.dry_run && summary.chunks.rolled_back == 0;
     Ok(summary)

@@ -34,6 +34,7 @@ use sea_orm::{
 use serde::Serialize;
 
 use super::{Filter, Pages, RunFlags, event_from_row, note_failure, rerun_svix_id};
+use crate::apply::pace::Pace;
 use crate::apply::{self, Event, Outcome, Reading};
 use crate::commands::progress::{self, Progress};
 
@@ -64,6 +65,8 @@ pub struct Options {
     pub reading: Reading,
     /// A progress bar (on a terminal) rather than progress log lines.
     pub progress_bar: bool,
+    /// `WORKER_REPAIR_SHARE`: the replay rests after each page.
+    pub pace: Pace,
 }
 
 /// How many events ended how. `applied` wrote a newer version; `deleted` is a delete applied
@@ -194,6 +197,7 @@ pub async fn execute(settings: &shared::Settings, args: ReplayArgs) -> anyhow::R
         filter: args.filter,
         dry_run: args.flags.dry_run,
         reading: Reading::from_settings(settings)?,
+        pace: Pace::from_settings(settings)?,
     };
     let db = crate::commands::connect_command(settings, 2).await?;
     let summary = replay(&db, &options).await;
@@ -272,6 +276,7 @@ async fn run_pages(
     progress: &mut Progress,
 ) -> anyhow::Result<()> {
     loop {
+        let step = Instant::now();
         let rows = pages
             .next(db)
             .await
@@ -300,7 +305,8 @@ async fn run_pages(
                 .context("cannot roll the dry run back")?;
             written
         } else {
-            apply::write(db, &events).await
+            // In the history's order, a few events a transaction (see `apply::pace`).
+            apply::pace::write_in_transactions(db, &events, 1).await
         };
         let (outcomes, failed) =
             written.map_err(|error| anyhow::anyhow!("replay stopped: {error}"))?;
@@ -332,6 +338,7 @@ async fn run_pages(
             }
         }
         progress.advance(rows.len() as u64);
+        options.pace.rest_since(step).await;
     }
 }
 

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use tokio::sync::watch;
 
 use crate::apply::Reading;
+use crate::apply::pace::Pace;
 use crate::commands::progress;
 
 use super::Trigger;
@@ -94,8 +95,10 @@ impl FromStr for MaxDelete {
     }
 }
 
-/// `WORKER_RECONCILE_CONNECTIONS`'s default.
-pub const DEFAULT_CONNECTIONS: u32 = 4;
+/// `WORKER_RECONCILE_CONNECTIONS`'s default: one reads while one writes. Paced
+/// (`WORKER_REPAIR_SHARE`), more writers did not make a backfill faster but made the live
+/// events that met their writes wait longer (BENCHMARKS.md, "Scale").
+pub const DEFAULT_CONNECTIONS: u32 = 2;
 
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
@@ -113,13 +116,16 @@ pub struct Options {
     /// `WORKER_RECONCILE_CONNECTIONS`: the connections of the run's pool; a page is written in
     /// one transaction fewer at once (the other connection reads).
     pub connections: u32,
+    /// `WORKER_REPAIR_SHARE`: the run rests after each page.
+    pub pace: Pace,
     /// The stop (SIGTERM, SIGINT, a worker stopping): the run ends at the next page and is
     /// recorded `interrupted`.
     pub interruption: Interruption,
 }
 
 impl Options {
-    /// Transactions a page is split into and applied at once.
+    /// Transactions of a page applied at once (each of at most
+    /// [`TRANSACTION_EVENTS`](crate::apply::pace::TRANSACTION_EVENTS) objects).
     pub(super) fn writers(&self) -> usize {
         (self.connections.saturating_sub(1) as usize).max(1)
     }
@@ -168,6 +174,7 @@ impl Default for Options {
                 ..Reading::default()
             },
             connections: DEFAULT_CONNECTIONS,
+            pace: Pace::FULL,
             interruption: Interruption::default(),
         }
     }

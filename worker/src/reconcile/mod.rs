@@ -80,6 +80,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
+use crate::apply::pace::Pace;
 use crate::apply::{Reading, SubjectKind};
 use crate::clerk::{self, ClerkClient, ClerkConfig};
 use crate::commands;
@@ -205,6 +206,7 @@ pub async fn execute(settings: &shared::Settings, args: ReconcileArgs) -> anyhow
         trigger: Trigger::Command,
         reading: Reading::from_settings(settings)?,
         connections,
+        pace: Pace::from_settings(settings)?,
         interruption: Interruption::new(stopped),
     };
     let report = reconcile(&db, &client, &options).await;

@@ -2,11 +2,11 @@
 //! written through the door (the deletion phase is in `deletion`).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use futures_util::FutureExt as _;
 use sea_orm::DatabaseConnection;
 use serde_json::value::RawValue;
-use tracing::Instrument as _;
 
 use crate::apply::{self, Event, Outcome, Source, retry_read};
 use crate::clerk::{self, ClerkClient, ClerkError};
@@ -220,6 +220,7 @@ impl<'a> Pass<'a> {
         // statement that keeps one core busy while the other idles.
         let mut compared: Option<Prepared> = None;
         loop {
+            let step = Instant::now();
             if interruption.requested() {
                 current = Err(Halt::Interrupted);
             }
@@ -278,6 +279,11 @@ impl<'a> Pass<'a> {
                 compared = Some(self.absorb_compared(prepared?));
             }
             current = next;
+            // The page's fetch, comparison and writes took their share of the time: live events
+            // get the rest (a stop does not wait for it).
+            interruption
+                .unless(self.options.pace.rest_since(step))
+                .await;
         }
         if self.options.delete {
             self.delete_missing(budget, &mut progress).await?;
@@ -474,35 +480,12 @@ impl<'a> Pass<'a> {
         retry_read(&what, || apply::compare::standing(self.db, &events)).await
     }
 
-    /// Applies events in [`Options::writers`] transactions at once (a page's objects are distinct; those
-    /// that share a lock, like memberships of one organization, wait for each other), keeping
-    /// their order in the outcomes. `None` for an event that failed on its own account. Each
-    /// transaction is a task of its own, so that building its statements (serializing the
-    /// rows) runs on every core rather than on the one that polls the pass.
+    /// Applies events in transactions of at most
+    /// [`TRANSACTION_EVENTS`](apply::pace::TRANSACTION_EVENTS), [`Options::writers`] at once (a
+    /// page's objects are distinct; those that share a lock, like memberships of one
+    /// organization, wait for each other).
     pub(super) async fn write(&self, events: Vec<Event>) -> Written {
-        if events.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let size = events.len().div_ceil(self.options.writers());
-        let mut events = events.into_iter();
-        let tasks: Vec<_> = std::iter::from_fn(|| {
-            let chunk: Vec<Event> = events.by_ref().take(size).collect();
-            (!chunk.is_empty()).then(|| {
-                let db = self.db.clone();
-                tokio::spawn(async move { apply::write(&db, &chunk).await }.in_current_span())
-            })
-        })
-        .collect();
-        let mut outcomes = Vec::new();
-        let mut failed = Vec::new();
-        for task in tasks {
-            let (chunk_outcomes, chunk_failed) = task
-                .await
-                .map_err(|error| format!("a write task failed: {error}"))??;
-            outcomes.extend(chunk_outcomes);
-            failed.extend(chunk_failed);
-        }
-        Ok((outcomes, failed))
+        apply::pace::write_in_transactions(self.db, &events, self.options.writers()).await
     }
 }
 

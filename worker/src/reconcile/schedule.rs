@@ -133,6 +133,7 @@ impl Scheduled<'_> {
             trigger: Trigger::Schedule,
             reading: self.reading.clone(),
             connections: self.schedule.connections,
+            pace: self.schedule.pace,
             interruption: self.interruption.clone(),
             ..Options::default()
         };

@@ -108,6 +108,7 @@ async fn a_user_with_deeply_nested_metadata_is_applied_from_webhooks() {
                 ..Reading::default()
             },
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
         },
     )
     .await
@@ -122,6 +123,7 @@ async fn a_user_with_deeply_nested_metadata_is_applied_from_webhooks() {
             roles: Roles::default(),
             delete_mode: DeleteMode::Hard,
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
             chunk_subjects: rebuild::CHUNK_SUBJECTS,
         },
     )

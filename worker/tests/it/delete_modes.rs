@@ -473,6 +473,7 @@ async fn replay_and_rebuild_keep_the_kept_rows_and_apply_deletes_in_their_mode()
             roles: Roles::default(),
             delete_mode: DeleteMode::Soft,
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
             chunk_subjects: rebuild::CHUNK_SUBJECTS,
         },
     )
@@ -505,6 +506,7 @@ async fn replay_and_rebuild_keep_the_kept_rows_and_apply_deletes_in_their_mode()
                 ..Reading::default()
             },
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
         },
     )
     .await

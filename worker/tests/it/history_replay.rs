@@ -93,6 +93,7 @@ fn replay_options(filter: Filter) -> replay::Options {
             ..Reading::default()
         },
         progress_bar: false,
+        pace: worker::apply::pace::Pace::FULL,
     }
 }
 
@@ -347,6 +348,7 @@ async fn rebuild_with(
         roles,
         delete_mode: DeleteMode::Hard,
         progress_bar: false,
+        pace: worker::apply::pace::Pace::FULL,
         chunk_subjects: rebuild::CHUNK_SUBJECTS,
     };
     rebuild::rebuild(env.db(), &options).await

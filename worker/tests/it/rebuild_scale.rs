@@ -104,6 +104,7 @@ fn rebuild_options(dry_run: bool, chunk_subjects: u64) -> rebuild::Options {
         roles: roles(),
         delete_mode: DeleteMode::Hard,
         progress_bar: false,
+        pace: worker::apply::pace::Pace::FULL,
         chunk_subjects,
     }
 }
@@ -206,6 +207,7 @@ async fn a_replay_over_more_subjects_than_one_transaction_can_lock_succeeds_on_d
             ..Reading::default()
         },
         progress_bar: false,
+        pace: worker::apply::pace::Pace::FULL,
     };
 
     let dry = replay::replay(&db, &options(true)).await.expect("dry run");

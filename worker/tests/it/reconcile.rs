@@ -665,6 +665,7 @@ async fn a_worker_with_an_interval_reconciles_once_across_workers_and_counts_it(
         interval: Duration::from_secs(3600),
         clerk: quick(ClerkConfig::new(api.url(), KEY.to_owned().into())),
         connections: 4,
+        pace: worker::apply::pace::Pace::FULL,
     });
     let first = env.start_worker(config.clone()).await;
     let second = env.start_worker(config).await;

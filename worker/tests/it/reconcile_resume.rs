@@ -306,6 +306,7 @@ async fn the_next_scheduled_run_is_due_one_interval_after_the_last_finished_run(
             ..ClerkConfig::new(api.url(), KEY.to_owned().into())
         },
         connections: 3,
+        pace: worker::apply::pace::Pace::FULL,
     });
     let worker = env.start_worker(config.clone()).await;
 
@@ -507,6 +508,7 @@ async fn a_scheduled_run_stopped_with_its_worker_is_interrupted_and_taken_up_by_
             ..ClerkConfig::new(api.url(), KEY.to_owned().into())
         },
         connections: 2,
+        pace: worker::apply::pace::Pace::FULL,
     });
     let worker = env.start_worker(config.clone()).await;
     eventually(WITHIN, "the first page written", || async {

@@ -282,6 +282,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
                 ..Reading::default()
             },
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
         },
     )
     .await
@@ -297,6 +298,7 @@ async fn replay_and_rebuild_apply_the_cleaned_history_again() {
             roles: Roles::default(),
             delete_mode: DeleteMode::Hard,
             progress_bar: false,
+            pace: worker::apply::pace::Pace::FULL,
             chunk_subjects: rebuild::CHUNK_SUBJECTS,
         },
     )
