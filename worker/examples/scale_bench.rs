@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
             let scenario = HistoryScenario {
                 rows,
                 subjects: (rows / args.versions.max(1)).max(1),
+                rebuild: args.scenarios.contains(&Scenario::Rebuild),
                 replay,
             };
             println!("\n== history: {rows} rows, {} subjects", scenario.subjects);

@@ -27,7 +27,9 @@ pub struct HistoryScenario {
     pub rows: u64,
     /// Users they are about (each gets about `rows / subjects` versions).
     pub subjects: u64,
-    /// Whether to run `replay` after `rebuild`.
+    /// Whether to run `rebuild`.
+    pub rebuild: bool,
+    /// Whether to run `replay` (after `rebuild`, when both run).
     pub replay: bool,
 }
 
@@ -36,7 +38,7 @@ pub struct HistoryScenario {
 pub struct HistoryFigures {
     /// How long the SQL fill took (not part of any other figure).
     pub fill: Duration,
-    /// `rebuild`, then `replay` over the whole history.
+    /// `rebuild`, then `replay` over the whole history (those that ran).
     pub phases: Vec<Phase>,
     /// Rows in `users` at the end.
     pub stored_users: u64,
@@ -70,7 +72,10 @@ pub async fn run(setup: &Setup, scenario: HistoryScenario) -> anyhow::Result<His
         Arc::new(move |n| user(n.wrapping_mul(STRIDE) % subjects, now_ms())),
     )
     .await?;
-    let mut commands = vec![("rebuild", vec!["rebuild"])];
+    let mut commands = Vec::new();
+    if scenario.rebuild {
+        commands.push(("rebuild", vec!["rebuild"]));
+    }
     if scenario.replay {
         // The whole history: the fill spreads it over the hours before now.
         commands.push(("replay", vec!["replay", "--since", "7d"]));

@@ -103,6 +103,7 @@ async fn a_rebuild_of_20k_subjects_beside_live_events_on_default_settings_succee
         HistoryScenario {
             rows: SUBJECTS,
             subjects: SUBJECTS,
+            rebuild: true,
             replay: false,
         },
     )
