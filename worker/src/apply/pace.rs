@@ -64,6 +64,8 @@ pub async fn write_in_transactions(
     events: &[Event],
     at_once: usize,
 ) -> Result<Written, String> {
+    // Copied up front: a stream that borrows `events` makes the future not `Send` for every
+    // lifetime, which the scheduled reconcile's `tokio::spawn` requires.
     let chunks: Vec<Vec<Event>> = events
         .chunks(TRANSACTION_EVENTS)
         .map(<[Event]>::to_vec)
